@@ -94,7 +94,7 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
             if key not in sd:
                 raise CheckpointError(f"{path}: missing tensor {key!r}; is this an RWKV-7 (x070) checkpoint?")
         # layer 0 has no value residual: official files carry unused (or no) v0/v1/v2 there
-        sd = {k: v for k, v in sd.items() if not k.startswith("blocks.0.att.v")}
+        sd = {k: v for k, v in sd.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")}
         return sd, RWKVConfig.from_state_dict(sd).to_dict(), {"format": "official"}
     try:
         with safe_open(path, "pt") as f:
