@@ -1,7 +1,11 @@
 """rwkv_lm: train, run and show RWKV-7 language models."""
+from .chat import ChatSession
 from .checkpoint import CheckpointError, export_official, load, save
+from .generate import complete, generate, generate_batch
 from .model import RWKV, RWKVConfig
+from .sampling import SamplingParams
 from .state import LayerState, RWKVState
 
 __version__ = "0.1.0"
-__all__ = ["RWKV", "RWKVConfig", "RWKVState", "LayerState", "CheckpointError", "load", "save", "export_official"]
+__all__ = ["RWKV", "RWKVConfig", "RWKVState", "LayerState", "CheckpointError", "load", "save", "export_official",
+           "SamplingParams", "generate", "complete", "generate_batch", "ChatSession"]

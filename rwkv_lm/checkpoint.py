@@ -139,7 +139,10 @@ def load_state(model, sd: dict[str, torch.Tensor], source) -> None:
 
 
 def load(path, *, device="cpu", dtype=torch.float32):
-    """Load a model from our format or an official RWKV-7 `.pth`; the model is in eval mode."""
+    """Load a model from our format or an official RWKV-7 `.pth`; the model is in eval mode.
+
+    `model.tokenizer` is the tokenizer the file names (World for official 65536-token files) or None.
+    """
     sd, config, meta = read(path)
     try:
         model = build(config)
@@ -147,7 +150,21 @@ def load(path, *, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from None
     load_state(model, sd, path)
     model.metadata = meta
+    model.tokenizer = _tokenizer(meta, config, path)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _tokenizer(meta: dict, config: dict, path):
+    """The tokenizer a checkpoint names; official World-sized files get the World tokenizer; else None."""
+    from .tokenizer import load_tokenizer
+
+    spec = meta.get("tokenizer")
+    if spec is None:
+        return load_tokenizer("world") if meta["format"] == "official" and config["vocab_size"] == 65536 else None
+    try:
+        return load_tokenizer(spec)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its tokenizer cannot be loaded: {e}") from None
 
 
 def export_official(model, path, *, dtype=torch.bfloat16) -> Path:

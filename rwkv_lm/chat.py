@@ -1,0 +1,152 @@
+"""Chat sessions with the RWKV World / G1 template, the model state carried from turn to turn.
+
+    System: {system}\\n\\nUser: {message}\\n\\nAssistant: {reply}\\n\\nUser: ...
+
+A turn feeds only its own new tokens: the state already holds the conversation. A session can be forked
+(a long system prompt is read once, then shared) and saved to / loaded from a safetensors file.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_write
+from .generate import END_OF_TEXT, Decoding, TextStream, check_tokenizer, prefill
+from .sampling import SamplingParams, resolve
+
+TURN_END = "\n\n"  # a reply ends here; the template uses it between all parts
+FORMAT = "rwkv_lm.chat"
+
+
+def clean_message(text: str, role: str) -> str:
+    """Strip a message and collapse runs of newlines: a blank line would end the turn early."""
+    if not isinstance(text, str):
+        raise ValueError(f"{role} message must be a str, got {type(text).__name__}")
+    text = re.sub(r"\n+", "\n", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+    if not text:
+        raise ValueError(f"{role} message is empty; write something to send")
+    return text
+
+
+class ChatSession:
+    """One conversation with a model. `reply` streams the answer to a user message.
+
+    Any model with the package's interface works (RWKV, or a model whose state has `nbytes`, `clone`
+    and, for save/load, `tensors()` / `from_tensors`).
+    """
+
+    def __init__(self, model, tokenizer, system: str | None = None):
+        check_tokenizer(model, tokenizer)
+        self.model, self.tokenizer = model, tokenizer
+        self.system = None if system is None else clean_message(system, "system")
+        self._base = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation; keep the system prompt (read only once per session and its forks)."""
+        if self._base is None:
+            self._base = (None, 0)
+            if self.system is not None:
+                tokens = self.tokenizer.encode(f"System: {self.system}{TURN_END}")
+                self._base = (prefill(self.model, tokens)[1], len(tokens))
+        self._state, self.num_tokens = self._base
+        self._pending: list[int] = []  # generated tokens not yet fed to the model
+        self._open_reply = False  # the last reply ended without its TURN_END
+
+    @property
+    def state(self):
+        """The model state after everything said so far (None before the first token)."""
+        self._feed_pending()
+        return self._state
+
+    def reply(self, message: str, params: SamplingParams | None = None, **overrides) -> Iterator[str]:
+        """Stream the assistant's answer to `message` as text pieces.
+
+        Breaking out of the loop stops at once; the session keeps what was generated until then.
+        Token 0 is banned; the reply ends at a blank line or at a stop string of `params`.
+        """
+        params = resolve(params, overrides)
+        message = clean_message(message, "user")
+        prompt = (TURN_END if self._open_reply else "") + f"User: {message}{TURN_END}Assistant:"
+        return self._reply(self._pending + self.tokenizer.encode(prompt), params)
+
+    def _reply(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:
+        self._pending = []
+        logits, self._state = prefill(self.model, tokens, self._state)
+        self.num_tokens += len(tokens)
+        self._open_reply = True
+        text = TextStream(self.tokenizer, (TURN_END, *params.stop))
+        decoding = Decoding(self.model, logits, self._state, params, banned=(END_OF_TEXT,))
+        started = False
+        try:
+            for token in decoding:
+                self._pending = [int(token)]
+                self.num_tokens += 1
+                piece = text.push(self._pending[0])
+                if not started:  # the template puts a space after "Assistant:"; it is not part of the answer
+                    piece = piece.lstrip(" ")
+                    started = bool(piece)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    self._open_reply = text.stop_hit != TURN_END
+                    return
+            piece = text.finish()
+            if piece:
+                yield piece.lstrip(" ") if not started else piece
+        finally:
+            self._state = decoding.state
+
+    def _feed_pending(self) -> None:
+        if self._pending:
+            self._state = prefill(self.model, self._pending, self._state)[1]
+            self._pending = []
+
+    def fork(self) -> "ChatSession":
+        """An independent copy of this session: both continue from here without affecting each other."""
+        self._feed_pending()
+        twin = object.__new__(ChatSession)
+        twin.__dict__.update(self.__dict__)
+        twin._state = None if self._state is None else self._state.clone()
+        return twin
+
+    def save(self, path) -> None:
+        """Write the state and the session's bookkeeping to a safetensors file."""
+        state = self.state
+        if state is None:
+            state = self.model.init_state(1)
+        meta = {"format": FORMAT, "num_tokens": str(self.num_tokens), "open_reply": json.dumps(self._open_reply),
+                "system": json.dumps(self.system)}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors().items()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path, model, tokenizer) -> "ChatSession":
+        """A session saved by `save`, continued with `model` (which must be the same shape)."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: cannot be read as a saved chat session ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a chat session file; write one with ChatSession.save")
+        template = model.init_state(1)
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in template.tensors().items()}
+        got = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+        if {k: s for k, (s, _) in expected.items()} != {k: s for k, (s, _) in got.items()}:
+            raise ValueError(f"{path}: the saved state does not fit this model (was it saved with another model?)")
+        device = next(model.parameters()).device
+        check_tokenizer(model, tokenizer)
+        session = object.__new__(cls)
+        session.model, session.tokenizer = model, tokenizer
+        session.system, session._base, session._pending = json.loads(meta["system"]), None, []
+        session._state = type(template).from_tensors({k: v.to(device, expected[k][1]) for k, v in tensors.items()})
+        session.num_tokens = int(meta["num_tokens"])
+        session._open_reply = json.loads(meta["open_reply"])
+        return session
