@@ -15,11 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .gpt import GPT, GPTConfig
 from .model import RWKV, RWKVConfig
 
 FORMAT = "rwkv_lm"
 # arch name -> (model class, config class); other architectures register themselves here.
-ARCHITECTURES: dict[str, tuple[type, type]] = {"rwkv7": (RWKV, RWKVConfig)}
+ARCHITECTURES: dict[str, tuple[type, type]] = {"rwkv7": (RWKV, RWKVConfig), "gpt": (GPT, GPTConfig)}
 
 
 class CheckpointError(ValueError):
