@@ -3,9 +3,10 @@ from .chat import ChatSession
 from .checkpoint import CheckpointError, export_official, load, save
 from .generate import complete, generate, generate_batch
 from .model import RWKV, RWKVConfig
+from .gpt import GPT, GPTConfig, GPTState
 from .sampling import SamplingParams
 from .state import LayerState, RWKVState
 
 __version__ = "0.1.0"
 __all__ = ["RWKV", "RWKVConfig", "RWKVState", "LayerState", "CheckpointError", "load", "save", "export_official",
-           "SamplingParams", "generate", "complete", "generate_batch", "ChatSession"]
+           "SamplingParams", "generate", "complete", "generate_batch", "ChatSession", "GPT", "GPTConfig", "GPTState"]
