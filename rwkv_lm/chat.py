@@ -73,11 +73,12 @@ class ChatSession:
         params = resolve(params, overrides)
         message = clean_message(message, "user")
         prompt = (TURN_END if self._open_reply else "") + f"User: {message}{TURN_END}Assistant:"
-        return self._reply(self._pending + self.tokenizer.encode(prompt), params)
+        return self._reply(self.tokenizer.encode(prompt), params)
 
     def _reply(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:
+        # the last reply's final token (counted already) goes in with the new ones, in one pass
+        logits, self._state = prefill(self.model, self._pending + tokens, self._state)
         self._pending = []
-        logits, self._state = prefill(self.model, tokens, self._state)
         self.num_tokens += len(tokens)
         self._open_reply = True
         text = TextStream(self.tokenizer, (TURN_END, *params.stop))

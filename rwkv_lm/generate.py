@@ -37,7 +37,7 @@ def prefill(model, tokens: Sequence[int], state=None, chunk_len: int = PREFILL_C
     if len(tokens) == 0:
         raise ValueError("nothing to feed: the prompt encodes to no tokens")
     ids = torch.as_tensor(tokens, dtype=torch.long, device=_device(model)).view(1, -1)
-    with torch.inference_mode():
+    with torch.no_grad():
         for start in range(0, ids.shape[1], chunk_len):
             logits, state = model(ids[:, start:start + chunk_len], state, last_only=True)
     return logits[:, -1], state
@@ -67,7 +67,7 @@ class Decoding:
             self.counts = update_counts(self.counts, self.tokens, self.params, self.logits.shape[-1])
             yield self.tokens
             if i + 1 < self.params.max_tokens:
-                with torch.inference_mode():
+                with torch.no_grad():
                     self.logits, self.state = self.model.step(self.tokens, self.state)
 
 

@@ -1,0 +1,168 @@
+"""`rwkv-lm`: generate text, chat in the terminal, convert checkpoints.
+
+    rwkv-lm generate --model M.pth --prompt "The Eiffel tower is" --max-tokens 50 --temperature 0
+    rwkv-lm chat --model M.pth --system "You are a helpful assistant."
+    rwkv-lm convert M.pth M.safetensors        (or back: M.safetensors M.pth)
+
+Bad input ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from .chat import ChatSession
+from .checkpoint import export_official, load, save
+from .generate import generate
+from .sampling import SamplingParams
+from .tokenizer import load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _add_model_args(p):
+    p.add_argument("--model", required=True, help="checkpoint: ours (.safetensors) or an official RWKV-7 .pth")
+    p.add_argument("--tokenizer", help="'world' or a tokenizer.json path (default: the one the checkpoint names)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype for compute (default fp32)")
+
+
+def _add_sampling_args(p, defaults: SamplingParams):
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=defaults.top_p)
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: no limit")
+    p.add_argument("--min-p", type=float, default=defaults.min_p)
+    p.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty)
+    p.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty)
+    p.add_argument("--penalty-decay", type=float, default=defaults.penalty_decay)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args) -> SamplingParams:
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
+
+
+def _model_and_tokenizer(args):
+    model = load(args.model, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
+    if tokenizer is None:
+        raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world or --tokenizer PATH/tokenizer.json")
+    return model, tokenizer
+
+
+def cmd_generate(args):
+    params = _sampling(args)
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give the text to continue")
+    model, tokenizer = _model_and_tokenizer(args)
+    for piece in generate(model, tokenizer, args.prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    from rich.console import Console
+
+    params = _sampling(args)
+    model, tokenizer = _model_and_tokenizer(args)
+    session = ChatSession(model, tokenizer, system=args.system)
+    console = Console(highlight=False)
+    console.print("[dim]/reset starts over, /save PATH keeps the conversation, /load PATH resumes one, /quit ends[/dim]")
+    while True:
+        try:
+            message = console.input("[bold green]User:[/bold green] ")
+        except EOFError:
+            break
+        command, _, arg = message.strip().partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            session.reset()
+            continue
+        if command in ("/save", "/load"):
+            if not arg:
+                console.print(f"[red]{command} needs a file path[/red]")
+            elif command == "/save":
+                session.save(arg)
+                console.print(f"[dim]saved {session.num_tokens} tokens of conversation to {arg}[/dim]")
+            else:
+                try:
+                    session = ChatSession.load(arg, model, tokenizer)
+                except ValueError as e:
+                    console.print(f"[red]{e}[/red]")
+            continue
+        if not message.strip():
+            continue
+        console.print("[bold blue]Assistant:[/bold blue] ", end="")
+        try:
+            for piece in session.reply(message, params):
+                console.out(piece, end="")
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+            pass
+        console.print(f"\n[dim]({session.num_tokens} tokens, state {session.state.nbytes / 2**20:.1f} MiB)[/dim]")
+
+
+def cmd_convert(args):
+    dst = Path(args.output)
+    model = load(args.input, dtype=DTYPES[args.dtype])
+    if dst.suffix == ".pth":
+        export_official(model, dst, dtype=DTYPES[args.dtype])
+    else:
+        save(model, dst, tokenizer=None if model.tokenizer is None else model.tokenizer.spec)
+    print(f"wrote {dst}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rwkv-lm", description="Run RWKV-7 language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    _add_sampling_args(p, SamplingParams())
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal (User:/Assistant: template)")
+    _add_model_args(p)
+    p.add_argument("--system", help="system prompt")
+    _add_sampling_args(p, SamplingParams(max_tokens=1000, temperature=1.0, top_p=0.3, presence_penalty=0.5,
+                                         frequency_penalty=0.5, penalty_decay=0.996))
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert between official .pth and our .safetensors (by the output suffix)")
+    p.add_argument("input")
+    p.add_argument("output", help="*.pth: the official layout; anything else: our safetensors format")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype (default bf16, as official files)")
+    p.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except (UsageError, ValueError) as e:  # CheckpointError is a ValueError
+        print("rwkv-lm: error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

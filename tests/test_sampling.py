@@ -1,0 +1,79 @@
+"""Sampling: a pure function of logits and settings; every setting does what its name says."""
+import pytest
+import torch
+
+from rwkv_lm.sampling import SamplingParams, make_generator, resolve, sample, update_counts
+
+LOGITS = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0, 2.5]])
+
+
+def draws(params, n=4000, logits=LOGITS, **kw):
+    g = make_generator(params, "cpu") or torch.Generator().manual_seed(0)
+    return torch.stack([sample(logits, params, generator=g, **kw) for _ in range(n)]).flatten()
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0)), logits.argmax(-1))
+
+
+def test_temperature_one_follows_softmax():
+    counts = torch.bincount(draws(SamplingParams(seed=1)), minlength=6).float() / 4000
+    assert torch.allclose(counts, LOGITS.softmax(-1)[0], atol=0.025)
+
+
+def test_low_temperature_sharpens():
+    assert (draws(SamplingParams(temperature=0.1, seed=1), 500) == 1).float().mean() > 0.98
+
+
+def test_top_k_keeps_the_k_best():
+    assert set(draws(SamplingParams(top_k=2, seed=1), 500).tolist()) == {1, 5}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    p = LOGITS.softmax(-1)[0]  # sorted: 1 (0.40), 5 (0.24), 2 (0.15), ...
+    top_p = float(p[1] + p[5]) - 0.01
+    assert set(draws(SamplingParams(top_p=top_p, seed=1), 500).tolist()) == {1, 5}
+    assert set(draws(SamplingParams(top_p=1e-6, seed=1), 100).tolist()) == {1}
+
+
+def test_min_p_drops_unlikely_tokens():
+    # p(token) / p(best) = exp(logit - 3): token 5: 0.61, token 2: 0.37, token 3: 0.14
+    assert set(draws(SamplingParams(min_p=0.3, seed=1), 800).tolist()) == {1, 5, 2}
+
+
+def test_banned_token_never_drawn():
+    assert 1 not in draws(SamplingParams(seed=1), 500, banned=(1,)).tolist()
+    assert sample(LOGITS, SamplingParams(temperature=0), banned=(1,)).item() == 5
+
+
+def test_seed_repeats_and_differs():
+    a, b, c = (draws(SamplingParams(seed=s), 50) for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_penalties_follow_decayed_counts():
+    params = SamplingParams(temperature=0, presence_penalty=0.4, frequency_penalty=0.3, penalty_decay=0.5)
+    counts = update_counts(None, torch.tensor([1]), params, 6)
+    counts = update_counts(counts, torch.tensor([1]), params, 6)
+    assert counts[0, 1].item() == pytest.approx(1.5) and counts[0].sum().item() == pytest.approx(1.5)
+    # token 1: 3.0 - 0.4 - 0.45 = 2.15 < token 5's 2.5
+    assert sample(LOGITS, params, counts=counts).item() == 5
+    assert update_counts(None, torch.tensor([1]), SamplingParams(), 6) is None, "no penalty, no bookkeeping"
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(min_p=2.0), "min_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(penalty_decay=0.0), "penalty_decay"), (dict(stop=[""]), "stop"), (dict(temperature=float("nan")), "temperature"),
+])
+def test_invalid_values_name_the_setting(bad, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**bad)
+
+
+def test_overrides_and_unknown_names():
+    params = resolve(SamplingParams(top_k=5), dict(temperature=0.5, stop="\n"))
+    assert (params.top_k, params.temperature, params.stop) == (5, 0.5, ("\n",))
+    with pytest.raises(ValueError, match="unknown sampling setting 'temprature'"):
+        resolve(None, dict(temprature=0.5))
