@@ -1,0 +1,148 @@
+"""The CUDA WKV-7 kernels without a GPU: NVRTC compiles them for sm_80 and sm_90 with the options CuPy
+uses at run time, and g++ runs the same source on the CPU (tests/cuda_emu) through the op's own
+autograd glue, against the fp64 reference. GPU cases at the end skip without a GPU."""
+import ctypes
+import math
+import re
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_lm.ops.wkv7 import cuda, wkv7, wkv7_naive, wkv7_one, wkv7_step
+
+from conftest import assert_close
+
+EMU_DIR = Path(__file__).parent / "cuda_emu"
+NAMES = "r log_w k v a b initial_state".split()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# max|diff| / max|ref| against fp64 on the same rounded inputs: the fp32 kernel versus the rounding of the output
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def random_inputs(B, T, H, N, dtype, seed):
+    """r, log_w, k, v, a, b [B, T, H, N] as the model makes them (a = -kk, b = kk * iclr), and a state [B, H, N, N]."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+    iclr = torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
+    log_w = -math.exp(-0.5) * torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
+    xs = [rnd(B, T, H, N), log_w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * iclr]
+    return [x.to(dtype) for x in xs], rnd(B, H, N, N).float()
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """cuda/wkv7.cu built for the CPU emulation, as a launcher with the signature of the CuPy one."""
+    lib_path = tmp_path_factory.mktemp("cuda_emu") / "wkv7_emu.so"
+    subprocess.run(
+        ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+         f"-I{cuda.SOURCE.parent}", f"-I{EMU_DIR}", str(EMU_DIR / "wkv7_emu.cpp"), "-o", str(lib_path)],
+        check=True,
+    )
+    lib = ctypes.CDLL(str(lib_path))
+
+    def launch(name, grid, block, *args):
+        entry = getattr(lib, re.sub(r"[<>, ]+", "__", name).strip("_"))
+        values = [ctypes.c_int(x) if isinstance(x, int) else ctypes.c_void_p(None if x is None else x.data_ptr()) for x in args]
+        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(x) for x in values))
+        entry(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), pointers)
+
+    return launch
+
+
+def reference(xs, s0):
+    """Outputs and all seven gradients in fp64 for fixed random cotangents."""
+    xs = [x.double().requires_grad_() for x in xs + [s0]]
+    o, s = wkv7_naive(*xs)
+    g = torch.Generator().manual_seed(99)
+    do, ds = torch.randn(o.shape, generator=g, dtype=torch.float64), torch.randn(s.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((o * do).sum() + (s * ds).sum(), xs)
+    return o.detach(), s.detach(), do, ds, grads
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvrtc_compiles_every_kernel(arch):
+    compiler = pytest.importorskip("cupy.cuda.compiler")
+    names = [cuda.kernel_name(k, dt, 64) for k in cuda.KERNELS for dt in cuda.KERNEL_DTYPES]
+    program = compiler._NVRTCProgram(cuda.SOURCE.read_text(), "wkv7.cu", name_expressions=names, method="cubin")
+    try:
+        cubin, mapping = program.compile(cuda.NVRTC_OPTIONS + cuda.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",))
+    except RuntimeError as e:  # NVRTC's shared library is missing (the CompileException of a bad kernel is not one)
+        if "nvrtc" not in str(e).lower() or isinstance(e, compiler.CompileException):
+            raise
+        pytest.skip(f"NVRTC is not installed: {e}")
+    assert len(cubin) > 0 and set(mapping) == set(names)
+
+
+@pytest.mark.parametrize("ck_every", [4, 16])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_emulated_forward_and_gradients(emu, dtype, ck_every):
+    B, T, H, N = 2, 19, 2, 64  # T is not a multiple of either checkpoint interval
+    xs, s0 = random_inputs(B, T, H, N, dtype, seed=ck_every)
+    o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
+    xs = [x.requires_grad_() for x in xs + [s0]]
+    o, s = cuda._run(emu, ck_every, *xs)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert_close(o, o_ref, TOLERANCE[dtype], "output")
+    assert_close(s, s_ref, 2e-5, "final state")
+    grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), xs)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert g.dtype == (torch.float32 if name == "initial_state" else dtype)
+        assert_close(g, g_ref, TOLERANCE[dtype], f"grad {name}")
+
+
+def test_emulated_inference_without_state_or_saving(emu):
+    """No initial state, nothing requiring grad: the forward saves nothing, T longer than a checkpoint."""
+    xs, _ = random_inputs(1, 37, 3, 32, torch.float32, seed=5)
+    o_ref, s_ref = wkv7_naive(*(x.double() for x in xs))
+    o, s = cuda._run(emu, cuda.CHECKPOINT_EVERY, *xs, None)
+    assert_close(o, o_ref, 2e-5, "output")
+    assert_close(s, s_ref, 2e-5, "final state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_emulated_decode(emu, dtype):
+    xs, s0 = random_inputs(3, 1, 2, 64, dtype, seed=6)
+    xs = [x[:, 0] for x in xs]
+    o_ref, s_ref = wkv7_step(s0.double(), *(x.double() for x in xs))
+    o, s = cuda._decode(emu, s0, *xs)
+    assert o.dtype == dtype
+    assert_close(o, o_ref, TOLERANCE[dtype], "output")
+    assert_close(s, s_ref, 1e-6, "state")
+
+
+def test_falls_back_with_one_warning_on_cpu_tensors():
+    xs, s0 = random_inputs(1, 5, 1, 32, torch.float32, seed=7)
+    cuda._warned.clear()
+    with pytest.warns(RuntimeWarning, match="need CUDA tensors"):
+        o, s = wkv7(*xs, initial_state=s0, backend="cuda")
+    o_ref, s_ref = wkv7_naive(*xs, s0)
+    assert_close(o, o_ref, 1e-5, "output")
+    with warnings.catch_warnings(record=True) as record:  # said once only
+        warnings.simplefilter("always")
+        wkv7_one(s0, *(x[:, 0] for x in xs), backend="cuda")
+    assert not record
+
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda.available()), reason="needs a CUDA GPU and CuPy")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_gpu_matches_reference(dtype):
+    xs, s0 = random_inputs(2, 37, 3, 64, dtype, seed=8)
+    o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
+    xs = [x.cuda().requires_grad_() for x in xs + [s0]]
+    o, s = wkv7(*xs[:6], initial_state=xs[6], backend="cuda")
+    assert_close(o.cpu(), o_ref, TOLERANCE[dtype], "output")
+    assert_close(s.cpu(), s_ref, 2e-5, "final state")
+    grads = torch.autograd.grad((o.double() * do.cuda()).sum() + (s.double() * ds.cuda()).sum(), xs)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close(g.cpu(), g_ref, TOLERANCE[dtype], f"grad {name}")
+    state = s0.cuda()
+    for t in range(xs[0].shape[1]):
+        _, state = wkv7_one(state, *(x[:, t].detach() for x in xs[:6]), backend="cuda")
+    assert_close(state.cpu(), s_ref, 1e-4, "stepped state")
