@@ -1,0 +1,1 @@
+"""The Gradio demo: `python -m demo`; `demo.app.build_app` for the app itself."""

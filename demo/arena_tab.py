@@ -1,0 +1,90 @@
+"""The Arena tab: one prompt, RWKV-7 and the transformer baseline answering side by side, with their
+speed and memory live, and a sweep of the cost of a token against the context length."""
+from __future__ import annotations
+
+import time
+from contextlib import closing
+
+import gradio as gr
+
+from .arena import Lane, race, readings_frame, sweep
+from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
+
+# Redrawing two chats and two plots per token would cost the browser more than the models; 10 a second is smooth.
+UPDATE_EVERY_S = 0.1
+
+
+def _plot(title: str, y: str, y_title: str) -> gr.LinePlot:
+    return gr.LinePlot(readings_frame([]), x="context", y=y, color="model", title=title, x_title="context (tokens)",
+                       y_title=y_title, height=260)
+
+
+def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
+    """Lay out the tab and wire its events, inside an open gr.Blocks. `models`: display name -> model."""
+    names = list(models)
+    lanes_state = gr.State(None)
+    with gr.Row():
+        panes, stats = [], []
+        for name in names:
+            with gr.Column():
+                panes.append(gr.Chatbot(label=name, height=360, elem_classes="arena-pane"))
+                stats.append(gr.Markdown("", elem_classes="arena-stats"))
+    prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", show_label=False,
+                        max_length=MAX_MESSAGE_CHARS)
+    with gr.Row():
+        run = gr.Button("Run both", variant="primary")
+        stop = gr.Button("Stop", variant="stop")
+        clear = gr.Button("Clear")
+    with gr.Accordion("Sampling (the same for both)", open=False):
+        with gr.Row():
+            controls = [
+                gr.Slider(1, 2048, value=300, step=1, label="Max tokens"),
+                gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0: greedy)"),
+                gr.Slider(0.05, 1, value=0.8, step=0.05, label="Top p"),
+                gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)"),
+            ]
+    with gr.Row():
+        latency_plot = _plot("Time per token while streaming", "ms_per_token", "ms per token")
+        memory_plot = _plot("Memory held while streaming", "memory_mb", "MB (state or KV cache)")
+
+    gr.Markdown(f"### Context-length sweep\nFor each length ({', '.join(f'{n:,}' for n in sweep_lengths)} tokens), "
+                "each model reads random tokens up to it, then a few single-token steps are timed.")
+    sweep_button = gr.Button("Sweep context length")
+    with gr.Row():
+        sweep_latency = _plot("Time per token after a prefill", "ms_per_token", "ms per token")
+        sweep_memory = _plot("Memory after a prefill", "memory_mb", "MB (state or KV cache)")
+
+    def outputs(lanes):
+        readings = [r for lane in lanes for r in lane.readings]
+        frame = readings_frame(readings)
+        return (*(lane.history for lane in lanes), *(lane.stats() for lane in lanes), frame, frame, lanes)
+
+    def arena(prompt, lanes, max_tokens, temperature, top_p, seed):
+        prompt = check_message(prompt)
+        params = sampling_params(max_tokens, temperature, top_p, seed=seed)
+        lanes = lanes or [Lane.open(name, model, model.tokenizer) for name, model in models.items()]
+        shown = 0.0
+        with closing(race(lanes, prompt, params)) as rounds:
+            for _ in rounds:
+                if time.monotonic() - shown >= UPDATE_EVERY_S:
+                    shown = time.monotonic()
+                    yield "", *outputs(lanes)
+        yield "", *outputs(lanes)
+
+    def clear_all():
+        return "", *([] for _ in names), *("" for _ in names), readings_frame([]), readings_frame([]), None
+
+    def run_sweep():
+        readings = []
+        for reading in sweep(models, sweep_lengths):
+            readings.append(reading)
+            frame = readings_frame(readings)
+            yield frame, frame
+
+    arena_outputs = [prompt, *panes, *stats, latency_plot, memory_plot, lanes_state]
+    arena_event = gr.on([prompt.submit, run.click], arena, [prompt, lanes_state, *controls], arena_outputs,
+                        api_name="arena")
+    stop.click(None, cancels=[arena_event])
+    clear.click(clear_all, None, arena_outputs, api_name="arena_clear")
+    sweep_button.click(run_sweep, None, [sweep_latency, sweep_memory], api_name="sweep", concurrency_limit=1,
+                       concurrency_id="sweep")

@@ -1,0 +1,105 @@
+"""The Chat tab: talk to RWKV-7. Each browser session holds its own conversation in a gr.State, so a turn
+feeds the model only that turn's new tokens: the RNN state already carries everything said before."""
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from rwkv_lm.chat import ChatSession
+
+from .arena import Metered, format_bytes
+from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
+
+
+@dataclass
+class Conversation:
+    """One user's chat: the session (over a Metered model, to show its state live) and what the page shows."""
+
+    session: ChatSession
+    system: str  # as typed; a different one starts a new conversation
+    history: list[dict] = field(default_factory=list)
+    before_last_turn: ChatSession | None = None  # for Regenerate
+    last_message: str | None = None
+
+    @classmethod
+    def start(cls, model, tokenizer, system: str) -> "Conversation":
+        return cls(ChatSession(Metered(model), tokenizer, system=system.strip() or None), system)
+
+    def status(self) -> str:
+        return f"state: {format_bytes(self.session.model.state_bytes)}, {self.session.num_tokens:,} tokens"
+
+    def turn(self, message: str, params):
+        """Stream the reply to `message` into `history`, yielding after each piece; closing stops the model."""
+        self.before_last_turn, self.last_message = self.session.fork(), message
+        self.history = self.history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        yield
+        with closing(self.session.reply(message, params)) as reply:
+            for piece in reply:
+                self.history[-1] = {"role": "assistant", "content": self.history[-1]["content"] + piece}
+                yield
+
+
+def render(model, tokenizer, name: str) -> None:
+    """Lay out the tab and wire its events, inside an open gr.Blocks."""
+    conversation = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(label=name, height=460, placeholder=f"Say something to {name}.")
+            message = gr.Textbox(placeholder="Message (Enter to send)", show_label=False, lines=1,
+                                 max_length=MAX_MESSAGE_CHARS, autofocus=True)
+            with gr.Row():
+                send = gr.Button("Send", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+                regenerate = gr.Button("Regenerate")
+                clear = gr.Button("Clear")
+            status = gr.Markdown("state: empty, 0 tokens", elem_id="chat-status")
+        with gr.Column(scale=1):
+            system = gr.Textbox(label="System prompt (optional)", lines=3,
+                                placeholder="Changing it starts a new conversation.")
+            with gr.Accordion("Sampling", open=True):
+                controls = [
+                    gr.Slider(1, 1024, value=200, step=1, label="Max tokens"),
+                    gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0: greedy)"),
+                    gr.Slider(0.05, 1, value=0.8, step=0.05, label="Top p"),
+                    gr.Slider(0, 200, value=0, step=1, label="Top k (0: off)"),
+                    gr.Slider(0, 2, value=0.4, step=0.05, label="Presence penalty"),
+                    gr.Slider(0, 2, value=0.4, step=0.05, label="Frequency penalty"),
+                    gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)"),
+                ]
+
+    # the parameters are named for the API (the gr.State `conv` is not part of it)
+    def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
+        message = check_message(message)
+        params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
+        if conv is None or conv.system != system:
+            if conv is not None and conv.history:
+                gr.Info("The system prompt changed, so a new conversation starts.")
+            conv = Conversation.start(model, tokenizer, system)
+        for _ in conv.turn(message, params):
+            yield conv.history, conv, "", conv.status()
+        yield conv.history, conv, "", conv.status()  # the last tokens may end the reply without adding text
+
+    def regenerate_last(conv, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
+        params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
+        if conv is None or conv.before_last_turn is None:
+            raise gr.Error("There is no reply to regenerate yet.")
+        conv.session, conv.history = conv.before_last_turn, conv.history[:-2]
+        for _ in conv.turn(conv.last_message, params):
+            yield conv.history, conv, conv.status()
+        yield conv.history, conv, conv.status()
+
+    def clear_all(conv):
+        if conv is None:
+            return [], None, "state: empty, 0 tokens"
+        conv.session.reset()
+        conv.history, conv.before_last_turn, conv.last_message = [], None, None
+        return [], conv, conv.status()
+
+    chat_event = gr.on([message.submit, send.click], chat, [message, conversation, system, *controls],
+                       [chatbot, conversation, message, status], api_name="chat")
+    regenerate_event = regenerate.click(regenerate_last, [conversation, *controls], [chatbot, conversation, status],
+                                        api_name="regenerate")
+    stop.click(None, cancels=[chat_event, regenerate_event])
+    clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear")
