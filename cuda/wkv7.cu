@@ -54,6 +54,17 @@ template <int N> __device__ __forceinline__ long long token_index(int len, int t
     return (((long long)blockIdx.y * len + t) * gridDim.x + blockIdx.x) * N + i;
 }
 
+// One thread's inputs for one token, loaded a step ahead so the loads overlap the step before.
+struct Token {
+    float r, log_w, k, v, a, b;
+};
+
+template <typename F>
+__device__ __forceinline__ Token load_token(long long x, const F* r, const F* log_w, const F* k, const F* v, const F* a,
+                                            const F* b) {
+    return Token{to_float(r[x]), to_float(log_w[x]), to_float(k[x]), to_float(v[x]), to_float(a[x]), to_float(b[x])};
+}
+
 // Inputs [B, T, H, N]; h0 [B, H, N, N] or null (zeros). Writes o, the final state hT, and, when ck is
 // not null, ck [B, H, ceil(T / ck_every), N, N] (the state after every ck_every-th step and after the
 // last) and sa [B, T, H, N] fp32 for the backward.
@@ -66,35 +77,40 @@ __global__ void __launch_bounds__(N) wkv7_forward(
     const long long head = (long long)blockIdx.y * gridDim.x + blockIdx.x;
     // Double-buffered by step parity: step t fills buffer t & 1 while no thread can still be reading
     // it (its readers were at step t - 2, behind the barrier of step t - 1), so one barrier per step.
-    __shared__ float sr[2][N], sw[2][N], sk[2][N], sa[2][N], sb[2][N];
+    // Packed so that the update reads one float4 per key channel.
+    __shared__ float4 s_wkbr[2][N];  // (decay, k, b, r)
+    __shared__ float4 s_a[2][N / 4];  // a, four channels at a time
 
     float S[N];
 #pragma unroll
     for (int j = 0; j < N; j++) S[j] = h0 ? h0[(head * N + i) * N + j] : 0.f;
 
+    Token next = len > 0 ? load_token(token_index<N>(len, 0, i), r, log_w, k, v, a, b) : Token{};
     for (int t = 0; t < len; t++) {
         const int p = t & 1;
         const long long x = token_index<N>(len, t, i);
-        sr[p][i] = to_float(r[x]);
-        sw[p][i] = expf(to_float(log_w[x]));
-        sk[p][i] = to_float(k[x]);
-        sa[p][i] = to_float(a[x]);
-        sb[p][i] = to_float(b[x]);
-        const float vi = to_float(v[x]);
+        const Token in = next;
+        s_wkbr[p][i] = make_float4(expf(in.log_w), in.k, in.b, in.r);
+        reinterpret_cast<float*>(s_a[p])[i] = in.a;
+        if (t + 1 < len) next = load_token(token_index<N>(len, t + 1, i), r, log_w, k, v, a, b);
         __syncthreads();
 
-        float s_a = 0.f;
+        float s_a_i = 0.f;
 #pragma unroll
-        for (int j = 0; j < N; j++) s_a += S[j] * sa[p][j];
+        for (int q = 0; q < N / 4; q++) {
+            const float4 a4 = s_a[p][q];
+            s_a_i += S[4 * q] * a4.x + S[4 * q + 1] * a4.y + S[4 * q + 2] * a4.z + S[4 * q + 3] * a4.w;
+        }
         float y = 0.f;
 #pragma unroll
         for (int j = 0; j < N; j++) {
-            S[j] = S[j] * sw[p][j] + s_a * sb[p][j] + vi * sk[p][j];
-            y += S[j] * sr[p][j];
+            const float4 c = s_wkbr[p][j];
+            S[j] = S[j] * c.x + s_a_i * c.z + in.v * c.y;
+            y += S[j] * c.w;
         }
         o[x] = from_float<F>(y);
         if (ck) {
-            sa_out[x] = s_a;
+            sa_out[x] = s_a_i;
             if ((t + 1) % ck_every == 0 || t == len - 1) {
                 float* dst = ck + ((head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N + i) * N;
 #pragma unroll
@@ -122,8 +138,9 @@ __global__ void __launch_bounds__(N) wkv7_backward(
     const long long head = (long long)blockIdx.y * gridDim.x + blockIdx.x;
     // Same parity double buffering as the forward; dsa is written after the first barrier of a step
     // and read after the second, so it is double-buffered too.
-    __shared__ float sr[2][N], sw[2][N], sk[2][N], sv[2][N], sa[2][N], sb[2][N], sdo[2][N], ssa[2][N],
-        sdsa[2][N];
+    __shared__ float4 s_rdvs[2][N];  // (r, do, v, sa)
+    __shared__ float4 s_kbwa[2][N];  // (k, b, decay, a)
+    __shared__ float s_dsa[2][N];
 
     float S_col[N], dS_row[N], dS_col[N];  // S[j][i], dS[i][j], dS[j][i]
 #pragma unroll
@@ -132,54 +149,56 @@ __global__ void __launch_bounds__(N) wkv7_backward(
         dS_col[j] = dhT ? dhT[(head * N + j) * N + i] : 0.f;
     }
 
+    Token next{};
+    float next_do = 0.f, next_sa = 0.f;
+    auto prefetch = [&](int t) {
+        const long long x = token_index<N>(len, t, i);
+        next = load_token(x, r, log_w, k, v, a, b);
+        next_do = to_float(do_[x]);
+        next_sa = sa_in[x];
+    };
+    if (len > 0) prefetch(len - 1);
     for (int t = len - 1; t >= 0; t--) {
         const int p = t & 1;
         const long long x = token_index<N>(len, t, i);
-        const float ri = to_float(r[x]), lwi = to_float(log_w[x]), ki = to_float(k[x]);
-        const float ai = to_float(a[x]), bi = to_float(b[x]), doi = to_float(do_[x]);
-        const float wi = expf(lwi);
-        sr[p][i] = ri;
-        sw[p][i] = wi;
-        sk[p][i] = ki;
-        sv[p][i] = to_float(v[x]);
-        sa[p][i] = ai;
-        sb[p][i] = bi;
-        sdo[p][i] = doi;
-        ssa[p][i] = sa_in[x];
+        const Token in = next;
+        const float doi = next_do, wi = expf(in.log_w);
+        s_rdvs[p][i] = make_float4(in.r, doi, in.v, next_sa);
+        s_kbwa[p][i] = make_float4(in.k, in.b, wi, in.a);
         if ((t + 1) % ck_every == 0 || t == len - 1) {
             const float* src = ck + (head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N * N + i;
 #pragma unroll
             for (int j = 0; j < N; j++) S_col[j] = src[j * N];
         }
+        if (t > 0) prefetch(t - 1);
         __syncthreads();
 
-        float dri = 0.f;
+        const float inv_wi = expf(-in.log_w);
+        float dri = 0.f, dwi = 0.f, dki = 0.f, dbi = 0.f, dvi = 0.f, dsai = 0.f;
 #pragma unroll
         for (int j = 0; j < N; j++) {
-            dri += S_col[j] * sdo[p][j];
-            dS_row[j] += doi * sr[p][j];
-            dS_col[j] += sdo[p][j] * ri;
-        }
-        const float inv_wi = expf(-lwi);
-        float dwi = 0.f, dki = 0.f, dbi = 0.f, dvi = 0.f, dsai = 0.f;
-#pragma unroll
-        for (int j = 0; j < N; j++) {
-            S_col[j] = (S_col[j] - sv[p][j] * ki - ssa[p][j] * bi) * inv_wi;
+            const float4 c = s_rdvs[p][j], e = s_kbwa[p][j];
+            dri += S_col[j] * c.y;
+            dS_row[j] += doi * c.x;
+            dS_col[j] += c.y * in.r;
+            S_col[j] = (S_col[j] - c.z * in.k - c.w * in.b) * inv_wi;  // S_t -> S_{t-1}
             dwi += dS_col[j] * S_col[j];
-            dki += dS_col[j] * sv[p][j];
-            dbi += dS_col[j] * ssa[p][j];
-            dvi += dS_row[j] * sk[p][j];
-            dsai += dS_row[j] * sb[p][j];
+            dki += dS_col[j] * c.z;
+            dbi += dS_col[j] * c.w;
+            dvi += dS_row[j] * e.x;
+            dsai += dS_row[j] * e.y;
         }
-        sdsa[p][i] = dsai;
+        s_dsa[p][i] = dsai;
         __syncthreads();
 
         float dai = 0.f;
 #pragma unroll
         for (int j = 0; j < N; j++) {
-            dai += sdsa[p][j] * S_col[j];
-            dS_row[j] = dS_row[j] * sw[p][j] + dsai * sa[p][j];
-            dS_col[j] = dS_col[j] * wi + sdsa[p][j] * ai;
+            const float4 e = s_kbwa[p][j];
+            const float dsa_j = s_dsa[p][j];
+            dai += dsa_j * S_col[j];
+            dS_row[j] = dS_row[j] * e.z + dsai * e.w;  // dL/dS_t -> dL/dS_{t-1}
+            dS_col[j] = dS_col[j] * wi + dsa_j * in.a;
         }
         dr[x] = from_float<F>(dri);
         dlog_w[x] = from_float<F>(dwi * wi);

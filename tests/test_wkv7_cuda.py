@@ -18,8 +18,9 @@ from conftest import assert_close
 EMU_DIR = Path(__file__).parent / "cuda_emu"
 NAMES = "r log_w k v a b initial_state".split()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# max|diff| / max|ref| against fp64 on the same rounded inputs: the fp32 kernel versus the rounding of the output
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# max|diff| / max|ref| against fp64 on the same rounded inputs. fp32 gradients lose up to the product of
+# 1/decay over a checkpoint interval where the backward undoes steps (about 1e-5 in the model's decay range).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def random_inputs(B, T, H, N, dtype, seed):
