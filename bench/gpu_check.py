@@ -1,0 +1,228 @@
+"""The CUDA WKV-7 kernels on a real GPU, in under five minutes: correctness against fp64, a compute-sanitizer
+memcheck, then forward and forward+backward timings against the torch chunked op and fla (if installed).
+
+    python bench/gpu_check.py            # needs a CUDA GPU and `pip install -e ".[cuda]"`
+
+Exits non-zero when a check fails; the timing table is printed last, in Markdown for bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from rwkv_lm.ops.wkv7 import cuda, wkv7, wkv7_chunked, wkv7_one, wkv7_step
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # max|diff| / max|ref|
+# (B, T, H, N, with initial state): one token, odd lengths, a multiple of the checkpoint interval, long
+SHAPES = [(1, 1, 1, 64, True), (2, 37, 3, 64, True), (3, 16, 2, 64, False), (2, 300, 12, 64, True), (1, 4096, 2, 64, True)]
+# how many trailing arguments of each kernel are outputs (they are filled with NaN before every launch)
+OUTPUTS = {"wkv7_forward": 4, "wkv7_backward": 7, "wkv7_decode": 2}
+GRAD_NAMES = "r log_w k v a b initial_state".split()
+
+
+def random_inputs(B, T, H, N, dtype, requires_grad=False):
+    """Fresh inputs as the model makes them (a = -kk, b = kk * iclr, decay in its range), and a state."""
+    g = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(8), "little"))
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")
+    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+    log_w = -math.exp(-0.5) * torch.rand(B, T, H, N, generator=g, device="cuda")
+    iclr = torch.rand(B, T, H, N, generator=g, device="cuda")
+    xs = [rnd(B, T, H, N), log_w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * iclr]
+    return [x.to(dtype).requires_grad_(requires_grad) for x in xs], rnd(B, H, N, N)
+
+
+def poisoned(launch):
+    """The launcher, filling every output with NaN first, so that nothing a kernel fails to write can pass."""
+
+    def run(name, grid, block, *args):
+        for x in args[-OUTPUTS[name.split("<")[0]]:]:
+            if x is not None:
+                x.fill_(float("nan"))
+        launch(name, grid, block, *args)
+
+    return run
+
+
+def rel_err(actual, expected):
+    """max|diff| / max|ref|; NaN when the result is not finite, so it never passes a `<` test."""
+    if not torch.isfinite(actual).all():
+        return float("nan")
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def check_sequence(B, T, H, N, with_state, dtype, grad):
+    """Forward (and, with grad, every gradient) of the kernels against the fp64 chunked op on the same inputs."""
+    xs, s0 = random_inputs(B, T, H, N, dtype, requires_grad=grad)
+    s0 = s0.requires_grad_(grad) if with_state else None
+    ref_in = [x.detach().double().requires_grad_(grad) for x in xs + ([s0] if with_state else [])]
+    o_ref, s_ref = wkv7_chunked(*ref_in[:6], ref_in[6] if with_state else None)
+    o, s = cuda._run(poisoned(cuda._launcher(xs[0])), cuda.CHECKPOINT_EVERY, *xs, s0)
+    errs = {"o": (rel_err(o, o_ref), TOLERANCE[dtype]), "state": (rel_err(s, s_ref), 1e-4)}
+    if grad:
+        do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+        inputs = xs + ([s0] if with_state else [])
+        grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), inputs)
+        grads_ref = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), ref_in)
+        for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
+            errs[f"d{name}"] = (rel_err(g, g_ref), TOLERANCE[dtype])
+    return errs
+
+
+def check_decode(B, H, N, dtype):
+    xs, s0 = random_inputs(B, 1, H, N, dtype)
+    xs = [x[:, 0] for x in xs]
+    o_ref, s_ref = wkv7_step(s0.double(), *(x.double() for x in xs))
+    o, s = cuda._decode(poisoned(cuda._launcher(xs[0])), s0, *xs)
+    return {"o": (rel_err(o, o_ref), TOLERANCE[dtype]), "state": (rel_err(s, s_ref), 1e-5)}
+
+
+def correctness() -> bool:
+    ok = True
+
+    def report(what, errs):
+        nonlocal ok
+        bad = [k for k, (e, tol) in errs.items() if not e < tol]
+        ok &= not bad
+        worst = ", ".join(f"{k} {e:.1e}" for k, (e, _) in errs.items())
+        print(f"{'FAIL' if bad else 'ok  '} {what}: {worst}" + (f"  <-- {bad}" if bad else ""), flush=True)
+
+    for dname, dtype in DTYPES.items():
+        for B, T, H, N, with_state in SHAPES:
+            report(f"{dname} B={B} T={T} H={H} N={N} state={with_state} fwd+bwd",
+                   check_sequence(B, T, H, N, with_state, dtype, grad=True))
+        report(f"{dname} B=4 T=100 H=12 N=64 inference", check_sequence(4, 100, 12, 64, True, dtype, grad=False))
+        for B, H in [(1, 1), (8, 12), (3, 64)]:
+            report(f"{dname} decode B={B} H={H} N=64", check_decode(B, H, 64, dtype))
+    # the dispatcher's default on CUDA tensors is the kernel, and the RNN op agrees with the sequence op
+    xs, s0 = random_inputs(2, 20, 4, 64, torch.bfloat16)
+    o, s = wkv7(*xs, initial_state=s0)
+    state = s0
+    for t in range(20):
+        _, state = wkv7_one(state, *(x[:, t] for x in xs))
+    report("bf16 dispatcher default + wkv7_one steps", {"state": (rel_err(state, s.double()), 1e-5)})
+    used = [k for k, v in cuda._modules.items() if v is not None]
+    print(f"{'ok  ' if used else 'FAIL'} kernels compiled and used for {used}", flush=True)
+    return ok and bool(used)
+
+
+def sanitize_run():
+    """What compute-sanitizer watches: a few small launches of every kernel in every dtype."""
+    for dtype in DTYPES.values():
+        check_sequence(2, 19, 2, 64, True, dtype, grad=True)
+        check_sequence(1, 5, 1, 64, False, dtype, grad=False)
+        check_decode(2, 3, 64, dtype)
+    torch.cuda.synchronize()
+
+
+def memcheck() -> bool | None:
+    """compute-sanitizer memcheck over `sanitize_run` in a child process; None where the tool is missing."""
+    candidates = [shutil.which("compute-sanitizer"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "compute-sanitizer")]
+    tool = next((c for c in candidates if c and os.path.exists(c)), None)
+    if tool is None:
+        print("skip memcheck: compute-sanitizer not found", flush=True)
+        return None
+    cmd = [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, __file__, "--sanitize-run"]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        print("skip memcheck: timed out after 150 s", flush=True)
+        return None
+    summary = [line for line in run.stdout.splitlines() if "ERROR SUMMARY" in line]
+    print(f"{'ok  ' if run.returncode == 0 else 'FAIL'} memcheck: {summary[-1] if summary else run.stdout[-2000:]}", flush=True)
+    if run.returncode:
+        print(run.stdout[-4000:], run.stderr[-4000:], sep="\n")
+    return run.returncode == 0
+
+
+def milliseconds(fn, budget_s=2.0):
+    """Median of CUDA-event timings, as many runs as fit the budget (3 to 20) after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    reps = max(3, min(20, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def implementations():
+    impls = {
+        "cuda (this repo)": lambda *xs: wkv7(*xs, backend="cuda"),
+        "torch chunked": lambda *xs: wkv7(*xs, backend="chunked"),
+    }
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except ImportError:
+        print("fla is not installed: no fla column", flush=True)
+    else:
+        decay = "log_w" if "log_w" in inspect.signature(chunk_rwkv7).parameters else "w"
+        impls["fla chunk_rwkv7"] = lambda r, log_w, k, v, a, b: chunk_rwkv7(
+            r=r, k=k, v=v, a=a, b=b, **{decay: log_w}, scale=1.0, output_final_state=True)
+    return impls
+
+
+def benchmark():
+    rows = []
+    for B, T, H, N in [(8, 4096, 64, 64), (8, 4096, 12, 64)]:
+        xs, _ = random_inputs(B, T, H, N, torch.bfloat16, requires_grad=True)
+        do = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
+        for name, fn in implementations().items():
+            def fwd():
+                with torch.no_grad():
+                    fn(*xs)
+
+            def fwd_bwd():
+                torch.autograd.grad(fn(*xs)[0], xs, do)
+
+            try:
+                ms = [milliseconds(fwd), milliseconds(fwd_bwd)]
+            except torch.cuda.OutOfMemoryError:
+                ms = [float("nan")] * 2
+            torch.cuda.empty_cache()
+            rows.append((name, f"B={B} T={T} H={H} N={N}", *ms, *(B * T * H / (m / 1e3) for m in ms)))
+            print(f"timed {rows[-1][0]} {rows[-1][1]}: fwd {ms[0]:.2f} ms, fwd+bwd {ms[1]:.2f} ms", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sanitize-run", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-bench", action="store_true", help="correctness and memcheck only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA GPU")
+    if args.sanitize_run:
+        return sanitize_run()
+    started = time.time()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    ok = correctness()
+    ok &= memcheck() is not False
+    rows = [] if args.skip_bench else benchmark()
+    print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.time() - started:.0f} s; "
+          f"{torch.cuda.get_device_name()}, bf16, median of CUDA-event timings\n")
+    print("| implementation | shape | fwd ms | fwd+bwd ms | fwd head-tokens/s | fwd+bwd head-tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for name, shape, f, fb, tf, tfb in rows:
+        print(f"| {name} | {shape} | {f:.2f} | {fb:.2f} | {tf:.3g} | {tfb:.3g} |")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
