@@ -54,6 +54,20 @@ template <int N> __device__ __forceinline__ long long token_index(int len, int t
     return (((long long)blockIdx.y * len + t) * gridDim.x + blockIdx.x) * N + i;
 }
 
+// A thread's row of a state, moved as float4: rows start at multiples of N floats, and N % 4 == 0.
+template <int N> __device__ __forceinline__ void load_row(float (&S)[N], const float* src) {
+#pragma unroll
+    for (int q = 0; q < N / 4; q++) {
+        const float4 f = reinterpret_cast<const float4*>(src)[q];
+        S[4 * q] = f.x, S[4 * q + 1] = f.y, S[4 * q + 2] = f.z, S[4 * q + 3] = f.w;
+    }
+}
+template <int N> __device__ __forceinline__ void store_row(float* dst, const float (&S)[N]) {
+#pragma unroll
+    for (int q = 0; q < N / 4; q++)
+        reinterpret_cast<float4*>(dst)[q] = make_float4(S[4 * q], S[4 * q + 1], S[4 * q + 2], S[4 * q + 3]);
+}
+
 // One thread's inputs for one token, loaded a step ahead so the loads overlap the step before.
 struct Token {
     float r, log_w, k, v, a, b;
@@ -81,9 +95,8 @@ __global__ void __launch_bounds__(N) wkv7_forward(
     __shared__ float4 s_wkbr[2][N];  // (decay, k, b, r)
     __shared__ float4 s_a[2][N / 4];  // a, four channels at a time
 
-    float S[N];
-#pragma unroll
-    for (int j = 0; j < N; j++) S[j] = h0 ? h0[(head * N + i) * N + j] : 0.f;
+    float S[N] = {};
+    if (h0) load_row<N>(S, h0 + (head * N + i) * N);
 
     Token next = len > 0 ? load_token(token_index<N>(len, 0, i), r, log_w, k, v, a, b) : Token{};
     for (int t = 0; t < len; t++) {
@@ -101,25 +114,21 @@ __global__ void __launch_bounds__(N) wkv7_forward(
             const float4 a4 = s_a[p][q];
             s_a_i += S[4 * q] * a4.x + S[4 * q + 1] * a4.y + S[4 * q + 2] * a4.z + S[4 * q + 3] * a4.w;
         }
-        float y = 0.f;
+        float y[4] = {};  // four partial sums: a chain of N dependent adds would be the step's latency
 #pragma unroll
         for (int j = 0; j < N; j++) {
             const float4 c = s_wkbr[p][j];
             S[j] = S[j] * c.x + s_a_i * c.z + in.v * c.y;
-            y += S[j] * c.w;
+            y[j % 4] += S[j] * c.w;
         }
-        o[x] = from_float<F>(y);
+        o[x] = from_float<F>((y[0] + y[1]) + (y[2] + y[3]));
         if (ck) {
             sa_out[x] = s_a_i;
-            if ((t + 1) % ck_every == 0 || t == len - 1) {
-                float* dst = ck + ((head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N + i) * N;
-#pragma unroll
-                for (int j = 0; j < N; j++) dst[j] = S[j];
-            }
+            if ((t + 1) % ck_every == 0 || t == len - 1)
+                store_row<N>(ck + ((head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N + i) * N, S);
         }
     }
-#pragma unroll
-    for (int j = 0; j < N; j++) hT[(head * N + i) * N + j] = S[j];
+    store_row<N>(hT + (head * N + i) * N, S);
 }
 
 // Gradients of (o, hT) -> (r, log_w, k, v, a, b, h0). do_ [B, T, H, N]; dhT [B, H, N, N] or null;
