@@ -191,14 +191,20 @@ def benchmark():
             def fwd_bwd():
                 torch.autograd.grad(fn(*xs)[0], xs, do)
 
-            try:
-                ms = [milliseconds(fwd), milliseconds(fwd_bwd)]
-            except torch.cuda.OutOfMemoryError:
-                ms = [float("nan")] * 2
-            torch.cuda.empty_cache()
+            ms = []
+            for run in (fwd, fwd_bwd):
+                try:
+                    ms.append(milliseconds(run))
+                except torch.cuda.OutOfMemoryError:
+                    ms.append(float("nan"))  # shown as OOM
+                torch.cuda.empty_cache()
             rows.append((name, f"B={B} T={T} H={H} N={N}", *ms, *(B * T * H / (m / 1e3) for m in ms)))
-            print(f"timed {rows[-1][0]} {rows[-1][1]}: fwd {ms[0]:.2f} ms, fwd+bwd {ms[1]:.2f} ms", flush=True)
+            print(f"timed {name} B={B} T={T} H={H}: fwd {ms[0]:.2f} ms, fwd+bwd {ms[1]:.2f} ms", flush=True)
     return rows
+
+
+def cell(x, fmt):
+    return "OOM" if math.isnan(x) else format(x, fmt)
 
 
 def main():
@@ -220,7 +226,7 @@ def main():
     print("| implementation | shape | fwd ms | fwd+bwd ms | fwd head-tokens/s | fwd+bwd head-tokens/s |")
     print("|---|---|---|---|---|---|")
     for name, shape, f, fb, tf, tfb in rows:
-        print(f"| {name} | {shape} | {f:.2f} | {fb:.2f} | {tf:.3g} | {tfb:.3g} |")
+        print(f"| {name} | {shape} | {cell(f, '.2f')} | {cell(fb, '.2f')} | {cell(tf, '.3g')} | {cell(tfb, '.3g')} |")
     sys.exit(0 if ok else 1)
 
 

@@ -70,7 +70,7 @@ class _CupyLauncher:
             self.functions = {name: module.get_function(name) for name in names}  # compiles here
 
     def __call__(self, name, grid, block, *args):
-        """args: ints (passed as int) and tensors or None (passed as pointers)."""
+        """args: ints (passed as int32) and tensors or None (passed as pointers)."""
         import numpy as np
 
         cupy = _cupy()
@@ -122,6 +122,7 @@ class _WKV7(torch.autograd.Function):
         return o, hT
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dhT):
         r, log_w, k, v, a, b, ck, sa = ctx.saved_tensors
         B, T, H, N = r.shape
