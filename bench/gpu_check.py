@@ -40,8 +40,11 @@ def random_inputs(B, T, H, N, dtype, requires_grad=False):
     return [x.to(dtype).requires_grad_(requires_grad) for x in xs], rnd(B, H, N, N)
 
 
-def poisoned(launch):
-    """The launcher, filling every output with NaN first, so that nothing a kernel fails to write can pass."""
+def poisoned(x):
+    """The kernels' launcher for x, filling every output with NaN first, so that nothing unwritten can pass."""
+    launch = cuda._launcher(x)
+    if launch is None:
+        sys.exit("gpu_check: the CUDA kernels are unavailable (see the warning above)")
 
     def run(name, grid, block, *args):
         for x in args[-OUTPUTS[name.split("<")[0]]:]:
@@ -65,7 +68,7 @@ def check_sequence(B, T, H, N, with_state, dtype, grad):
     s0 = s0.requires_grad_(grad) if with_state else None
     ref_in = [x.detach().double().requires_grad_(grad) for x in xs + ([s0] if with_state else [])]
     o_ref, s_ref = wkv7_chunked(*ref_in[:6], ref_in[6] if with_state else None)
-    o, s = cuda._run(poisoned(cuda._launcher(xs[0])), cuda.CHECKPOINT_EVERY, *xs, s0)
+    o, s = cuda._run(poisoned(xs[0]), cuda.CHECKPOINT_EVERY, *xs, s0)
     errs = {"o": (rel_err(o, o_ref), TOLERANCE[dtype]), "state": (rel_err(s, s_ref), 1e-4)}
     if grad:
         do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
@@ -81,7 +84,7 @@ def check_decode(B, H, N, dtype):
     xs, s0 = random_inputs(B, 1, H, N, dtype)
     xs = [x[:, 0] for x in xs]
     o_ref, s_ref = wkv7_step(s0.double(), *(x.double() for x in xs))
-    o, s = cuda._decode(poisoned(cuda._launcher(xs[0])), s0, *xs)
+    o, s = cuda._decode(poisoned(xs[0]), s0, *xs)
     return {"o": (rel_err(o, o_ref), TOLERANCE[dtype]), "state": (rel_err(s, s_ref), 1e-5)}
 
 
