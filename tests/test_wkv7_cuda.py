@@ -127,6 +127,12 @@ def test_falls_back_with_one_warning_on_cpu_tensors():
     assert not record
 
 
+def test_rejects_inputs_on_two_devices(emu):
+    xs, s0 = random_inputs(1, 3, 1, 32, torch.float32, seed=8)
+    with pytest.raises(ValueError, match="one device"):
+        cuda._run(emu, 16, *xs, s0.to("meta"))
+
+
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda.available()), reason="needs a CUDA GPU and CuPy")
 
 

@@ -135,8 +135,16 @@ class _WKV7(torch.autograd.Function):
         return None, None, *grads, dh0 if ctx.has_h0 else None
 
 
+def _same_device(*xs):
+    """A kernel given a pointer to another device's memory would fault; torch ops raise, so do we."""
+    devices = {x.device for x in xs if x is not None}
+    if len(devices) > 1:
+        raise ValueError(f"wkv7: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
 def _run(launch, ck_every, r, log_w, k, v, a, b, initial_state):
     """Make the inputs what the kernels read (one dtype, contiguous, fp32 state); record autograd only if needed."""
+    _same_device(r, log_w, k, v, a, b, initial_state)
     xs = [x.to(r.dtype).contiguous() for x in (r, log_w, k, v, a, b)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs + [h0] if x is not None):
@@ -147,6 +155,7 @@ def _run(launch, ck_every, r, log_w, k, v, a, b, initial_state):
 
 def _decode(launch, state, r, log_w, k, v, a, b):
     B, H, N = r.shape
+    _same_device(state, r, log_w, k, v, a, b)
     xs = [x.to(r.dtype).contiguous() for x in (r, log_w, k, v, a, b)]
     state = state.float().contiguous()
     o, new_state = torch.empty_like(xs[0]), torch.empty_like(state)
