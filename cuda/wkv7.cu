@@ -6,9 +6,9 @@
 // [B, H, N, N] fp32, row = value index. All arithmetic is fp32. One source serves NVRTC (through
 // CuPy) and g++ (the CPU emulation in tests/cuda_emu), so it includes no CUDA header.
 //
-// forward/backward: one block of N threads per (batch, head); thread i owns row i of S, so the
-// recurrence needs no reduction across threads. The forward can save the state every `ck_every`
-// steps and each step's sa; the backward walks back from those checkpoints.
+// forward/backward: one block of N threads per (batch, head); in the forward thread i owns row i of
+// S, so the recurrence needs no reduction across threads. The forward can save the state every
+// `ck_every` steps and each step's sa; the backward walks back from those checkpoints.
 
 // 16-bit floats as raw bits: the kernels only load and store them.
 struct bf16_t { unsigned short bits; };
