@@ -214,7 +214,7 @@ def _targets(tokens: np.ndarray, mask: np.ndarray | None, start: int, n: int):
     x = torch.from_numpy(tokens[start:start + n + 1].astype(np.int64))
     y = x[1:].clone()
     if mask is not None:
-        y[~torch.from_numpy(np.asarray(mask[start + 1:start + n + 1]))] = IGNORE
+        y[~torch.from_numpy(mask[start + 1:start + n + 1].copy())] = IGNORE
     return x[:-1], y
 
 
