@@ -165,7 +165,7 @@ def encode_conversations(conversations: list[list[dict]], tokenizer) -> tuple[np
 def _source_key(source: str) -> str:
     if source in corpus.NAMES:
         return source
-    st = Path(source).stat()
+    st = _existing(source).stat()
     return f"{Path(source).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 

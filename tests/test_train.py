@@ -1,0 +1,142 @@
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rwkv_lm
+from train.__main__ import main
+from train.module import LanguageModel, param_groups, warmup_cosine
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "train/configs/tiny.yaml")
+SHORT = ["--trainer.max_steps", "8", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+         "--data.ctx_len", "32", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))  # the tiny BPE is trained once for the whole module
+
+
+def fit(root, cache, *extra):
+    return main(["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--data.cache_dir", cache, *extra])
+
+
+def losses(root) -> dict[int, float]:
+    """step -> training loss, from the CSV logs of every run in `root` (a resumed run logs to a new version)."""
+    out = {}
+    for path in sorted(Path(root).glob("logs/version_*/metrics.csv")):
+        for row in csv.DictReader(open(path)):
+            if row.get("loss"):
+                out[int(row["step"])] = float(row["loss"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache):
+    root = tmp_path_factory.mktemp("tiny")
+    assert fit(root, cache, "--trainer.enable_progress_bar", "false") == 0
+    return root
+
+
+def test_tiny_config_trains_and_loss_falls(tiny_run):
+    history = losses(tiny_run)
+    steps = sorted(history)
+    assert steps[-1] == 59
+    assert history[steps[-1]] < history[steps[0]] - 1.0, history
+    assert (tiny_run / "checkpoints/last.ckpt").is_file()
+    assert list(tiny_run.glob("logs/version_0/events.out.tfevents.*")), "no TensorBoard log"
+
+
+def test_export_loads_and_generates(tiny_run, tmp_path):
+    ckpt = str(tiny_run / "checkpoints/last.ckpt")
+    assert main(["export", ckpt, str(tmp_path / "m.safetensors")]) == 0
+    assert main(["export", ckpt, str(tmp_path / "m.pth")]) == 0
+    model = rwkv_lm.load(tmp_path / "m.safetensors")
+    assert model.tokenizer is not None and model.config.vocab_size == model.tokenizer.vocab_size
+    text = rwkv_lm.complete(model, model.tokenizer, "KING HENRY:", max_tokens=8, temperature=0)
+    assert text and text == rwkv_lm.complete(model, model.tokenizer, "KING HENRY:", max_tokens=8, temperature=0)
+    official = rwkv_lm.load(tmp_path / "m.pth")  # bf16 weights
+    x = torch.tensor([model.tokenizer.encode("KING HENRY:")])
+    assert (official(x)[0] - model(x)[0]).abs().max() < 0.1
+
+
+def test_gpt_trains_and_exports(tmp_path, cache):
+    root = tmp_path / "gpt"
+    assert fit(root, cache, *SHORT, "--model.arch", "gpt", "--model.config", "{n_layer: 2, n_embd: 64, n_head: 2}",
+               "--model.l2wrap", "false") == 0
+    assert main(["export", str(root / "checkpoints/last.ckpt"), str(tmp_path / "gpt.safetensors")]) == 0
+    model = rwkv_lm.load(tmp_path / "gpt.safetensors")
+    assert isinstance(model, rwkv_lm.GPT)
+    logits, state = model.step(torch.tensor([1]), model.init_state(1))
+    assert logits.shape == (1, model.config.vocab_size) and state.nbytes > 0
+
+
+def test_nan_stops_training_keeps_last_good_checkpoint_and_resume_reproduces(tmp_path, cache, monkeypatch, capsys):
+    every = ["--checkpoint.every_n_train_steps", "4"]
+    assert fit(tmp_path / "whole", cache, *SHORT, *every) == 0
+    whole = losses(tmp_path / "whole")
+
+    real_loss = LanguageModel._loss
+
+    def nan_from_step_6(self, batch):
+        loss, logits = real_loss(self, batch)
+        return (loss * math.nan if self.global_step >= 6 else loss), logits
+
+    monkeypatch.setattr(LanguageModel, "_loss", nan_from_step_6)
+    assert fit(tmp_path / "broken", cache, *SHORT, *every) == 1
+    assert "loss became nan at step 6" in capsys.readouterr().err
+    assert torch.load(tmp_path / "broken/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    monkeypatch.setattr(LanguageModel, "_loss", real_loss)
+
+    assert fit(tmp_path / "broken", cache, *SHORT, *every, "--ckpt_path", "last") == 0
+    resumed = losses(tmp_path / "broken")
+    assert sorted(resumed) == list(range(8))
+    for step in range(8):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6), step
+
+
+def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path, cache):
+    assert fit(tmp_path / "one", cache, *SHORT, "--trainer.max_steps", "4") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "train", "fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "two"),
+           "--data.cache_dir", cache, *SHORT, "--trainer.max_steps", "4", "--trainer.strategy", "ddp",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "2"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_bad_input_gets_a_message_not_a_traceback(tmp_path, cache, capsys):
+    assert fit(tmp_path / "a", cache, *SHORT, "--data.train", f"[{tmp_path / 'nope.txt'}]") == 1
+    assert "nope.txt: no such file" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("To be, or not to be")
+    assert fit(tmp_path / "b", cache, *SHORT, "--data.train", f"[{tmp_path / 'short.txt'}]") == 1
+    assert "fewer than one window" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "c", cache, *SHORT, "--model.bogus", "1")
+    assert "bogus" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "none.ckpt"), str(tmp_path / "x.safetensors")]) == 1
+    assert "none.ckpt: no such file" in capsys.readouterr().err
+
+
+def test_optimizer_groups_and_schedule():
+    model = rwkv_lm.RWKV(rwkv_lm.RWKVConfig(vocab_size=50, n_layer=2, n_embd=64, head_size=32))
+    groups = {(g["weight_decay"], g["lr"]): g["params"] for g in param_groups(model, 0.1, 1e-3)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups[(0.0, 2e-3)]} == {"blocks.0.att.w0", "blocks.1.att.w0"}
+    decayed = {names[id(p)] for p in groups[(0.1, 1e-3)]}
+    assert "blocks.0.att.key.weight" in decayed and "emb.weight" in decayed
+    assert not any(n.endswith(("ln1.weight", "att.w1", "x_r")) for n in decayed)  # 1-D and LoRA matrices stay undecayed
+    assert sum(len(ps) for ps in groups.values()) == len(list(model.parameters()))
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
