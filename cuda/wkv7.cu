@@ -6,9 +6,12 @@
 // [B, H, N, N] fp32, row = value index. All arithmetic is fp32. One source serves NVRTC (through
 // CuPy) and g++ (the CPU emulation in tests/cuda_emu), so it includes no CUDA header.
 //
-// forward/backward: one block of N threads per (batch, head); in the forward thread i owns row i of
-// S, so the recurrence needs no reduction across threads. The forward can save the state every
-// `ck_every` steps and each step's sa; the backward walks back from those checkpoints.
+// forward/backward: one block of N * P threads per (batch, head). The P neighbouring lanes
+// i * P .. i * P + P - 1 share value row i, each holding C = N / P of its key channels, and sum
+// across themselves with warp shuffles: the rows of S evolve independently, so nothing else
+// crosses threads but the token's inputs. P trades per-thread serial work and registers against
+// shuffles. The forward can save the state every `ck_every` steps and each step's sa; the backward
+// walks back from those checkpoints.
 
 // 16-bit floats as raw bits: the kernels only load and store them.
 struct bf16_t { unsigned short bits; };
@@ -54,21 +57,28 @@ template <int N> __device__ __forceinline__ long long token_index(int len, int t
     return (((long long)blockIdx.y * len + t) * gridDim.x + blockIdx.x) * N + i;
 }
 
-// A thread's row of a state, moved as float4: rows start at multiples of N floats, and N % 4 == 0.
-template <int N> __device__ __forceinline__ void load_row(float (&S)[N], const float* src) {
+// Sum over the P lanes that share a row (P divides 32, so they sit in one warp).
+template <int P> __device__ __forceinline__ float row_sum(float x) {
 #pragma unroll
-    for (int q = 0; q < N / 4; q++) {
-        const float4 f = reinterpret_cast<const float4*>(src)[q];
-        S[4 * q] = f.x, S[4 * q + 1] = f.y, S[4 * q + 2] = f.z, S[4 * q + 3] = f.w;
-    }
-}
-template <int N> __device__ __forceinline__ void store_row(float* dst, const float (&S)[N]) {
-#pragma unroll
-    for (int q = 0; q < N / 4; q++)
-        reinterpret_cast<float4*>(dst)[q] = make_float4(S[4 * q], S[4 * q + 1], S[4 * q + 2], S[4 * q + 3]);
+    for (int m = P / 2; m > 0; m /= 2) x += __shfl_xor_sync(0xffffffffu, x, m);
+    return x;
 }
 
-// One thread's inputs for one token, loaded a step ahead so the loads overlap the step before.
+// C consecutive floats moved as float4: callers keep them 16-byte aligned (C % 4 == 0).
+template <int C> __device__ __forceinline__ void load4(float (&dst)[C], const float* src) {
+#pragma unroll
+    for (int q = 0; q < C / 4; q++) {
+        const float4 f = reinterpret_cast<const float4*>(src)[q];
+        dst[4 * q] = f.x, dst[4 * q + 1] = f.y, dst[4 * q + 2] = f.z, dst[4 * q + 3] = f.w;
+    }
+}
+template <int C> __device__ __forceinline__ void store4(float* dst, const float (&src)[C]) {
+#pragma unroll
+    for (int q = 0; q < C / 4; q++)
+        reinterpret_cast<float4*>(dst)[q] = make_float4(src[4 * q], src[4 * q + 1], src[4 * q + 2], src[4 * q + 3]);
+}
+
+// One channel's inputs for one token, loaded a step ahead so the loads overlap the step before.
 struct Token {
     float r, log_w, k, v, a, b;
 };
@@ -82,68 +92,81 @@ __device__ __forceinline__ Token load_token(long long x, const F* r, const F* lo
 // Inputs [B, T, H, N]; h0 [B, H, N, N] or null (zeros). Writes o, the final state hT, and, when ck is
 // not null, ck [B, H, ceil(T / ck_every), N, N] (the state after every ck_every-th step and after the
 // last) and sa [B, T, H, N] fp32 for the backward.
-template <typename F, int N>
-__global__ void __launch_bounds__(N) wkv7_forward(
+template <typename F, int N, int P>
+__global__ void __launch_bounds__(N * P) wkv7_forward(
     int len, int ck_every, const F* __restrict__ r, const F* __restrict__ log_w, const F* __restrict__ k,
     const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b, const float* __restrict__ h0,
     F* __restrict__ o, float* __restrict__ hT, float* __restrict__ ck, float* __restrict__ sa_out) {
-    const int i = threadIdx.x;
+    constexpr int C = N / P;
+    static_assert(N % P == 0 && 32 % P == 0 && C % 4 == 0, "a row splits into float4-aligned parts within a warp");
+    const int tid = threadIdx.x, i = tid / P, j0 = tid % P * C;  // row i, key channels j0 .. j0 + C - 1
+    const bool loader = tid < N;  // the first N threads fetch channel tid of every token
     const long long head = (long long)blockIdx.y * gridDim.x + blockIdx.x;
     // Double-buffered by step parity: step t fills buffer t & 1 while no thread can still be reading
     // it (its readers were at step t - 2, behind the barrier of step t - 1), so one barrier per step.
-    // Packed so that the update reads one float4 per key channel.
-    __shared__ float4 s_wkbr[2][N];  // (decay, k, b, r)
+    __shared__ float4 s_wkbr[2][N];  // (decay, k, b, r) per key channel: one read per update
     __shared__ float4 s_a[2][N / 4];  // a, four channels at a time
+    __shared__ float s_v[2][N];
 
-    float S[N] = {};
-    if (h0) load_row<N>(S, h0 + (head * N + i) * N);
+    float S[C] = {};  // S[i][j0 + c]
+    if (h0) load4<C>(S, h0 + (head * N + i) * N + j0);
 
-    Token next = len > 0 ? load_token(token_index<N>(len, 0, i), r, log_w, k, v, a, b) : Token{};
+    Token next{};
+    if (loader && len > 0) next = load_token(token_index<N>(len, 0, tid), r, log_w, k, v, a, b);
     for (int t = 0; t < len; t++) {
         const int p = t & 1;
-        const long long x = token_index<N>(len, t, i);
-        const Token in = next;
-        s_wkbr[p][i] = make_float4(expf(in.log_w), in.k, in.b, in.r);
-        reinterpret_cast<float*>(s_a[p])[i] = in.a;
-        if (t + 1 < len) next = load_token(token_index<N>(len, t + 1, i), r, log_w, k, v, a, b);
+        if (loader) {
+            s_wkbr[p][tid] = make_float4(expf(next.log_w), next.k, next.b, next.r);
+            reinterpret_cast<float*>(s_a[p])[tid] = next.a;
+            s_v[p][tid] = next.v;
+            if (t + 1 < len) next = load_token(token_index<N>(len, t + 1, tid), r, log_w, k, v, a, b);
+        }
         __syncthreads();
 
-        float s_a_i = 0.f;
+        float sa = 0.f;
 #pragma unroll
-        for (int q = 0; q < N / 4; q++) {
-            const float4 a4 = s_a[p][q];
-            s_a_i += S[4 * q] * a4.x + S[4 * q + 1] * a4.y + S[4 * q + 2] * a4.z + S[4 * q + 3] * a4.w;
+        for (int q = 0; q < C / 4; q++) {
+            const float4 a4 = s_a[p][j0 / 4 + q];
+            sa += S[4 * q] * a4.x + S[4 * q + 1] * a4.y + S[4 * q + 2] * a4.z + S[4 * q + 3] * a4.w;
         }
-        float y[4] = {};  // four partial sums: a chain of N dependent adds would be the step's latency
+        sa = row_sum<P>(sa);
+        const float vi = s_v[p][i];
+        float y[4] = {};  // four partial sums: one chain of C dependent adds would be the step's latency
 #pragma unroll
-        for (int j = 0; j < N; j++) {
-            const float4 c = s_wkbr[p][j];
-            S[j] = S[j] * c.x + s_a_i * c.z + in.v * c.y;
-            y[j % 4] += S[j] * c.w;
+        for (int c = 0; c < C; c++) {
+            const float4 e = s_wkbr[p][j0 + c];
+            S[c] = S[c] * e.x + sa * e.z + vi * e.y;
+            y[c % 4] += S[c] * e.w;
         }
-        o[x] = from_float<F>((y[0] + y[1]) + (y[2] + y[3]));
+        const float yi = row_sum<P>((y[0] + y[1]) + (y[2] + y[3]));
+        const long long x = token_index<N>(len, t, i);
+        if (j0 == 0) o[x] = from_float<F>(yi);
         if (ck) {
-            sa_out[x] = s_a_i;
+            if (j0 == 0) sa_out[x] = sa;
             if ((t + 1) % ck_every == 0 || t == len - 1)
-                store_row<N>(ck + ((head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N + i) * N, S);
+                store4<C>(ck + ((head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N + i) * N + j0, S);
         }
     }
-    store_row<N>(hT + (head * N + i) * N, S);
+    store4<C>(hT + (head * N + i) * N + j0, S);
 }
 
 // Gradients of (o, hT) -> (r, log_w, k, v, a, b, h0). do_ [B, T, H, N]; dhT [B, H, N, N] or null;
-// ck and sa as written by the forward with the same ck_every. Thread i keeps column i of S (every
-// gradient but dv sums over value rows), and both row i and column i of dL/dS. S_{t-1} is recovered
-// from S_t by undoing the step, S_{t-1}[:, i] = (S_t[:, i] - v k_i - sa b_i) / w_i, starting afresh
-// from each checkpoint so that rounding grows over at most ck_every steps.
-template <typename F, int N>
-__global__ void __launch_bounds__(N) wkv7_backward(
+// ck and sa as written by the forward with the same ck_every. Every gradient but dv sums over value
+// rows, so besides its part of row i of dL/dS, a thread keeps the same part of column i of S and of
+// dL/dS, and the lanes of row i then hold all that key channel i needs. S_{t-1} is recovered from
+// S_t by undoing the step, S_{t-1}[:, i] = (S_t[:, i] - v k_i - sa b_i) / w_i, starting afresh from
+// each checkpoint so that rounding grows over at most ck_every steps.
+template <typename F, int N, int P>
+__global__ void __launch_bounds__(N * P) wkv7_backward(
     int len, int ck_every, const F* __restrict__ r, const F* __restrict__ log_w, const F* __restrict__ k,
     const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b, const F* __restrict__ do_,
     const float* __restrict__ dhT, const float* __restrict__ ck, const float* __restrict__ sa_in,
     F* __restrict__ dr, F* __restrict__ dlog_w, F* __restrict__ dk, F* __restrict__ dv, F* __restrict__ da,
     F* __restrict__ db, float* __restrict__ dh0) {
-    const int i = threadIdx.x;
+    constexpr int C = N / P;
+    static_assert(N % P == 0 && 32 % P == 0 && C % 4 == 0, "a row splits into float4-aligned parts within a warp");
+    const int tid = threadIdx.x, i = tid / P, j0 = tid % P * C;
+    const bool loader = tid < N;
     const long long head = (long long)blockIdx.y * gridDim.x + blockIdx.x;
     // Same parity double buffering as the forward; dsa is written after the first barrier of a step
     // and read after the second, so it is double-buffered too.
@@ -151,73 +174,80 @@ __global__ void __launch_bounds__(N) wkv7_backward(
     __shared__ float4 s_kbwa[2][N];  // (k, b, decay, a)
     __shared__ float s_dsa[2][N];
 
-    float S_col[N], dS_row[N], dS_col[N];  // S[j][i], dS[i][j], dS[j][i]
+    float S_col[C], dS_row[C] = {}, dS_col[C] = {};  // S[j0 + c][i], dS[i][j0 + c], dS[j0 + c][i]
+    if (dhT) {
+        load4<C>(dS_row, dhT + (head * N + i) * N + j0);
 #pragma unroll
-    for (int j = 0; j < N; j++) {
-        dS_row[j] = dhT ? dhT[(head * N + i) * N + j] : 0.f;
-        dS_col[j] = dhT ? dhT[(head * N + j) * N + i] : 0.f;
+        for (int c = 0; c < C; c++) dS_col[c] = dhT[(head * N + j0 + c) * N + i];
     }
 
     Token next{};
     float next_do = 0.f, next_sa = 0.f;
     auto prefetch = [&](int t) {
-        const long long x = token_index<N>(len, t, i);
+        const long long x = token_index<N>(len, t, tid);
         next = load_token(x, r, log_w, k, v, a, b);
         next_do = to_float(do_[x]);
         next_sa = sa_in[x];
     };
-    if (len > 0) prefetch(len - 1);
+    if (loader && len > 0) prefetch(len - 1);
     for (int t = len - 1; t >= 0; t--) {
         const int p = t & 1;
-        const long long x = token_index<N>(len, t, i);
-        const Token in = next;
-        const float doi = next_do, wi = expf(in.log_w);
-        s_rdvs[p][i] = make_float4(in.r, doi, in.v, next_sa);
-        s_kbwa[p][i] = make_float4(in.k, in.b, wi, in.a);
+        if (loader) {
+            s_rdvs[p][tid] = make_float4(next.r, next_do, next.v, next_sa);
+            s_kbwa[p][tid] = make_float4(next.k, next.b, expf(next.log_w), next.a);
+            if (t > 0) prefetch(t - 1);
+        }
         if ((t + 1) % ck_every == 0 || t == len - 1) {
             const float* src = ck + (head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N * N + i;
 #pragma unroll
-            for (int j = 0; j < N; j++) S_col[j] = src[j * N];
+            for (int c = 0; c < C; c++) S_col[c] = src[(j0 + c) * N];
         }
-        if (t > 0) prefetch(t - 1);
         __syncthreads();
 
-        const float inv_wi = expf(-in.log_w);
+        const float4 own_rdvs = s_rdvs[p][i], own_kbwa = s_kbwa[p][i];
+        const float ri = own_rdvs.x, doi = own_rdvs.y, ki = own_kbwa.x, bi = own_kbwa.y, wi = own_kbwa.z;
+        const float ai = own_kbwa.w, inv_wi = 1.f / wi;
         float dri = 0.f, dwi = 0.f, dki = 0.f, dbi = 0.f, dvi = 0.f, dsai = 0.f;
 #pragma unroll
-        for (int j = 0; j < N; j++) {
-            const float4 c = s_rdvs[p][j], e = s_kbwa[p][j];
-            dri += S_col[j] * c.y;
-            dS_row[j] += doi * c.x;
-            dS_col[j] += c.y * in.r;
-            S_col[j] = (S_col[j] - c.z * in.k - c.w * in.b) * inv_wi;  // S_t -> S_{t-1}
-            dwi += dS_col[j] * S_col[j];
-            dki += dS_col[j] * c.z;
-            dbi += dS_col[j] * c.w;
-            dvi += dS_row[j] * e.x;
-            dsai += dS_row[j] * e.y;
+        for (int c = 0; c < C; c++) {
+            const float4 e = s_rdvs[p][j0 + c], f = s_kbwa[p][j0 + c];
+            dri += S_col[c] * e.y;
+            dS_row[c] += doi * e.x;
+            dS_col[c] += e.y * ri;
+            S_col[c] = (S_col[c] - e.z * ki - e.w * bi) * inv_wi;  // S_t -> S_{t-1}
+            dwi += dS_col[c] * S_col[c];
+            dki += dS_col[c] * e.z;
+            dbi += dS_col[c] * e.w;
+            dvi += dS_row[c] * f.x;
+            dsai += dS_row[c] * f.y;
         }
-        s_dsa[p][i] = dsai;
+        dsai = row_sum<P>(dsai);
+        if (j0 == 0) s_dsa[p][i] = dsai;
+        dri = row_sum<P>(dri), dwi = row_sum<P>(dwi), dki = row_sum<P>(dki);
+        dbi = row_sum<P>(dbi), dvi = row_sum<P>(dvi);
         __syncthreads();
 
         float dai = 0.f;
 #pragma unroll
-        for (int j = 0; j < N; j++) {
-            const float4 e = s_kbwa[p][j];
-            const float dsa_j = s_dsa[p][j];
-            dai += dsa_j * S_col[j];
-            dS_row[j] = dS_row[j] * e.z + dsai * e.w;  // dL/dS_t -> dL/dS_{t-1}
-            dS_col[j] = dS_col[j] * wi + dsa_j * in.a;
+        for (int c = 0; c < C; c++) {
+            const float4 f = s_kbwa[p][j0 + c];
+            const float dsa_j = s_dsa[p][j0 + c];
+            dai += dsa_j * S_col[c];
+            dS_row[c] = dS_row[c] * f.z + dsai * f.w;  // dL/dS_t -> dL/dS_{t-1}
+            dS_col[c] = dS_col[c] * wi + dsa_j * ai;
         }
-        dr[x] = from_float<F>(dri);
-        dlog_w[x] = from_float<F>(dwi * wi);
-        dk[x] = from_float<F>(dki);
-        dv[x] = from_float<F>(dvi);
-        da[x] = from_float<F>(dai);
-        db[x] = from_float<F>(dbi);
+        dai = row_sum<P>(dai);
+        if (j0 == 0) {
+            const long long x = token_index<N>(len, t, i);
+            dr[x] = from_float<F>(dri);
+            dlog_w[x] = from_float<F>(dwi * wi);
+            dk[x] = from_float<F>(dki);
+            dv[x] = from_float<F>(dvi);
+            da[x] = from_float<F>(dai);
+            db[x] = from_float<F>(dbi);
+        }
     }
-#pragma unroll
-    for (int j = 0; j < N; j++) dh0[(head * N + i) * N + j] = dS_row[j];
+    store4<C>(dh0 + (head * N + i) * N + j0, dS_row);
 }
 
 // One token for a batch of states (RNN decoding): S_in, S_out [B * H, N, N]; the rest [B * H, N].

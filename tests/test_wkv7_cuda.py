@@ -39,7 +39,7 @@ def emu(tmp_path_factory):
     """cuda/wkv7.cu built for the CPU emulation, as a launcher with the signature of the CuPy one."""
     lib_path = tmp_path_factory.mktemp("cuda_emu") / "wkv7_emu.so"
     subprocess.run(
-        ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+        ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
          f"-I{cuda.SOURCE.parent}", f"-I{EMU_DIR}", str(EMU_DIR / "wkv7_emu.cpp"), "-o", str(lib_path)],
         check=True,
     )
@@ -49,7 +49,8 @@ def emu(tmp_path_factory):
         entry = getattr(lib, re.sub(r"[<>, ]+", "__", name).strip("_"))
         values = [ctypes.c_int(x) if isinstance(x, int) else ctypes.c_void_p(None if x is None else x.data_ptr()) for x in args]
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(x) for x in values))
-        entry(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), pointers)
+        status = entry(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), pointers)
+        assert status == 0, f"{name}: the threads of a block did not all reach the same __syncthreads"
 
     return launch
 
@@ -92,6 +93,19 @@ def test_emulated_forward_and_gradients(emu, dtype, ck_every):
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert g.dtype == (torch.float32 if name == "initial_state" else dtype)
         assert_close(g, g_ref, TOLERANCE[dtype], f"grad {name}")
+
+
+def test_emulated_one_thread_per_row(emu, monkeypatch):
+    """The kernels' row split is a template argument: one lane per row is the same recurrence."""
+    monkeypatch.setattr(cuda, "THREADS_PER_ROW", 1)
+    xs, s0 = random_inputs(2, 11, 1, 64, torch.float32, seed=3)
+    o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
+    xs = [x.requires_grad_() for x in xs + [s0]]
+    o, s = cuda._run(emu, 4, *xs)
+    assert_close(o, o_ref, 2e-5, "output")
+    grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), xs)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close(g, g_ref, TOLERANCE[torch.float32], f"grad {name}")
 
 
 def test_emulated_inference_without_state_or_saving(emu):

@@ -26,6 +26,8 @@ CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 # The forward saves the state this often for the backward, which undoes steps from each saved state:
 # memory B*H*N*N*4*T/16 bytes, against rounding that grows with the product of 1/decay between saves.
 CHECKPOINT_EVERY = 16
+# Lanes sharing one state row in the forward and backward (a template argument; 1, 2, 4, 8 or 16 for N = 64).
+THREADS_PER_ROW = 4
 DECODE_THREADS = 128
 
 _warned: set[str] = set()
@@ -39,8 +41,9 @@ def _warn_once(message: str) -> None:
 
 
 def kernel_name(kernel: str, dtype: torch.dtype, head_size: int) -> str:
-    """The C++ name of one instantiation, e.g. `wkv7_forward<bf16_t, 64>`."""
-    return f"{kernel}<{KERNEL_DTYPES[dtype]}, {head_size}>"
+    """The C++ name of one instantiation, e.g. `wkv7_forward<bf16_t, 64, 4>` or `wkv7_decode<float, 64>`."""
+    split = "" if kernel == "wkv7_decode" else f", {THREADS_PER_ROW}"
+    return f"{kernel}<{KERNEL_DTYPES[dtype]}, {head_size}{split}>"
 
 
 @functools.cache
@@ -91,10 +94,10 @@ def _launcher(x: torch.Tensor):
         return None
     if _cupy() is None:
         return None
-    key = (x.device.index, x.dtype, N)
+    key = (x.device.index, x.dtype, N, THREADS_PER_ROW)
     if key not in _modules:
         try:
-            _modules[key] = _CupyLauncher(*key)
+            _modules[key] = _CupyLauncher(*key[:3])
         except Exception as e:
             _warn_once(f"wkv7: compiling {SOURCE} failed, using the torch ops instead:\n{e}")
             _modules[key] = None
@@ -109,7 +112,8 @@ def _forward(launch, ck_every, r, log_w, k, v, a, b, h0, save):
     if save:
         ck = r.new_empty(B, H, math.ceil(T / ck_every), N, N, dtype=torch.float32)
         sa = r.new_empty(B, T, H, N, dtype=torch.float32)
-    launch(kernel_name("wkv7_forward", r.dtype, N), (H, B), N, T, ck_every, r, log_w, k, v, a, b, h0, o, hT, ck, sa)
+    launch(kernel_name("wkv7_forward", r.dtype, N), (H, B), N * THREADS_PER_ROW, T, ck_every,
+           r, log_w, k, v, a, b, h0, o, hT, ck, sa)
     return o, hT, ck, sa
 
 
@@ -130,7 +134,7 @@ class _WKV7(torch.autograd.Function):
         dh0 = r.new_empty(B, H, N, N, dtype=torch.float32)
         do = do.to(r.dtype).contiguous()
         dhT = dhT.float().contiguous()
-        ctx.launch(kernel_name("wkv7_backward", r.dtype, N), (H, B), N, T, ctx.ck_every,
+        ctx.launch(kernel_name("wkv7_backward", r.dtype, N), (H, B), N * THREADS_PER_ROW, T, ctx.ck_every,
                    r, log_w, k, v, a, b, do, dhT, ck, sa, *grads, dh0)
         return None, None, *grads, dh0 if ctx.has_h0 else None
 
