@@ -8,6 +8,7 @@ Exits non-zero when a check fails; the timing table is printed last, in Markdown
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import math
 import os
@@ -27,6 +28,7 @@ SHAPES = [(1, 1, 1, 64, True), (2, 37, 3, 64, True), (3, 16, 2, 64, False), (2, 
 # how many trailing arguments of each kernel are outputs (they are filled with NaN before every launch)
 OUTPUTS = {"wkv7_forward": 4, "wkv7_backward": 7, "wkv7_decode": 2}
 GRAD_NAMES = "r log_w k v a b initial_state".split()
+SPLITS = (1, 2, 4, 8)  # lanes per state row to check and time (cuda.THREADS_PER_ROW is the default)
 
 
 def random_inputs(B, T, H, N, dtype, requires_grad=False):
@@ -105,6 +107,9 @@ def correctness() -> bool:
         report(f"{dname} B=4 T=100 H=12 N=64 inference", check_sequence(4, 100, 12, 64, True, dtype, grad=False))
         for B, H in [(1, 1), (8, 12), (3, 64)]:
             report(f"{dname} decode B={B} H={H} N=64", check_decode(B, H, 64, dtype))
+        for split in SPLITS:
+            with threads_per_row(split):
+                report(f"{dname} B=2 T=37 H=3 N=64 {split} lanes/row fwd+bwd", check_sequence(2, 37, 3, 64, True, dtype, grad=True))
     # the dispatcher's default on CUDA tensors is the kernel, and the RNN op agrees with the sequence op
     xs, s0 = random_inputs(2, 20, 4, 64, torch.bfloat16)
     o, s = wkv7(*xs, initial_state=s0)
@@ -118,11 +123,15 @@ def correctness() -> bool:
 
 
 def sanitize_run():
-    """What compute-sanitizer watches: a few small launches of every kernel in every dtype."""
+    """What compute-sanitizer watches: small launches of every kernel in every dtype, nothing else."""
     for dtype in DTYPES.values():
-        check_sequence(2, 19, 2, 64, True, dtype, grad=True)
-        check_sequence(1, 5, 1, 64, False, dtype, grad=False)
-        check_decode(2, 3, 64, dtype)
+        xs, s0 = random_inputs(2, 19, 2, 64, dtype, requires_grad=True)
+        s0.requires_grad_()
+        o, s = wkv7(*xs, initial_state=s0, backend="cuda")
+        torch.autograd.grad(o.float().sum() + s.sum(), xs + [s0])
+        with torch.no_grad():
+            wkv7(*xs, backend="cuda")
+            wkv7_one(s0, *(x[:, 0] for x in xs), backend="cuda")
     torch.cuda.synchronize()
 
 
@@ -135,9 +144,9 @@ def memcheck() -> bool | None:
         return None
     cmd = [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, __file__, "--sanitize-run"]
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
-        print("skip memcheck: timed out after 150 s", flush=True)
+        print("skip memcheck: timed out after 120 s", flush=True)
         return None
     summary = [line for line in run.stdout.splitlines() if "ERROR SUMMARY" in line]
     print(f"{'ok  ' if run.returncode == 0 else 'FAIL'} memcheck: {summary[-1] if summary else run.stdout[-2000:]}", flush=True)
@@ -165,19 +174,30 @@ def milliseconds(fn, budget_s=2.0):
     return sorted(times)[len(times) // 2]
 
 
+@contextlib.contextmanager
+def threads_per_row(split):
+    """Run the kernels with another row split (compiled on first use) for a while."""
+    default = cuda.THREADS_PER_ROW
+    cuda.THREADS_PER_ROW = split
+    try:
+        yield
+    finally:
+        cuda.THREADS_PER_ROW = default
+
+
 def implementations():
-    impls = {
-        "cuda (this repo)": lambda *xs: wkv7(*xs, backend="cuda"),
-        "torch chunked": lambda *xs: wkv7(*xs, backend="chunked"),
-    }
+    """name -> (op on r, log_w, k, v, a, b, row split its timing runs under)."""
+    impls = {f"cuda, {p} lanes/row{' (default)' if p == cuda.THREADS_PER_ROW else ''}": (
+        lambda *xs: wkv7(*xs, backend="cuda"), p) for p in SPLITS}
+    impls["torch chunked"] = (lambda *xs: wkv7(*xs, backend="chunked"), cuda.THREADS_PER_ROW)
     try:
         from fla.ops.rwkv7 import chunk_rwkv7
     except ImportError:
-        print("fla is not installed: no fla column", flush=True)
+        print("fla is not installed: no fla rows", flush=True)
     else:
         decay = "log_w" if "log_w" in inspect.signature(chunk_rwkv7).parameters else "w"
-        impls["fla chunk_rwkv7"] = lambda r, log_w, k, v, a, b: chunk_rwkv7(
-            r=r, k=k, v=v, a=a, b=b, **{decay: log_w}, scale=1.0, output_final_state=True)
+        impls["fla chunk_rwkv7"] = (lambda r, log_w, k, v, a, b: chunk_rwkv7(
+            r=r, k=k, v=v, a=a, b=b, **{decay: log_w}, scale=1.0, output_final_state=True), cuda.THREADS_PER_ROW)
     return impls
 
 
@@ -186,7 +206,7 @@ def benchmark():
     for B, T, H, N in [(8, 4096, 64, 64), (8, 4096, 12, 64)]:
         xs, _ = random_inputs(B, T, H, N, torch.bfloat16, requires_grad=True)
         do = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
-        for name, fn in implementations().items():
+        for name, (fn, split) in implementations().items():
             def fwd():
                 with torch.no_grad():
                     fn(*xs)
@@ -197,7 +217,8 @@ def benchmark():
             ms = []
             for run in (fwd, fwd_bwd):
                 try:
-                    ms.append(milliseconds(run))
+                    with threads_per_row(split):
+                        ms.append(milliseconds(run))
                 except torch.cuda.OutOfMemoryError:
                     ms.append(float("nan"))  # shown as OOM
                 torch.cuda.empty_cache()
