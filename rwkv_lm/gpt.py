@@ -53,6 +53,15 @@ class GPTState:
     def map(self, fn, pos_fn=None) -> "GPTState":
         return GPTState([fn(t) for t in self.k], [fn(t) for t in self.v], (pos_fn or fn)(self.pos))
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor, as written to a state file."""
+        return {"pos": self.pos, **{f"layers.{i}.{kv}": t for kv in ("k", "v") for i, t in enumerate(getattr(self, kv))}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "GPTState":
+        n_layer = sum(name.endswith(".k") for name in tensors)
+        return cls(*([tensors[f"layers.{i}.{kv}"] for i in range(n_layer)] for kv in ("k", "v")), tensors["pos"])
+
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]

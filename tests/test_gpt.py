@@ -59,6 +59,8 @@ def test_batch_of_different_lengths(gpt, tokens):
     again, _ = gpt.step(tokens[0, 4:5], row0)
     assert_close(again[0], gpt(tokens[:1, :5])[0][0, -1], 1e-5, "after select")
     assert both.clone().nbytes == both.nbytes and both.detach().to("cpu").pos.tolist() == [4, 10]
+    again = GPTState.from_tensors(both.tensors())
+    assert all(torch.equal(a, b) for a, b in zip(again.tensors().values(), both.tensors().values()))
 
 
 def test_state_from_another_model_is_refused(gpt, tokens):
