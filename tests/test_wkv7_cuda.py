@@ -66,13 +66,19 @@ def reference(xs, s0):
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_nvrtc_compiles_every_kernel(arch):
+def test_nvrtc_compiles_every_kernel(arch, monkeypatch):
+    """Every dtype at N = 64 with the default row split; on sm_90 (H100, H200) also the others
+    bench/gpu_check.py checks and times."""
     compiler = pytest.importorskip("cupy.cuda.compiler")
     try:
         compiler._get_nvrtc_version()
     except Exception as e:
         pytest.skip(f"NVRTC is not installed (pip install 'rwkv-lm[cuda]'): {e}")
-    names = [cuda.kernel_name(k, dt, 64) for k in cuda.KERNELS for dt in cuda.KERNEL_DTYPES]
+    names = set()
+    for split in (1, 2, 4, 8) if arch == "sm_90" else (cuda.THREADS_PER_ROW,):
+        monkeypatch.setattr(cuda, "THREADS_PER_ROW", split)
+        names |= {cuda.kernel_name(k, dt, 64) for k in cuda.KERNELS for dt in cuda.KERNEL_DTYPES}
+    names = sorted(names)
     program = compiler._NVRTCProgram(cuda.SOURCE.read_text(), "wkv7.cu", name_expressions=names, method="cubin")
     cubin, mapping = program.compile(cuda.NVRTC_OPTIONS + cuda.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",))
     assert len(cubin) > 0 and set(mapping) == set(names)
