@@ -122,6 +122,8 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, launch, ck_every, r, log_w, k, v, a, b, h0):
         o, hT, ck, sa = _forward(launch, ck_every, r, log_w, k, v, a, b, h0, save=True)
         ctx.launch, ctx.ck_every, ctx.has_h0 = launch, ck_every, h0 is not None
+        # the backward of the module the forward used, whatever THREADS_PER_ROW is by then
+        ctx.kernel, ctx.block = kernel_name("wkv7_backward", r.dtype, r.shape[-1]), r.shape[-1] * THREADS_PER_ROW
         ctx.save_for_backward(r, log_w, k, v, a, b, ck, sa)
         return o, hT
 
@@ -134,8 +136,7 @@ class _WKV7(torch.autograd.Function):
         dh0 = r.new_empty(B, H, N, N, dtype=torch.float32)
         do = do.to(r.dtype).contiguous()
         dhT = dhT.float().contiguous()
-        ctx.launch(kernel_name("wkv7_backward", r.dtype, N), (H, B), N * THREADS_PER_ROW, T, ctx.ck_every,
-                   r, log_w, k, v, a, b, do, dhT, ck, sa, *grads, dh0)
+        ctx.launch(ctx.kernel, (H, B), ctx.block, T, ctx.ck_every, r, log_w, k, v, a, b, do, dhT, ck, sa, *grads, dh0)
         return None, None, *grads, dh0 if ctx.has_h0 else None
 
 
