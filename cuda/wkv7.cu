@@ -7,11 +7,12 @@
 // CuPy) and g++ (the CPU emulation in tests/cuda_emu), so it includes no CUDA header.
 //
 // forward/backward: one block of N * P threads per (batch, head). The P neighbouring lanes
-// i * P .. i * P + P - 1 share value row i, each holding C = N / P of its key channels, and sum
+// i * P + part share value row i, each holding the C = N / P key channels j = part + P * c, and sum
 // across themselves with warp shuffles: the rows of S evolve independently, so nothing else
-// crosses threads but the token's inputs. P trades per-thread serial work and registers against
-// shuffles. The forward can save the state every `ck_every` steps and each step's sa; the backward
-// walks back from those checkpoints.
+// crosses threads but the token's inputs. (Interleaved rather than contiguous channels: the lanes
+// of a row then read neighbouring shared-memory words, free of bank conflicts.) P trades
+// per-thread serial work and registers against shuffles. The forward can save the state every
+// `ck_every` steps and each step's sa; the backward walks back from those checkpoints.
 
 // 16-bit floats as raw bits: the kernels only load and store them.
 struct bf16_t { unsigned short bits; };
@@ -64,20 +65,6 @@ template <int P> __device__ __forceinline__ float row_sum(float x) {
     return x;
 }
 
-// C consecutive floats moved as float4: callers keep them 16-byte aligned (C % 4 == 0).
-template <int C> __device__ __forceinline__ void load4(float (&dst)[C], const float* src) {
-#pragma unroll
-    for (int q = 0; q < C / 4; q++) {
-        const float4 f = reinterpret_cast<const float4*>(src)[q];
-        dst[4 * q] = f.x, dst[4 * q + 1] = f.y, dst[4 * q + 2] = f.z, dst[4 * q + 3] = f.w;
-    }
-}
-template <int C> __device__ __forceinline__ void store4(float* dst, const float (&src)[C]) {
-#pragma unroll
-    for (int q = 0; q < C / 4; q++)
-        reinterpret_cast<float4*>(dst)[q] = make_float4(src[4 * q], src[4 * q + 1], src[4 * q + 2], src[4 * q + 3]);
-}
-
 // One channel's inputs for one token, loaded a step ahead so the loads overlap the step before.
 struct Token {
     float r, log_w, k, v, a, b;
@@ -98,18 +85,18 @@ __global__ void __launch_bounds__(N * P) wkv7_forward(
     const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b, const float* __restrict__ h0,
     F* __restrict__ o, float* __restrict__ hT, float* __restrict__ ck, float* __restrict__ sa_out) {
     constexpr int C = N / P;
-    static_assert(N % P == 0 && 32 % P == 0 && C % 4 == 0, "a row splits into float4-aligned parts within a warp");
-    const int tid = threadIdx.x, i = tid / P, j0 = tid % P * C;  // row i, key channels j0 .. j0 + C - 1
+    static_assert(N % P == 0 && 32 % P == 0, "a row splits evenly across lanes of one warp");
+    const int tid = threadIdx.x, i = tid / P, part = tid % P;
     const bool loader = tid < N;  // the first N threads fetch channel tid of every token
     const long long head = (long long)blockIdx.y * gridDim.x + blockIdx.x;
     // Double-buffered by step parity: step t fills buffer t & 1 while no thread can still be reading
     // it (its readers were at step t - 2, behind the barrier of step t - 1), so one barrier per step.
     __shared__ float4 s_wkbr[2][N];  // (decay, k, b, r) per key channel: one read per update
-    __shared__ float4 s_a[2][N / 4];  // a, four channels at a time
-    __shared__ float s_v[2][N];
+    __shared__ float s_a[2][N], s_v[2][N];
 
-    float S[C] = {};  // S[i][j0 + c]
-    if (h0) load4<C>(S, h0 + (head * N + i) * N + j0);
+    float S[C];  // S[i][part + P * c]
+#pragma unroll
+    for (int c = 0; c < C; c++) S[c] = h0 ? h0[(head * N + i) * N + part + P * c] : 0.f;
 
     Token next{};
     if (loader && len > 0) next = load_token(token_index<N>(len, 0, tid), r, log_w, k, v, a, b);
@@ -117,37 +104,38 @@ __global__ void __launch_bounds__(N * P) wkv7_forward(
         const int p = t & 1;
         if (loader) {
             s_wkbr[p][tid] = make_float4(expf(next.log_w), next.k, next.b, next.r);
-            reinterpret_cast<float*>(s_a[p])[tid] = next.a;
+            s_a[p][tid] = next.a;
             s_v[p][tid] = next.v;
             if (t + 1 < len) next = load_token(token_index<N>(len, t + 1, tid), r, log_w, k, v, a, b);
         }
         __syncthreads();
 
-        float sa = 0.f;
+        // four partial sums each: one chain of C dependent adds would be the step's latency
+        float sa4[4] = {}, y4[4] = {};
 #pragma unroll
-        for (int q = 0; q < C / 4; q++) {
-            const float4 a4 = s_a[p][j0 / 4 + q];
-            sa += S[4 * q] * a4.x + S[4 * q + 1] * a4.y + S[4 * q + 2] * a4.z + S[4 * q + 3] * a4.w;
-        }
-        sa = row_sum<P>(sa);
+        for (int c = 0; c < C; c++) sa4[c % 4] += S[c] * s_a[p][part + P * c];
+        const float sa = row_sum<P>((sa4[0] + sa4[1]) + (sa4[2] + sa4[3]));
         const float vi = s_v[p][i];
-        float y[4] = {};  // four partial sums: one chain of C dependent adds would be the step's latency
 #pragma unroll
         for (int c = 0; c < C; c++) {
-            const float4 e = s_wkbr[p][j0 + c];
+            const float4 e = s_wkbr[p][part + P * c];
             S[c] = S[c] * e.x + sa * e.z + vi * e.y;
-            y[c % 4] += S[c] * e.w;
+            y4[c % 4] += S[c] * e.w;
         }
-        const float yi = row_sum<P>((y[0] + y[1]) + (y[2] + y[3]));
+        const float y = row_sum<P>((y4[0] + y4[1]) + (y4[2] + y4[3]));
         const long long x = token_index<N>(len, t, i);
-        if (j0 == 0) o[x] = from_float<F>(yi);
+        if (part == 0) o[x] = from_float<F>(y);
         if (ck) {
-            if (j0 == 0) sa_out[x] = sa;
-            if ((t + 1) % ck_every == 0 || t == len - 1)
-                store4<C>(ck + ((head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N + i) * N + j0, S);
+            if (part == 0) sa_out[x] = sa;
+            if ((t + 1) % ck_every == 0 || t == len - 1) {
+                float* dst = ck + ((head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N + i) * N + part;
+#pragma unroll
+                for (int c = 0; c < C; c++) dst[P * c] = S[c];
+            }
         }
     }
-    store4<C>(hT + (head * N + i) * N + j0, S);
+#pragma unroll
+    for (int c = 0; c < C; c++) hT[(head * N + i) * N + part + P * c] = S[c];
 }
 
 // Gradients of (o, hT) -> (r, log_w, k, v, a, b, h0). do_ [B, T, H, N]; dhT [B, H, N, N] or null;
@@ -164,8 +152,8 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
     F* __restrict__ dr, F* __restrict__ dlog_w, F* __restrict__ dk, F* __restrict__ dv, F* __restrict__ da,
     F* __restrict__ db, float* __restrict__ dh0) {
     constexpr int C = N / P;
-    static_assert(N % P == 0 && 32 % P == 0 && C % 4 == 0, "a row splits into float4-aligned parts within a warp");
-    const int tid = threadIdx.x, i = tid / P, j0 = tid % P * C;
+    static_assert(N % P == 0 && 32 % P == 0, "a row splits evenly across lanes of one warp");
+    const int tid = threadIdx.x, i = tid / P, part = tid % P;
     const bool loader = tid < N;
     const long long head = (long long)blockIdx.y * gridDim.x + blockIdx.x;
     // Same parity double buffering as the forward; dsa is written after the first barrier of a step
@@ -174,11 +162,11 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
     __shared__ float4 s_kbwa[2][N];  // (k, b, decay, a)
     __shared__ float s_dsa[2][N];
 
-    float S_col[C], dS_row[C] = {}, dS_col[C] = {};  // S[j0 + c][i], dS[i][j0 + c], dS[j0 + c][i]
-    if (dhT) {
-        load4<C>(dS_row, dhT + (head * N + i) * N + j0);
+    float S_col[C], dS_row[C], dS_col[C];  // S[j][i], dS[i][j], dS[j][i] for j = part + P * c
 #pragma unroll
-        for (int c = 0; c < C; c++) dS_col[c] = dhT[(head * N + j0 + c) * N + i];
+    for (int c = 0; c < C; c++) {
+        dS_row[c] = dhT ? dhT[(head * N + i) * N + part + P * c] : 0.f;
+        dS_col[c] = dhT ? dhT[(head * N + part + P * c) * N + i] : 0.f;
     }
 
     Token next{};
@@ -200,7 +188,7 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
         if ((t + 1) % ck_every == 0 || t == len - 1) {
             const float* src = ck + (head * ((len + ck_every - 1) / ck_every) + t / ck_every) * N * N + i;
 #pragma unroll
-            for (int c = 0; c < C; c++) S_col[c] = src[(j0 + c) * N];
+            for (int c = 0; c < C; c++) S_col[c] = src[(part + P * c) * N];
         }
         __syncthreads();
 
@@ -210,7 +198,7 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
         float dri = 0.f, dwi = 0.f, dki = 0.f, dbi = 0.f, dvi = 0.f, dsai = 0.f;
 #pragma unroll
         for (int c = 0; c < C; c++) {
-            const float4 e = s_rdvs[p][j0 + c], f = s_kbwa[p][j0 + c];
+            const float4 e = s_rdvs[p][part + P * c], f = s_kbwa[p][part + P * c];
             dri += S_col[c] * e.y;
             dS_row[c] += doi * e.x;
             dS_col[c] += e.y * ri;
@@ -222,7 +210,7 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
             dsai += dS_row[c] * f.y;
         }
         dsai = row_sum<P>(dsai);
-        if (j0 == 0) s_dsa[p][i] = dsai;
+        if (part == 0) s_dsa[p][i] = dsai;
         dri = row_sum<P>(dri), dwi = row_sum<P>(dwi), dki = row_sum<P>(dki);
         dbi = row_sum<P>(dbi), dvi = row_sum<P>(dvi);
         __syncthreads();
@@ -230,14 +218,14 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
         float dai = 0.f;
 #pragma unroll
         for (int c = 0; c < C; c++) {
-            const float4 f = s_kbwa[p][j0 + c];
-            const float dsa_j = s_dsa[p][j0 + c];
+            const float4 f = s_kbwa[p][part + P * c];
+            const float dsa_j = s_dsa[p][part + P * c];
             dai += dsa_j * S_col[c];
             dS_row[c] = dS_row[c] * f.z + dsai * f.w;  // dL/dS_t -> dL/dS_{t-1}
             dS_col[c] = dS_col[c] * wi + dsa_j * ai;
         }
         dai = row_sum<P>(dai);
-        if (j0 == 0) {
+        if (part == 0) {
             const long long x = token_index<N>(len, t, i);
             dr[x] = from_float<F>(dri);
             dlog_w[x] = from_float<F>(dwi * wi);
@@ -247,7 +235,8 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
             db[x] = from_float<F>(dbi);
         }
     }
-    store4<C>(dh0 + (head * N + i) * N + j0, dS_row);
+#pragma unroll
+    for (int c = 0; c < C; c++) dh0[(head * N + i) * N + part + P * c] = dS_row[c];
 }
 
 // One token for a batch of states (RNN decoding): S_in, S_out [B * H, N, N]; the rest [B * H, N].

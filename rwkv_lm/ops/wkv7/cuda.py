@@ -152,8 +152,6 @@ def _run(launch, ck_every, r, log_w, k, v, a, b, initial_state):
     _same_device(r, log_w, k, v, a, b, initial_state)
     xs = [x.to(r.dtype).contiguous() for x in (r, log_w, k, v, a, b)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    if h0 is not None and h0.data_ptr() % 16:  # the forward reads state rows as float4
-        h0 = h0.clone()
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs + [h0] if x is not None):
         return _WKV7.apply(launch, ck_every, *xs, h0)
     o, hT, _, _ = _forward(launch, ck_every, *xs, h0, save=False)
