@@ -82,8 +82,9 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
             yield frame, frame
 
     arena_outputs = [prompt, *panes, *stats, latency_plot, memory_plot, lanes_state]
+    # chat and arena share one pool of workers ("models"): the limit is on the CPU, not on each button
     arena_event = gr.on([prompt.submit, run.click], arena, [prompt, lanes_state, *controls], arena_outputs,
-                        api_name="arena")
+                        api_name="arena", concurrency_id="models")
     stop.click(None, cancels=[arena_event])
     clear.click(clear_all, None, arena_outputs, api_name="arena_clear")
     sweep_button.click(run_sweep, None, [sweep_latency, sweep_memory], api_name="sweep", concurrency_limit=1,

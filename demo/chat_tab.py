@@ -98,8 +98,8 @@ def render(model, tokenizer, name: str) -> None:
         return [], conv, conv.status()
 
     chat_event = gr.on([message.submit, send.click], chat, [message, conversation, system, *controls],
-                       [chatbot, conversation, message, status], api_name="chat")
+                       [chatbot, conversation, message, status], api_name="chat", concurrency_id="models")
     regenerate_event = regenerate.click(regenerate_last, [conversation, *controls], [chatbot, conversation, status],
-                                        api_name="regenerate")
+                                        api_name="regenerate", concurrency_id="models")
     stop.click(None, cancels=[chat_event, regenerate_event])
     clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear")

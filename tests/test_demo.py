@@ -1,0 +1,246 @@
+"""The Gradio demo through its API (gradio_client), on tiny random models served on a free port."""
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import rwkv_lm
+from rwkv_lm import GPT, ChatSession, GPTConfig, RWKVConfig
+from rwkv_lm.tokenizer import train_bpe
+
+from conftest import random_model
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.utils import QueueError, Status  # noqa: E402
+
+from demo import __main__ as cli  # noqa: E402
+from demo.app import build_app  # noqa: E402
+from demo.inputs import sampling_params  # noqa: E402
+
+CORPUS = ["The goose flies over the lake at dawn and the reeds remember the wind.",
+          "Hello there! How are you today? I am fine, thank you, and you?"] * 20
+# the chat endpoint's inputs after the message: system prompt, max tokens, temperature, top p, top k,
+# presence and frequency penalties, seed
+CHAT_SETTINGS = dict(max_tokens=24, temperature=1.0, top_p=0.8, top_k=0, presence_penalty=0.4, frequency_penalty=0.4)
+
+
+def make_checkpoints(directory):
+    """A tiny RWKV-7 and a tiny GPT with a BPE trained on a few sentences, saved as the demo loads them."""
+    tok = train_bpe(CORPUS, vocab_size=320)
+    rwkv = random_model(RWKVConfig(vocab_size=320, n_layer=2, n_embd=64, head_size=16, decay_lora=8, iclr_lora=8,
+                                   value_lora=4, gate_lora=8))
+    torch.manual_seed(1)
+    gpt = GPT(GPTConfig(vocab_size=320, n_layer=2, n_embd=64, n_head=4)).eval()
+    paths = directory / "rwkv7.safetensors", directory / "gpt.safetensors"
+    rwkv_lm.save(rwkv, paths[0], tokenizer=tok.spec)
+    rwkv_lm.save(gpt, paths[1], tokenizer=tok.spec)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(rwkv_path, baseline_path, **build_kwargs):
+    """Load both checkpoints as `python -m demo` does, serve the app, yield (url, rwkv model, baseline model)."""
+    rwkv, baseline = cli.load_model(rwkv_path, None), cli.load_model(baseline_path, None)
+    app = build_app(rwkv, baseline, **build_kwargs)
+    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield app.local_url, rwkv, baseline
+    finally:
+        app.close()
+
+
+def reply_text(history) -> str:
+    """The text of the last message of a Chatbot value (Gradio 6 gives content as a list of parts)."""
+    return "".join(part["text"] for part in history[-1]["content"] if part["type"] == "text")
+
+
+def status_tokens(status: str) -> int:
+    match = re.fullmatch(r"state: [\d.,]+ (MB|kB), ([\d,]+) tokens", status)
+    assert match, status
+    return int(match.group(2).replace(",", ""))
+
+
+def chat(client, message, seed, system="", **settings):
+    """One turn through the `chat` endpoint -> (every streamed output, the last)."""
+    job = client.submit(message, system, *{**CHAT_SETTINGS, **settings}.values(), seed, api_name="/chat")
+    last = job.result()
+    return job.outputs(), last
+
+
+def reference_turns(model, turns, **settings):
+    """What a ChatSession of the package says to (message, seed) turns, one after the other
+    -> (reply texts, tokens consumed)."""
+    session = ChatSession(model, model.tokenizer)
+    texts = ["".join(session.reply(message, sampling_params(*{**CHAT_SETTINGS, **settings}.values(), seed)))
+             for message, seed in turns]
+    return texts, session.num_tokens
+
+
+def wait_until(condition, timeout=30.0):
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    with serve(*checkpoints, concurrency_limit=4, max_queue=16, sweep_lengths=[8, 40]) as served:
+        yield served
+
+
+@pytest.fixture
+def client(server):
+    return Client(server[0], verbose=False)
+
+
+def test_chat_streams_what_a_chat_session_says_and_a_turn_costs_only_its_tokens(server, client):
+    _, rwkv, _ = server
+    outputs, (history, box, status) = chat(client, "Hello goose", seed=1)
+    assert len(outputs) > 3, "the reply should arrive in pieces"
+    assert box == "", "the message box is emptied on send"
+    (first,), _ = reference_turns(rwkv, [("Hello goose", 1)])
+    assert reply_text(history) == first != ""
+
+    _, (history, _, status) = chat(client, "And the lake?", seed=2)
+    # the state carried the first turn: the second fed only its own tokens, as one session doing both turns
+    (_, second), tokens = reference_turns(rwkv, [("Hello goose", 1), ("And the lake?", 2)])
+    assert reply_text(history) == second
+    assert status_tokens(status) == tokens
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+
+
+def test_regenerate_replaces_the_last_turn(server, client):
+    _, rwkv, _ = server
+    _, (first, _, status) = chat(client, "Tell me about geese", seed=5)
+    again, status_again = client.predict(*CHAT_SETTINGS.values(), 5, api_name="/regenerate")
+    assert reply_text(again) == reply_text(first)
+    assert len(again) == 2 and status_tokens(status_again) == status_tokens(status)
+    cleared, status = client.predict(api_name="/clear")
+    assert cleared == [] and status_tokens(status) == 0
+
+
+def test_arena_streams_both_models_with_their_speed_and_memory(server, client):
+    job = client.submit("Hello goose", 40, 1.0, 0.8, 3, api_name="/arena")
+    box, rwkv_pane, gpt_pane, rwkv_stats, gpt_stats, latency, memory = job.result()
+    assert reply_text(rwkv_pane) and reply_text(gpt_pane)
+    assert re.search(r"first token [\d.]+ s · [\d,.]+ tokens/s · \d+ tokens · state [\d.]+ kB", rwkv_stats), rwkv_stats
+    assert "KV cache" in gpt_stats, gpt_stats
+    rows = [dict(zip(memory["columns"], row)) for row in memory["data"]]
+    by_model = {name: [r for r in rows if r["model"] == name] for name in ("RWKV-7", "GPT (baseline)")}
+    assert all(len(points) > 5 for points in by_model.values())
+    # the RNN state stays the same size while the KV cache grows with every token
+    assert len({r["memory_mb"] for r in by_model["RWKV-7"]}) == 1
+    gpt_memory = [r["memory_mb"] for r in by_model["GPT (baseline)"]]
+    assert gpt_memory == sorted(gpt_memory) and gpt_memory[-1] > gpt_memory[0]
+    assert latency["data"] and all(row[2] > 0 for row in latency["data"])
+
+
+def test_sweep_measures_both_models_at_each_length(server, client):
+    latency, memory = client.predict(api_name="/sweep")
+    points = {(row[0], row[1]): row[3] for row in memory["data"]}
+    assert set(points) == {(m, n) for m in ("RWKV-7", "GPT (baseline)") for n in (8, 40)}
+    assert points["RWKV-7", 8] == points["RWKV-7", 40]
+    assert points["GPT (baseline)", 40] > 4 * points["GPT (baseline)", 8]
+    assert len(latency["data"]) == 4
+
+
+def test_eight_clients_at_once_each_keep_their_own_conversation(server):
+    url, rwkv, _ = server
+    messages = [[f"Client {i} says hi", f"Client {i} again" + "!" * i] for i in range(8)]
+
+    def converse(i):
+        client = Client(url, verbose=False)
+        replies = []
+        for message in messages[i]:
+            _, (history, _, status) = chat(client, message, seed=100 + i, max_tokens=12)
+            replies.append(reply_text(history))
+        return replies, status_tokens(status)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(converse, range(8)))
+    for i, (replies, tokens) in enumerate(results):
+        expected = reference_turns(rwkv, [(m, 100 + i) for m in messages[i]], max_tokens=12)
+        assert (replies, tokens) == expected, f"client {i}"
+
+
+def test_stop_closes_the_generator(server, client, monkeypatch):
+    _, rwkv, _ = server
+    steps = []
+    step = rwkv.step
+    monkeypatch.setattr(rwkv, "step", lambda *args: steps.append(1) or step(*args))
+    # with this seed the tiny model talks on to 1024 tokens (seconds of work), so only Stop can end it early
+    job = client.submit("Talk for a long time", "", 1024, 1.0, 1.0, 0, 0.0, 0.0, 9, api_name="/chat")
+    stream = iter(job)
+    next(stream), next(stream), next(stream)
+    job.cancel()  # returns once the server has closed the generator
+    stopped_at = len(steps)
+    client.predict(api_name="/clear")  # a round trip through the queue after the stop
+    assert len(steps) == stopped_at < 1000
+    _, (history, _, _) = chat(client, "Still there?", seed=1)
+    assert reply_text(history)
+
+
+def test_bad_input_becomes_a_message_and_the_app_stays_up(server, client):
+    settings = list(CHAT_SETTINGS.values())
+    cases = [
+        (("", "", *settings, 1), "Type a message first"),
+        (("x" * 100_000, "", *settings, 1), "100,000 characters"),
+        (("hi", "", 5000, *settings[1:], 1), "greater than maximum"),
+        (("hi", "", settings[0], 1.0, 7.0, *settings[3:], 1), "greater than maximum"),
+        (("hi", "", 0, *settings[1:], 1), "less than minimum"),
+        (("hi", "", *settings, -7), "less than minimum"),
+    ]
+    for args, message in cases:
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, api_name="/chat")
+    with pytest.raises(AppError, match="no reply to regenerate"):
+        Client(server[0], verbose=False).predict(*settings, 1, api_name="/regenerate")
+    with pytest.raises(AppError, match="Type a message first"):
+        client.predict("   ", 10, 1.0, 0.8, 1, api_name="/arena")
+    _, (history, _, _) = chat(client, "Fine now?", seed=1)
+    assert reply_text(history)
+
+
+def test_a_full_queue_tells_the_next_client_the_demo_is_busy(checkpoints, monkeypatch):
+    with serve(*checkpoints, concurrency_limit=1, max_queue=1, sweep_lengths=[8]) as (url, rwkv, _):
+        # the one worker is held inside the model until the test lets it go
+        gate, forward = threading.Event(), rwkv.forward
+        monkeypatch.setattr(rwkv, "forward", lambda *args, **kwargs: gate.wait(60) and forward(*args, **kwargs))
+        busy, waiting, turned_away = (Client(url, verbose=False) for _ in range(3))
+        running = busy.submit("Keep talking", "", *CHAT_SETTINGS.values(), 1, api_name="/chat")
+        next(iter(running))  # the user's message is shown; the reply waits at the gate
+        queued = waiting.submit("Me next", 8, 1.0, 0.8, 1, api_name="/arena")
+        wait_until(lambda: queued.communicator.event_id is not None)  # it joined the queue
+        with pytest.raises(QueueError, match="Queue is full"):
+            turned_away.submit("And me", "", *CHAT_SETTINGS.values(), 1, api_name="/chat").result(timeout=30)
+        gate.set()
+        assert reply_text(running.result(timeout=60)[0]) and reply_text(queued.result(timeout=60)[1])
+
+
+def test_missing_default_models_say_how_to_make_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "DEFAULT_RWKV", tmp_path / "rwkv7.safetensors")
+    monkeypatch.setattr(cli, "DEFAULT_BASELINE", tmp_path / "gpt.safetensors")
+    with pytest.raises(SystemExit, match=r"default model .*rwkv7.safetensors is missing\. Train them with"):
+        cli.main([])
+    with pytest.raises(SystemExit, match="no such file"):
+        cli.main(["--rwkv", str(tmp_path / "nothing.pth"), "--baseline", str(tmp_path / "nothing.pth")])
