@@ -142,7 +142,8 @@ def race(lanes: list[Lane], message: str, params: SamplingParams) -> Iterator[li
 
 
 def readings_frame(readings: list[Reading]) -> pd.DataFrame:
-    return pd.DataFrame([vars(r) for r in readings], columns=["model", "context", "ms_per_token", "memory_mb"])
+    """The readings as a gr.LinePlot takes them: one row per reading."""
+    return pd.DataFrame([vars(r) for r in readings])
 
 
 @torch.inference_mode()

@@ -15,7 +15,9 @@ UPDATE_EVERY_S = 0.1
 
 
 def _plot(title: str, y: str, y_title: str) -> gr.LinePlot:
-    return gr.LinePlot(readings_frame([]), x="context", y=y, color="model", title=title, x_title="context (tokens)",
+    # Gradio draws a plot's colours for the models in its first data only, so a plot gets no data until
+    # every model has a point (see `outputs` and `run_sweep`)
+    return gr.LinePlot(None, x="context", y=y, color="model", title=title, x_title="context (tokens)",
                        y_title=y_title, height=260)
 
 
@@ -25,10 +27,10 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
     lanes_state = gr.State(None)
     with gr.Row():
         panes, stats = [], []
-        for name in names:
+        for i, name in enumerate(names):
             with gr.Column():
-                panes.append(gr.Chatbot(label=name, height=360, elem_classes="arena-pane"))
-                stats.append(gr.Markdown("", elem_classes="arena-stats"))
+                panes.append(gr.Chatbot(label=name, height=360, elem_id=f"arena-pane-{i}"))
+                stats.append(gr.Markdown("", elem_id=f"arena-stats-{i}"))
     prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", show_label=False,
                         max_length=MAX_MESSAGE_CHARS)
     with gr.Row():
@@ -38,10 +40,10 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
     with gr.Accordion("Sampling (the same for both)", open=False):
         with gr.Row():
             controls = [
-                gr.Slider(1, 2048, value=300, step=1, label="Max tokens"),
+                gr.Slider(1, 2048, value=300, step=1, label="Max tokens", elem_id="arena-max-tokens"),
                 gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0: greedy)"),
                 gr.Slider(0.05, 1, value=0.8, step=0.05, label="Top p"),
-                gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)"),
+                gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)", elem_id="arena-seed"),
             ]
     with gr.Row():
         latency_plot = _plot("Time per token while streaming", "ms_per_token", "ms per token")
@@ -55,8 +57,10 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
         sweep_memory = _plot("Memory after a prefill", "memory_mb", "MB (state or KV cache)")
 
     def outputs(lanes):
-        readings = [r for lane in lanes for r in lane.readings]
-        frame = readings_frame(readings)
+        if all(lane.readings for lane in lanes):
+            frame = readings_frame([r for lane in lanes for r in lane.readings])
+        else:
+            frame = gr.skip()
         return (*(lane.history for lane in lanes), *(lane.stats() for lane in lanes), frame, frame, lanes)
 
     def arena(prompt, lanes, max_tokens, temperature, top_p, seed):
@@ -72,14 +76,15 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
         yield "", *outputs(lanes)
 
     def clear_all():
-        return "", *([] for _ in names), *("" for _ in names), readings_frame([]), readings_frame([]), None
+        return "", *([] for _ in names), *("" for _ in names), None, None, None
 
     def run_sweep():
         readings = []
         for reading in sweep(models, sweep_lengths):
             readings.append(reading)
-            frame = readings_frame(readings)
-            yield frame, frame
+            if len(readings) % len(models) == 0:  # every model has measured this length
+                frame = readings_frame(readings)
+                yield frame, frame
 
     arena_outputs = [prompt, *panes, *stats, latency_plot, memory_plot, lanes_state]
     # chat and arena share one pool of workers ("models"): the limit is on the CPU, not on each button
