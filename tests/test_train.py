@@ -121,6 +121,8 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, cache, capsys):
     (tmp_path / "short.txt").write_text("To be, or not to be")
     assert fit(tmp_path / "b", cache, *SHORT, "--data.train", f"[{tmp_path / 'short.txt'}]") == 1
     assert "fewer than one window" in capsys.readouterr().err
+    assert fit(tmp_path / "c", cache, *SHORT, "--model.config", "{n_layers: 2}") == 1
+    assert "model.config does not fit arch 'rwkv7'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fit(tmp_path / "c", cache, *SHORT, "--model.bogus", "1")
     assert "bogus" in capsys.readouterr().err
@@ -140,3 +142,10 @@ def test_optimizer_groups_and_schedule():
     assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", ["tiny", "default_rwkv7", "default_gpt", "sft_rwkv7", "sft_gpt"])
+def test_every_shipped_config_parses(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / f"train/configs/{name}.yaml"), "--print_config"])
+    assert done.value.code == 0 and "max_steps" in capsys.readouterr().out

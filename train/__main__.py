@@ -7,7 +7,7 @@ from rwkv_lm.checkpoint import CheckpointError
 
 from .corpus import CorpusMissing
 from .data import DataError
-from .module import TrainingDiverged
+from .module import ConfigError, TrainingDiverged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
             from .cli import run
 
             run(argv)
-    except (DataError, CorpusMissing, CheckpointError, TrainingDiverged) as e:
+    except (DataError, ConfigError, CorpusMissing, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

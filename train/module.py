@@ -23,6 +23,10 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class ConfigError(ValueError):
+    """A `model:` setting that cannot work, with what to change."""
+
+
 class L2Wrap(torch.autograd.Function):
     """Identity on the loss; in backward, adds factor * max_logit to each position's largest logit gradient.
 
@@ -86,13 +90,13 @@ class LanguageModel(L.LightningModule):
         if init_from:
             self.model = load(init_from).train()
             if self.model.config.vocab_size != vocab_size:
-                raise ValueError(f"{init_from}: the model has a vocabulary of {self.model.config.vocab_size}, the data's "
+                raise ConfigError(f"{init_from}: the model has a vocabulary of {self.model.config.vocab_size}, the data's "
                                  f"tokenizer {vocab_size}; set data.tokenizer to {init_from} to use its tokenizer")
         else:
             try:
                 self.model = build({"arch": arch, **config, "vocab_size": vocab_size})
-            except TypeError as e:
-                raise ValueError(f"model.config does not fit arch {arch!r}: {e}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"model.config does not fit arch {arch!r}: {e}") from None
             self.model.reset_parameters()
         self._last_step_time = None
 
@@ -133,7 +137,7 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         hp, total = self.hparams, self.trainer.max_steps
         if total is None or total <= 0:
-            raise ValueError("set trainer.max_steps: the data is an endless stream of windows and the schedule ends there")
+            raise ConfigError("set trainer.max_steps: the data is an endless stream of windows and the schedule ends there")
         optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay, hp.lr), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.lr_final / hp.lr))
