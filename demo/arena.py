@@ -115,11 +115,12 @@ class Lane:
     def stats(self) -> str:
         """One line of numbers for under the pane."""
         memory = f"{memory_label(self.meter.model)} {format_bytes(self.meter.state_bytes)}"
+        context = f"context {self.session.num_tokens:,}"
         if self.first_token_s is None:
-            return f"{memory} · {self.session.num_tokens:,} tokens of context"
+            return f"{memory} · {context}"
         speed = self.tokens / self.busy_s if self.busy_s else 0.0
         return (f"first token {self.first_token_s:.2f} s · {speed:,.1f} tokens/s · {self.tokens:,} tokens · "
-                f"{memory} at {self.session.num_tokens:,} tokens of context")
+                f"{memory} · {context}")
 
 
 def race(lanes: list[Lane], message: str, params: SamplingParams) -> Iterator[list[Lane]]:
@@ -141,9 +142,15 @@ def race(lanes: list[Lane], message: str, params: SamplingParams) -> Iterator[li
             reply.close()
 
 
-def readings_frame(readings: list[Reading]) -> pd.DataFrame:
-    """The readings as a gr.LinePlot takes them: one row per reading."""
-    return pd.DataFrame([vars(r) for r in readings])
+def readings_frame(readings: list[Reading], max_points: int = 200) -> pd.DataFrame:
+    """The readings as a gr.LinePlot takes them, at most `max_points` rows per model: runs of consecutive
+    readings are averaged, which also smooths the jitter of single-token timings (a browser redrawing
+    thousands of points ten times a second would slow the page to a crawl)."""
+    frame = pd.DataFrame([vars(r) for r in readings])
+    position = frame.groupby("model", sort=False).cumcount()
+    run = position // (frame.groupby("model", sort=False)["context"].transform("size") // max_points + 1)
+    return frame.groupby([frame["model"], run], sort=False).agg(
+        {"model": "first", "context": "mean", "ms_per_token": "mean", "memory_mb": "mean"}).reset_index(drop=True)
 
 
 @torch.inference_mode()

@@ -10,15 +10,17 @@ import gradio as gr
 from .arena import Lane, race, readings_frame, sweep
 from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
 
-# Redrawing two chats and two plots per token would cost the browser more than the models; 10 a second is smooth.
-UPDATE_EVERY_S = 0.1
+# Redrawing per token would cost the browser more than the models: text 10 times a second reads smoothly,
+# and the plots (heavier to draw) twice a second.
+TEXT_EVERY_S = 0.1
+PLOTS_EVERY_S = 0.5
 
 
-def _plot(title: str, y: str, y_title: str) -> gr.LinePlot:
+def _plot(title: str, y: str, y_title: str, elem_id: str) -> gr.LinePlot:
     # Gradio draws a plot's colours for the models in its first data only, so a plot gets no data until
     # every model has a point (see `outputs` and `run_sweep`)
     return gr.LinePlot(None, x="context", y=y, color="model", title=title, x_title="context (tokens)",
-                       y_title=y_title, height=260)
+                       y_title=y_title, height=260, elem_id=elem_id)
 
 
 def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
@@ -29,8 +31,8 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
         panes, stats = [], []
         for i, name in enumerate(names):
             with gr.Column():
-                panes.append(gr.Chatbot(label=name, height=360, elem_id=f"arena-pane-{i}"))
-                stats.append(gr.Markdown("", elem_id=f"arena-stats-{i}"))
+                panes.append(gr.Chatbot(label=name, height=360, elem_id=f"arena-pane-{i}", buttons=["copy_all"]))
+                stats.append(gr.Markdown("", elem_id=f"arena-stats-{i}", min_height=48))  # no jumps as it grows
     prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", show_label=False,
                         max_length=MAX_MESSAGE_CHARS)
     with gr.Row():
@@ -46,18 +48,18 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
                 gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)", elem_id="arena-seed"),
             ]
     with gr.Row():
-        latency_plot = _plot("Time per token while streaming", "ms_per_token", "ms per token")
-        memory_plot = _plot("Memory held while streaming", "memory_mb", "MB (state or KV cache)")
+        latency_plot = _plot("Time per token while streaming", "ms_per_token", "ms per token", "live-latency")
+        memory_plot = _plot("Memory held while streaming", "memory_mb", "MB (state or KV cache)", "live-memory")
 
     gr.Markdown(f"### Context-length sweep\nFor each length ({', '.join(f'{n:,}' for n in sweep_lengths)} tokens), "
                 "each model reads random tokens up to it, then a few single-token steps are timed.")
     sweep_button = gr.Button("Sweep context length")
     with gr.Row():
-        sweep_latency = _plot("Time per token after a prefill", "ms_per_token", "ms per token")
-        sweep_memory = _plot("Memory after a prefill", "memory_mb", "MB (state or KV cache)")
+        sweep_latency = _plot("Time per token after a prefill", "ms_per_token", "ms per token", "sweep-latency")
+        sweep_memory = _plot("Memory after a prefill", "memory_mb", "MB (state or KV cache)", "sweep-memory")
 
-    def outputs(lanes):
-        if all(lane.readings for lane in lanes):
+    def outputs(lanes, plots: bool):
+        if plots and all(lane.readings for lane in lanes):
             frame = readings_frame([r for lane in lanes for r in lane.readings])
         else:
             frame = gr.skip()
@@ -67,13 +69,15 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
         prompt = check_message(prompt)
         params = sampling_params(max_tokens, temperature, top_p, seed=seed)
         lanes = lanes or [Lane.open(name, model, model.tokenizer) for name, model in models.items()]
-        shown = 0.0
+        text_shown = plots_shown = 0.0
         with closing(race(lanes, prompt, params)) as rounds:
             for _ in rounds:
-                if time.monotonic() - shown >= UPDATE_EVERY_S:
-                    shown = time.monotonic()
-                    yield "", *outputs(lanes)
-        yield "", *outputs(lanes)
+                now = time.monotonic()
+                if now - text_shown >= TEXT_EVERY_S:
+                    plots = now - plots_shown >= PLOTS_EVERY_S
+                    text_shown, plots_shown = now, now if plots else plots_shown
+                    yield "", *outputs(lanes, plots)
+        yield "", *outputs(lanes, plots=True)
 
     def clear_all():
         return "", *([] for _ in names), *("" for _ in names), None, None, None
@@ -92,5 +96,7 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
                         api_name="arena", concurrency_id="models")
     stop.click(None, cancels=[arena_event])
     clear.click(clear_all, None, arena_outputs, api_name="arena_clear")
+    for pane in panes:  # a pane's own bin clears both sides, as the two conversations go together
+        pane.clear(clear_all, None, arena_outputs, api_visibility="private")
     sweep_button.click(run_sweep, None, [sweep_latency, sweep_memory], api_name="sweep", concurrency_limit=1,
                        concurrency_id="sweep")

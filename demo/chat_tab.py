@@ -46,7 +46,7 @@ def render(model, tokenizer, name: str) -> None:
     conversation = gr.State(None)
     with gr.Row():
         with gr.Column(scale=3):
-            chatbot = gr.Chatbot(label=name, height=460, placeholder=f"Say something to {name}.")
+            chatbot = gr.Chatbot(label=name, height=460, placeholder=f"Say something to {name}.", buttons=["copy_all"])
             message = gr.Textbox(placeholder="Message (Enter to send)", show_label=False, lines=1,
                                  max_length=MAX_MESSAGE_CHARS, autofocus=True)
             with gr.Row():
@@ -103,3 +103,4 @@ def render(model, tokenizer, name: str) -> None:
                                         api_name="regenerate", concurrency_id="models")
     stop.click(None, cancels=[chat_event, regenerate_event])
     clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear")
+    chatbot.clear(clear_all, conversation, [chatbot, conversation, status], api_visibility="private")
