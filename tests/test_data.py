@@ -57,19 +57,37 @@ def test_documents_end_with_token_0_in_the_smallest_dtype(tokenizer):
     assert tokenizer.decode([t for t in tokens if t != DOC_END]) == "the foxhello"
 
 
-def test_binidx_read_as_written(tmp_path):
-    """A Megatron/RWKV-LM .idx header (magic, version 1, dtype code 8 = uint16, sizes, pointers, doc index)."""
-    docs = [np.array([5, 6, 7, 0], np.uint16), np.array([9, 0], np.uint16)]
-    (tmp_path / "d.bin").write_bytes(b"".join(d.tobytes() for d in docs))
+def write_binidx(prefix, docs):
+    """A Megatron/RWKV-LM pair: .idx header (magic, version 1, dtype code 8 = uint16, sizes, pointers, doc index)."""
+    docs = [np.asarray(d, np.uint16) for d in docs]
+    prefix.with_suffix(".bin").write_bytes(b"".join(d.tobytes() for d in docs))
     sizes = np.array([len(d) for d in docs], np.int32)
-    pointers = np.array([0, 8], np.int64)
-    header = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 8) + struct.pack("<QQ", 2, 3)
-    (tmp_path / "d.idx").write_bytes(header + sizes.tobytes() + pointers.tobytes() + np.array([0, 1, 2], np.int64).tobytes())
+    pointers = np.cumsum([0] + [2 * len(d) for d in docs[:-1]]).astype(np.int64)
+    header = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 8) + struct.pack("<QQ", len(docs), len(docs) + 1)
+    prefix.with_suffix(".idx").write_bytes(header + sizes.tobytes() + pointers.tobytes() + np.arange(len(docs) + 1).tobytes())
+    return header
+
+
+def test_binidx_read_as_written(tmp_path):
+    header = write_binidx(tmp_path / "d", [[5, 6, 7, 0], [9, 0]])
     assert read_binidx(str(tmp_path / "d")).tolist() == [5, 6, 7, 0, 9, 0]
     assert read_binidx(str(tmp_path / "d.bin")).dtype == np.uint16
     (tmp_path / "d.idx").write_bytes(b"NOTANIDX" + header[8:])
     with pytest.raises(DataError, match="not a binidx index"):
         read_binidx(str(tmp_path / "d.idx"))
+
+
+def test_binidx_trains_and_must_fit_the_tokenizer(tmp_path, tokenizer):
+    (tmp_path / "tok.json").write_text(tokenizer.spec)
+    write_binidx(tmp_path / "ok", [np.arange(1, 200) % 250, [0]])
+    data = TokenData(train=[str(tmp_path / "ok.bin")], tokenizer=str(tmp_path / "tok.json"), ctx_len=8, cache_dir=str(tmp_path))
+    data.setup()
+    x, y = next(iter(data.train_dataloader()))
+    assert x.shape == (8, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    write_binidx(tmp_path / "big", [[1, 2, 4000, 0]])
+    data = TokenData(train=[str(tmp_path / "big.bin")], tokenizer=str(tmp_path / "tok.json"), ctx_len=2, cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match="big.bin: token id 4000 is outside the tokenizer.s vocabulary"):
+        data.setup()
 
 
 def test_chat_template_and_loss_mask_cover_assistant_replies_only(tokenizer):

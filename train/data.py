@@ -283,35 +283,35 @@ class TokenData(L.LightningDataModule):
         self.tokenizer = resolve_tokenizer(tokenizer, vocab_size, self.cache_dir)
         self.vocab_size = self.tokenizer.vocab_size
 
+    def _load_source(self, source: str):
+        """(tokens, loss mask or None) of one source, tokenized once and cached."""
+        if not self.chat and (source.endswith((".bin", ".idx")) or Path(source + ".idx").is_file()):
+            tokens, mask = read_binidx(source), None
+            seen = tokens[:1 << 20]  # binidx files can be huge: check the start, not every token
+        else:
+            tokens, mask = self._tokenize(source)
+            seen = tokens
+        if len(seen) and int(seen.max()) >= self.vocab_size:
+            raise DataError(f"{source}: token id {int(seen.max())} is outside the tokenizer's vocabulary of "
+                            f"{self.vocab_size}; the data was tokenized with another tokenizer")
+        return tokens, mask
+
+    def _tokenize(self, source: str):
+        """(tokens, mask or None) of a text or chat source, from the cache when this content was seen before."""
+        key = hashlib.sha256(f"{_source_key(source)}|{self.chat}|{self.tokenizer.spec}".encode()).hexdigest()[:16]
+        path = self.cache_dir / f"tokens-{Path(source).stem}-{key}.npy"
+        if self.chat:  # one file, two rows: tokens and mask
+            both = _cached(path, lambda: np.stack(encode_conversations(read_conversations(source), self.tokenizer)))
+            tokens, mask = both[0], both[1] != 0
+        else:
+            tokens, mask = _cached(path, lambda: encode_texts(read_texts(source), self.tokenizer)), None
+        return tokens, mask
+
     def _load(self, sources: list[str]):
-        """(tokens, mask or None) of some sources, tokenized once and cached."""
-        parts = []
-        for source in sources:
-            if not self.chat and (source.endswith((".bin", ".idx")) or Path(source + ".idx").is_file()):
-                parts.append((read_binidx(source), None))
-                continue
-            key = hashlib.sha256(f"{_source_key(source)}|{self.chat}|{self.tokenizer.spec}".encode()).hexdigest()[:16]
-            stem = self.cache_dir / f"tokens-{Path(source).stem}-{key}"
-            if self.chat:
-                built = {}
-
-                def build(part):
-                    if not built:
-                        built["tokens"], built["mask"] = encode_conversations(read_conversations(source), self.tokenizer)
-                    return built[part]
-
-                parts.append((_cached(stem.with_suffix(".tokens.npy"), lambda: build("tokens")),
-                              _cached(stem.with_suffix(".mask.npy"), lambda: build("mask"))))
-            else:
-                parts.append((_cached(stem.with_suffix(".npy"), lambda: encode_texts(read_texts(source), self.tokenizer)), None))
-        for (tokens, _), source in zip(parts, sources):
-            if len(tokens) and int(tokens.max()) >= self.vocab_size:
-                raise DataError(f"{source}: token id {int(tokens.max())} is outside the tokenizer's vocabulary of "
-                                f"{self.vocab_size}; the data was tokenized with another tokenizer")
+        parts = [self._load_source(source) for source in sources]
         if len(parts) == 1:
             return parts[0]
-        tokens = np.concatenate([t for t, _ in parts])
-        return tokens, (np.concatenate([m for _, m in parts]) if self.chat else None)
+        return np.concatenate([t for t, _ in parts]), (np.concatenate([m for _, m in parts]) if self.chat else None)
 
     def prepare_data(self):
         self._load(self.sources + self.val_sources)  # tokenizes once, on one process, before the others read the cache
