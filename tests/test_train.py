@@ -149,3 +149,22 @@ def test_every_shipped_config_parses(name, capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(REPO / f"train/configs/{name}.yaml"), "--print_config"])
     assert done.value.code == 0 and "max_steps" in capsys.readouterr().out
+
+
+def test_checkpoint_write_that_fails_midway_leaves_the_old_file(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from train.cli import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash_halfway(self, checkpoint, target, storage_options=None):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # killed in the middle of writing
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.ones(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
