@@ -95,8 +95,8 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
     arena_event = gr.on([prompt.submit, run.click], arena, [prompt, lanes_state, *controls], arena_outputs,
                         api_name="arena", concurrency_id="models")
     stop.click(None, cancels=[arena_event])
-    clear.click(clear_all, None, arena_outputs, api_name="arena_clear")
+    clear.click(clear_all, None, arena_outputs, api_name="arena_clear", cancels=[arena_event])
     for pane in panes:  # a pane's own bin clears both sides, as the two conversations go together
-        pane.clear(clear_all, None, arena_outputs, api_visibility="private")
+        pane.clear(clear_all, None, arena_outputs, api_visibility="private", cancels=[arena_event])
     sweep_button.click(run_sweep, None, [sweep_latency, sweep_memory], api_name="sweep", concurrency_limit=1,
                        concurrency_id="sweep")

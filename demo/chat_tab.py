@@ -2,7 +2,8 @@
 feeds the model only that turn's new tokens: the RNN state already carries everything said before."""
 from __future__ import annotations
 
-from contextlib import closing
+import threading
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -22,6 +23,9 @@ class Conversation:
     history: list[dict] = field(default_factory=list)
     before_last_turn: ChatSession | None = None  # for Regenerate
     last_message: str | None = None
+    # one change at a time: a click on Regenerate or Clear while a reply streams cancels that reply, and
+    # must wait for it to let go of the session
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def start(cls, model, tokenizer, system: str) -> "Conversation":
@@ -30,8 +34,35 @@ class Conversation:
     def status(self) -> str:
         return f"state: {format_bytes(self.session.model.state_bytes)}, {self.session.num_tokens:,} tokens"
 
+    @contextmanager
+    def _exclusive(self):
+        if not self.lock.acquire(timeout=10):
+            raise gr.Error("Still answering the last message: press Stop first.")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def turn(self, message: str, params):
         """Stream the reply to `message` into `history`, yielding after each piece; closing stops the model."""
+        with self._exclusive():
+            yield from self._stream(message, params)
+
+    def regenerate(self, params):
+        """Take back the last turn and stream a new reply to its message."""
+        with self._exclusive():
+            if self.before_last_turn is None:
+                raise gr.Error("There is no reply to regenerate yet.")
+            self.session, self.history = self.before_last_turn, self.history[:-2]
+            yield from self._stream(self.last_message, params)
+
+    def clear(self):
+        """Forget everything said; the system prompt stays."""
+        with self._exclusive():
+            self.session.reset()
+            self.history, self.before_last_turn, self.last_message = [], None, None
+
+    def _stream(self, message, params):
         self.before_last_turn, self.last_message = self.session.fork(), message
         self.history = self.history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield
@@ -83,24 +114,23 @@ def render(model, tokenizer, name: str) -> None:
 
     def regenerate_last(conv, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
-        if conv is None or conv.before_last_turn is None:
+        if conv is None:
             raise gr.Error("There is no reply to regenerate yet.")
-        conv.session, conv.history = conv.before_last_turn, conv.history[:-2]
-        for _ in conv.turn(conv.last_message, params):
+        for _ in conv.regenerate(params):
             yield conv.history, conv, conv.status()
         yield conv.history, conv, conv.status()
 
     def clear_all(conv):
         if conv is None:
             return [], None, "state: empty, 0 tokens"
-        conv.session.reset()
-        conv.history, conv.before_last_turn, conv.last_message = [], None, None
+        conv.clear()
         return [], conv, conv.status()
 
     chat_event = gr.on([message.submit, send.click], chat, [message, conversation, system, *controls],
                        [chatbot, conversation, message, status], api_name="chat", concurrency_id="models")
     regenerate_event = regenerate.click(regenerate_last, [conversation, *controls], [chatbot, conversation, status],
-                                        api_name="regenerate", concurrency_id="models")
-    stop.click(None, cancels=[chat_event, regenerate_event])
-    clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear")
-    chatbot.clear(clear_all, conversation, [chatbot, conversation, status], api_visibility="private")
+                                        api_name="regenerate", concurrency_id="models", cancels=[chat_event])
+    replies = [chat_event, regenerate_event]
+    stop.click(None, cancels=replies)
+    clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear", cancels=replies)
+    chatbot.clear(clear_all, conversation, [chatbot, conversation, status], api_visibility="private", cancels=replies)
