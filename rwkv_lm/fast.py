@@ -47,7 +47,8 @@ def _kernel():
         warnings.warn(f"rwkv_lm: the bf16 CPU kernel could not be built ({str(detail).strip()[:200]}); "
                       "bf16 steps fall back to oneDNN (slower, bf16-rounded activations)")
         return None
-    kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    kernel.restype = ctypes.c_int
+    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return kernel
 
 
@@ -61,15 +62,14 @@ class BF16Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        kernel = _kernel() if rows <= MAX_KERNEL_ROWS and self.in_features % 32 == 0 else None
+        kernel = _kernel() if rows <= MAX_KERNEL_ROWS and self.in_features % 64 == 0 else None
         if kernel is None:
             return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
-        x2 = x.reshape(rows, self.in_features).float()
-        hi = x2.to(torch.bfloat16)
-        lo = (x2 - hi.float()).to(torch.bfloat16)  # what bf16 drops of x, so the product keeps fp32 accuracy
+        x2 = x.reshape(rows, self.in_features).float().contiguous()
         y = torch.empty(rows, self.out_features)
-        kernel(self.weight.data_ptr(), hi.data_ptr(), lo.data_ptr(), y.data_ptr(),
-               self.out_features, self.in_features, rows, torch.get_num_threads())
+        if kernel(self.weight.data_ptr(), x2.data_ptr(), y.data_ptr(), self.out_features, self.in_features, rows,
+                  torch.get_num_threads()):
+            raise RuntimeError(f"gemv_bf16 refused a [{rows}, {self.in_features}] input (out of memory?)")
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

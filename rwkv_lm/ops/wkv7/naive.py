@@ -21,9 +21,10 @@ def wkv7_step(S, r, log_w, k, v, a, b):
     """One token for a batch of states: S [B, H, N, N]; r, log_w, k, v, a, b [B, H, N] -> (o [B, H, N], S)."""
     dt = S.dtype
     r, log_w, k, v, a, b = (x.to(dt) for x in (r, log_w, k, v, a, b))
-    sa = (S @ a.unsqueeze(-1))  # [B, H, N, 1]
-    S = S * log_w.exp().unsqueeze(-2) + sa @ b.unsqueeze(-2) + v.unsqueeze(-1) @ k.unsqueeze(-2)
-    return (S @ r.unsqueeze(-1)).squeeze(-1), S
+    # products with vectors as broadcasts and sums: on a CPU, batched matmuls this small cost far more
+    sa = (S * a.unsqueeze(-2)).sum(-1, keepdim=True)  # [B, H, N, 1]
+    S = S * log_w.exp().unsqueeze(-2) + sa * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+    return (S * r.unsqueeze(-2)).sum(-1), S
 
 
 def wkv7_naive(r, log_w, k, v, a, b, initial_state=None):
