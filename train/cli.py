@@ -29,11 +29,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
 
 
+class Checkpoints(ModelCheckpoint):
+    """ModelCheckpoint that also writes last.ckpt at the final step, which rarely falls on the step cadence."""
+
+    def on_train_end(self, trainer, pl_module):
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         # `--checkpoint.every_n_train_steps N` etc.; the folder is fixed so that `--ckpt_path last` finds last.ckpt
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoints, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
                               compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))

@@ -328,10 +328,11 @@ class TokenData(L.LightningDataModule):
                 raise DataError(f"the {name} data has {len(t)} tokens, fewer than one window of ctx_len + 1 = "
                                 f"{self.ctx_len + 1}; give more text or lower data.ctx_len")
         self.train_tokens, self.train_mask, self.val_tokens, self.val_mask = tokens, mask, val_tokens, val_mask
-        # bytes of text per token on the validation split, to report loss in bits per byte
+        # bytes of text per loss-carrying token on the validation split, to report loss in bits per byte
         lengths = np.array([len(self.tokenizer.token_bytes(i)) for i in range(self.vocab_size)])
         lengths[DOC_END] = 0
-        self.val_bytes_per_token = float(lengths[np.asarray(val_tokens, dtype=np.int64)].sum()) / len(val_tokens)
+        counted = np.asarray(val_tokens if val_mask is None else val_tokens[val_mask], dtype=np.int64)
+        self.val_bytes_per_token = float(lengths[counted].sum()) / max(1, len(counted))
 
     def train_dataloader(self):
         trainer = self.trainer

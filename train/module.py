@@ -82,7 +82,7 @@ class LanguageModel(L.LightningModule):
         l2wrap: RWKV-LM's logit regularizer.
     """
 
-    def __init__(self, arch: str = "rwkv7", config: dict = {}, vocab_size: int = 0, init_from: str | None = None,
+    def __init__(self, arch: str = "rwkv7", config: dict | None = None, vocab_size: int = 0, init_from: str | None = None,
                  lr: float = 6e-4, lr_final: float = 6e-5, warmup_steps: int = 20, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-18, l2wrap: bool = True):
         super().__init__()
@@ -94,7 +94,7 @@ class LanguageModel(L.LightningModule):
                                  f"tokenizer {vocab_size}; set data.tokenizer to {init_from} to use its tokenizer")
         else:
             try:
-                self.model = build({"arch": arch, **config, "vocab_size": vocab_size})
+                self.model = build({"arch": arch, **(config or {}), "vocab_size": vocab_size})
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"model.config does not fit arch {arch!r}: {e}") from None
             self.model.reset_parameters()
