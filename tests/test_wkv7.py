@@ -39,8 +39,11 @@ def test_chunked_fp32_and_strong_decay():
     assert_close(s, s_ref, 1e-5, "final state")
 
 
-def test_chunked_gradients_match_naive():
-    xs = random_inputs(2, 21, 2, 8, torch.float64, seed=2, requires_grad=True)
+@pytest.mark.parametrize("decay_scale", [1.0, 30.0], ids=["model-decay", "strong-decay"])
+def test_chunked_gradients_match_naive(decay_scale):
+    xs = random_inputs(2, 21, 2, 8, torch.float64, seed=2)
+    xs[1] = xs[1] * decay_scale  # strong decays take the exact (unfactored) pair products
+    xs = [x.requires_grad_() for x in xs]
     g_out = torch.randn(2, 21, 2, 8, dtype=torch.float64)
     g_state = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     grads = []
