@@ -13,7 +13,8 @@ from .app import build_app
 MODELS = Path(__file__).parent / "models"
 DEFAULT_RWKV = MODELS / "rwkv7.safetensors"
 DEFAULT_BASELINE = MODELS / "gpt.safetensors"
-HOW_TO_MAKE_DEFAULTS = "Train them with `make models`, or pass your own: --rwkv PATH --baseline PATH."
+HOW_TO_MAKE_DEFAULTS = ("Make them with the commands in train/README.md (\"The demo's default models\"), "
+                        "or pass your own: --rwkv PATH --baseline PATH.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from rwkv_lm.sampling import SamplingParams
 
 
 def format_bytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
+    return f"{n / 1e6:,.1f} MB" if n >= 1_000_000 else f"{n / 1e3:,.1f} kB"
 
 
 def memory_label(model) -> str:

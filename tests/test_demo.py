@@ -253,7 +253,17 @@ def test_a_full_queue_tells_the_next_client_the_demo_is_busy(checkpoints, monkey
 def test_missing_default_models_say_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "DEFAULT_RWKV", tmp_path / "rwkv7.safetensors")
     monkeypatch.setattr(cli, "DEFAULT_BASELINE", tmp_path / "gpt.safetensors")
-    with pytest.raises(SystemExit, match=r"default model .*rwkv7.safetensors is missing\. Train them with"):
+    with pytest.raises(SystemExit, match=r"default model .*rwkv7.safetensors is missing\. Make them with the commands in train/README.md"):
         cli.main([])
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["--rwkv", str(tmp_path / "nothing.pth"), "--baseline", str(tmp_path / "nothing.pth")])
+
+
+def test_an_official_pth_without_a_world_vocabulary_takes_the_tokenizer_option(checkpoints, tmp_path):
+    model = rwkv_lm.load(checkpoints[0])
+    pth = rwkv_lm.export_official(model, tmp_path / "rwkv7.pth")
+    with pytest.raises(SystemExit, match="carries no tokenizer; pass one with --tokenizer"):
+        cli.load_model(pth, None)
+    (tmp_path / "tokenizer.json").write_text(model.tokenizer.spec)
+    loaded = cli.load_model(pth, str(tmp_path / "tokenizer.json"))
+    assert loaded.tokenizer.encode("Hello goose") == model.tokenizer.encode("Hello goose")

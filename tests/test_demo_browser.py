@@ -11,8 +11,11 @@ import pytest
 from test_demo import make_checkpoints, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
-                                                                "(`make setup-test` installs it with apt)")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
+                                                     "(`make setup-test` installs it with apt)"),
+    pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),  # from Gradio's queue, not ours
+]
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
