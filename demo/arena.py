@@ -75,7 +75,7 @@ class Lane:
     history: list[dict] = field(default_factory=list)  # chat messages, as a gr.Chatbot shows them
     readings: list[Reading] = field(default_factory=list)  # every token of every turn
     tokens: int = 0  # made in the current reply
-    busy_s: float = 0.0  # spent inside this model's steps in the current reply
+    busy_s: float = 0.0  # spent inside this model's reply (prefill, steps, sampling, decoding), not the other's
     first_token_s: float | None = None
     done: bool = False
 
@@ -145,7 +145,7 @@ def race(lanes: list[Lane], message: str, params: SamplingParams) -> Iterator[li
 def readings_frame(readings: list[Reading], max_points: int = 200) -> pd.DataFrame:
     """The readings as a gr.LinePlot takes them, at most `max_points` rows per model: runs of consecutive
     readings are averaged, which also smooths the jitter of single-token timings (a browser redrawing
-    thousands of points ten times a second would slow the page to a crawl)."""
+    thousands of points at every update slows the whole page to a crawl)."""
     frame = pd.DataFrame([vars(r) for r in readings])
     position = frame.groupby("model", sort=False).cumcount()
     run = position // (frame.groupby("model", sort=False)["context"].transform("size") // max_points + 1)

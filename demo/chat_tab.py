@@ -11,7 +11,7 @@ import gradio as gr
 from rwkv_lm.chat import ChatSession
 
 from .arena import Metered, format_bytes
-from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
+from .inputs import MAX_MESSAGE_CHARS, check_message, check_system_prompt, sampling_params
 
 
 @dataclass
@@ -87,7 +87,7 @@ def render(model, tokenizer, name: str) -> None:
                 clear = gr.Button("Clear")
             status = gr.Markdown("state: empty, 0 tokens", elem_id="chat-status")
         with gr.Column(scale=1):
-            system = gr.Textbox(label="System prompt (optional)", lines=3,
+            system = gr.Textbox(label="System prompt (optional)", lines=3, max_length=MAX_MESSAGE_CHARS,
                                 placeholder="Changing it starts a new conversation.")
             with gr.Accordion("Sampling", open=True):
                 controls = [
@@ -102,7 +102,7 @@ def render(model, tokenizer, name: str) -> None:
 
     # the parameters are named for the API (the gr.State `conv` is not part of it)
     def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
-        message = check_message(message)
+        message, system = check_message(message), check_system_prompt(system)
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
         if conv is None or conv.system != system:
             if conv is not None and conv.history:

@@ -19,6 +19,15 @@ def check_message(message) -> str:
     return message
 
 
+def check_system_prompt(system) -> str:
+    """The system prompt ('' for none), or a gr.Error."""
+    if system is None:
+        return ""
+    if not isinstance(system, str) or len(system) > MAX_MESSAGE_CHARS:
+        raise gr.Error(f"The system prompt takes at most {MAX_MESSAGE_CHARS:,} characters.", title="System prompt too long")
+    return system
+
+
 def sampling_params(max_tokens, temperature, top_p, top_k=0, presence_penalty=0.0, frequency_penalty=0.0,
                     seed=None) -> SamplingParams:
     """SamplingParams from the UI's controls; a negative or empty seed means a random one."""

@@ -28,8 +28,7 @@ from demo.inputs import sampling_params  # noqa: E402
 
 CORPUS = ["The goose flies over the lake at dawn and the reeds remember the wind.",
           "Hello there! How are you today? I am fine, thank you, and you?"] * 20
-# the chat endpoint's inputs after the message: system prompt, max tokens, temperature, top p, top k,
-# presence and frequency penalties, seed
+# the chat endpoint's sampling inputs in order; they come after the message and the system prompt, before the seed
 CHAT_SETTINGS = dict(max_tokens=24, temperature=1.0, top_p=0.8, top_k=0, presence_penalty=0.4, frequency_penalty=0.4)
 
 
@@ -131,6 +130,18 @@ def test_chat_streams_what_a_chat_session_says_and_a_turn_costs_only_its_tokens(
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
 
 
+def test_a_system_prompt_is_read_first_and_a_new_one_starts_over(server, client):
+    _, rwkv, _ = server
+    _, (history, _, status) = chat(client, "Hi", seed=3, system="You are a goose.")
+    session = ChatSession(rwkv, rwkv.tokenizer, system="You are a goose.")
+    text = "".join(session.reply("Hi", sampling_params(*CHAT_SETTINGS.values(), 3)))
+    assert reply_text(history) == text and status_tokens(status) == session.num_tokens
+
+    _, (history, _, status) = chat(client, "Hi", seed=3, system="")
+    (text,), tokens = reference_turns(rwkv, [("Hi", 3)])
+    assert len(history) == 2 and reply_text(history) == text and status_tokens(status) == tokens
+
+
 def test_regenerate_replaces_the_last_turn(server, client):
     _, rwkv, _ = server
     _, (first, _, status) = chat(client, "Tell me about geese", seed=5)
@@ -222,6 +233,7 @@ def test_bad_input_becomes_a_message_and_the_app_stays_up(server, client):
         (("hi", "", settings[0], 1.0, 7.0, *settings[3:], 1), "greater than maximum"),
         (("hi", "", 0, *settings[1:], 1), "less than minimum"),
         (("hi", "", *settings, -7), "less than minimum"),
+        (("hi", "y" * 100_000, *settings, 1), "system prompt takes at most"),
     ]
     for args, message in cases:
         with pytest.raises(AppError, match=message):
