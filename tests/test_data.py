@@ -100,6 +100,9 @@ def test_chat_template_and_loss_mask_cover_assistant_replies_only(tokenizer):
     assert len(tokens) == len(mask) and tokens[-1] == DOC_END and not mask[-1]
     assert tokenizer.decode(tokens[mask]) == " hi\n\n fine, thanks\n\n"
     assert tokenizer.decode(tokens[:-1]) == text
+    # the prompt is tokenized as the chat runtime tokenizes it: system alone, then "User: …\n\nAssistant:"
+    prompt = tokenizer.encode("System: Be brief.\n\n") + tokenizer.encode("User: hello\nthere\n\nAssistant:")
+    assert tokens[:len(prompt)].tolist() == prompt and mask[len(prompt)] and not mask[:len(prompt)].any()
 
 
 def test_chat_windows_ignore_everything_but_replies(tmp_path, tokenizer):
@@ -142,3 +145,4 @@ def test_embedded_corpora():
     assert len(plays) == 42 and sum(map(len, plays)) > 4_000_000  # one copy of the plays, not both spellings
     chats = corpus.chatterbot()
     assert len(chats) > 1000 and chats[0][0]["role"] == "user" and chats[0][1]["role"] == "assistant"
+    assert chats == corpus.chatterbot()  # shuffled, but the same order every time

@@ -67,6 +67,8 @@ def run(args: list[str] | None = None):
         TokenData,
         args=args,
         seed_everything_default=0,
+        parser_kwargs={"description": "Train rwkv_lm models (train/README.md). To write a trained model for the "
+                                      "runtime: python -m train export CKPT OUT.safetensors|OUT.pth"},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
                           "gradient_clip_val": 1.0, "log_every_n_steps": 10},

@@ -34,7 +34,10 @@ def shakespeare() -> list[str]:
 
 
 def chatterbot() -> list[list[dict]]:
-    """The English dialogues as conversations: lines alternate user, assistant, user, ..."""
+    """The English dialogues as conversations (lines alternate user, assistant, ...), in a fixed shuffled
+    order: the files are by topic, and a held-out tail should sample every topic, not just the last file."""
+    import random
+
     import yaml
 
     files = sorted((_package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml"))
@@ -47,4 +50,5 @@ def chatterbot() -> list[list[dict]]:
             if len(lines) >= 2:
                 conversations.append([{"role": "user" if i % 2 == 0 else "assistant", "content": line}
                                       for i, line in enumerate(lines)])
+    random.Random(0).shuffle(conversations)
     return conversations

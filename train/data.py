@@ -104,10 +104,16 @@ def render_chat(messages: list[dict]) -> list[tuple[str, bool]]:
     pieces = []
     for m in messages:
         label, text = ROLES[m["role"]], clean_message(m["content"], m["role"])
-        if m["role"] == "assistant":
-            pieces += [(f"{label}:", False), (f" {text}{TURN_END}", True)]
-        else:
+        if m["role"] != "assistant":
             pieces.append((f"{label}: {text}{TURN_END}", False))
+            continue
+        # rwkv_lm.chat encodes "User: …\n\nAssistant:" as one string; tokenized apart, the "\n\n" before
+        # "Assistant" would become other tokens than the model sees when chatting
+        if pieces and not pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0] + f"{label}:", False)
+        else:
+            pieces.append((f"{label}:", False))
+        pieces.append((f" {text}{TURN_END}", True))
     return pieces
 
 
@@ -162,9 +168,12 @@ def encode_conversations(conversations: list[list[dict]], tokenizer) -> tuple[np
     return np.asarray(ids, dtype=_token_dtype(tokenizer.vocab_size)), np.asarray(mask, dtype=bool)
 
 
-def _source_key(source: str) -> str:
-    if source in corpus.NAMES:
-        return source
+def _source_key(source: str, chat: bool) -> str:
+    """What the cached tokens of a source depend on: the rendered text of chats and of embedded corpora
+    (cheap to make, and it changes with the template), the identity of other files."""
+    if chat or source in corpus.NAMES:
+        content = [render_chat(c) for c in read_conversations(source)] if chat else read_texts(source)
+        return f"{source}:{hashlib.sha256(json.dumps(content).encode()).hexdigest()}"
     st = _existing(source).stat()
     return f"{Path(source).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -298,7 +307,7 @@ class TokenData(L.LightningDataModule):
 
     def _tokenize(self, source: str):
         """(tokens, mask or None) of a text or chat source, from the cache when this content was seen before."""
-        key = hashlib.sha256(f"{_source_key(source)}|{self.chat}|{self.tokenizer.spec}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{_source_key(source, self.chat)}|{self.chat}|{self.tokenizer.spec}".encode()).hexdigest()[:16]
         path = self.cache_dir / f"tokens-{Path(source).stem}-{key}.npy"
         if self.chat:  # one file, two rows: tokens and mask
             both = _cached(path, lambda: np.stack(encode_conversations(read_conversations(source), self.tokenizer)))
