@@ -1,14 +1,17 @@
-"""The demo in a real browser (Debian's Chromium, headless, through Playwright): chat, arena, Stop, sweep.
+"""The demo in a real browser (Debian's Chromium, headless, through Playwright): chat, arena, Stop, sweep,
+and what a user sees when the queue is full.
 
 Screenshots of both tabs go to artifacts/ (git-ignored) for a person to look at.
 """
 import re
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from gradio_client import Client
 
-from test_demo import make_checkpoints, serve
+from test_demo import CHAT_SETTINGS, make_checkpoints, serve, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -25,15 +28,31 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    paths = make_checkpoints(tmp_path_factory.mktemp("models"))
-    with serve(*paths, sweep_lengths=[8, 40]) as (url, _, _), sync_api.sync_playwright() as p:
+def checkpoints(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(30_000)
-        page.goto(url)
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(checkpoints, browser):
+    with serve(*checkpoints, sweep_lengths=[8, 40]) as (url, _, _):
+        page = open_page(browser, url)
+        yield page
+        page.close()
 
 
 def screenshot(page, name):
@@ -95,3 +114,24 @@ def test_sweep_plots_both_models(page):
         expect(page.locator(f"{plot} svg.marks")).to_contain_text("RWKV-7")
         expect(page.locator(f"{plot} svg.marks")).to_contain_text("GPT (baseline)")
     screenshot(page, "demo_arena_sweep.png")
+
+
+def test_a_full_queue_shows_a_busy_message(checkpoints, browser, monkeypatch):
+    with serve(*checkpoints, concurrency_limit=1, max_queue=1) as (url, rwkv, _):
+        # one reply held inside the model, one waiting behind it: the queue is full
+        gate, forward = threading.Event(), rwkv.forward
+        monkeypatch.setattr(rwkv, "forward", lambda *args, **kwargs: gate.wait(60) and forward(*args, **kwargs))
+        running = Client(url, verbose=False).submit("Busy", "", *CHAT_SETTINGS.values(), 1, api_name="/chat")
+        next(iter(running))
+        queued = Client(url, verbose=False).submit("Next", "", *CHAT_SETTINGS.values(), 1, api_name="/chat")
+        wait_until(lambda: queued.communicator.event_id is not None)
+
+        page = open_page(browser, url)
+        box = page.get_by_placeholder("Message (Enter to send)")
+        box.fill("Hello")
+        box.press("Enter")
+        expect(page.locator(".toast-body")).to_contain_text("busy")
+        screenshot(page, "demo_busy.png")
+        gate.set()
+        running.result(timeout=60), queued.result(timeout=60)
+        page.close()
