@@ -50,8 +50,8 @@ class GPTState:
     v: list[torch.Tensor]
     pos: torch.Tensor
 
-    def map(self, fn, pos_fn=None) -> "GPTState":
-        return GPTState([fn(t) for t in self.k], [fn(t) for t in self.v], (pos_fn or fn)(self.pos))
+    def map(self, fn) -> "GPTState":
+        return GPTState([fn(t) for t in self.k], [fn(t) for t in self.v], fn(self.pos))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor, as written to a state file."""
