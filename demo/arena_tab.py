@@ -10,10 +10,11 @@ import gradio as gr
 from .arena import Lane, race, readings_frame, sweep
 from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
 
-# Redrawing per token would cost the browser more than the models: text 10 times a second reads smoothly,
-# and the plots (heavier to draw) twice a second.
-TEXT_EVERY_S = 0.1
-PLOTS_EVERY_S = 0.5
+# Redrawing per token would cost the browser more than the models (a busy page stops answering clicks,
+# Stop included): two panes of text 5 times a second still read as streaming; the plots, heavier to draw,
+# once a second.
+TEXT_EVERY_S = 0.2
+PLOTS_EVERY_S = 1.0
 
 
 def _plot(title: str, y: str, y_title: str, elem_id: str) -> gr.LinePlot:

@@ -3,6 +3,7 @@ feeds the model only that turn's new tokens: the RNN state already carries every
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
@@ -12,6 +13,9 @@ from rwkv_lm.chat import ChatSession
 
 from .arena import Metered, format_bytes
 from .inputs import MAX_MESSAGE_CHARS, check_message, check_system_prompt, sampling_params
+
+# A fast model makes hundreds of pieces a second; the page redraws at most this often.
+UPDATE_EVERY_S = 0.05
 
 
 @dataclass
@@ -72,6 +76,15 @@ class Conversation:
                 yield
 
 
+def throttled(updates):
+    """The updates, skipping those that come within UPDATE_EVERY_S of the last one passed on."""
+    shown = float("-inf")
+    for update in updates:
+        if time.monotonic() - shown >= UPDATE_EVERY_S:
+            shown = time.monotonic()
+            yield update
+
+
 def render(model, tokenizer, name: str) -> None:
     """Lay out the tab and wire its events, inside an open gr.Blocks."""
     conversation = gr.State(None)
@@ -108,15 +121,15 @@ def render(model, tokenizer, name: str) -> None:
             if conv is not None and conv.history:
                 gr.Info("The system prompt changed, so a new conversation starts.")
             conv = Conversation.start(model, tokenizer, system)
-        for _ in conv.turn(message, params):
+        for _ in throttled(conv.turn(message, params)):
             yield conv.history, conv, "", conv.status()
-        yield conv.history, conv, "", conv.status()  # the last tokens may end the reply without adding text
+        yield conv.history, conv, "", conv.status()  # the last pieces, and tokens that ended the reply unseen
 
     def regenerate_last(conv, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
         if conv is None:
             raise gr.Error("There is no reply to regenerate yet.")
-        for _ in conv.regenerate(params):
+        for _ in throttled(conv.regenerate(params)):
             yield conv.history, conv, conv.status()
         yield conv.history, conv, conv.status()
 
