@@ -54,9 +54,10 @@ def main(argv=None) -> None:
     if missing_defaults:
         raise SystemExit(f"error: the default model {missing_defaults[0]} is missing. {HOW_TO_MAKE_DEFAULTS}")
     rwkv, baseline = load_model(args.rwkv, args.tokenizer), load_model(args.baseline, args.tokenizer)
-    if not isinstance(rwkv, rwkv_lm.RWKV):
-        raise SystemExit(f"error: --rwkv {args.rwkv} holds a {type(rwkv).__name__}, not an RWKV-7")
-    app = build_app(rwkv, baseline, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    try:
+        app = build_app(rwkv, baseline, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    except ValueError as e:
+        raise SystemExit(f"error: --rwkv {args.rwkv}: {e}") from None
     print(f"RWKV-7 from {args.rwkv}, baseline from {args.baseline}", file=sys.stderr)
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
 

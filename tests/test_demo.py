@@ -263,13 +263,15 @@ def test_a_full_queue_tells_the_next_client_the_demo_is_busy(checkpoints, monkey
         assert reply_text(running.result(timeout=60)[0]) and reply_text(queued.result(timeout=60)[1])
 
 
-def test_missing_default_models_say_how_to_make_them(tmp_path, monkeypatch):
+def test_the_command_says_what_is_wrong_with_its_models(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "DEFAULT_RWKV", tmp_path / "rwkv7.safetensors")
     monkeypatch.setattr(cli, "DEFAULT_BASELINE", tmp_path / "gpt.safetensors")
     with pytest.raises(SystemExit, match=r"default model .*rwkv7.safetensors is missing\. Make them with the commands in train/README.md"):
         cli.main([])
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["--rwkv", str(tmp_path / "nothing.pth"), "--baseline", str(tmp_path / "nothing.pth")])
+    with pytest.raises(SystemExit, match="the first model must be an RWKV-7, got a GPT"):
+        cli.main(["--rwkv", str(checkpoints[1]), "--baseline", str(checkpoints[1])])
 
 
 def test_an_official_pth_without_a_world_vocabulary_takes_the_tokenizer_option(checkpoints, tmp_path):
