@@ -168,3 +168,16 @@ def test_checkpoint_write_that_fails_midway_leaves_the_old_file(tmp_path, monkey
         io.save_checkpoint({"step": 2, "w": torch.ones(3)}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_l2wrap_leaves_the_loss_and_pushes_down_each_top_logit():
+    from train.module import L2Wrap
+
+    logits = torch.tensor([[[1.0, 3.0, -2.0], [0.5, -1.0, 0.2]]], requires_grad=True)
+    loss = logits.logsumexp(-1).mean()
+    wrapped = L2Wrap.apply(loss, logits, 0.01)
+    assert wrapped.item() == loss.item()
+    wrapped.backward()
+    plain = torch.autograd.grad(logits.logsumexp(-1).mean(), logits)[0]
+    extra = logits.grad - plain
+    assert torch.allclose(extra, torch.tensor([[[0.0, 0.03, 0.0], [0.005, 0.0, 0.0]]]))
