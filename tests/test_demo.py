@@ -17,7 +17,7 @@ from conftest import random_model
 
 # Gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
-gradio_client = pytest.importorskip("gradio_client")
+pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
