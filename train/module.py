@@ -122,7 +122,7 @@ class LanguageModel(L.LightningModule):
         self._last_step_time = now
         self.log("loss", loss, prog_bar=True, sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
-        self.log("tokens", float((self.global_step + 1) * tokens))
+        self.log("tokens", float((self.global_step + 1) * self.trainer.accumulate_grad_batches * tokens))
         if self.hparams.l2wrap:
             loss = L2Wrap.apply(loss, logits, 1e-4 / batch[1].numel())
         return loss
