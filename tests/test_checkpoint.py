@@ -25,6 +25,11 @@ def test_save_load_round_trip(tmp_path, tiny_model, tokens):
         assert torch.equal(loaded(tokens)[0], tiny_model(tokens)[0])
     assert rwkv_lm.load(path, dtype=torch.bfloat16).emb.weight.dtype == torch.bfloat16
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "temporary files left behind"
+    umask = os.umask(0o022)
+    try:
+        assert rwkv_lm.save(tiny_model, tmp_path / "n.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
 
 
 def test_official_round_trip_fp32_and_bf16(tmp_path, tiny_model, tokens):
