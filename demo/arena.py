@@ -138,8 +138,9 @@ def race(lanes: list[Lane], message: str, params: SamplingParams) -> Iterator[li
                     lane.advance(reply)
             yield lanes
     finally:
-        for reply in replies:
+        for lane, reply in zip(lanes, replies):
             reply.close()
+            lane.done = True
 
 
 def readings_frame(readings: list[Reading], max_points: int = 200) -> pd.DataFrame:

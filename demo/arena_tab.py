@@ -66,6 +66,11 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
             frame = gr.skip()
         return (*(lane.history for lane in lanes), *(lane.stats() for lane in lanes), frame, frame, lanes)
 
+    def check_arena(prompt, lanes, max_tokens, temperature, top_p, seed):
+        check_message(prompt), sampling_params(max_tokens, temperature, top_p, seed=seed)
+        if lanes is not None and not all(lane.done for lane in lanes):
+            raise gr.Error("Both models are still answering: press Stop first.")
+
     def arena(prompt, lanes, max_tokens, temperature, top_p, seed):
         prompt = check_message(prompt)
         params = sampling_params(max_tokens, temperature, top_p, seed=seed)
@@ -93,8 +98,10 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
 
     arena_outputs = [prompt, *panes, *stats, latency_plot, memory_plot, lanes_state]
     # chat and arena share one pool of workers ("models"): the limit is on the CPU, not on each button
-    arena_event = gr.on([prompt.submit, run.click], arena, [prompt, lanes_state, *controls], arena_outputs,
-                        api_name="arena", concurrency_id="models")
+    # inputs are checked before the streaming step, as in the Chat tab, so a bad one leaves the panes as they were
+    arena_event = gr.on([prompt.submit, run.click], check_arena, [prompt, lanes_state, *controls], None,
+                        api_visibility="private").success(
+        arena, [prompt, lanes_state, *controls], arena_outputs, api_name="arena", concurrency_id="models")
     stop.click(None, cancels=[arena_event])
     clear.click(clear_all, None, arena_outputs, api_name="arena_clear", cancels=[arena_event])
     for pane in panes:  # a pane's own bin clears both sides, as the two conversations go together

@@ -16,6 +16,7 @@ from .inputs import MAX_MESSAGE_CHARS, check_message, check_system_prompt, sampl
 
 # A fast model makes hundreds of pieces a second; the page redraws at most this often.
 UPDATE_EVERY_S = 0.05
+BUSY = "Still answering the last message: press Stop first."
 
 
 @dataclass
@@ -38,10 +39,14 @@ class Conversation:
     def status(self) -> str:
         return f"state: {format_bytes(self.session.model.state_bytes)}, {self.session.num_tokens:,} tokens"
 
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
     @contextmanager
     def _exclusive(self):
         if not self.lock.acquire(timeout=10):
-            raise gr.Error("Still answering the last message: press Stop first.")
+            raise gr.Error(BUSY)
         try:
             yield
         finally:
@@ -113,6 +118,16 @@ def render(model, tokenizer, name: str) -> None:
                     gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)"),
                 ]
 
+    def check_chat(message, conv, system, *settings):
+        check_message(message), check_system_prompt(system), sampling_params(*settings)
+        if conv is not None and conv.busy:
+            raise gr.Error(BUSY)
+
+    def check_regenerate(conv, *settings):
+        sampling_params(*settings)
+        if conv is None or conv.before_last_turn is None:
+            raise gr.Error("There is no reply to regenerate yet.")
+
     # the parameters are named for the API (the gr.State `conv` is not part of it)
     def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
         message, system = check_message(message), check_system_prompt(system)
@@ -139,10 +154,17 @@ def render(model, tokenizer, name: str) -> None:
         conv.clear()
         return [], conv, conv.status()
 
-    chat_event = gr.on([message.submit, send.click], chat, [message, conversation, system, *controls],
-                       [chatbot, conversation, message, status], api_name="chat", concurrency_id="models")
-    regenerate_event = regenerate.click(regenerate_last, [conversation, *controls], [chatbot, conversation, status],
-                                        api_name="regenerate", concurrency_id="models", cancels=[chat_event])
+    # In the page, inputs are checked by a step with no outputs, so a bad one is a toast and the chat stays as it
+    # was (an error in the streaming step would cover the chat with an error badge). API calls go straight to
+    # the streaming step, which checks them again. Regenerate and Clear cancel a running reply instead.
+    chat_event = gr.on([message.submit, send.click], check_chat, [message, conversation, system, *controls], None,
+                       api_visibility="private").success(
+        chat, [message, conversation, system, *controls], [chatbot, conversation, message, status],
+        api_name="chat", concurrency_id="models")
+    regenerate_event = regenerate.click(check_regenerate, [conversation, *controls], None,
+                                        api_visibility="private").success(
+        regenerate_last, [conversation, *controls], [chatbot, conversation, status],
+        api_name="regenerate", concurrency_id="models", cancels=[chat_event])
     replies = [chat_event, regenerate_event]
     stop.click(None, cancels=replies)
     clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear", cancels=replies)

@@ -71,6 +71,10 @@ def tokens_made(stats: str) -> int:
 
 def test_chat_streams_a_reply_and_shows_the_state(page):
     box = page.get_by_placeholder("Message (Enter to send)")
+    box.press("Enter")
+    expect(page.locator(".toast-body")).to_contain_text("Type a message first.")
+    page.locator(".toast-close").first.click()
+    expect(page.locator(".toast-body")).to_have_count(0)
     box.fill("Hello goose")
     box.press("Enter")
     expect(page.locator(".user.message").first).to_contain_text("Hello goose")
