@@ -20,6 +20,7 @@ from .generate import END_OF_TEXT, Decoding, TextStream, check_tokenizer, prefil
 from .sampling import SamplingParams, resolve
 
 TURN_END = "\n\n"  # a reply ends here; the template uses it between all parts
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 FORMAT = "rwkv_lm.chat"
 
 
@@ -31,6 +32,34 @@ def clean_message(text: str, role: str) -> str:
     if not text:
         raise ValueError(f"{role} message is empty; write something to send")
     return text
+
+
+def turn_text(role: str, text: str) -> str:
+    """One finished turn of the template: "User: …\\n\\n"."""
+    return f"{ROLES[role]}: {text}{TURN_END}"
+
+
+REPLY_CUE = f"{ROLES['assistant']}:"  # what the model continues from; encoded with the turn before it
+
+
+def render_chat(messages: list[dict]) -> list[tuple[str, bool]]:
+    """A whole conversation in the template, as (text, is assistant reply) pieces (for fine-tuning).
+
+    Each reply piece (" …\\n\\n") is exactly what the model generates after the cue, its end marker
+    included; the cue joins the turn before it, as `ChatSession` encodes them together.
+    """
+    pieces = []
+    for m in messages:
+        text = clean_message(m["content"], m["role"])
+        if m["role"] != "assistant":
+            pieces.append((turn_text(m["role"], text), False))
+            continue
+        if pieces and not pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0] + REPLY_CUE, False)
+        else:
+            pieces.append((REPLY_CUE, False))
+        pieces.append((f" {text}{TURN_END}", True))
+    return pieces
 
 
 class ChatSession:
@@ -52,7 +81,7 @@ class ChatSession:
         if self._base is None:
             self._base = (None, 0)
             if self.system is not None:
-                tokens = self.tokenizer.encode(f"System: {self.system}{TURN_END}")
+                tokens = self.tokenizer.encode(turn_text("system", self.system))
                 self._base = (prefill(self.model, tokens)[1], len(tokens))
         self._state, self.num_tokens = self._base
         self._pending: list[int] = []  # generated tokens not yet fed to the model
@@ -72,7 +101,7 @@ class ChatSession:
         """
         params = resolve(params, overrides)
         message = clean_message(message, "user")
-        prompt = (TURN_END if self._open_reply else "") + f"User: {message}{TURN_END}Assistant:"
+        prompt = (TURN_END if self._open_reply else "") + turn_text("user", message) + REPLY_CUE
         return self._reply(self.tokenizer.encode(prompt), params)
 
     def _reply(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:

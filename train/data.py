@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from rwkv_lm.chat import TURN_END, clean_message
+from rwkv_lm.chat import ROLES, render_chat
 from rwkv_lm.checkpoint import atomic_write
 from rwkv_lm.tokenizer import load_tokenizer, train_bpe
 
@@ -28,7 +28,6 @@ from . import corpus
 
 DOC_END = 0  # token 0 ends every document
 IGNORE = -100  # target of a position without loss (cross_entropy's ignore_index)
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 class DataError(ValueError):
@@ -93,28 +92,6 @@ def read_conversations(source: str) -> list[list[dict]]:
             raise DataError(f"{path}:{n}: the conversation has no assistant message, so nothing to learn from")
         conversations.append(messages)
     return conversations
-
-
-def render_chat(messages: list[dict]) -> list[tuple[str, bool]]:
-    """A conversation in the runtime's chat template, as (text, is assistant reply) pieces.
-
-    "System: …\\n\\nUser: …\\n\\nAssistant: …\\n\\n": the prompt ends with "Assistant:" and the reply
-    (" …\\n\\n", what the model generates, its end marker included) is the part that carries loss.
-    """
-    pieces = []
-    for m in messages:
-        label, text = ROLES[m["role"]], clean_message(m["content"], m["role"])
-        if m["role"] != "assistant":
-            pieces.append((f"{label}: {text}{TURN_END}", False))
-            continue
-        # rwkv_lm.chat encodes "User: …\n\nAssistant:" as one string; tokenized apart, the "\n\n" before
-        # "Assistant" would become other tokens than the model sees when chatting
-        if pieces and not pieces[-1][1]:
-            pieces[-1] = (pieces[-1][0] + f"{label}:", False)
-        else:
-            pieces.append((f"{label}:", False))
-        pieces.append((f" {text}{TURN_END}", True))
-    return pieces
 
 
 def read_binidx(source: str) -> np.ndarray:
