@@ -166,17 +166,20 @@ class ChatSession:
             raise ValueError(f"{path}: cannot be read as a saved chat session ({e})") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a chat session file; write one with ChatSession.save")
-        template = model.init_state(1)
-        expected = {k: (tuple(v.shape), v.dtype) for k, v in template.tensors().items()}
-        got = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
-        if {k: s for k, (s, _) in expected.items()} != {k: s for k, (s, _) in got.items()}:
+        template = model.init_state(1).tensors()  # names and dtypes; a KV cache's length varies, so not shapes
+        if set(tensors) != set(template):
             raise ValueError(f"{path}: the saved state does not fit this model (was it saved with another model?)")
         device = next(model.parameters()).device
+        state = type(model.init_state(1)).from_tensors({k: v.to(device, template[k].dtype) for k, v in tensors.items()})
+        try:
+            state = model._check_state(state, 1)
+        except ValueError as e:
+            raise ValueError(f"{path}: the saved state does not fit this model: {e}") from None
         check_tokenizer(model, tokenizer)
         session = object.__new__(cls)
         session.model, session.tokenizer = model, tokenizer
         session.system, session._base, session._pending = json.loads(meta["system"]), None, []
-        session._state = type(template).from_tensors({k: v.to(device, expected[k][1]) for k, v in tensors.items()})
+        session._state = state
         session.num_tokens = int(meta["num_tokens"])
         session._open_reply = json.loads(meta["open_reply"])
         return session

@@ -202,3 +202,16 @@ def test_bad_input(tmp_path, model, world, tiny_model):
     (tmp_path / "junk").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="cannot be read as a saved chat session"):
         ChatSession.load(tmp_path / "junk", model, world)
+
+
+def test_gpt_session_saves_and_loads(tmp_path, world):
+    from rwkv_lm import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=65536, n_layer=2, n_embd=32, n_head=2)).reset_parameters().eval()
+    session = ChatSession(gpt, world)
+    list(session.reply("Hi", temperature=0, max_tokens=4))
+    session.save(tmp_path / "gpt.safetensors")
+    loaded = ChatSession.load(tmp_path / "gpt.safetensors", gpt, world)
+    assert loaded.state.nbytes == session.state.nbytes > 0
+    assert "".join(loaded.reply("More", temperature=0, max_tokens=5)) == "".join(session.reply("More", temperature=0, max_tokens=5))
