@@ -182,6 +182,7 @@ def main():
         "rwkv_lm fast fp32": lambda: fast32.decode(tokens, D),
         "rwkv_lm fast bf16": lambda: fast16.decode(tokens, D),
         f"rwkv_lm fast fp32 B={B}": lambda: fast32.decode(tokens, D, B) / B,
+        f"rwkv_lm fast bf16 B={B}": lambda: fast16.decode(tokens, D, B) / B,
     })
     agree = top_token_agreement(fast32.model, fast16.model, tokens[:args.agreement_tokens])
     tok_bytes, tok = tokenizer_speed(args.rounds)
@@ -196,7 +197,8 @@ def main():
         rows.append(f"| {name:<26} | {p} | {D / decode[name]:12.1f} | {ref_d / decode[name]:10.2f}x |")
     lines = rows + [
         "",
-        f"- batched decode: B={B} gives {b1 / decode[f'rwkv_lm fast fp32 B={B}']:.1f}x the tokens/s of B=1 (fp32, fast path)",
+        f"- batched decode: B={B} gives {b1 / decode[f'rwkv_lm fast fp32 B={B}']:.1f}x the tokens/s of B=1 with fp32 weights, "
+        f"{decode['rwkv_lm fast bf16'] / decode[f'rwkv_lm fast bf16 B={B}']:.1f}x with bf16 weights",
         f"- fp32 decode at B=1 reads {weight_bytes / 2**20:.0f} MiB of weights per token: "
         f"rwkv pip {weight_bytes * D / ref_d / 1e9:.1f} GB/s, rwkv_lm fast {weight_bytes * D / b1 / 1e9:.1f} GB/s effective",
         f"- bf16 weights vs fp32 (fast paths, token by token): same top token at {100 * agree:.1f}% of "
