@@ -21,6 +21,14 @@ def random_model(cfg: RWKVConfig, seed=0, dtype=torch.float32):
     return model.to(dtype).eval()
 
 
+@pytest.fixture(scope="session")
+def world():
+    """The RWKV World tokenizer (65530 tokens)."""
+    from rwkv_lm.tokenizer import load_tokenizer
+
+    return load_tokenizer("world")
+
+
 @pytest.fixture
 def tiny_config():
     return RWKVConfig(vocab_size=101, n_layer=3, n_embd=64, head_size=16, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=12)

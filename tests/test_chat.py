@@ -6,14 +6,8 @@ import torch
 
 from rwkv_lm import ChatSession, RWKVConfig
 from rwkv_lm.generate import prefill
-from rwkv_lm.tokenizer import load_tokenizer
 
 from conftest import assert_close, random_model
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load_tokenizer("world")
 
 
 @pytest.fixture(scope="module")

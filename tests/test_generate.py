@@ -6,14 +6,8 @@ import torch
 import rwkv_lm
 from rwkv_lm import RWKVConfig, SamplingParams, complete, generate, generate_batch
 from rwkv_lm.generate import PREFILL_CHUNK, TextStream, prefill
-from rwkv_lm.tokenizer import load_tokenizer
 
 from conftest import assert_close, random_model
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load_tokenizer("world")
 
 
 @pytest.fixture(scope="module")

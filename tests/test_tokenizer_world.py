@@ -4,7 +4,6 @@ import os
 import pytest
 
 from rwkv_lm.tokenizer import load_tokenizer
-from rwkv_lm.tokenizer.world import WorldTokenizer
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -26,11 +25,6 @@ def trie():
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
     return TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
-
-
-@pytest.fixture(scope="module")
-def world():
-    return WorldTokenizer()
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=lambda t: repr(t[:12]))
