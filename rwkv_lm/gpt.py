@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import RWKV
+from .state import ModelState
 
 
 @dataclass
@@ -39,7 +40,7 @@ class GPTConfig:
 
 
 @dataclass
-class GPTState:
+class GPTState(ModelState):
     """The KV cache of a batch: keys (already rotated) and values per layer, left-padded to a common length.
 
     k[i], v[i]: [B, H, S, D]; pos: [B] int64, how many tokens each row has seen (its last pos[b] slots
@@ -65,19 +66,6 @@ class GPTState:
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.pos))
-
-    def clone(self) -> "GPTState":
-        return self.map(torch.clone)
-
-    def detach(self) -> "GPTState":
-        return self.map(torch.Tensor.detach)
-
-    def to(self, device) -> "GPTState":
-        return self.map(lambda t: t.to(device))
 
     def select(self, rows) -> "GPTState":
         """The caches of some batch rows (a list, slice or index tensor), without padding they no longer need."""

@@ -18,8 +18,31 @@ class LayerState:
         return LayerState(*(fn(getattr(self, f.name)) for f in fields(self)))
 
 
+class ModelState:
+    """What every model's state offers, built on its `map(fn)` (a new state of fn(tensor)) and `tensors()`."""
+
+    def map(self, fn):
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def clone(self):
+        return self.map(torch.clone)
+
+    def detach(self):
+        return self.map(torch.Tensor.detach)
+
+    def to(self, device):
+        return self.map(lambda t: t.to(device))
+
+
 @dataclass
-class RWKVState:
+class RWKVState(ModelState):
     """Per-layer states for a batch. Methods return new objects; nothing is changed in place."""
 
     layers: list[LayerState]
@@ -50,19 +73,6 @@ class RWKVState:
     @property
     def batch_size(self) -> int:
         return self.layers[0].wkv.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def clone(self) -> "RWKVState":
-        return self.map(torch.clone)
-
-    def detach(self) -> "RWKVState":
-        return self.map(torch.Tensor.detach)
-
-    def to(self, device) -> "RWKVState":
-        return self.map(lambda t: t.to(device))
 
     def select(self, rows) -> "RWKVState":
         """The states of some batch rows (a list, slice or index tensor)."""
