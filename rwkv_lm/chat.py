@@ -176,10 +176,13 @@ class ChatSession:
         except ValueError as e:
             raise ValueError(f"{path}: the saved state does not fit this model: {e}") from None
         check_tokenizer(model, tokenizer)
+        try:
+            system, num_tokens, open_reply = json.loads(meta["system"]), int(meta["num_tokens"]), json.loads(meta["open_reply"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: a damaged chat session file (bad or missing {e}); save the session again") from None
         session = object.__new__(cls)
         session.model, session.tokenizer = model, tokenizer
-        session.system, session._base, session._pending = json.loads(meta["system"]), None, []
+        session.system, session._base, session._pending = system, None, []
         session._state = state
-        session.num_tokens = int(meta["num_tokens"])
-        session._open_reply = json.loads(meta["open_reply"])
+        session.num_tokens, session._open_reply = num_tokens, open_reply
         return session

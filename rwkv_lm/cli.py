@@ -116,7 +116,9 @@ def cmd_chat(args):
                 console.out(piece, end="")
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
             pass
-        console.print(f"\n[dim]({session.num_tokens} tokens, state {session.state.nbytes / 2**20:.1f} MiB)[/dim]")
+        state = session.state  # None when Ctrl-C came before the first token was read
+        size = f", state {state.nbytes / 2**20:.1f} MiB" if state is not None else ""
+        console.print(f"\n[dim]({session.num_tokens} tokens{size})[/dim]")
 
 
 def cmd_convert(args):

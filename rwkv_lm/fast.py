@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 KERNEL_SOURCE = Path(__file__).with_name("gemv_bf16.c")
 MAX_KERNEL_ROWS = 16  # up to this many rows (a decode step of a batch) use the kernel; more: a matmul
+MAX_KERNEL_IN = 16384  # the kernel's MAX_IN: wider inputs take the matmul
 
 
 @cache
@@ -58,11 +59,13 @@ class BF16Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        # row-major whatever layout the fp32 weight had: the kernel streams rows
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16).contiguous(), requires_grad=False)
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        kernel = _kernel() if rows <= MAX_KERNEL_ROWS and self.in_features % 64 == 0 else None
+        fits = rows <= MAX_KERNEL_ROWS and self.in_features % 64 == 0 and self.in_features <= MAX_KERNEL_IN
+        kernel = _kernel() if fits else None
         if kernel is None:
             return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         x2 = x.reshape(rows, self.in_features).float().contiguous()

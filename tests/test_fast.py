@@ -65,3 +65,15 @@ def test_bf16_prefill_close(model):
 def test_bad_weights_option(model):
     with pytest.raises(ValueError, match="weights must be None .* or 'bf16'"):
         optimize(model, weights="int8")
+
+
+def test_bf16_after_fp32_layout_and_wide_inputs():
+    """A column-major fp32 weight still feeds the row-streaming kernel right; inputs wider than the kernel take the matmul."""
+    torch.manual_seed(0)
+    for in_features in (128, 16448):
+        linear = torch.nn.Linear(in_features, 8, bias=False)
+        linear.weight.data = linear.weight.data.t().contiguous().t()  # what optimize() does to fp32 weights
+        x = torch.randn(1, in_features)
+        expected = x @ linear.weight.detach().bfloat16().float().T
+        kernel = _kernel() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
+        assert_close(BF16Linear(linear)(x), expected, 2e-4 if kernel else 3e-2, f"in_features={in_features}")

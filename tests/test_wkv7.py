@@ -60,7 +60,8 @@ def test_chunked_gradcheck():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dispatcher_backends_agree(dtype):
+def test_dispatcher_backends_agree(dtype, monkeypatch):
+    monkeypatch.delenv("RWKV_LM_WKV_BACKEND", raising=False)  # the default backend, whatever the environment says
     *xs, s0 = random_inputs(2, 19, 2, 8, dtype, seed=4)
     o_ref, s_ref = wkv7(*xs, initial_state=s0, backend="naive")
     o, s = wkv7(*xs, initial_state=s0)
