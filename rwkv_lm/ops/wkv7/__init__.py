@@ -64,8 +64,7 @@ def wkv7_one(state, r, log_w, k, v, a, b, *, backend=None):
         from . import cuda
 
         return cuda.wkv7_one_cuda(state, r, log_w, k, v, a, b)
-    o, state = wkv7_step(state, r, log_w, k, v, a, b)
-    return o.to(r.dtype), state
+    return wkv7_step(state, r, log_w, k, v, a, b)
 
 
 __all__ = ["wkv7", "wkv7_one", "wkv7_naive", "wkv7_chunked", "wkv7_step", "BACKENDS"]

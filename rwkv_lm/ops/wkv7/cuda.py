@@ -185,6 +185,5 @@ def wkv7_one_cuda(state, r, log_w, k, v, a, b):
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (state, r, log_w, k, v, a, b))
     launch = None if needs_grad or r.numel() == 0 else _launcher(r)
     if launch is None:
-        o, state = wkv7_step(state, r, log_w, k, v, a, b)
-        return o.to(r.dtype), state
+        return wkv7_step(state, r, log_w, k, v, a, b)
     return _decode(launch, state, r, log_w, k, v, a, b)

@@ -18,13 +18,16 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def wkv7_step(S, r, log_w, k, v, a, b):
-    """One token for a batch of states: S [B, H, N, N]; r, log_w, k, v, a, b [B, H, N] -> (o [B, H, N], S)."""
-    dt = S.dtype
+    """One token for a batch of states: S [B, H, N, N]; r, log_w, k, v, a, b [B, H, N] -> (o [B, H, N], S).
+
+    o comes in r's dtype, S in its own (fp32, or fp64 for gradcheck).
+    """
+    dt, out_dtype = S.dtype, r.dtype
     r, log_w, k, v, a, b = (x.to(dt) for x in (r, log_w, k, v, a, b))
     # products with vectors as broadcasts and sums: on a CPU, batched matmuls this small cost far more
     sa = (S * a.unsqueeze(-2)).sum(-1, keepdim=True)  # [B, H, N, 1]
     S = S * log_w.exp().unsqueeze(-2) + sa * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
-    return (S * r.unsqueeze(-2)).sum(-1), S
+    return (S * r.unsqueeze(-2)).sum(-1).to(out_dtype), S
 
 
 def wkv7_naive(r, log_w, k, v, a, b, initial_state=None):
@@ -39,5 +42,5 @@ def wkv7_naive(r, log_w, k, v, a, b, initial_state=None):
     for t in range(T):
         o, S = wkv7_step(S, r[:, t], log_w[:, t], k[:, t], v[:, t], a[:, t], b[:, t])
         outputs.append(o)
-    o = torch.stack(outputs, dim=1) if outputs else r.new_zeros(B, 0, H, N, dtype=dt)
-    return o.to(r.dtype), S
+    o = torch.stack(outputs, dim=1) if outputs else r.new_zeros(B, 0, H, N)
+    return o, S
