@@ -166,11 +166,12 @@ class ChatSession:
             raise ValueError(f"{path}: cannot be read as a saved chat session ({e})") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a chat session file; write one with ChatSession.save")
-        template = model.init_state(1).tensors()  # names and dtypes; a KV cache's length varies, so not shapes
+        empty = model.init_state(1)
+        template = empty.tensors()  # names and dtypes; a KV cache's length varies, so not shapes
         if set(tensors) != set(template):
             raise ValueError(f"{path}: the saved state does not fit this model (was it saved with another model?)")
         device = next(model.parameters()).device
-        state = type(model.init_state(1)).from_tensors({k: v.to(device, template[k].dtype) for k, v in tensors.items()})
+        state = type(empty).from_tensors({k: v.to(device, template[k].dtype) for k, v in tensors.items()})
         try:
             state = model._check_state(state, 1)
         except ValueError as e:
