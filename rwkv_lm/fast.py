@@ -1,12 +1,15 @@
 """Make a model fast for inference on a CPU without changing its parameter names or what it computes.
 
 One-token steps are matrix-vector products, bound by how fast the weights stream from memory, so the
-weights' layout and width matter more than the model code:
-- fp32: a Linear weight stored column-major ([in, out] in memory, viewed as the usual [out, in]) lets
-  BLAS read it in one pass (the official runtime gets the same by transposing at load time);
+weights' width and the way they are read matter more than the model code. Where the CPU has avx512f,
+`optimize` swaps every bias-free Linear for a `KernelLinear` (same `weight` name) whose decode steps (up
+to MAX_KERNEL_ROWS rows) run in small C kernels (`cpu_kernels.c`, compiled at first use) that stream each
+weight once per step; a prompt (more rows) goes through torch's matmul as before.
+- fp32 (the default): the weights stay as they are; without avx512f they are only stored column-major
+  ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass;
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
-  every activation stays fp32. A step multiplies with a small C kernel (`gemv_bf16.c`, avx512_bf16,
-  fp32-accurate in the activations); a prompt goes through oneDNN's bf16 matmul.
+  every activation stays fp32. A step uses the avx512_bf16 kernel (fp32-accurate in the activations); a
+  prompt goes through oneDNN's bf16 matmul.
 """
 from __future__ import annotations
 
@@ -21,59 +24,130 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KERNEL_SOURCE = Path(__file__).with_name("gemv_bf16.c")
-MAX_KERNEL_ROWS = 16  # up to this many rows (a decode step of a batch) use the kernel; more: a matmul
-MAX_KERNEL_IN = 16384  # the kernel's MAX_IN: wider inputs take the matmul
+from .model import DECAY_SCALE, TimeMix
+
+KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+MAX_KERNEL_ROWS = 16  # the kernels' MAX_BATCH: up to this many rows (a decode step of a batch); more: a matmul
+MAX_BF16_IN = 16384  # the bf16 kernel's MAX_IN: wider inputs take the matmul
+
+_POINTER, _INT64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
+    "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
+    "wkv7_step_f32": [_POINTER] * 9 + [_INT64] * 2 + [_INT],
+}
 
 
 @cache
-def _kernel():
-    """The compiled bf16 matrix-vector kernel, or None (with one warning) where it cannot be built."""
-    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    if "avx512_bf16" not in flags:
-        return None
+def _kernels() -> dict:
+    """The compiled C kernels by name: those the CPU can run, none (with one warning) where the build fails."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    if "avx512f" not in flags:
+        return {}
+    isa = ["-mavx512f"] + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
+    command = ["cc", "-O3", *isa, "-fopenmp", "-shared", "-fPIC"]
     source = KERNEL_SOURCE.read_bytes()
     cache_dir = Path.home() / ".cache" / "rwkv_lm"
-    lib = cache_dir / f"gemv_bf16-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    lib = cache_dir / f"cpu_kernels-{hashlib.sha256(source + ' '.join(command).encode()).hexdigest()[:12]}.so"
     try:
         if not lib.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_suffix(f".{id(source)}.tmp")
-            subprocess.run(["cc", "-O3", "-mavx512f", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(KERNEL_SOURCE)],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(command + ["-o", str(tmp), str(KERNEL_SOURCE)], check=True, capture_output=True, text=True)
             tmp.replace(lib)
-        kernel = ctypes.CDLL(str(lib)).gemv_bf16
+        library = ctypes.CDLL(str(lib))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
-        warnings.warn(f"rwkv_lm: the bf16 CPU kernel could not be built ({str(detail).strip()[:200]}); "
-                      "bf16 steps fall back to oneDNN (slower, bf16-rounded activations)")
-        return None
-    kernel.restype = ctypes.c_int
-    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return kernel
+        warnings.warn(f"rwkv_lm: the CPU kernels could not be built ({str(detail).strip()[:200]}); "
+                      "steps fall back to torch's matmul (slower; bf16: bf16-rounded activations)")
+        return {}
+    kernels = {}
+    for name, argtypes in _SIGNATURES.items():
+        kernel = getattr(library, name, None)  # gemv_bf16 exists only where the CPU has avx512_bf16
+        if kernel is not None:
+            kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
+            kernels[name] = kernel
+    return kernels
 
 
-class BF16Linear(nn.Module):
-    """A bias-free Linear with a bf16 weight for fp32 activations (inference only; same `weight` name)."""
+class KernelLinear(nn.Module):
+    """A bias-free Linear (fp32 or bf16 weight, fp32 activations) whose decode steps run in a C kernel.
 
-    def __init__(self, linear: nn.Linear):
+    Inference only; the weight keeps its name and is stored row-major, the order the kernels stream it.
+    """
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # row-major whatever layout the fp32 weight had: the kernel streams rows
-        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16).contiguous(), requires_grad=False)
+        self.weight = nn.Parameter(linear.weight.detach().to(dtype).contiguous(), requires_grad=False)
+        if dtype == torch.bfloat16:
+            fits = self.in_features % 64 == 0 and self.in_features <= MAX_BF16_IN
+            self.kernel_name = "gemv_bf16" if fits else None
+        else:  # the batched fp32 kernel takes output rows four at a time
+            fits = self.in_features % 16 == 0 and self.out_features % 4 == 0
+            self.kernel_name = "gemv_f32" if fits else None
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        fits = rows <= MAX_KERNEL_ROWS and self.in_features % 64 == 0 and self.in_features <= MAX_KERNEL_IN
-        kernel = _kernel() if fits else None
+        kernel = _kernels().get(self.kernel_name) if rows <= MAX_KERNEL_ROWS else None
         if kernel is None:
-            return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+            return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         x2 = x.reshape(rows, self.in_features).float().contiguous()
         y = torch.empty(rows, self.out_features)
         if kernel(self.weight.data_ptr(), x2.data_ptr(), y.data_ptr(), self.out_features, self.in_features, rows,
                   torch.get_num_threads()):
-            raise RuntimeError(f"gemv_bf16 refused a [{rows}, {self.in_features}] input (out of memory?)")
+            raise RuntimeError(f"{self.kernel_name} refused a [{rows}, {self.in_features}] input (out of memory?)")
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def wkv7_step_kernel(state, r, decay, k, v, a, b):
+    """ops.wkv7's wkv7_step in one C pass: state [B, H, N, N] fp32 (left as it is); the rest [B, H, N] fp32, with
+    the decay itself instead of its log -> (o [B, H, N], new state)."""
+    B, H, N = r.shape
+    y, new_state = torch.empty(B, H, N), torch.empty(B, H, N, N)
+    pointers = (t.contiguous().data_ptr() for t in (r, decay, k, v, a, b))
+    if _kernels()["wkv7_step_f32"](state.contiguous().data_ptr(), new_state.data_ptr(), *pointers, y.data_ptr(),
+                                   B * H, N, torch.get_num_threads()):
+        raise RuntimeError(f"wkv7_step_f32 refused head size {N} (a multiple of 16 fits)")
+    return y, new_state
+
+
+class StepTimeMix(TimeMix):
+    """TimeMix whose one-token steps (T == 1) compute model.py's arithmetic in fewer, larger ops, with the
+    recurrence in one fused C kernel; longer inputs run TimeMix.forward itself."""
+
+    def forward(self, x, shift, wkv_state, v_first):
+        if x.shape[1] != 1:
+            return super().forward(x, shift, wkv_state, v_first)
+        B, _, C = x.shape
+        H, N = self.n_head, self.head_size
+        x1 = x[:, 0]
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x1, shift - x1, self.token_mix)  # the six token-shift mixes at once
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(self.w0[0] + torch.tanh(xw @ self.w1) @ self.w2))
+        a = torch.sigmoid(self.a0[0] + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        kk = F.normalize((k * self.k_k[0]).view(B, H, N), dim=-1)
+        k = k * (1 + (a - 1) * self.k_a[0])
+        if self.layer_id == 0:
+            v_first = v.view(B, 1, C)
+        else:
+            v = v + (v_first.view(B, C) - v) * torch.sigmoid(self.v0[0] + (xv @ self.v1) @ self.v2)
+
+        y, new_state = wkv7_step_kernel(wkv_state, *(t.view(B, H, N) for t in (r, decay, k, v)), -kk, kk * a.view(B, H, N))
+        y = F.group_norm(y.view(B, C), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
+        bonus = (r * k * self.r_k.view(C)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
+        return self.output((y + bonus.view(B, C)) * g).view(B, 1, -1), x[:, -1], new_state, v_first
+
+
+def _fast_steps(att: TimeMix):
+    """Turn a TimeMix into a StepTimeMix in place (parameters untouched) where the kernel fits it."""
+    fits = att.head_size % 16 == 0 and att.x_r.dtype == torch.float32 and "wkv7_step_f32" in _kernels()
+    if type(att) is TimeMix and fits:
+        att.__class__ = StepTimeMix
+        mixes = torch.stack([getattr(att, name)[0] for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")])
+        att.register_buffer("token_mix", mixes, persistent=False)  # [6, 1, C]: not saved, follows .to()
 
 
 @torch.no_grad()
@@ -88,7 +162,13 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
             if not isinstance(child, nn.Linear) or child.bias is not None:
                 continue
             if weights == "bf16":
-                setattr(parent, name, BF16Linear(child))
+                setattr(parent, name, KernelLinear(child, torch.bfloat16))
             elif child.weight.dtype == torch.float32:
-                child.weight.data = child.weight.data.t().contiguous().t()
+                if "gemv_f32" in _kernels():
+                    setattr(parent, name, KernelLinear(child, torch.float32))
+                else:
+                    child.weight.data = child.weight.data.t().contiguous().t()
+    for module in model.modules():
+        if isinstance(module, TimeMix):
+            _fast_steps(module)
     return model.eval()

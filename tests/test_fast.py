@@ -6,7 +6,8 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig
-from rwkv_lm.fast import BF16Linear, _kernel, optimize
+from rwkv_lm.fast import KernelLinear, StepTimeMix, _kernels, optimize, wkv7_step_kernel
+from rwkv_lm.ops.wkv7 import wkv7_step
 
 from conftest import assert_close, random_model
 
@@ -20,7 +21,10 @@ def model():
 def test_fp32_layout_changes_nothing_but_speed(model, tmp_path):
     tokens = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
     fast = optimize(copy.deepcopy(model))
-    assert not fast.head.weight.is_contiguous(), "stored column-major"
+    if "gemv_f32" in _kernels():
+        assert isinstance(fast.head, KernelLinear) and fast.head.weight.dtype == torch.float32
+    else:
+        assert not fast.head.weight.is_contiguous(), "stored column-major for BLAS"
     with torch.no_grad():
         assert_close(fast(tokens)[0], model(tokens)[0], 1e-5, "logits")
     assert fast.state_dict().keys() == model.state_dict().keys()
@@ -38,10 +42,66 @@ def _rounded(model):
     return ref
 
 
+def _steps(model, tokens):
+    """Step a model through tokens [B, T] from a random state: (logits of the last step, final state, first state)."""
+    g = torch.Generator().manual_seed(tokens.shape[0])
+    first = model.init_state(tokens.shape[0]).map(lambda t: torch.randn(t.shape, generator=g))
+    state = first.clone()
+    with torch.no_grad():
+        for t in tokens.T:
+            logits, state = model.step(t, state)
+    return logits, state, first
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 16])
+def test_fp32_steps_match_the_plain_model(model, batch):
+    """Decode steps through the fp32 kernels and the fused time mix, batch sizes over every tile of the kernel."""
+    fast = optimize(copy.deepcopy(model))
+    if _kernels():
+        assert isinstance(fast.blocks[1].att, StepTimeMix) and fast.head.kernel_name == "gemv_f32"
+    tokens = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    out_fast, s_fast, first = _steps(fast, tokens)
+    out_ref, s_ref, _ = _steps(model, tokens)
+    assert_close(out_fast, out_ref, 1e-5, "step logits")
+    for name, a in s_fast.tensors().items():
+        assert_close(a, s_ref.tensors()[name], 1e-5, name)
+    assert all(torch.equal(a, b) for a, b in zip(first.tensors().values(), _steps(fast, tokens)[2].tensors().values())), \
+        "the state given to a step is left as it was"
+
+
+@pytest.mark.skipif("wkv7_step_f32" not in _kernels(), reason="the CPU kernels need avx512f")
+@pytest.mark.parametrize("batch, heads, size", [(1, 3, 64), (4, 2, 16), (16, 12, 64)])
+def test_wkv7_step_kernel_matches_the_reference(batch, heads, size):
+    g = torch.Generator().manual_seed(size)
+    r, log_w, k, v, a, b = (torch.randn(batch, heads, size, generator=g) for _ in range(6))
+    log_w = -torch.rand(batch, heads, size, generator=g)
+    state = torch.randn(batch, heads, size, size, generator=g)
+    before = state.clone()
+    out, new_state = wkv7_step_kernel(state, r, log_w.exp(), k, v, a, b)
+    out_ref, state_ref = wkv7_step(state, r, log_w, k, v, a, b)
+    assert_close(out, out_ref, 1e-6, "output")
+    assert_close(new_state, state_ref, 1e-6, "state")
+    assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(48, 12), (768, 100), (64, 6)])
+def test_fp32_linear_kernel(in_features, out_features):
+    """Every batch size up to MAX_KERNEL_ROWS (and one above: the matmul), inputs not a multiple of 32 wide,
+    outputs not a multiple of 4 (the batched kernel refuses them: the matmul)."""
+    torch.manual_seed(in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    fast = KernelLinear(linear, torch.float32)
+    if _kernels():
+        assert fast.kernel_name == ("gemv_f32" if out_features % 4 == 0 else None)
+    for rows in range(1, 18):
+        x = torch.randn(rows, in_features)
+        assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_bf16_steps_are_fp32_accurate(model, batch):
     fast = optimize(copy.deepcopy(model), weights="bf16")
-    assert isinstance(fast.head, BF16Linear) and fast.head.weight.dtype == torch.bfloat16
+    assert isinstance(fast.head, KernelLinear) and fast.head.weight.dtype == torch.bfloat16
     assert fast.emb.weight.dtype == torch.float32, "only Linear weights change"
     ref = _rounded(model)
     tokens = torch.randint(0, 300, (batch, 12), generator=torch.Generator().manual_seed(1))
@@ -51,7 +111,7 @@ def test_bf16_steps_are_fp32_accurate(model, batch):
             out_fast, s_fast = fast.step(t, s_fast)
             out_ref, s_ref = ref.step(t, s_ref)
     # the kernel splits activations into two bf16 halves: about 2^-16 relative; oneDNN's bf16 alone: 2^-8
-    assert_close(out_fast, out_ref, 2e-4 if _kernel() else 3e-2, "step logits")
+    assert_close(out_fast, out_ref, 2e-4 if "gemv_bf16" in _kernels() else 3e-2, "step logits")
 
 
 def test_bf16_prefill_close(model):
@@ -75,5 +135,5 @@ def test_bf16_after_fp32_layout_and_wide_inputs():
         linear.weight.data = linear.weight.data.t().contiguous().t()  # what optimize() does to fp32 weights
         x = torch.randn(1, in_features)
         expected = x @ linear.weight.detach().bfloat16().float().T
-        kernel = _kernel() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
-        assert_close(BF16Linear(linear)(x), expected, 2e-4 if kernel else 3e-2, f"in_features={in_features}")
+        kernel = "gemv_bf16" in _kernels() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
+        assert_close(KernelLinear(linear, torch.bfloat16)(x), expected, 2e-4 if kernel else 3e-2, f"in_features={in_features}")

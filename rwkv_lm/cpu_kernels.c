@@ -1,0 +1,142 @@
+/* The CPU kernels of rwkv_lm.fast: matrix-vector products for decoding and one fused WKV-7 step.
+ *
+ * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
+ * weight row-major ([out, in], as nn.Linear stores it) in one sequential pass, split between threads by
+ * rows. Compiled with the ISA the CPU reports; the bf16 kernel only where it has avx512_bf16. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define MAX_BATCH 16
+
+/* fp32: y[b, o] = sum_i W[o, i] * x[b, i]; `in` a multiple of 16, `out` of ROWS when batch > 1.
+ * One row: a single stream per thread keeps the hardware prefetcher at full speed (interleaving rows
+ * of W cost up to a third of the bandwidth). A batch: ROWS rows of W against BATCH_BLOCK rows of x at
+ * once, so each weight load feeds several FMAs and the step becomes compute-bound. */
+#define ROWS 4
+#define BATCH_BLOCK 4
+
+static float dot_f32(const float *w, const float *x, int64_t in) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* two chains hide FMA latency */
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
+    }
+    if (i < in) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+static inline __attribute__((always_inline)) void tile_f32(const float *w, const float *x, float *y,
+                                                           int64_t in, int64_t out, int batch) {
+    __m512 acc[ROWS][BATCH_BLOCK];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += 16) {
+        __m512 xv[BATCH_BLOCK];
+        for (int b = 0; b < batch; b++) xv[b] = _mm512_loadu_ps(x + b * in + i);
+        for (int r = 0; r < ROWS; r++) {
+            __m512 wv = _mm512_loadu_ps(w + r * in + i);
+            for (int b = 0; b < batch; b++) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < batch; b++) y[b * out + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
+    if (in % 16 || (batch > 1 && out % ROWS) || batch > MAX_BATCH) return 1;
+    if (batch == 1) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t o = 0; o < out; o++) y[o] = dot_f32(W + o * in, x, in);
+        return 0;
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o += ROWS) {
+        const float *w = W + o * in;
+        int64_t b = 0;
+        for (; b + BATCH_BLOCK <= batch; b += BATCH_BLOCK) tile_f32(w, x + b * in, y + b * out + o, in, out, BATCH_BLOCK);
+        switch (batch - b) { /* constant block sizes, so the tile's loops unroll into registers */
+            case 3: tile_f32(w, x + b * in, y + b * out + o, in, out, 3); break;
+            case 2: tile_f32(w, x + b * in, y + b * out + o, in, out, 2); break;
+            case 1: tile_f32(w, x + b * in, y + b * out + o, in, out, 1); break;
+        }
+    }
+    return 0;
+}
+
+/* One WKV-7 step (model.py's TimeMix with T == 1, ops/wkv7/naive.py's wkv7_step) for `count` heads of
+ * size n (a multiple of 16), in one pass over the state instead of a dozen tensor ops:
+ *   sa = S a;  S' = S diag(w) + sa b^T + v k^T;  y = S' r
+ * S, S_new [count, n, n] (value x key); r, w (the decay itself, not its log), k, v, a, b, y [count, n]. */
+int wkv7_step_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
+                  const float *a, const float *b, float *y, int64_t count, int64_t n, int threads) {
+    if (n % 16) return 1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (count * n * n >= 1 << 16)
+    for (int64_t h = 0; h < count; h++) {
+        const int64_t o = h * n;
+        for (int64_t i = 0; i < n; i++) {
+            const float *s = S + (o + i) * n;
+            float *s_new = S_new + (o + i) * n;
+            __m512 sa = _mm512_set1_ps(dot_f32(s, a + o, n)), vi = _mm512_set1_ps(v[o + i]), acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j += 16) {
+                __m512 sj = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(w + o + j));
+                sj = _mm512_fmadd_ps(sa, _mm512_loadu_ps(b + o + j), sj);
+                sj = _mm512_fmadd_ps(vi, _mm512_loadu_ps(k + o + j), sj);
+                _mm512_storeu_ps(s_new + j, sj);
+                acc = _mm512_fmadd_ps(sj, _mm512_loadu_ps(r + o + j), acc);
+            }
+            y[o + i] = _mm512_reduce_add_ps(acc);
+        }
+    }
+    return 0;
+}
+
+#ifdef __AVX512BF16__
+/* bf16 weights: y[b, o] = sum_i W[o, i] * x[b, i] for a bf16 W and fp32 x; `in` a multiple of 64, at most MAX_IN.
+ * W stays bf16 (half of fp32's bytes) and is fed straight to the avx512_bf16 dot-product instruction. To
+ * keep fp32 accuracy in x, each row of x is split here as x_hi + x_lo, both bf16 (x_lo holds the bits x_hi
+ * drops), and both halves are applied: the result matches an fp32 product with the bf16 weight to about
+ * 2^-16 of x's magnitude. W is read row after row with a prefetch 2 KiB ahead; the other rows of a batch
+ * reuse each row from L1. */
+#define PREFETCH 1024 /* elements ahead */
+#define MAX_IN 16384
+
+/* x [batch, in] fp32 -> hi, lo [batch, in] bf16 with x ~= hi + lo */
+static void split(const float *x, uint16_t *hi, uint16_t *lo, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) {
+        __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+        __m512bh h = _mm512_cvtne2ps_pbh(b, a);
+        __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256((__m512i)h)), 16));
+        __m512 hb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64((__m512i)h, 1)), 16));
+        _mm512_storeu_si512(hi + i, (__m512i)h);
+        _mm512_storeu_si512(lo + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha)));
+    }
+}
+
+int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
+    if (in % 64 || in > MAX_IN || batch > MAX_BATCH) return 1;
+    uint16_t *x_hi = malloc(2 * batch * in * sizeof(uint16_t)), *x_lo = x_hi + batch * in;
+    if (!x_hi) return 2;
+    split(x, x_hi, x_lo, batch * in);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o++) {
+        const uint16_t *w = W + o * in;
+        for (int64_t b = 0; b < batch; b++) {
+            const uint16_t *hi = x_hi + b * in, *lo = x_lo + b * in;
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  /* two chains hide latency */
+            for (int64_t i = 0; i < in; i += 64) {
+                _mm_prefetch((const char *)(w + i + PREFETCH), _MM_HINT_T0);
+                __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + i + 32);
+                acc0 = _mm512_dpbf16_ps(acc0, w0, (__m512bh)_mm512_loadu_si512(lo + i));
+                acc1 = _mm512_dpbf16_ps(acc1, w1, (__m512bh)_mm512_loadu_si512(lo + i + 32));
+                acc0 = _mm512_dpbf16_ps(acc0, w0, (__m512bh)_mm512_loadu_si512(hi + i));
+                acc1 = _mm512_dpbf16_ps(acc1, w1, (__m512bh)_mm512_loadu_si512(hi + i + 32));
+            }
+            y[b * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        }
+    }
+    free(x_hi);
+    return 0;
+}
+#endif
