@@ -71,6 +71,27 @@ def _kernels() -> dict:
     return kernels
 
 
+def _gemv_kernel(weight: torch.Tensor) -> str | None:
+    """The kernel that multiplies by this [out, in] weight (stored row-major) where one fits its shape, else None."""
+    out_features, in_features = weight.shape
+    if weight.dtype == torch.bfloat16:
+        fits = in_features % 64 == 0 and in_features <= MAX_BF16_IN
+        return "gemv_bf16" if fits else None
+    fits = weight.dtype == torch.float32 and in_features % 16 == 0 and out_features % 4 == 0  # batches: 4 rows at a time
+    return "gemv_f32" if fits else None
+
+
+def _gemv(kernel_name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] fp32 (rows <= MAX_KERNEL_ROWS) times weight [out, in] row-major, transposed: [rows, out]."""
+    (rows, in_features), out_features = x.shape, weight.shape[0]
+    x = x.float().contiguous()
+    y = torch.empty(rows, out_features)
+    if _kernels()[kernel_name](weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows,
+                               torch.get_num_threads()):
+        raise RuntimeError(f"{kernel_name} refused a [{rows}, {in_features}] input (out of memory?)")
+    return y
+
+
 class KernelLinear(nn.Module):
     """A bias-free Linear (fp32 or bf16 weight, fp32 activations) whose decode steps run in a C kernel.
 
@@ -81,23 +102,13 @@ class KernelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().to(dtype).contiguous(), requires_grad=False)
-        if dtype == torch.bfloat16:
-            fits = self.in_features % 64 == 0 and self.in_features <= MAX_BF16_IN
-            self.kernel_name = "gemv_bf16" if fits else None
-        else:  # the batched fp32 kernel takes output rows four at a time
-            fits = self.in_features % 16 == 0 and self.out_features % 4 == 0
-            self.kernel_name = "gemv_f32" if fits else None
+        self.kernel_name = _gemv_kernel(self.weight)
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        kernel = _kernels().get(self.kernel_name) if rows <= MAX_KERNEL_ROWS else None
-        if kernel is None:
+        if self.kernel_name not in _kernels() or rows > MAX_KERNEL_ROWS:
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        x2 = x.reshape(rows, self.in_features).float().contiguous()
-        y = torch.empty(rows, self.out_features)
-        if kernel(self.weight.data_ptr(), x2.data_ptr(), y.data_ptr(), self.out_features, self.in_features, rows,
-                  torch.get_num_threads()):
-            raise RuntimeError(f"{self.kernel_name} refused a [{rows}, {self.in_features}] input (out of memory?)")
+        y = _gemv(self.kernel_name, self.weight, x.reshape(rows, self.in_features))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -125,20 +136,26 @@ class StepTimeMix(TimeMix):
         x1 = x[:, 0]
         xr, xw, xk, xv, xa, xg = torch.addcmul(x1, shift - x1, self.token_mix)  # the six token-shift mixes at once
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(self.w0[0] + torch.tanh(xw @ self.w1) @ self.w2))
-        a = torch.sigmoid(self.a0[0] + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        lora = self._lora
+        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(self.w0[0] + lora(torch.tanh(lora(xw, self.w1)), self.w2)))
+        a = torch.sigmoid(self.a0[0] + lora(lora(xa, self.a1), self.a2))
+        g = lora(torch.sigmoid(lora(xg, self.g1)), self.g2)
         kk = F.normalize((k * self.k_k[0]).view(B, H, N), dim=-1)
         k = k * (1 + (a - 1) * self.k_a[0])
         if self.layer_id == 0:
             v_first = v.view(B, 1, C)
         else:
-            v = v + (v_first.view(B, C) - v) * torch.sigmoid(self.v0[0] + (xv @ self.v1) @ self.v2)
+            v = v + (v_first.view(B, C) - v) * torch.sigmoid(self.v0[0] + lora(lora(xv, self.v1), self.v2))
 
         y, new_state = wkv7_step_kernel(wkv_state, *(t.view(B, H, N) for t in (r, decay, k, v)), -kk, kk * a.view(B, H, N))
         y = F.group_norm(y.view(B, C), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
         bonus = (r * k * self.r_k.view(C)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
         return self.output((y + bonus.view(B, C)) * g).view(B, 1, -1), x[:, -1], new_state, v_first
+
+    def _lora(self, x, w):
+        """x @ w for a LoRA matrix w [in, out], which _fast_steps stores transposed: the kernel's [out, in] row-major."""
+        kernel = _gemv_kernel(w.t()) if w.t().is_contiguous() and x.shape[0] <= MAX_KERNEL_ROWS else None
+        return x @ w if kernel is None else _gemv(kernel, w.t(), x)
 
 
 def _fast_steps(att: TimeMix):
@@ -148,6 +165,9 @@ def _fast_steps(att: TimeMix):
         att.__class__ = StepTimeMix
         mixes = torch.stack([getattr(att, name)[0] for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")])
         att.register_buffer("token_mix", mixes, persistent=False)  # [6, 1, C]: not saved, follows .to()
+        for name, p in att.named_parameters():
+            if name[0] in "wavg" and name[1] in "12":  # the LoRA pairs: w1, w2, a1, ...
+                p.data = p.data.t().contiguous().t()
 
 
 @torch.no_grad()

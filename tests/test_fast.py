@@ -53,9 +53,14 @@ def _steps(model, tokens):
     return logits, state, first
 
 
+@pytest.mark.parametrize("lora", [8, 16], ids=["lora-matmul", "lora-kernel"])
 @pytest.mark.parametrize("batch", [1, 2, 5, 16])
-def test_fp32_steps_match_the_plain_model(model, batch):
-    """Decode steps through the fp32 kernels and the fused time mix, batch sizes over every tile of the kernel."""
+def test_fp32_steps_match_the_plain_model(batch, lora):
+    """Decode steps through the fp32 kernels and the fused time mix, batch sizes over every tile of the kernel;
+    LoRA ranks that the kernel takes (multiples of 16) and that it leaves to torch."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=lora, iclr_lora=lora,
+                     value_lora=lora // 2, gate_lora=2 * lora)
+    model = random_model(cfg, seed=lora)
     fast = optimize(copy.deepcopy(model))
     if _kernels():
         assert isinstance(fast.blocks[1].att, StepTimeMix) and fast.head.kernel_name == "gemv_f32"
