@@ -1,5 +1,6 @@
-"""The CUDA WKV-7 kernels on a real GPU, in under five minutes: correctness against fp64, a compute-sanitizer
-memcheck, then forward and forward+backward timings against the torch chunked op and fla (if installed).
+"""The CUDA WKV-7 kernels on a real GPU: correctness against fp64 (about two minutes), a compute-sanitizer
+memcheck, then forward and forward+backward timings against the torch chunked op and fla (if installed;
+its Triton autotuning takes minutes on first use).
 
     python bench/gpu_check.py            # needs a CUDA GPU and `pip install -e ".[cuda]"`
     PYTHONPATH=. python3 bench/gpu_check.py   # from the repo root, where torch and CuPy are installed already
@@ -9,7 +10,7 @@ Exits non-zero when a check fails; the timing table is printed last, in Markdown
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import inspect
 import math
 import os
@@ -21,6 +22,7 @@ import time
 import torch
 
 from rwkv_lm.ops.wkv7 import cuda, wkv7, wkv7_chunked, wkv7_one, wkv7_step
+from rwkv_lm.testing import random_inputs, rel_err
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # max|diff| / max|ref|
@@ -30,49 +32,38 @@ SHAPES = [(1, 1, 1, 64, True), (2, 37, 3, 64, True), (3, 16, 2, 64, False), (2, 
 OUTPUTS = {"wkv7_forward": 4, "wkv7_backward": 7, "wkv7_decode": 2}
 GRAD_NAMES = "r log_w k v a b initial_state".split()
 MEMCHECK_FOUND_ERRORS = 3  # compute-sanitizer's exit status when it found errors
-SPLITS = (1, 2, 4, 8)  # lanes per state row to check and time (cuda.THREADS_PER_ROW is the default)
+SPLITS = (1, 2, 4, 8)  # lanes per state row to check and time (cuda.row_split picks 1 or 2)
 
 
-def random_inputs(B, T, H, N, dtype, requires_grad=False):
-    """Fresh inputs as the model makes them (a = -kk, b = kk * iclr, decay in its range), and a state."""
-    g = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(8), "little"))
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")
-    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
-    log_w = -math.exp(-0.5) * torch.rand(B, T, H, N, generator=g, device="cuda")
-    iclr = torch.rand(B, T, H, N, generator=g, device="cuda")
-    xs = [rnd(B, T, H, N), log_w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * iclr]
-    return [x.to(dtype).requires_grad_(requires_grad) for x in xs], rnd(B, H, N, N)
+def cuda_inputs(B, T, H, N, dtype, requires_grad=False):
+    """Fresh random inputs on the GPU (a new seed every call)."""
+    xs, s0 = random_inputs(B, T, H, N, dtype=dtype, device="cuda")
+    return [x.requires_grad_(requires_grad) for x in xs], s0
 
 
-def poisoned(x):
+class Poisoned:
     """The kernels' launcher for x, filling every output with NaN first, so that nothing unwritten can pass."""
-    launch = cuda._launcher(x)
-    if launch is None:
-        sys.exit("gpu_check: the CUDA kernels are unavailable (see the warning above)")
 
-    def run(name, grid, block, *args):
+    def __init__(self, x, threads_per_row=1):
+        self.launch = cuda._launcher(x, threads_per_row)
+        if self.launch is None:
+            sys.exit("gpu_check: the CUDA kernels are unavailable (see the warning above)")
+        self.threads_per_row = threads_per_row
+
+    def __call__(self, name, grid, block, *args):
         for x in args[-OUTPUTS[name.split("<")[0]]:]:
             if x is not None:
                 x.fill_(float("nan"))
-        launch(name, grid, block, *args)
-
-    return run
+        self.launch(name, grid, block, *args)
 
 
-def rel_err(actual, expected):
-    """max|diff| / max|ref|; NaN when the result is not finite, so it never passes a `<` test."""
-    if not torch.isfinite(actual).all():
-        return float("nan")
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def check_sequence(B, T, H, N, with_state, dtype, grad):
+def check_sequence(B, T, H, N, with_state, dtype, grad, threads_per_row=1):
     """Forward (and, with grad, every gradient) of the kernels against the fp64 chunked op on the same inputs."""
-    xs, s0 = random_inputs(B, T, H, N, dtype, requires_grad=grad)
+    xs, s0 = cuda_inputs(B, T, H, N, dtype, requires_grad=grad)
     s0 = s0.requires_grad_(grad) if with_state else None
     ref_in = [x.detach().double().requires_grad_(grad) for x in xs + ([s0] if with_state else [])]
     o_ref, s_ref = wkv7_chunked(*ref_in[:6], ref_in[6] if with_state else None)
-    o, s = cuda._run(poisoned(xs[0]), cuda.CHECKPOINT_EVERY, *xs, s0)
+    o, s = cuda._run(Poisoned(xs[0], threads_per_row), cuda.CHECKPOINT_EVERY, *xs, s0)
     errs = {"o": (rel_err(o, o_ref), TOLERANCE[dtype]), "state": (rel_err(s, s_ref), 1e-4)}
     if grad:
         do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
@@ -85,10 +76,10 @@ def check_sequence(B, T, H, N, with_state, dtype, grad):
 
 
 def check_decode(B, H, N, dtype):
-    xs, s0 = random_inputs(B, 1, H, N, dtype)
+    xs, s0 = cuda_inputs(B, 1, H, N, dtype)
     xs = [x[:, 0] for x in xs]
     o_ref, s_ref = wkv7_step(s0.double(), *(x.double() for x in xs))
-    o, s = cuda._decode(poisoned(xs[0]), s0, *xs)
+    o, s = cuda._decode(Poisoned(xs[0]), s0, *xs)
     return {"o": (rel_err(o, o_ref), TOLERANCE[dtype]), "state": (rel_err(s, s_ref), 1e-5)}
 
 
@@ -110,10 +101,9 @@ def correctness() -> bool:
         for B, H in [(1, 1), (8, 12), (3, 64)]:
             report(f"{dname} decode B={B} H={H} N=64", check_decode(B, H, 64, dtype))
         for split in SPLITS:
-            with threads_per_row(split):
-                report(f"{dname} B=2 T=37 H=3 N=64 {split} lanes/row fwd+bwd", check_sequence(2, 37, 3, 64, True, dtype, grad=True))
+            report(f"{dname} B=2 T=37 H=3 N=64 {split} lanes/row fwd+bwd", check_sequence(2, 37, 3, 64, True, dtype, True, split))
     # the dispatcher's default on CUDA tensors is the kernel, and the RNN op agrees with the sequence op
-    xs, s0 = random_inputs(2, 20, 4, 64, torch.bfloat16)
+    xs, s0 = cuda_inputs(2, 20, 4, 64, torch.bfloat16)
     o, s = wkv7(*xs, initial_state=s0)
     state = s0
     for t in range(20):
@@ -127,7 +117,7 @@ def correctness() -> bool:
 def sanitize_run():
     """What compute-sanitizer watches: small launches of every kernel in every dtype, nothing else."""
     for dtype in DTYPES.values():
-        xs, s0 = random_inputs(2, 19, 2, 64, dtype, requires_grad=True)
+        xs, s0 = cuda_inputs(2, 19, 2, 64, dtype, requires_grad=True)
         s0.requires_grad_()
         o, s = wkv7(*xs, initial_state=s0, backend="cuda")
         torch.autograd.grad(o.float().sum() + s.sum(), xs + [s0])
@@ -160,7 +150,7 @@ def memcheck() -> bool | None:
     return {0: True, MEMCHECK_FOUND_ERRORS: False}.get(run.returncode)
 
 
-def milliseconds(fn, budget_s=2.0):
+def milliseconds(fn, budget_s=1.0):
     """Median of CUDA-event timings, as many runs as fit the budget (3 to 20) after one warm-up."""
     fn()
     torch.cuda.synchronize()
@@ -179,39 +169,54 @@ def milliseconds(fn, budget_s=2.0):
     return sorted(times)[len(times) // 2]
 
 
-@contextlib.contextmanager
-def threads_per_row(split):
-    """Run the kernels with another row split (compiled on first use) for a while."""
-    default = cuda.THREADS_PER_ROW
-    cuda.THREADS_PER_ROW = split
-    try:
-        yield
-    finally:
-        cuda.THREADS_PER_ROW = default
-
-
-def implementations():
-    """name -> (op on r, log_w, k, v, a, b, row split its timing runs under)."""
-    impls = {f"cuda, {p} lanes/row{' (default)' if p == cuda.THREADS_PER_ROW else ''}": (
-        lambda *xs: wkv7(*xs, backend="cuda"), p) for p in SPLITS}
-    impls["torch chunked"] = (lambda *xs: wkv7(*xs, backend="chunked"), cuda.THREADS_PER_ROW)
+def fla_ops():
+    """fla's chunked RWKV-7 op (the fastest public one) as name -> op, when fla is installed; its state is
+    [B, H, key, value], ours [B, H, value, key]."""
     try:
         from fla.ops.rwkv7 import chunk_rwkv7
     except ImportError:
         print("fla is not installed: no fla rows", flush=True)
-    else:
-        decay = "log_w" if "log_w" in inspect.signature(chunk_rwkv7).parameters else "w"
-        impls["fla chunk_rwkv7"] = (lambda r, log_w, k, v, a, b: chunk_rwkv7(
-            r=r, k=k, v=v, a=a, b=b, **{decay: log_w}, scale=1.0, output_final_state=True), cuda.THREADS_PER_ROW)
-    return impls
+        return {}
+    # fla takes the decays in the inputs' dtype
+    ops = {"fla chunk_rwkv7": lambda r, log_w, k, v, a, b: chunk_rwkv7(
+        r, log_w.to(r.dtype), k, v, a, b, output_final_state=True)}
+    if "lower_bound" in inspect.signature(chunk_rwkv7).parameters:  # the decay bound lets it use bigger chunks
+        ops["fla chunk_rwkv7, lower_bound"] = lambda r, log_w, k, v, a, b: chunk_rwkv7(
+            r, log_w.to(r.dtype), k, v, a, b, output_final_state=True, lower_bound=-math.exp(-0.5))
+    return ops
 
 
-def benchmark():
+def check_fla():
+    """fla against the same fp64 reference, for comparison (it does not decide pass or fail)."""
+    for name, op in fla_ops().items():
+        xs, _ = cuda_inputs(2, 300, 12, 64, torch.bfloat16)
+        o_ref, s_ref = wkv7_chunked(*(x.double() for x in xs))
+        try:
+            o, s = op(*xs)
+            errs = f"o {rel_err(o, o_ref):.1e}, state {rel_err(s.transpose(-1, -2), s_ref):.1e}"
+        except Exception as e:
+            errs = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        print(f"info {name} bf16 B=2 T=300 H=12 N=64 against fp64: {errs}", flush=True)
+
+
+def implementations():
+    """name -> op on (r, log_w, k, v, a, b) returning (o, final state)."""
+    impls = {"cuda (row split by size)": cuda.wkv7_cuda}
+    impls |= {f"cuda, {p} lanes/row": functools.partial(cuda.wkv7_cuda, threads_per_row=p) for p in SPLITS}
+    impls["torch chunked"] = lambda *xs: wkv7(*xs, backend="chunked")
+    return impls | fla_ops()
+
+
+def benchmark(only=()):
+    """bf16 inputs with an fp32 log_w, as the model makes them: training shapes, then a 0.1B model's prefill."""
     rows = []
-    for B, T, H, N in [(8, 4096, 64, 64), (8, 4096, 12, 64)]:
-        xs, _ = random_inputs(B, T, H, N, torch.bfloat16, requires_grad=True)
+    for B, T, H, N in [(8, 4096, 64, 64), (8, 4096, 12, 64), (1, 4096, 12, 64)]:
+        xs, _ = cuda_inputs(B, T, H, N, torch.bfloat16, requires_grad=True)
+        xs[1] = xs[1].detach().float().requires_grad_()
         do = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
-        for name, (fn, split) in implementations().items():
+        for name, fn in implementations().items():
+            if only and not any(word in name for word in only):
+                continue
             def fwd():
                 with torch.no_grad():
                     fn(*xs)
@@ -222,10 +227,12 @@ def benchmark():
             ms = []
             for run in (fwd, fwd_bwd):
                 try:
-                    with threads_per_row(split):
-                        ms.append(milliseconds(run))
+                    ms.append(milliseconds(run))
                 except torch.cuda.OutOfMemoryError:
                     ms.append(float("nan"))  # shown as OOM
+                except Exception as e:  # another library's op refusing these inputs is a result, not a crash
+                    print(f"error {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    ms.append(float("nan"))
                 torch.cuda.empty_cache()
             rows.append((name, f"B={B} T={T} H={H} N={N}", *ms, *(B * T * H / (m / 1e3) for m in ms)))
             print(f"timed {name} B={B} T={T} H={H}: fwd {ms[0]:.2f} ms, fwd+bwd {ms[1]:.2f} ms", flush=True)
@@ -233,13 +240,16 @@ def benchmark():
 
 
 def cell(x, fmt):
-    return "OOM" if math.isnan(x) else format(x, fmt)
+    return "--" if math.isnan(x) else format(x, fmt)  # out of memory or refused (the log says which)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sanitize-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-bench", action="store_true", help="correctness and memcheck only")
+    parser.add_argument("--bench-only", action="store_true", help="timings only (after a run that checked)")
+    parser.add_argument("--impls", default="", help="time only the implementations whose names contain one of "
+                        "these comma-separated words, e.g. '1 lanes,4 lanes,fla'")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU")
@@ -247,9 +257,12 @@ def main():
         return sanitize_run()
     started = time.time()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
-    ok = correctness()
-    ok &= memcheck() is not False
-    rows = [] if args.skip_bench else benchmark()
+    ok = True
+    if not args.bench_only:
+        ok = correctness()
+        check_fla()
+        ok &= memcheck() is not False
+    rows = [] if args.skip_bench else benchmark([w for w in args.impls.split(",") if w])
     print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.time() - started:.0f} s; "
           f"{torch.cuda.get_device_name()}, bf16, median of CUDA-event timings\n")
     print("| implementation | shape | fwd ms | fwd+bwd ms | fwd head-tokens/s | fwd+bwd head-tokens/s |")

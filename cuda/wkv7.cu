@@ -2,8 +2,10 @@
 //
 //     sa_t = S_{t-1} a_t;   S_t = S_{t-1} diag(exp(log_w_t)) + sa_t b_t^T + v_t k_t^T;   o_t = S_t r_t
 //
-// Sequence tensors are [B, T, H, N] in the storage type F (float, bf16_t or fp16_t); states are
-// [B, H, N, N] fp32, row = value index. All arithmetic is fp32. One source serves NVRTC (through
+// Sequence tensors are [B, T, H, N] in the storage type F (float, bf16_t or fp16_t), except log_w and
+// its gradient, which are fp32 always: rounded to bf16, log_w would make each step's decay off by up
+// to ~0.1%, an error that compounds over a long context. States are [B, H, N, N] fp32, row = value index. All arithmetic
+// is fp32. One source serves NVRTC (through
 // CuPy) and g++ (the CPU emulation in tests/cuda_emu), so it includes no CUDA header.
 //
 // forward/backward: one block of N * P threads per (batch, head). The P neighbouring lanes
@@ -71,9 +73,9 @@ struct Token {
 };
 
 template <typename F>
-__device__ __forceinline__ Token load_token(long long x, const F* r, const F* log_w, const F* k, const F* v, const F* a,
+__device__ __forceinline__ Token load_token(long long x, const F* r, const float* log_w, const F* k, const F* v, const F* a,
                                             const F* b) {
-    return Token{to_float(r[x]), to_float(log_w[x]), to_float(k[x]), to_float(v[x]), to_float(a[x]), to_float(b[x])};
+    return Token{to_float(r[x]), log_w[x], to_float(k[x]), to_float(v[x]), to_float(a[x]), to_float(b[x])};
 }
 
 // Inputs [B, T, H, N]; h0 [B, H, N, N] or null (zeros). Writes o, the final state hT, and, when ck is
@@ -81,7 +83,7 @@ __device__ __forceinline__ Token load_token(long long x, const F* r, const F* lo
 // last) and sa [B, T, H, N] fp32 for the backward.
 template <typename F, int N, int P>
 __global__ void __launch_bounds__(N * P) wkv7_forward(
-    int len, int ck_every, const F* __restrict__ r, const F* __restrict__ log_w, const F* __restrict__ k,
+    int len, int ck_every, const F* __restrict__ r, const float* __restrict__ log_w, const F* __restrict__ k,
     const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b, const float* __restrict__ h0,
     F* __restrict__ o, float* __restrict__ hT, float* __restrict__ ck, float* __restrict__ sa_out) {
     constexpr int C = N / P;
@@ -146,10 +148,10 @@ __global__ void __launch_bounds__(N * P) wkv7_forward(
 // each checkpoint so that rounding grows over at most ck_every steps.
 template <typename F, int N, int P>
 __global__ void __launch_bounds__(N * P) wkv7_backward(
-    int len, int ck_every, const F* __restrict__ r, const F* __restrict__ log_w, const F* __restrict__ k,
+    int len, int ck_every, const F* __restrict__ r, const float* __restrict__ log_w, const F* __restrict__ k,
     const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b, const F* __restrict__ do_,
     const float* __restrict__ dhT, const float* __restrict__ ck, const float* __restrict__ sa_in,
-    F* __restrict__ dr, F* __restrict__ dlog_w, F* __restrict__ dk, F* __restrict__ dv, F* __restrict__ da,
+    F* __restrict__ dr, float* __restrict__ dlog_w, F* __restrict__ dk, F* __restrict__ dv, F* __restrict__ da,
     F* __restrict__ db, float* __restrict__ dh0) {
     constexpr int C = N / P;
     static_assert(N % P == 0 && 32 % P == 0, "a row splits evenly across lanes of one warp");
@@ -228,7 +230,7 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
         if (part == 0) {
             const long long x = token_index<N>(len, t, i);
             dr[x] = from_float<F>(dri);
-            dlog_w[x] = from_float<F>(dwi * wi);
+            dlog_w[x] = dwi * wi;
             dk[x] = from_float<F>(dki);
             dv[x] = from_float<F>(dvi);
             da[x] = from_float<F>(dai);
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
 // state is read and written once, in full 128-byte rows. blockDim.x: a multiple of 32.
 template <typename F, int N>
 __global__ void wkv7_decode(
-    const float* __restrict__ S_in, const F* __restrict__ r, const F* __restrict__ log_w, const F* __restrict__ k,
+    const float* __restrict__ S_in, const F* __restrict__ r, const float* __restrict__ log_w, const F* __restrict__ k,
     const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b, F* __restrict__ o,
     float* __restrict__ S_out) {
     static_assert(N % 32 == 0, "the decode kernel splits a state row across one warp");
@@ -256,7 +258,7 @@ __global__ void wkv7_decode(
     for (int c = 0; c < C; c++) {
         const long long x = head * N + lane + 32 * c;
         rr[c] = to_float(r[x]);
-        ww[c] = expf(to_float(log_w[x]));
+        ww[c] = expf(log_w[x]);
         kk[c] = to_float(k[x]);
         aa[c] = to_float(a[x]);
         bb[c] = to_float(b[x]);

@@ -6,8 +6,9 @@ import torch
 
 from rwkv_lm import ChatSession, RWKVConfig
 from rwkv_lm.generate import prefill
+from rwkv_lm.testing import random_model
 
-from conftest import assert_close, random_model
+from conftest import assert_close
 
 
 @pytest.fixture(scope="module")

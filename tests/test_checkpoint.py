@@ -8,8 +8,9 @@ import torch
 import rwkv_lm
 from rwkv_lm import CheckpointError, RWKVConfig
 from rwkv_lm.checkpoint import atomic_write
+from rwkv_lm.testing import random_model
 
-from conftest import assert_close, random_model
+from conftest import assert_close
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import torch
 import rwkv_lm
 from rwkv_lm import RWKVConfig
 from rwkv_lm.cli import main
+from rwkv_lm.testing import random_model
 
-from conftest import random_model
 
 # The official runtime reads RWKV_V7_ON when rwkv.model is imported, so it runs in its own process.
 OFFICIAL_GREEDY = r"""

@@ -11,9 +11,9 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import GPT, ChatSession, GPTConfig, RWKVConfig
+from rwkv_lm.testing import random_model
 from rwkv_lm.tokenizer import train_bpe
 
-from conftest import random_model
 
 # Gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")

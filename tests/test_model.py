@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from rwkv_lm import RWKV, RWKVConfig, RWKVState
+from rwkv_lm.testing import random_model
 
-from conftest import assert_close, random_model
+from conftest import assert_close
 
 
 def test_parallel_matches_rnn_mode():

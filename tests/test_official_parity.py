@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import rwkv_lm
+from rwkv_lm.testing import random_model
 
-from conftest import assert_close, random_model
+from conftest import assert_close
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,23 @@
 """The chunked op and the dispatcher against the per-step reference, outputs, final state and gradients."""
-import math
-
 import pytest
 import torch
 
 from rwkv_lm.ops.wkv7 import wkv7, wkv7_chunked, wkv7_naive, wkv7_one
+from rwkv_lm.testing import random_inputs
 
 from conftest import assert_close
 
 
-def random_inputs(B, T, H, N, dtype, seed, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
-    iclr = torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
-    log_w = -math.exp(-0.5) * torch.rand(B, T, H, N, generator=g, dtype=torch.float64) - 0.05 * rnd(B, T, H, N).abs()
-    xs = [rnd(B, T, H, N), log_w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * iclr, rnd(B, H, N, N)]
-    return [x.to(dtype).requires_grad_(requires_grad) for x in xs]
+def inputs(B, T, H, N, dtype, seed):
+    """The op's six inputs and an initial state, as one list."""
+    xs, s0 = random_inputs(B, T, H, N, dtype=dtype, seed=seed)
+    return xs + [s0.to(dtype)]
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 16])
 @pytest.mark.parametrize("T", [1, 15, 37])
 def test_chunked_matches_naive_fp64(T, chunk):
-    *xs, s0 = random_inputs(3, T, 2, 8, torch.float64, seed=T * 10 + chunk)
+    *xs, s0 = inputs(3, T, 2, 8, torch.float64, seed=T * 10 + chunk)
     o_ref, s_ref = wkv7_naive(*xs, s0)
     o, s = wkv7_chunked(*xs, s0, chunk_size=chunk)
     assert_close(o, o_ref, 1e-12, "output")
@@ -30,7 +25,7 @@ def test_chunked_matches_naive_fp64(T, chunk):
 
 
 def test_chunked_fp32_and_strong_decay():
-    *xs, s0 = random_inputs(2, 50, 2, 16, torch.float32, seed=1)
+    *xs, s0 = inputs(2, 50, 2, 16, torch.float32, seed=1)
     xs[1] = xs[1] * 8  # decays far below the model's range: nothing may overflow
     o_ref, s_ref = wkv7_naive(*xs, s0)
     o, s = wkv7_chunked(*xs, s0)
@@ -41,7 +36,7 @@ def test_chunked_fp32_and_strong_decay():
 
 @pytest.mark.parametrize("decay_scale", [1.0, 30.0], ids=["model-decay", "strong-decay"])
 def test_chunked_gradients_match_naive(decay_scale):
-    xs = random_inputs(2, 21, 2, 8, torch.float64, seed=2)
+    xs = inputs(2, 21, 2, 8, torch.float64, seed=2)
     xs[1] = xs[1] * decay_scale  # strong decays take the exact (unfactored) pair products
     xs = [x.requires_grad_() for x in xs]
     g_out = torch.randn(2, 21, 2, 8, dtype=torch.float64)
@@ -55,14 +50,14 @@ def test_chunked_gradients_match_naive(decay_scale):
 
 
 def test_chunked_gradcheck():
-    xs = random_inputs(1, 5, 1, 3, torch.float64, seed=3, requires_grad=True)
+    xs = [x.requires_grad_() for x in inputs(1, 5, 1, 3, torch.float64, seed=3)]
     assert torch.autograd.gradcheck(lambda *a: wkv7_chunked(*a[:6], a[6], chunk_size=2), xs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dispatcher_backends_agree(dtype, monkeypatch):
     monkeypatch.delenv("RWKV_LM_WKV_BACKEND", raising=False)  # the default backend, whatever the environment says
-    *xs, s0 = random_inputs(2, 19, 2, 8, dtype, seed=4)
+    *xs, s0 = inputs(2, 19, 2, 8, dtype, seed=4)
     o_ref, s_ref = wkv7(*xs, initial_state=s0, backend="naive")
     o, s = wkv7(*xs, initial_state=s0)
     assert o.dtype == dtype and s.dtype == torch.float32
@@ -75,7 +70,7 @@ def test_dispatcher_backends_agree(dtype, monkeypatch):
 
 
 def test_bad_shapes_and_backend():
-    *xs, s0 = random_inputs(2, 4, 2, 8, torch.float32, seed=5)
+    *xs, s0 = inputs(2, 4, 2, 8, torch.float32, seed=5)
     with pytest.raises(ValueError, match="k has shape"):
         wkv7(xs[0], xs[1], xs[2][:, :3], *xs[3:])
     with pytest.raises(ValueError, match="initial_state"):

@@ -2,7 +2,6 @@
 uses at run time, and g++ runs the same source on the CPU (tests/cuda_emu) through the op's own
 autograd glue, against the fp64 reference. GPU cases at the end skip without a GPU."""
 import ctypes
-import math
 import re
 import subprocess
 import warnings
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from rwkv_lm.ops.wkv7 import cuda, wkv7, wkv7_naive, wkv7_one, wkv7_step
+from rwkv_lm.testing import random_inputs
 
 from conftest import assert_close
 
@@ -23,36 +23,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def random_inputs(B, T, H, N, dtype, seed):
-    """r, log_w, k, v, a, b [B, T, H, N] as the model makes them (a = -kk, b = kk * iclr), and a state [B, H, N, N]."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
-    iclr = torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
-    log_w = -math.exp(-0.5) * torch.rand(B, T, H, N, generator=g, dtype=torch.float64)
-    xs = [rnd(B, T, H, N), log_w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * iclr]
-    return [x.to(dtype) for x in xs], rnd(B, H, N, N).float()
+class EmuLauncher:
+    """cuda/wkv7.cu built for the CPU emulation, called like the CuPy launcher (same attributes too)."""
+
+    def __init__(self, lib, threads_per_row=1):
+        self.lib, self.threads_per_row = lib, threads_per_row
+
+    def __call__(self, name, grid, block, *args):
+        entry = getattr(self.lib, re.sub(r"[<>, ]+", "__", name).strip("_"))
+        values = [ctypes.c_int(x) if isinstance(x, int) else ctypes.c_void_p(None if x is None else x.data_ptr()) for x in args]
+        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(x) for x in values))
+        status = entry(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), pointers)
+        assert status == 0, f"{name}: the threads of a block did not all reach the same __syncthreads"
 
 
 @pytest.fixture(scope="session")
-def emu(tmp_path_factory):
-    """cuda/wkv7.cu built for the CPU emulation, as a launcher with the signature of the CuPy one."""
+def emu_lib(tmp_path_factory):
     lib_path = tmp_path_factory.mktemp("cuda_emu") / "wkv7_emu.so"
     subprocess.run(
         ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
          f"-I{cuda.SOURCE.parent}", f"-I{EMU_DIR}", str(EMU_DIR / "wkv7_emu.cpp"), "-o", str(lib_path)],
         check=True,
     )
-    lib = ctypes.CDLL(str(lib_path))
+    return ctypes.CDLL(str(lib_path))
 
-    def launch(name, grid, block, *args):
-        entry = getattr(lib, re.sub(r"[<>, ]+", "__", name).strip("_"))
-        values = [ctypes.c_int(x) if isinstance(x, int) else ctypes.c_void_p(None if x is None else x.data_ptr()) for x in args]
-        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(x) for x in values))
-        status = entry(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), pointers)
-        assert status == 0, f"{name}: the threads of a block did not all reach the same __syncthreads"
 
-    return launch
+@pytest.fixture
+def emu(emu_lib):
+    return EmuLauncher(emu_lib)
 
 
 def reference(xs, s0):
@@ -66,19 +64,16 @@ def reference(xs, s0):
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_nvrtc_compiles_every_kernel(arch, monkeypatch):
-    """Every dtype at N = 64 with the default row split; on sm_90 (H100, H200) also the others
+def test_nvrtc_compiles_every_kernel(arch):
+    """Every dtype at N = 64 with the row splits the op chooses; on sm_90 (H100, H200) also the others
     bench/gpu_check.py checks and times."""
     compiler = pytest.importorskip("cupy.cuda.compiler")
     try:
         compiler._get_nvrtc_version()
     except Exception as e:
         pytest.skip(f"NVRTC is not installed (pip install 'rwkv-lm[cuda]'): {e}")
-    names = set()
-    for split in (1, 2, 4, 8) if arch == "sm_90" else (cuda.THREADS_PER_ROW,):
-        monkeypatch.setattr(cuda, "THREADS_PER_ROW", split)
-        names |= {cuda.kernel_name(k, dt, 64) for k in cuda.KERNELS for dt in cuda.KERNEL_DTYPES}
-    names = sorted(names)
+    splits = (1, 2, 4, 8) if arch == "sm_90" else (1, 2)
+    names = sorted({cuda.kernel_name(k, dt, 64, p) for k in cuda.KERNELS for dt in cuda.KERNEL_DTYPES for p in splits})
     program = compiler._NVRTCProgram(cuda.SOURCE.read_text(), "wkv7.cu", name_expressions=names, method="cubin")
     cubin, mapping = program.compile(cuda.NVRTC_OPTIONS + cuda.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",))
     assert len(cubin) > 0 and set(mapping) == set(names)
@@ -88,7 +83,7 @@ def test_nvrtc_compiles_every_kernel(arch, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_emulated_forward_and_gradients(emu, dtype, ck_every):
     B, T, H, N = 2, 19, 2, 64  # T is not a multiple of either checkpoint interval
-    xs, s0 = random_inputs(B, T, H, N, dtype, seed=ck_every)
+    xs, s0 = random_inputs(B, T, H, N, dtype=dtype, seed=ck_every)
     o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
     xs = [x.requires_grad_() for x in xs + [s0]]
     o, s = cuda._run(emu, ck_every, *xs)
@@ -101,22 +96,31 @@ def test_emulated_forward_and_gradients(emu, dtype, ck_every):
         assert_close(g, g_ref, TOLERANCE[dtype], f"grad {name}")
 
 
-def test_emulated_one_thread_per_row(emu, monkeypatch):
-    """The kernels' row split is a template argument: one lane per row is the same recurrence."""
-    monkeypatch.setattr(cuda, "THREADS_PER_ROW", 1)
-    xs, s0 = random_inputs(2, 11, 1, 64, torch.float32, seed=3)
+@pytest.mark.parametrize("split", [2, 4])
+def test_emulated_row_splits(emu_lib, split):
+    """The row split is a template argument: several lanes per row compute the same recurrence."""
+    xs, s0 = random_inputs(2, 11, 1, 64, seed=3)
     o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
     xs = [x.requires_grad_() for x in xs + [s0]]
-    o, s = cuda._run(emu, 4, *xs)
+    o, s = cuda._run(EmuLauncher(emu_lib, threads_per_row=split), 4, *xs)
     assert_close(o, o_ref, 2e-5, "output")
     grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), xs)
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert_close(g, g_ref, TOLERANCE[torch.float32], f"grad {name}")
 
 
+def test_row_split_follows_the_measured_rule(monkeypatch):
+    """One lane per row, except for training with fewer (batch, head) blocks than multiprocessors."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    shape = lambda B, H: torch.empty(B, 4, H, 64, device="meta")
+    assert cuda.row_split(shape(8, 64), needs_grad=True) == 1
+    assert cuda.row_split(shape(8, 12), needs_grad=True) == 2
+    assert cuda.row_split(shape(8, 12), needs_grad=False) == 1
+
+
 def test_emulated_inference_without_state_or_saving(emu):
     """No initial state, nothing requiring grad: the forward saves nothing, T longer than a checkpoint."""
-    xs, _ = random_inputs(1, 37, 3, 32, torch.float32, seed=5)
+    xs, _ = random_inputs(1, 37, 3, 32, seed=5)
     o_ref, s_ref = wkv7_naive(*(x.double() for x in xs))
     o, s = cuda._run(emu, cuda.CHECKPOINT_EVERY, *xs, None)
     assert_close(o, o_ref, 2e-5, "output")
@@ -125,7 +129,7 @@ def test_emulated_inference_without_state_or_saving(emu):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_emulated_decode(emu, dtype):
-    xs, s0 = random_inputs(3, 1, 2, 64, dtype, seed=6)
+    xs, s0 = random_inputs(3, 1, 2, 64, dtype=dtype, seed=6)
     xs = [x[:, 0] for x in xs]
     o_ref, s_ref = wkv7_step(s0.double(), *(x.double() for x in xs))
     o, s = cuda._decode(emu, s0, *xs)
@@ -135,7 +139,7 @@ def test_emulated_decode(emu, dtype):
 
 
 def test_falls_back_with_one_warning_on_cpu_tensors():
-    xs, s0 = random_inputs(1, 5, 1, 32, torch.float32, seed=7)
+    xs, s0 = random_inputs(1, 5, 1, 32, seed=7)
     cuda._warned.clear()
     with pytest.warns(RuntimeWarning, match="need CUDA tensors"):
         o, s = wkv7(*xs, initial_state=s0, backend="cuda")
@@ -148,7 +152,7 @@ def test_falls_back_with_one_warning_on_cpu_tensors():
 
 
 def test_rejects_inputs_on_two_devices(emu):
-    xs, s0 = random_inputs(1, 3, 1, 32, torch.float32, seed=8)
+    xs, s0 = random_inputs(1, 3, 1, 32, seed=8)
     with pytest.raises(ValueError, match="one device"):
         cuda._run(emu, 16, *xs, s0.to("meta"))
 
@@ -159,7 +163,7 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda.available()), r
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_gpu_matches_reference(dtype):
-    xs, s0 = random_inputs(2, 37, 3, 64, dtype, seed=8)
+    xs, s0 = random_inputs(2, 37, 3, 64, dtype=dtype, seed=8)
     o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
     xs = [x.cuda().requires_grad_() for x in xs + [s0]]
     o, s = wkv7(*xs[:6], initial_state=xs[6], backend="cuda")

@@ -51,7 +51,7 @@ def _pair_matrices(r, a, k, b, cum, cum_before):
     L = r.shape[-2]
     ones = torch.ones(L, L, dtype=torch.bool, device=r.device)
     upto, before = torch.tril(ones), torch.tril(ones, -1)
-    if float((-cum[..., -1, :]).max()) < MAX_FACTORED_DECAY:
+    if float((-cum[..., -1, :]).detach().max()) < MAX_FACTORED_DECAY:
         a_t, r_t = a * cum_before.exp(), r * cum.exp()
         inv = (-cum).exp()
         b_s, k_s = b * inv, k * inv

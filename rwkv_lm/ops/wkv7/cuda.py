@@ -26,8 +26,10 @@ CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 # The forward saves the state this often for the backward, which undoes steps from each saved state:
 # memory B*H*N*N*4*T/16 bytes, against rounding that grows with the product of 1/decay between saves.
 CHECKPOINT_EVERY = 16
-# Lanes sharing one state row in the forward and backward (a template argument; 1, 2, 4, 8 or 16 for N = 64).
-THREADS_PER_ROW = 4
+# Lanes sharing one state row in the forward and backward (a template argument: 1, 2, 4, 8 or 16 for
+# N = 64). On an H200 (bench/RESULTS.md) one lane per row was fastest, or within 3% of it, for every
+# forward and for training once the (batch, head) blocks outnumber the multiprocessors (1.45x faster
+# than 4 lanes at B=8, H=64); with fewer blocks, two lanes per row shortened the backward by 13%.
 DECODE_THREADS = 128
 
 _warned: set[str] = set()
@@ -40,9 +42,17 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def kernel_name(kernel: str, dtype: torch.dtype, head_size: int) -> str:
+def row_split(r: torch.Tensor, needs_grad: bool) -> int:
+    """Lanes per state row for a [B, T, H, N] CUDA input (see above)."""
+    B, _, H, _ = r.shape
+    if needs_grad and B * H < torch.cuda.get_device_properties(r.device).multi_processor_count:
+        return 2
+    return 1
+
+
+def kernel_name(kernel: str, dtype: torch.dtype, head_size: int, threads_per_row: int = 1) -> str:
     """The C++ name of one instantiation, e.g. `wkv7_forward<bf16_t, 64, 4>` or `wkv7_decode<float, 64>`."""
-    split = "" if kernel == "wkv7_decode" else f", {THREADS_PER_ROW}"
+    split = "" if kernel == "wkv7_decode" else f", {threads_per_row}"
     return f"{kernel}<{KERNEL_DTYPES[dtype]}, {head_size}{split}>"
 
 
@@ -62,12 +72,13 @@ def available() -> bool:
 
 
 class _CupyLauncher:
-    """The three kernels for one (device, dtype, head size), compiled by NVRTC and launched on torch's stream."""
+    """The three kernels for one (device, dtype, head size, row split), compiled by NVRTC and launched on
+    torch's stream."""
 
-    def __init__(self, device: int, dtype: torch.dtype, head_size: int):
+    def __init__(self, device: int, dtype: torch.dtype, head_size: int, threads_per_row: int):
         cupy = _cupy()
-        names = [kernel_name(k, dtype, head_size) for k in KERNELS]
-        self.device = device
+        names = [kernel_name(k, dtype, head_size, threads_per_row) for k in KERNELS]
+        self.device, self.threads_per_row = device, threads_per_row
         with cupy.cuda.Device(device):
             module = cupy.RawModule(code=SOURCE.read_text(), options=NVRTC_OPTIONS, name_expressions=names)
             self.functions = {name: module.get_function(name) for name in names}  # compiles here
@@ -83,7 +94,7 @@ class _CupyLauncher:
             self.functions[name](grid, (block,), packed)
 
 
-def _launcher(x: torch.Tensor):
+def _launcher(x: torch.Tensor, threads_per_row: int = 1):
     """The compiled kernels for x's device, dtype and head size, or None (with a warning) where there are none."""
     N = x.shape[-1]
     if x.device.type != "cuda":
@@ -94,10 +105,10 @@ def _launcher(x: torch.Tensor):
         return None
     if _cupy() is None:
         return None
-    key = (x.device.index, x.dtype, N, THREADS_PER_ROW)
+    key = (x.device.index, x.dtype, N, threads_per_row)
     if key not in _modules:
         try:
-            _modules[key] = _CupyLauncher(*key[:3])
+            _modules[key] = _CupyLauncher(*key)
         except Exception as e:
             _warn_once(f"wkv7: compiling {SOURCE} failed, using the torch ops instead:\n{e}")
             _modules[key] = None
@@ -106,13 +117,14 @@ def _launcher(x: torch.Tensor):
 
 def _forward(launch, ck_every, r, log_w, k, v, a, b, h0, save):
     B, T, H, N = r.shape
+    P = launch.threads_per_row
     o = torch.empty_like(r)
     hT = r.new_empty(B, H, N, N, dtype=torch.float32)
     ck = sa = None
     if save:
         ck = r.new_empty(B, H, math.ceil(T / ck_every), N, N, dtype=torch.float32)
         sa = r.new_empty(B, T, H, N, dtype=torch.float32)
-    launch(kernel_name("wkv7_forward", r.dtype, N), (H, B), N * THREADS_PER_ROW, T, ck_every,
+    launch(kernel_name("wkv7_forward", r.dtype, N, P), (H, B), N * P, T, ck_every,
            r, log_w, k, v, a, b, h0, o, hT, ck, sa)
     return o, hT, ck, sa
 
@@ -122,8 +134,6 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, launch, ck_every, r, log_w, k, v, a, b, h0):
         o, hT, ck, sa = _forward(launch, ck_every, r, log_w, k, v, a, b, h0, save=True)
         ctx.launch, ctx.ck_every, ctx.has_h0 = launch, ck_every, h0 is not None
-        # the backward of the module the forward used, whatever THREADS_PER_ROW is by then
-        ctx.kernel, ctx.block = kernel_name("wkv7_backward", r.dtype, r.shape[-1]), r.shape[-1] * THREADS_PER_ROW
         ctx.save_for_backward(r, log_w, k, v, a, b, ck, sa)
         return o, hT
 
@@ -132,11 +142,13 @@ class _WKV7(torch.autograd.Function):
     def backward(ctx, do, dhT):
         r, log_w, k, v, a, b, ck, sa = ctx.saved_tensors
         B, T, H, N = r.shape
-        grads = [torch.empty_like(r) for _ in range(6)]
+        P = ctx.launch.threads_per_row
+        grads = [torch.empty_like(x) for x in (r, log_w, k, v, a, b)]
         dh0 = r.new_empty(B, H, N, N, dtype=torch.float32)
         do = do.to(r.dtype).contiguous()
         dhT = dhT.float().contiguous()
-        ctx.launch(ctx.kernel, (H, B), ctx.block, T, ctx.ck_every, r, log_w, k, v, a, b, do, dhT, ck, sa, *grads, dh0)
+        ctx.launch(kernel_name("wkv7_backward", r.dtype, N, P), (H, B), N * P, T, ctx.ck_every,
+                   r, log_w, k, v, a, b, do, dhT, ck, sa, *grads, dh0)
         return None, None, *grads, dh0 if ctx.has_h0 else None
 
 
@@ -147,12 +159,24 @@ def _same_device(*xs):
         raise ValueError(f"wkv7: all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+def _kernel_inputs(r, log_w, k, v, a, b):
+    """What the kernels read: log_w in fp32 whatever the model's dtype, the rest in r's dtype."""
+    xs = [x.to(r.dtype).contiguous() for x in (r, k, v, a, b)]
+    xs.insert(1, log_w.float().contiguous())
+    return xs
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
 def _run(launch, ck_every, r, log_w, k, v, a, b, initial_state):
-    """Make the inputs what the kernels read (one dtype, contiguous, fp32 state); record autograd only if needed."""
+    """Make the inputs what the kernels read (r's dtype, fp32 decays and state, contiguous); record autograd
+    only if needed."""
     _same_device(r, log_w, k, v, a, b, initial_state)
-    xs = [x.to(r.dtype).contiguous() for x in (r, log_w, k, v, a, b)]
+    xs = _kernel_inputs(r, log_w, k, v, a, b)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    if torch.is_grad_enabled() and any(x.requires_grad for x in xs + [h0] if x is not None):
+    if _needs_grad(*xs, h0):
         return _WKV7.apply(launch, ck_every, *xs, h0)
     o, hT, _, _ = _forward(launch, ck_every, *xs, h0, save=False)
     return o, hT
@@ -161,17 +185,20 @@ def _run(launch, ck_every, r, log_w, k, v, a, b, initial_state):
 def _decode(launch, state, r, log_w, k, v, a, b):
     B, H, N = r.shape
     _same_device(state, r, log_w, k, v, a, b)
-    xs = [x.to(r.dtype).contiguous() for x in (r, log_w, k, v, a, b)]
+    xs = _kernel_inputs(r, log_w, k, v, a, b)
     state = state.float().contiguous()
     o, new_state = torch.empty_like(xs[0]), torch.empty_like(state)
     launch(kernel_name("wkv7_decode", r.dtype, N), (B * H, 1), DECODE_THREADS, state, *xs, o, new_state)
     return o, new_state
 
 
-def wkv7_cuda(r, log_w, k, v, a, b, initial_state=None):
-    """`wkv7` on the GPU: inputs [B, T, H, N], initial_state [B, H, N, N] or None -> (o, final state fp32)."""
+def wkv7_cuda(r, log_w, k, v, a, b, initial_state=None, threads_per_row: int | None = None):
+    """`wkv7` on the GPU: inputs [B, T, H, N], initial_state [B, H, N, N] or None -> (o, final state fp32).
+    threads_per_row: lanes per state row (None: `row_split`'s choice)."""
     B, _, H, _ = r.shape
-    launch = _launcher(r) if B * H else None
+    if threads_per_row is None and r.is_cuda:
+        threads_per_row = row_split(r, _needs_grad(r, log_w, k, v, a, b, initial_state))
+    launch = _launcher(r, threads_per_row or 1) if B * H else None
     if launch is None:
         return wkv7_chunked(r, log_w, k, v, a, b, initial_state)
     return _run(launch, CHECKPOINT_EVERY, r, log_w, k, v, a, b, initial_state)
@@ -182,8 +209,7 @@ def wkv7_one_cuda(state, r, log_w, k, v, a, b):
 
     The decode kernel is for inference; when a gradient is wanted the differentiable torch step runs.
     """
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (state, r, log_w, k, v, a, b))
-    launch = None if needs_grad or r.numel() == 0 else _launcher(r)
+    launch = None if _needs_grad(state, r, log_w, k, v, a, b) or r.numel() == 0 else _launcher(r)
     if launch is None:
         return wkv7_step(state, r, log_w, k, v, a, b)
     return _decode(launch, state, r, log_w, k, v, a, b)
