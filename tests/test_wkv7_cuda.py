@@ -4,6 +4,7 @@ autograd glue, against the fp64 reference. GPU cases at the end skip without a G
 import ctypes
 import re
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -176,3 +177,14 @@ def test_gpu_matches_reference(dtype):
     for t in range(xs[0].shape[1]):
         _, state = wkv7_one(state, *(x[:, t].detach() for x in xs[:6]), backend="cuda")
     assert_close(state.cpu(), s_ref, 1e-4, "stepped state")
+
+
+def test_a_wheel_installs_the_kernel_source_where_the_loader_looks():
+    """Outside a checkout the loader reads <prefix>/share/rwkv_lm/cuda/wkv7.cu; pyproject must put it there."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    data_files = project["tool"]["setuptools"]["data-files"]
+    installed = {f"{folder}/{Path(f).name}" for folder, files in data_files.items() for f in files}
+    wheel_path = cuda._SOURCES[1].relative_to(sys.prefix).as_posix()
+    assert wheel_path in installed

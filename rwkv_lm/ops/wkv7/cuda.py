@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 from .chunk import wkv7_chunked
 from .naive import wkv7_step
 
-SOURCE = Path(__file__).resolve().parents[3] / "cuda" / "wkv7.cu"
+# cuda/wkv7.cu of a checkout (or an editable install), else the copy a wheel installs under <prefix>/share
+_SOURCES = [Path(__file__).resolve().parents[3] / "cuda" / "wkv7.cu", Path(sys.prefix) / "share" / "rwkv_lm" / "cuda" / "wkv7.cu"]
+SOURCE = next((p for p in _SOURCES if p.exists()), _SOURCES[0])
 KERNELS = ("wkv7_forward", "wkv7_backward", "wkv7_decode")
 KERNEL_DTYPES = {torch.float32: "float", torch.bfloat16: "bf16_t", torch.float16: "fp16_t"}
 # Passed to cupy.RawModule; CuPy adds CUPY_NVRTC_OPTIONS and -arch=sm_XX for the device (the CPU test
