@@ -115,7 +115,8 @@ class ChatSession:
         started = False
         try:
             for token in decoding:
-                self._pending = [int(token)]
+                # kept in step with the decoding, so `state`, `fork` and `save` see the reply so far
+                self._state, self._pending = decoding.state, [int(token)]
                 self.num_tokens += 1
                 piece = text.push(self._pending[0])
                 if not started:  # the template puts a space after "Assistant:"; it is not part of the answer

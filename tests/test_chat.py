@@ -135,6 +135,22 @@ def _greedy(model, tokens, n):
     return out
 
 
+def test_state_mid_reply_holds_every_token_so_far(model, world):
+    prompt = world.encode("User: Hi!\n\nAssistant:")
+    generated = _greedy(model, prompt, 8)
+    session, pieces, checked = ChatSession(model, world), [], 0
+    for piece in session.reply("Hi!", temperature=0, max_tokens=8):
+        pieces.append(piece)
+        if len(pieces) % 2:  # not after every token: tokens go by unseen between two looks
+            continue
+        so_far = prompt + generated[:session.num_tokens - len(prompt)]
+        assert_close(session.state.layers[-1].wkv, prefill(model, so_far)[1].layers[-1].wkv, 1e-4, f"state after {len(so_far)} tokens")
+        checked += 1
+    assert checked >= 2
+    # reading the state did not disturb the reply
+    assert "".join(pieces) == "".join(ChatSession(model, world).reply("Hi!", temperature=0, max_tokens=8))
+
+
 def test_break_keeps_what_was_generated(model, world):
     full = ChatSession(model, world)
     reference = "".join(full.reply("Tell me a story.", temperature=0, max_tokens=12))
