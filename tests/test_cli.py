@@ -85,6 +85,10 @@ def test_generate_with_sampling_options(official_pth, capsys):
     (["generate", "--model", "{tiny}", "--prompt", "Hi", "--tokenizer", "/no/tok.json"], "no such file"),
     (["generate", "--prompt", "Hi"], "the following arguments are required: --model"),
     (["fly"], "invalid choice: 'fly'"),
+    (["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "gpu0"], "is not a device; use cpu or cuda"),
+    (["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "mps"], "only cpu and cuda are supported"),
+    pytest.param(["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "cuda"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
 ])
 def test_bad_input_is_one_line_and_exit_2(official_pth, tmp_path, tiny_model, capsys, argv, message):
     tiny = rwkv_lm.save(tiny_model, tmp_path / "tiny.safetensors")
