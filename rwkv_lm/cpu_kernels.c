@@ -39,15 +39,20 @@ static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 
 /* a tile is compute-bound: the hardware prefetcher alone falls behind on its four rows, so it prefetches the
- * next tile's rows itself (B=16 products from memory 56 -> 75 GFLOP/s on one core) */
+ * next tile's rows into L1 and those L2_AHEAD tiles on into L2 itself (B=16 products from memory 56 -> ~80
+ * GFLOP/s on one core, 111 when the weight is in cache) */
+#define L2_AHEAD 8
 static inline __attribute__((always_inline)) void tile_f32(const float *w, const float *x, float *y,
                                                            int64_t in, int64_t out, int batch) {
-    const float *next = w + ROWS * in;
+    const float *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
     __m512 acc[ROWS][BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
         for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in; i += 16) {
-        for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
+        for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
+        }
         __m512 xv[BATCH_BLOCK];
         for (int b = 0; b < batch; b++) xv[b] = _mm512_loadu_ps(x + b * in + i);
         for (int r = 0; r < ROWS; r++) {

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import DECAY_SCALE, TimeMix
+from .model import DECAY_SCALE, ChannelMix, TimeMix
 
 KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 MAX_KERNEL_ROWS = 16  # the kernels' MAX_BATCH: up to this many rows (a decode step of a batch); more: a matmul
@@ -154,8 +154,9 @@ class StepTimeMix(TimeMix):
 
     def _lora(self, x, w):
         """x @ w for a LoRA matrix w [in, out], which _fast_steps stores transposed: the kernel's [out, in] row-major."""
-        kernel = _gemv_kernel(w.t()) if w.t().is_contiguous() and x.shape[0] <= MAX_KERNEL_ROWS else None
-        return x @ w if kernel is None else _gemv(kernel, w.t(), x)
+        if self.lora_kernel is None or x.shape[0] > MAX_KERNEL_ROWS:
+            return x @ w
+        return _gemv(self.lora_kernel, w.t(), x)
 
 
 def _fast_steps(att: TimeMix):
@@ -165,9 +166,21 @@ def _fast_steps(att: TimeMix):
         att.__class__ = StepTimeMix
         mixes = torch.stack([getattr(att, name)[0] for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")])
         att.register_buffer("token_mix", mixes, persistent=False)  # [6, 1, C]: not saved, follows .to()
-        for name, p in att.named_parameters():
-            if name[0] in "wavg" and name[1] in "12":  # the LoRA pairs: w1, w2, a1, ...
-                p.data = p.data.t().contiguous().t()
+        loras = [p for name, p in att.named_parameters() if name[0] in "wavg" and name[1] in "12"]  # w1, w2, a1, ...
+        for p in loras:
+            p.data = p.data.t().contiguous().t()
+        kernels = {_gemv_kernel(p.t()) for p in loras}
+        att.lora_kernel = kernels.pop() if len(kernels) == 1 else None  # one kernel for all, or torch for all
+
+
+class StepChannelMix(ChannelMix):
+    """ChannelMix whose one-token steps mix the token shift in one op instead of a concatenation and three."""
+
+    def forward(self, x, shift):
+        if x.shape[1] != 1:
+            return super().forward(x, shift)
+        h = torch.relu(self.key(torch.addcmul(x, shift.unsqueeze(1) - x, self.x_k)))
+        return self.value(h * h), x[:, -1]
 
 
 @torch.no_grad()
@@ -191,4 +204,6 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
     for module in model.modules():
         if isinstance(module, TimeMix):
             _fast_steps(module)
+        elif type(module) is ChannelMix:
+            module.__class__ = StepChannelMix
     return model.eval()

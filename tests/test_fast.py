@@ -6,7 +6,7 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig
-from rwkv_lm.fast import KernelLinear, StepTimeMix, _kernels, optimize, wkv7_step_kernel
+from rwkv_lm.fast import KernelLinear, StepChannelMix, StepTimeMix, _kernels, optimize, wkv7_step_kernel
 from rwkv_lm.ops.wkv7 import wkv7_step
 
 from conftest import assert_close, random_model
@@ -59,11 +59,13 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
     """Decode steps through the fp32 kernels and the fused time mix, batch sizes over every tile of the kernel;
     LoRA ranks that the kernel takes (multiples of 16) and that it leaves to torch."""
     cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=lora, iclr_lora=lora,
-                     value_lora=lora // 2, gate_lora=2 * lora)
+                     value_lora=lora, gate_lora=2 * lora)
     model = random_model(cfg, seed=lora)
     fast = optimize(copy.deepcopy(model))
     if _kernels():
         assert isinstance(fast.blocks[1].att, StepTimeMix) and fast.head.kernel_name == "gemv_f32"
+        assert fast.blocks[1].att.lora_kernel == ("gemv_f32" if lora % 16 == 0 else None)
+    assert isinstance(fast.blocks[1].ffn, StepChannelMix)
     tokens = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(batch))
     out_fast, s_fast, first = _steps(fast, tokens)
     out_ref, s_ref, _ = _steps(model, tokens)
