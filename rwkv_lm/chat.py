@@ -113,25 +113,23 @@ class ChatSession:
         text = TextStream(self.tokenizer, (TURN_END, *params.stop))
         decoding = Decoding(self.model, logits, self._state, params, banned=(END_OF_TEXT,))
         started = False
-        try:
-            for token in decoding:
-                # kept in step with the decoding, so `state`, `fork` and `save` see the reply so far
-                self._state, self._pending = decoding.state, [int(token)]
-                self.num_tokens += 1
-                piece = text.push(self._pending[0])
-                if not started:  # the template puts a space after "Assistant:"; it is not part of the answer
-                    piece = piece.lstrip(" ")
-                    started = bool(piece)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    self._open_reply = text.stop_hit != TURN_END
-                    return
-            piece = text.finish()
+        for token in decoding:
+            # kept in step with the decoding, so `state`, `fork` and `save` see the reply so far, also after
+            # the caller stops the loop; the last token waits in _pending until something needs it fed
+            self._state, self._pending = decoding.state, [int(token)]
+            self.num_tokens += 1
+            piece = text.push(self._pending[0])
+            if not started:  # the template puts a space after "Assistant:"; it is not part of the answer
+                piece = piece.lstrip(" ")
+                started = bool(piece)
             if piece:
-                yield piece.lstrip(" ") if not started else piece
-        finally:
-            self._state = decoding.state
+                yield piece
+            if text.stopped:
+                self._open_reply = text.stop_hit != TURN_END
+                return
+        piece = text.finish()
+        if piece:
+            yield piece.lstrip(" ") if not started else piece
 
     def _feed_pending(self) -> None:
         if self._pending:

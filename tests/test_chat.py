@@ -135,20 +135,26 @@ def _greedy(model, tokens, n):
     return out
 
 
-def test_state_mid_reply_holds_every_token_so_far(model, world):
+@pytest.mark.parametrize("stop_after", [None, 3], ids=["whole-reply", "break"])
+def test_state_mid_reply_holds_every_token_so_far(model, world, stop_after):
     prompt = world.encode("User: Hi!\n\nAssistant:")
     generated = _greedy(model, prompt, 8)
-    session, pieces, checked = ChatSession(model, world), [], 0
+    session, pieces = ChatSession(model, world), []
+
+    def check(when):
+        so_far = prompt + generated[:session.num_tokens - len(prompt)]
+        assert_close(session.state.layers[-1].wkv, prefill(model, so_far)[1].layers[-1].wkv, 1e-4, f"state {when}")
+
     for piece in session.reply("Hi!", temperature=0, max_tokens=8):
         pieces.append(piece)
-        if len(pieces) % 2:  # not after every token: tokens go by unseen between two looks
-            continue
-        so_far = prompt + generated[:session.num_tokens - len(prompt)]
-        assert_close(session.state.layers[-1].wkv, prefill(model, so_far)[1].layers[-1].wkv, 1e-4, f"state after {len(so_far)} tokens")
-        checked += 1
-    assert checked >= 2
+        if len(pieces) == stop_after:
+            break
+        if len(pieces) % 2 == 0:  # not after every token: tokens go by unseen between two looks
+            check(f"after {len(pieces)} pieces")
+    check("after the reply")
+    assert len(pieces) >= 3
     # reading the state did not disturb the reply
-    assert "".join(pieces) == "".join(ChatSession(model, world).reply("Hi!", temperature=0, max_tokens=8))
+    assert "".join(pieces) == "".join(ChatSession(model, world).reply("Hi!", temperature=0, max_tokens=8))[:len("".join(pieces))]
 
 
 def test_break_keeps_what_was_generated(model, world):
