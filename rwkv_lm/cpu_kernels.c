@@ -116,8 +116,8 @@ int wkv7_step_f32(const float *S, float *S_new, const float *r, const float *w, 
  * W stays bf16 (half of fp32's bytes) and is fed straight to the avx512_bf16 dot-product instruction. To
  * keep fp32 accuracy in x, each row of x is split here as x_hi + x_lo, both bf16 (x_lo holds the bits x_hi
  * drops), and both halves are applied: the result matches an fp32 product with the bf16 weight to about
- * 2^-16 of x's magnitude. W is read row after row with a prefetch 2 KiB ahead; the other rows of a batch
- * reuse each row from L1. */
+ * 2^-16 of x's magnitude. One row of x: W is read row after row with a prefetch 2 KiB ahead; a batch: in tiles,
+ * as the fp32 kernel does. */
 #define PREFETCH 1024 /* elements ahead */
 #define MAX_IN 16384
 
@@ -133,11 +133,52 @@ static void split(const float *x, uint16_t *hi, uint16_t *lo, int64_t n) {
     }
 }
 
+/* ROWS rows of W against `batch` rows of x (both halves), as tile_f32 does for fp32 */
+static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo,
+                                                            float *y, int64_t in, int64_t out, int batch) {
+    const uint16_t *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
+    __m512 acc[ROWS][BATCH_BLOCK];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += 32) {
+        for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
+        }
+        __m512bh hi[BATCH_BLOCK], lo[BATCH_BLOCK];
+        for (int b = 0; b < batch; b++) {
+            hi[b] = (__m512bh)_mm512_loadu_si512(x_hi + b * in + i);
+            lo[b] = (__m512bh)_mm512_loadu_si512(x_lo + b * in + i);
+        }
+        for (int r = 0; r < ROWS; r++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * in + i);
+            for (int b = 0; b < batch; b++) acc[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][b], wv, lo[b]), wv, hi[b]);
+        }
+    }
+    for (int b = 0; b < batch; b++) _mm_storeu_ps(y + b * out, sum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]));
+}
+
 int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     if (in % 64 || in > MAX_IN || batch > MAX_BATCH) return 1;
     uint16_t *x_hi = malloc(2 * batch * in * sizeof(uint16_t)), *x_lo = x_hi + batch * in;
     if (!x_hi) return 2;
     split(x, x_hi, x_lo, batch * in);
+    if (batch > 1 && out % ROWS == 0) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t o = 0; o < out; o += ROWS) {
+            const uint16_t *w = W + o * in;
+            int64_t b = 0;
+            for (; b + BATCH_BLOCK <= batch; b += BATCH_BLOCK)
+                tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, BATCH_BLOCK);
+            switch (batch - b) {
+                case 3: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 3); break;
+                case 2: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 2); break;
+                case 1: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 1); break;
+            }
+        }
+        free(x_hi);
+        return 0;
+    }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < out; o++) {
         const uint16_t *w = W + o * in;

@@ -105,7 +105,7 @@ def test_fp32_linear_kernel(in_features, out_features):
         assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 16])
 def test_bf16_steps_are_fp32_accurate(model, batch):
     fast = optimize(copy.deepcopy(model), weights="bf16")
     assert isinstance(fast.head, KernelLinear) and fast.head.weight.dtype == torch.bfloat16
