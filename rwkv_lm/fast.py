@@ -102,13 +102,14 @@ class KernelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().to(dtype).contiguous(), requires_grad=False)
-        self.kernel_name = _gemv_kernel(self.weight)
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if self.kernel_name not in _kernels() or rows > MAX_KERNEL_ROWS:
+        # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
+        kernel = _gemv_kernel(self.weight) if self.weight.device.type == "cpu" and rows <= MAX_KERNEL_ROWS else None
+        if kernel not in _kernels():
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        y = _gemv(self.kernel_name, self.weight, x.reshape(rows, self.in_features))
+        y = _gemv(kernel, self.weight, x.reshape(rows, self.in_features))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -129,7 +130,7 @@ class StepTimeMix(TimeMix):
     recurrence in one fused C kernel; longer inputs run TimeMix.forward itself."""
 
     def forward(self, x, shift, wkv_state, v_first):
-        if x.shape[1] != 1:
+        if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":  # e.g. after .to() the kernels don't fit
             return super().forward(x, shift, wkv_state, v_first)
         B, _, C = x.shape
         H, N = self.n_head, self.head_size

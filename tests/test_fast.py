@@ -6,7 +6,7 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig
-from rwkv_lm.fast import KernelLinear, StepChannelMix, StepTimeMix, _kernels, optimize, wkv7_step_kernel
+from rwkv_lm.fast import KernelLinear, StepChannelMix, StepTimeMix, _gemv_kernel, _kernels, optimize, wkv7_step_kernel
 from rwkv_lm.ops.wkv7 import wkv7_step
 
 from conftest import assert_close, random_model
@@ -45,7 +45,7 @@ def _rounded(model):
 def _steps(model, tokens):
     """Step a model through tokens [B, T] from a random state: (logits of the last step, final state, first state)."""
     g = torch.Generator().manual_seed(tokens.shape[0])
-    first = model.init_state(tokens.shape[0]).map(lambda t: torch.randn(t.shape, generator=g))
+    first = model.init_state(tokens.shape[0]).map(lambda t: torch.randn(t.shape, generator=g).to(t.dtype))
     state = first.clone()
     with torch.no_grad():
         for t in tokens.T:
@@ -63,7 +63,7 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
     model = random_model(cfg, seed=lora)
     fast = optimize(copy.deepcopy(model))
     if _kernels():
-        assert isinstance(fast.blocks[1].att, StepTimeMix) and fast.head.kernel_name == "gemv_f32"
+        assert isinstance(fast.blocks[1].att, StepTimeMix) and _gemv_kernel(fast.head.weight) == "gemv_f32"
         assert fast.blocks[1].att.lora_kernel == ("gemv_f32" if lora % 16 == 0 else None)
     assert isinstance(fast.blocks[1].ffn, StepChannelMix)
     tokens = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(batch))
@@ -74,6 +74,16 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
         assert_close(a, s_ref.tensors()[name], 1e-5, name)
     assert all(torch.equal(a, b) for a, b in zip(first.tensors().values(), _steps(fast, tokens)[2].tensors().values())), \
         "the state given to a step is left as it was"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_optimized_model_moved_to_another_dtype(model, dtype):
+    """After .to(dtype) the kernels no longer fit: the optimized model must fall back to torch, not misread memory."""
+    fast = optimize(copy.deepcopy(model)).to(dtype)
+    tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(4))
+    out_fast, _, _ = _steps(fast, tokens)
+    out_ref, _, _ = _steps(model.to(dtype), tokens)
+    assert_close(out_fast, out_ref, 1e-6 if dtype == torch.float64 else 3e-2, "step logits")
 
 
 @pytest.mark.skipif("wkv7_step_f32" not in _kernels(), reason="the CPU kernels need avx512f")
@@ -98,8 +108,7 @@ def test_fp32_linear_kernel(in_features, out_features):
     torch.manual_seed(in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     fast = KernelLinear(linear, torch.float32)
-    if _kernels():
-        assert fast.kernel_name == ("gemv_f32" if out_features % 4 == 0 else None)
+    assert _gemv_kernel(fast.weight) == ("gemv_f32" if out_features % 4 == 0 else None)
     for rows in range(1, 18):
         x = torch.randn(rows, in_features)
         assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
