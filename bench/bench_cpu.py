@@ -18,6 +18,7 @@ import copy
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,6 +129,48 @@ def tokenizer_speed(rounds):
     return len(text.encode("utf-8")), best
 
 
+STREAM_READ_C = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {  /* sum a 1 GiB array with AVX-512 loads; print the best GB/s of 10 passes */
+    size_t n = (1ull << 30) / sizeof(float);
+    int threads = atoi(argv[1]);
+    float *a = aligned_alloc(64, n * sizeof(float)), total = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (size_t i = 0; i < n; i++) a[i] = (float)(i & 7);
+    double best = 1e9;
+    for (int pass = 0; pass < 10; pass++) {
+        double start = omp_get_wtime();
+        #pragma omp parallel num_threads(threads) reduction(+ : total)
+        {
+            size_t lo = n / omp_get_num_threads() * omp_get_thread_num(), hi = lo + n / omp_get_num_threads();
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (size_t i = lo; i < hi; i += 64) {
+                s0 = _mm512_add_ps(s0, _mm512_load_ps(a + i));
+                s1 = _mm512_add_ps(s1, _mm512_load_ps(a + i + 16));
+                s2 = _mm512_add_ps(s2, _mm512_load_ps(a + i + 32));
+                s3 = _mm512_add_ps(s3, _mm512_load_ps(a + i + 48));
+            }
+            total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+        }
+        double t = omp_get_wtime() - start;
+        best = t < best ? t : best;
+    }
+    printf("%.2f %g\n", n * sizeof(float) / best / 1e9, total);
+}
+"""
+
+
+def stream_read_gbps(threads: int) -> float:
+    """The machine's streaming-read bandwidth (GB/s): the ceiling of a decode step that reads every weight once."""
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "stream.c").write_text(STREAM_READ_C)
+    subprocess.run(["cc", "-O3", "-mavx512f", "-fopenmp", "-o", str(tmp / "stream"), str(tmp / "stream.c")], check=True)
+    return float(subprocess.run([str(tmp / "stream"), str(threads)], check=True, capture_output=True, text=True).stdout.split()[0])
+
+
 def machine() -> str:
     info = {}
     try:
@@ -185,6 +228,7 @@ def main():
         f"rwkv_lm fast bf16 B={B}": lambda: fast16.decode(tokens, D, B) / B,
     })
     agree = top_token_agreement(fast32.model, fast16.model, tokens[:args.agreement_tokens])
+    bandwidth = {n: stream_read_gbps(n) for n in sorted({1, args.threads})} if "avx512f: yes" in host else {}
     tok_bytes, tok = tokenizer_speed(args.rounds)
 
     weight_bytes = sum(p.numel() * 4 for n, p in plain.named_parameters() if n != "emb.weight")
@@ -200,7 +244,10 @@ def main():
         f"- batched decode: B={B} gives {b1 / decode[f'rwkv_lm fast fp32 B={B}']:.1f}x the tokens/s of B=1 with fp32 weights, "
         f"{decode['rwkv_lm fast bf16'] / decode[f'rwkv_lm fast bf16 B={B}']:.1f}x with bf16 weights",
         f"- fp32 decode at B=1 reads {weight_bytes / 2**20:.0f} MiB of weights per token: "
-        f"rwkv pip {weight_bytes * D / ref_d / 1e9:.1f} GB/s, rwkv_lm fast {weight_bytes * D / b1 / 1e9:.1f} GB/s effective",
+        f"rwkv pip {weight_bytes * D / ref_d / 1e9:.1f} GB/s, rwkv_lm fast {weight_bytes * D / b1 / 1e9:.1f} GB/s effective; "
+        "the machine's streaming read (1 GiB, AVX-512 loads): "
+        + ", ".join(f"{gbps:.1f} GB/s with {n} thread{'s' * (n > 1)}" for n, gbps in bandwidth.items())
+        + (f" (rwkv_lm fast fp32 decode at {100 * weight_bytes * D / b1 / 1e9 / bandwidth[args.threads]:.0f}% of it)" if bandwidth else ""),
         f"- bf16 weights vs fp32 (fast paths, token by token): same top token at {100 * agree:.1f}% of "
         f"{args.agreement_tokens} positions of a random sequence",
         f"- World tokenizer: {tok_bytes / 1e6:.2f} MB of mixed text, rwkv_lm {tok_bytes / tok['ours'] / 1e6:.1f} MB/s, "
