@@ -14,6 +14,7 @@ import functools
 import inspect
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from rwkv_lm.model import DECAY_SCALE
 from rwkv_lm.ops.wkv7 import cuda, wkv7, wkv7_chunked, wkv7_one, wkv7_step
 from rwkv_lm.testing import random_inputs, rel_err
 
@@ -35,9 +37,13 @@ MEMCHECK_FOUND_ERRORS = 3  # compute-sanitizer's exit status when it found error
 SPLITS = (1, 2, 4, 8)  # lanes per state row to check and time (cuda.row_split picks 1 or 2)
 
 
-def cuda_inputs(B, T, H, N, dtype, requires_grad=False):
-    """Fresh random inputs on the GPU (a new seed every call)."""
-    xs, s0 = random_inputs(B, T, H, N, dtype=dtype, device="cuda")
+SEEDS = random.Random()  # seeded once per run (--seed), so a failure can be run again with the same inputs
+
+
+def cuda_inputs(B, T, H, N, dtype, requires_grad=False, fp32_decay=False):
+    """Fresh random inputs on the GPU; fp32_decay: log_w unrounded in fp32, as the model makes it."""
+    xs, s0 = random_inputs(B, T, H, N, device="cuda", seed=SEEDS.getrandbits(63))
+    xs = [x if i == 1 and fp32_decay else x.to(dtype) for i, x in enumerate(xs)]
     return [x.requires_grad_(requires_grad) for x in xs], s0
 
 
@@ -57,13 +63,16 @@ class Poisoned:
         self.launch(name, grid, block, *args)
 
 
-def check_sequence(B, T, H, N, with_state, dtype, grad, threads_per_row=1):
-    """Forward (and, with grad, every gradient) of the kernels against the fp64 chunked op on the same inputs."""
-    xs, s0 = cuda_inputs(B, T, H, N, dtype, requires_grad=grad)
+def check_sequence(B, T, H, N, with_state, dtype, grad, threads_per_row=None, fp32_decay=False):
+    """Forward (and, with grad, every gradient) of the kernels against the fp64 chunked op on the same inputs,
+    with the row split the op picks unless one is given."""
+    xs, s0 = cuda_inputs(B, T, H, N, dtype, requires_grad=grad, fp32_decay=fp32_decay)
+    threads_per_row = threads_per_row or cuda.row_split(xs[0], grad)
     s0 = s0.requires_grad_(grad) if with_state else None
     ref_in = [x.detach().double().requires_grad_(grad) for x in xs + ([s0] if with_state else [])]
     o_ref, s_ref = wkv7_chunked(*ref_in[:6], ref_in[6] if with_state else None)
     o, s = cuda._run(Poisoned(xs[0], threads_per_row), cuda.CHECKPOINT_EVERY, *xs, s0)
+    # the state is fp32 throughout: 1e-4 fails if anything rounds it (or the decays) to 16 bits
     errs = {"o": (rel_err(o, o_ref), TOLERANCE[dtype]), "state": (rel_err(s, s_ref), 1e-4)}
     if grad:
         do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
@@ -94,9 +103,12 @@ def correctness() -> bool:
         print(f"{'FAIL' if bad else 'ok  '} {what}: {worst}" + (f"  <-- {bad}" if bad else ""), flush=True)
 
     for dname, dtype in DTYPES.items():
-        for B, T, H, N, with_state in SHAPES:
+        for B, T, H, N, with_state in SHAPES:  # at the row split the op picks for each
             report(f"{dname} B={B} T={T} H={H} N={N} state={with_state} fwd+bwd",
                    check_sequence(B, T, H, N, with_state, dtype, grad=True))
+        if dtype != torch.float32:  # what the model feeds: 16-bit inputs with fp32 decays, kept fp32
+            report(f"{dname} B=2 T=300 H=12 N=64 fp32 log_w fwd+bwd",
+                   check_sequence(2, 300, 12, 64, True, dtype, grad=True, fp32_decay=True))
         report(f"{dname} B=4 T=100 H=12 N=64 inference", check_sequence(4, 100, 12, 64, True, dtype, grad=False))
         for B, H in [(1, 1), (8, 12), (3, 64)]:
             report(f"{dname} decode B={B} H={H} N=64", check_decode(B, H, 64, dtype))
@@ -115,12 +127,14 @@ def correctness() -> bool:
 
 
 def sanitize_run():
-    """What compute-sanitizer watches: small launches of every kernel in every dtype, nothing else."""
+    """What compute-sanitizer watches: small launches of every kernel in every dtype, at the row splits the
+    op picks (1 and 2 lanes per row), nothing else."""
     for dtype in DTYPES.values():
         xs, s0 = cuda_inputs(2, 19, 2, 64, dtype, requires_grad=True)
         s0.requires_grad_()
-        o, s = wkv7(*xs, initial_state=s0, backend="cuda")
-        torch.autograd.grad(o.float().sum() + s.sum(), xs + [s0])
+        for split in (1, 2):
+            o, s = cuda.wkv7_cuda(*xs, initial_state=s0, threads_per_row=split)
+            torch.autograd.grad(o.float().sum() + s.sum(), xs + [s0])
         with torch.no_grad():
             wkv7(*xs, backend="cuda")
             wkv7_one(s0, *(x[:, 0] for x in xs), backend="cuda")
@@ -182,7 +196,7 @@ def fla_ops():
         r, log_w.to(r.dtype), k, v, a, b, output_final_state=True)}
     if "lower_bound" in inspect.signature(chunk_rwkv7).parameters:  # the decay bound lets it use bigger chunks
         ops["fla chunk_rwkv7, lower_bound"] = lambda r, log_w, k, v, a, b: chunk_rwkv7(
-            r, log_w.to(r.dtype), k, v, a, b, output_final_state=True, lower_bound=-math.exp(-0.5))
+            r, log_w.to(r.dtype), k, v, a, b, output_final_state=True, lower_bound=-DECAY_SCALE)
     return ops
 
 
@@ -248,6 +262,7 @@ def main():
     parser.add_argument("--sanitize-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-bench", action="store_true", help="correctness and memcheck only")
     parser.add_argument("--bench-only", action="store_true", help="timings only (after a run that checked)")
+    parser.add_argument("--seed", type=int, help="the run's random seed (default: a fresh one, printed)")
     parser.add_argument("--impls", default="", help="time only the implementations whose names contain one of "
                         "these comma-separated words, e.g. '1 lanes,4 lanes,fla'")
     args = parser.parse_args()
@@ -256,7 +271,10 @@ def main():
     if args.sanitize_run:
         return sanitize_run()
     started = time.time()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    SEEDS.seed(seed)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+          f"inputs from --seed {seed}", flush=True)
     ok = True
     if not args.bench_only:
         ok = correctness()

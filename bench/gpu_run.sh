@@ -13,13 +13,16 @@ fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 
+failed=""
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, show the end
     local name=$1 limit=$2
     shift 2
-    local start=$SECONDS
+    local start=$SECONDS status
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "== $name: exit $? after $((SECONDS - start)) s"
+    status=$?
+    echo "== $name: exit $status after $((SECONDS - start)) s"
     tail -n "${TAIL:-8}" "$OUT/$name.log"
+    [ "$status" = 0 ] || failed="$failed $name"
 }
 step pytest 60 python3 -m pytest -q -p no:cacheprovider tests/test_wkv7_cuda.py -k gpu
 step train 100 python3 -m train fit --config train/configs/tiny.yaml --trainer.default_root_dir /tmp/runs \
@@ -27,3 +30,5 @@ step train 100 python3 -m train fit --config train/configs/tiny.yaml --trainer.d
 grep -h "" /tmp/runs/*/version_*/metrics.csv 2>/dev/null | cut -c1-160 | sed -n '1p;$p'
 TAIL=16 step gpu_model 130 python3 bench/gpu_model.py
 TAIL=40 step gpu_check 290 python3 bench/gpu_check.py
+if [ -n "$failed" ]; then echo "FAILED:$failed"; exit 1; fi
+echo "all steps passed"

@@ -4,16 +4,17 @@
 //
 // Sequence tensors are [B, T, H, N] in the storage type F (float, bf16_t or fp16_t), except log_w and
 // its gradient, which are fp32 always: rounded to bf16, log_w would make each step's decay off by up
-// to ~0.1%, an error that compounds over a long context. States are [B, H, N, N] fp32, row = value index. All arithmetic
-// is fp32. One source serves NVRTC (through
-// CuPy) and g++ (the CPU emulation in tests/cuda_emu), so it includes no CUDA header.
+// to ~0.1%, an error that compounds over a long context. States are [B, H, N, N] fp32, row = value
+// index. All arithmetic is fp32. One source serves NVRTC (through CuPy) and g++ (the CPU emulation in
+// tests/cuda_emu), so it includes no CUDA header.
 //
 // forward/backward: one block of N * P threads per (batch, head). The P neighbouring lanes
 // i * P + part share value row i, each holding the C = N / P key channels j = part + P * c, and sum
 // across themselves with warp shuffles: the rows of S evolve independently, so nothing else
 // crosses threads but the token's inputs. (Interleaved rather than contiguous channels: the lanes
 // of a row then read neighbouring shared-memory words, free of bank conflicts.) P trades
-// per-thread serial work and registers against shuffles. The forward can save the state every
+// per-thread serial work and registers against shuffles (the launcher picks it by size, see
+// row_split in rwkv_lm/ops/wkv7/cuda.py). The forward can save the state every
 // `ck_every` steps and each step's sa; the backward walks back from those checkpoints.
 
 // 16-bit floats as raw bits: the kernels only load and store them.

@@ -68,6 +68,8 @@ def _device(name: str) -> torch.device:
         raise UsageError(f"--device {name!r} is not a device; use cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} GPUs (cuda:0 ...)")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: only cpu and cuda are supported")
     return device

@@ -97,17 +97,39 @@ def test_emulated_forward_and_gradients(emu, dtype, ck_every):
         assert_close(g, g_ref, TOLERANCE[dtype], f"grad {name}")
 
 
-@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("split", [1, 2, 4])
 def test_emulated_row_splits(emu_lib, split):
-    """The row split is a template argument: several lanes per row compute the same recurrence."""
-    xs, s0 = random_inputs(2, 11, 1, 64, seed=3)
+    """The row split is a template argument: any number of lanes per row computes the same recurrence,
+    over several checkpoint intervals and a partial one."""
+    xs, s0 = random_inputs(1, 50, 2, 64, seed=3)
     o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
     xs = [x.requires_grad_() for x in xs + [s0]]
-    o, s = cuda._run(EmuLauncher(emu_lib, threads_per_row=split), 4, *xs)
+    o, s = cuda._run(EmuLauncher(emu_lib, threads_per_row=split), 16, *xs)
     assert_close(o, o_ref, 2e-5, "output")
     grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), xs)
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert_close(g, g_ref, TOLERANCE[torch.float32], f"grad {name}")
+
+
+def test_emulated_bf16_inputs_with_fp32_decays(emu):
+    """What the model feeds: bf16 r, k, v, a, b and an fp32 log_w, which the kernels must not round."""
+    xs, s0 = random_inputs(2, 40, 2, 64, seed=11)
+    xs = [x if name == "log_w" else x.to(torch.bfloat16) for name, x in zip(NAMES, xs)]
+    o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
+    xs = [x.requires_grad_() for x in xs + [s0]]
+    o, s = cuda._run(emu, 16, *xs)
+    assert_close(s, s_ref, 2e-5, "final state")  # decays rounded to bf16 would be ~1e-3 off
+    grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), xs)
+    assert grads[1].dtype == torch.float32  # (its accuracy is the bf16 cotangent's, as for the others)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close(g, g_ref, TOLERANCE[torch.bfloat16], f"grad {name}")
+
+
+def test_bad_row_split_is_a_clear_error():
+    xs, s0 = random_inputs(1, 3, 1, 64, seed=12)
+    for bad in (0, 3, 32):
+        with pytest.raises(ValueError, match="threads_per_row must be one of"):
+            cuda.wkv7_cuda(*xs, initial_state=s0, threads_per_row=bad)
 
 
 def test_row_split_follows_the_measured_rule(monkeypatch):

@@ -1,6 +1,6 @@
 """WKV-7 on the GPU: the kernels of `cuda/wkv7.cu`, compiled with NVRTC through CuPy on first use.
 
-Modules are cached per (device, dtype, head size); kernels run on torch's current stream and take and
+Modules are cached per (device, dtype, head size, row split); kernels run on torch's current stream and take and
 return torch tensors. Anything the kernels cannot serve (no CuPy, a failed compile, CPU tensors, a
 dtype or head size without a kernel) falls back to the torch ops, with one warning per reason.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import site
 import sys
 import warnings
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 from .chunk import wkv7_chunked
 from .naive import wkv7_step
 
-# cuda/wkv7.cu of a checkout (or an editable install), else the copy a wheel installs under <prefix>/share
-_SOURCES = [Path(__file__).resolve().parents[3] / "cuda" / "wkv7.cu", Path(sys.prefix) / "share" / "rwkv_lm" / "cuda" / "wkv7.cu"]
+# cuda/wkv7.cu of a checkout (or an editable install), else the copy a wheel installs as a data file under
+# the environment's prefix, or under the user base for `pip install --user`
+_SOURCES = [Path(__file__).resolve().parents[3] / "cuda" / "wkv7.cu",
+            *(Path(base) / "share" / "rwkv_lm" / "cuda" / "wkv7.cu" for base in (sys.prefix, site.USER_BASE) if base)]
 SOURCE = next((p for p in _SOURCES if p.exists()), _SOURCES[0])
 KERNELS = ("wkv7_forward", "wkv7_backward", "wkv7_decode")
 KERNEL_DTYPES = {torch.float32: "float", torch.bfloat16: "bf16_t", torch.float16: "fp16_t"}
@@ -29,10 +32,7 @@ CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 # The forward saves the state this often for the backward, which undoes steps from each saved state:
 # memory B*H*N*N*4*T/16 bytes, against rounding that grows with the product of 1/decay between saves.
 CHECKPOINT_EVERY = 16
-# Lanes sharing one state row in the forward and backward (a template argument: 1, 2, 4, 8 or 16 for
-# N = 64). On an H200 (bench/RESULTS.md) one lane per row was fastest, or within 3% of it, for every
-# forward and for training once the (batch, head) blocks outnumber the multiprocessors (1.45x faster
-# than 4 lanes at B=8, H=64); with fewer blocks, two lanes per row shortened the backward by 13%.
+ROW_SPLITS = (1, 2, 4, 8, 16)  # lanes that may share one state row (they sit in one warp)
 DECODE_THREADS = 128
 
 _warned: set[str] = set()
@@ -46,7 +46,12 @@ def _warn_once(message: str) -> None:
 
 
 def row_split(r: torch.Tensor, needs_grad: bool) -> int:
-    """Lanes per state row for a [B, T, H, N] CUDA input (see above)."""
+    """Lanes per state row in the forward and backward kernels, for a [B, T, H, N] CUDA input.
+
+    Measured on an H200 (bench/RESULTS.md): one lane per row was fastest, or within 3% of it, for every
+    forward, and for training once the (batch, head) blocks outnumber the multiprocessors (1.45x faster
+    than 4 lanes at B=8, H=64); with fewer blocks, two lanes per row shortened the backward by 13%.
+    """
     B, _, H, _ = r.shape
     if needs_grad and B * H < torch.cuda.get_device_properties(r.device).multi_processor_count:
         return 2
@@ -98,7 +103,8 @@ class _CupyLauncher:
 
 
 def _launcher(x: torch.Tensor, threads_per_row: int = 1):
-    """The compiled kernels for x's device, dtype and head size, or None (with a warning) where there are none."""
+    """The compiled kernels for x's device, dtype, head size and row split, or None (with a warning) where
+    there are none."""
     N = x.shape[-1]
     if x.device.type != "cuda":
         _warn_once("wkv7: the CUDA kernels need CUDA tensors; using the torch ops")
@@ -199,9 +205,12 @@ def wkv7_cuda(r, log_w, k, v, a, b, initial_state=None, threads_per_row: int | N
     """`wkv7` on the GPU: inputs [B, T, H, N], initial_state [B, H, N, N] or None -> (o, final state fp32).
     threads_per_row: lanes per state row (None: `row_split`'s choice)."""
     B, _, H, _ = r.shape
-    if threads_per_row is None and r.is_cuda:
-        threads_per_row = row_split(r, _needs_grad(r, log_w, k, v, a, b, initial_state))
-    launch = _launcher(r, threads_per_row or 1) if B * H else None
+    if threads_per_row is None:
+        threads_per_row = row_split(r, _needs_grad(r, log_w, k, v, a, b, initial_state)) if r.is_cuda else 1
+    elif threads_per_row not in ROW_SPLITS or r.shape[-1] * threads_per_row > 1024:
+        raise ValueError(f"wkv7_cuda: threads_per_row must be one of {ROW_SPLITS} with head size x threads_per_row "
+                         f"<= 1024 (a block's threads), got {threads_per_row} for head size {r.shape[-1]}")
+    launch = _launcher(r, threads_per_row) if B * H else None
     if launch is None:
         return wkv7_chunked(r, log_w, k, v, a, b, initial_state)
     return _run(launch, CHECKPOINT_EVERY, r, log_w, k, v, a, b, initial_state)
