@@ -4,7 +4,9 @@ One-token steps are matrix-vector products, bound by how fast the weights stream
 weights' width and the way they are read matter more than the model code. Where the CPU has avx512f,
 `optimize` swaps every bias-free Linear for a `KernelLinear` (same `weight` name) whose decode steps (up
 to MAX_KERNEL_ROWS rows) run in small C kernels (`cpu_kernels.c`, compiled at first use) that stream each
-weight once per step; a prompt (more rows) goes through torch's matmul as before.
+weight once per step; a prompt (more rows) goes through torch's matmul as before. One-token steps of the
+time mix and the channel mix run in fewer torch ops, with the WKV-7 recurrence in one C pass; a prompt runs
+model.py's code.
 - fp32 (the default): the weights stay as they are; without avx512f they are only stored column-major
   ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass;
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
@@ -135,7 +137,8 @@ class StepTimeMix(TimeMix):
         B, _, C = x.shape
         H, N = self.n_head, self.head_size
         x1 = x[:, 0]
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x1, shift - x1, self.token_mix)  # the six token-shift mixes at once
+        mixes = torch.cat((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))  # [6, 1, C], always current
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x1, shift - x1, mixes)  # the six token-shift mixes at once
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         lora = self._lora
         decay = torch.exp(-DECAY_SCALE * torch.sigmoid(self.w0[0] + lora(torch.tanh(lora(xw, self.w1)), self.w2)))
@@ -165,8 +168,6 @@ def _fast_steps(att: TimeMix):
     fits = att.head_size % 16 == 0 and att.x_r.dtype == torch.float32 and "wkv7_step_f32" in _kernels()
     if type(att) is TimeMix and fits:
         att.__class__ = StepTimeMix
-        mixes = torch.stack([getattr(att, name)[0] for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")])
-        att.register_buffer("token_mix", mixes, persistent=False)  # [6, 1, C]: not saved, follows .to()
         loras = [p for name, p in att.named_parameters() if name[0] in "wavg" and name[1] in "12"]  # w1, w2, a1, ...
         for p in loras:
             p.data = p.data.t().contiguous().t()

@@ -76,6 +76,15 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
         "the state given to a step is left as it was"
 
 
+def test_optimized_model_loads_new_weights(model):
+    """Weights loaded after optimize() are the ones its steps use (no copy made at optimize time goes stale)."""
+    other = random_model(model.config, seed=5)
+    fast = optimize(copy.deepcopy(model))
+    fast.load_state_dict(other.state_dict())
+    tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(5))
+    assert_close(_steps(fast, tokens)[0], _steps(other, tokens)[0], 1e-5, "step logits")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_optimized_model_moved_to_another_dtype(model, dtype):
     """After .to(dtype) the kernels no longer fit: the optimized model must fall back to torch, not misread memory."""
