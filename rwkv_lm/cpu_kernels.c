@@ -1,4 +1,5 @@
-/* The CPU kernels of rwkv_lm.fast: matrix-vector products for decoding and one fused WKV-7 step.
+/* The CPU kernels (loaded by rwkv_lm/cpu_kernels.py): matrix-vector products for decoding (rwkv_lm.fast)
+ * and the WKV-7 recurrence for inference (rwkv_lm/ops/wkv7/cpu.py).
  *
  * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
  * weight row-major ([out, in], as nn.Linear stores it) in one sequential pass, split between threads by
@@ -6,6 +7,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MAX_BATCH 16
 
@@ -84,28 +86,40 @@ int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, 
     return 0;
 }
 
-/* One WKV-7 step (model.py's TimeMix with T == 1, ops/wkv7/naive.py's wkv7_step) for `count` heads of
- * size n (a multiple of 16), in one pass over the state instead of a dozen tensor ops:
- *   sa = S a;  S' = S diag(w) + sa b^T + v k^T;  y = S' r
- * S, S_new [count, n, n] (value x key); r, w (the decay itself, not its log), k, v, a, b, y [count, n]. */
-int wkv7_step_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
-                  const float *a, const float *b, float *y, int64_t count, int64_t n, int threads) {
+/* The WKV-7 recurrence (ops/wkv7/naive.py) token by token, for inference: per head and token,
+ *   sa = S a;  S = S diag(w) + sa b^T + v k^T;  y = S r
+ * with S [n, n] (value x key) updated in place, row by row, so a head's state stays in L1 for the whole
+ * sequence: at prompt lengths this beats the chunked torch op several times over, and a decode step is
+ * the same call with len = 1. S, S_new [batch, heads, n, n] (S_new may be S); r, w (the decay itself, not
+ * its log), k, v, a, b, y [batch, len, heads, n]; n a multiple of 16. Heads are split between threads. */
+static void wkv7_token(float *S, const float *r, const float *w, const float *k, const float *v, const float *a,
+                       const float *b, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float *s = S + i * n;
+        __m512 sa = _mm512_set1_ps(dot_f32(s, a, n)), vi = _mm512_set1_ps(v[i]), acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            __m512 sj = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(w + j));
+            sj = _mm512_fmadd_ps(sa, _mm512_loadu_ps(b + j), sj);
+            sj = _mm512_fmadd_ps(vi, _mm512_loadu_ps(k + j), sj);
+            _mm512_storeu_ps(s + j, sj);
+            acc = _mm512_fmadd_ps(sj, _mm512_loadu_ps(r + j), acc);
+        }
+        y[i] = _mm512_reduce_add_ps(acc);
+    }
+}
+
+int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
+             const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
+             int threads) {
     if (n % 16) return 1;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (count * n * n >= 1 << 16)
-    for (int64_t h = 0; h < count; h++) {
-        const int64_t o = h * n;
-        for (int64_t i = 0; i < n; i++) {
-            const float *s = S + (o + i) * n;
-            float *s_new = S_new + (o + i) * n;
-            __m512 sa = _mm512_set1_ps(dot_f32(s, a + o, n)), vi = _mm512_set1_ps(v[o + i]), acc = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; j += 16) {
-                __m512 sj = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(w + o + j));
-                sj = _mm512_fmadd_ps(sa, _mm512_loadu_ps(b + o + j), sj);
-                sj = _mm512_fmadd_ps(vi, _mm512_loadu_ps(k + o + j), sj);
-                _mm512_storeu_ps(s_new + j, sj);
-                acc = _mm512_fmadd_ps(sj, _mm512_loadu_ps(r + o + j), acc);
-            }
-            y[o + i] = _mm512_reduce_add_ps(acc);
+    #pragma omp parallel for schedule(static) num_threads(threads) if (batch * heads * len * n * n >= 1 << 16)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        float *s = S_new + bh * n * n;
+        if (S != S_new) memcpy(s, S + bh * n * n, n * n * sizeof(float));
+        const int64_t bi = bh / heads, h = bh % heads;
+        for (int64_t t = 0; t < len; t++) {
+            const int64_t x = ((bi * len + t) * heads + h) * n;
+            wkv7_token(s, r + x, w + x, k + x, v + x, a + x, b + x, y + x, n);
         }
     }
     return 0;

@@ -5,8 +5,8 @@ weights' width and the way they are read matter more than the model code. Where 
 `optimize` swaps every bias-free Linear for a `KernelLinear` (same `weight` name) whose decode steps (up
 to MAX_KERNEL_ROWS rows) run in small C kernels (`cpu_kernels.c`, compiled at first use) that stream each
 weight once per step; a prompt (more rows) goes through torch's matmul as before. One-token steps of the
-time mix and the channel mix run in fewer torch ops, with the WKV-7 recurrence in one C pass; a prompt runs
-model.py's code.
+time mix and the channel mix run in fewer torch ops; a prompt runs model.py's code. (The WKV-7 recurrence
+has its own C kernel for CPU inference in ops/wkv7/cpu.py, used by every model, optimized or not.)
 - fp32 (the default): the weights stay as they are; without avx512f they are only stored column-major
   ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass;
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
@@ -15,62 +15,16 @@ model.py's code.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import subprocess
-import warnings
-from functools import cache
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_kernels import kernels
 from .model import DECAY_SCALE, ChannelMix, TimeMix
+from .ops.wkv7 import wkv7_one
 
-KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 MAX_KERNEL_ROWS = 16  # the kernels' MAX_BATCH: up to this many rows (a decode step of a batch); more: a matmul
 MAX_BF16_IN = 16384  # the bf16 kernel's MAX_IN: wider inputs take the matmul
-
-_POINTER, _INT64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_SIGNATURES = {
-    "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
-    "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
-    "wkv7_step_f32": [_POINTER] * 9 + [_INT64] * 2 + [_INT],
-}
-
-
-@cache
-def _kernels() -> dict:
-    """The compiled C kernels by name: those the CPU can run, none (with one warning) where the build fails."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    if "avx512f" not in flags:
-        return {}
-    isa = ["-mavx512f"] + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
-    command = ["cc", "-O3", *isa, "-fopenmp", "-shared", "-fPIC"]
-    source = KERNEL_SOURCE.read_bytes()
-    cache_dir = Path.home() / ".cache" / "rwkv_lm"
-    lib = cache_dir / f"cpu_kernels-{hashlib.sha256(source + ' '.join(command).encode()).hexdigest()[:12]}.so"
-    try:
-        if not lib.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = lib.with_suffix(f".{id(source)}.tmp")
-            subprocess.run(command + ["-o", str(tmp), str(KERNEL_SOURCE)], check=True, capture_output=True, text=True)
-            tmp.replace(lib)
-        library = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        warnings.warn(f"rwkv_lm: the CPU kernels could not be built ({str(detail).strip()[:200]}); "
-                      "steps fall back to torch's matmul (slower; bf16: bf16-rounded activations)")
-        return {}
-    kernels = {}
-    for name, argtypes in _SIGNATURES.items():
-        kernel = getattr(library, name, None)  # gemv_bf16 exists only where the CPU has avx512_bf16
-        if kernel is not None:
-            kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
-            kernels[name] = kernel
-    return kernels
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
@@ -88,7 +42,7 @@ def _gemv(kernel_name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tens
     (rows, in_features), out_features = x.shape, weight.shape[0]
     x = x.float().contiguous()
     y = torch.empty(rows, out_features)
-    if _kernels()[kernel_name](weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows,
+    if kernels()[kernel_name](weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows,
                                torch.get_num_threads()):
         raise RuntimeError(f"{kernel_name} refused a [{rows}, {in_features}] input (out of memory?)")
     return y
@@ -109,27 +63,15 @@ class KernelLinear(nn.Module):
         rows = x.numel() // self.in_features
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
         kernel = _gemv_kernel(self.weight) if self.weight.device.type == "cpu" and rows <= MAX_KERNEL_ROWS else None
-        if kernel not in _kernels():
+        if kernel not in kernels():
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         y = _gemv(kernel, self.weight, x.reshape(rows, self.in_features))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def wkv7_step_kernel(state, r, decay, k, v, a, b):
-    """ops.wkv7's wkv7_step in one C pass: state [B, H, N, N] fp32 (left as it is); the rest [B, H, N] fp32, with
-    the decay itself instead of its log -> (o [B, H, N], new state)."""
-    B, H, N = r.shape
-    y, new_state = torch.empty(B, H, N), torch.empty(B, H, N, N)
-    pointers = (t.contiguous().data_ptr() for t in (r, decay, k, v, a, b))
-    if _kernels()["wkv7_step_f32"](state.contiguous().data_ptr(), new_state.data_ptr(), *pointers, y.data_ptr(),
-                                   B * H, N, torch.get_num_threads()):
-        raise RuntimeError(f"wkv7_step_f32 refused head size {N} (a multiple of 16 fits)")
-    return y, new_state
-
-
 class StepTimeMix(TimeMix):
-    """TimeMix whose one-token steps (T == 1) compute model.py's arithmetic in fewer, larger ops, with the
-    recurrence in one fused C kernel; longer inputs run TimeMix.forward itself."""
+    """TimeMix whose one-token steps (T == 1) compute model.py's arithmetic in fewer, larger ops (the recurrence
+    is ops.wkv7's, one C pass on a CPU); longer inputs run TimeMix.forward itself."""
 
     def forward(self, x, shift, wkv_state, v_first):
         if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":  # e.g. after .to() the kernels don't fit
@@ -141,7 +83,7 @@ class StepTimeMix(TimeMix):
         xr, xw, xk, xv, xa, xg = torch.addcmul(x1, shift - x1, mixes)  # the six token-shift mixes at once
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         lora = self._lora
-        decay = torch.exp(-DECAY_SCALE * torch.sigmoid(self.w0[0] + lora(torch.tanh(lora(xw, self.w1)), self.w2)))
+        log_w = -DECAY_SCALE * torch.sigmoid(self.w0[0] + lora(torch.tanh(lora(xw, self.w1)), self.w2))
         a = torch.sigmoid(self.a0[0] + lora(lora(xa, self.a1), self.a2))
         g = lora(torch.sigmoid(lora(xg, self.g1)), self.g2)
         kk = F.normalize((k * self.k_k[0]).view(B, H, N), dim=-1)
@@ -151,7 +93,7 @@ class StepTimeMix(TimeMix):
         else:
             v = v + (v_first.view(B, C) - v) * torch.sigmoid(self.v0[0] + lora(lora(xv, self.v1), self.v2))
 
-        y, new_state = wkv7_step_kernel(wkv_state, *(t.view(B, H, N) for t in (r, decay, k, v)), -kk, kk * a.view(B, H, N))
+        y, new_state = wkv7_one(wkv_state, *(t.view(B, H, N) for t in (r, log_w, k, v)), -kk, kk * a.view(B, H, N))
         y = F.group_norm(y.view(B, C), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
         bonus = (r * k * self.r_k.view(C)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
         return self.output((y + bonus.view(B, C)) * g).view(B, 1, -1), x[:, -1], new_state, v_first
@@ -165,14 +107,14 @@ class StepTimeMix(TimeMix):
 
 def _fast_steps(att: TimeMix):
     """Turn a TimeMix into a StepTimeMix in place (parameters untouched) where the kernel fits it."""
-    fits = att.head_size % 16 == 0 and att.x_r.dtype == torch.float32 and "wkv7_step_f32" in _kernels()
+    fits = att.x_r.dtype == torch.float32 and "gemv_f32" in kernels()
     if type(att) is TimeMix and fits:
         att.__class__ = StepTimeMix
         loras = [p for name, p in att.named_parameters() if name[0] in "wavg" and name[1] in "12"]  # w1, w2, a1, ...
         for p in loras:
             p.data = p.data.t().contiguous().t()
-        kernels = {_gemv_kernel(p.t()) for p in loras}
-        att.lora_kernel = kernels.pop() if len(kernels) == 1 else None  # one kernel for all, or torch for all
+        lora_kernels = {_gemv_kernel(p.t()) for p in loras}
+        att.lora_kernel = lora_kernels.pop() if len(lora_kernels) == 1 else None  # one kernel for all, or torch for all
 
 
 class StepChannelMix(ChannelMix):
@@ -199,7 +141,7 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
             if weights == "bf16":
                 setattr(parent, name, KernelLinear(child, torch.bfloat16))
             elif child.weight.dtype == torch.float32:
-                if "gemv_f32" in _kernels():
+                if "gemv_f32" in kernels():
                     setattr(parent, name, KernelLinear(child, torch.float32))
                 else:
                     child.weight.data = child.weight.data.t().contiguous().t()

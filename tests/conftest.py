@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rwkv_lm.model import RWKV, RWKVConfig
-from rwkv_lm.testing import random_model, rel_err  # noqa: F401 (random_model: the tests import it from here)
+from rwkv_lm.testing import random_model, rel_err
 
 
 def assert_close(actual, expected, rtol, name="value"):

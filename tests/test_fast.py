@@ -6,10 +6,11 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig
-from rwkv_lm.fast import KernelLinear, StepChannelMix, StepTimeMix, _gemv_kernel, _kernels, optimize, wkv7_step_kernel
-from rwkv_lm.ops.wkv7 import wkv7_step
+from rwkv_lm.cpu_kernels import kernels
+from rwkv_lm.fast import KernelLinear, StepChannelMix, StepTimeMix, _gemv_kernel, optimize
+from rwkv_lm.testing import random_model
 
-from conftest import assert_close, random_model
+from conftest import assert_close
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def model():
 def test_fp32_layout_changes_nothing_but_speed(model, tmp_path):
     tokens = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
     fast = optimize(copy.deepcopy(model))
-    if "gemv_f32" in _kernels():
+    if "gemv_f32" in kernels():
         assert isinstance(fast.head, KernelLinear) and fast.head.weight.dtype == torch.float32
     else:
         assert not fast.head.weight.is_contiguous(), "stored column-major for BLAS"
@@ -62,7 +63,7 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
                      value_lora=lora, gate_lora=2 * lora)
     model = random_model(cfg, seed=lora)
     fast = optimize(copy.deepcopy(model))
-    if _kernels():
+    if kernels():
         assert isinstance(fast.blocks[1].att, StepTimeMix) and _gemv_kernel(fast.head.weight) == "gemv_f32"
         assert fast.blocks[1].att.lora_kernel == ("gemv_f32" if lora % 16 == 0 else None)
     assert isinstance(fast.blocks[1].ffn, StepChannelMix)
@@ -95,21 +96,6 @@ def test_optimized_model_moved_to_another_dtype(model, dtype):
     assert_close(out_fast, out_ref, 1e-6 if dtype == torch.float64 else 3e-2, "step logits")
 
 
-@pytest.mark.skipif("wkv7_step_f32" not in _kernels(), reason="the CPU kernels need avx512f")
-@pytest.mark.parametrize("batch, heads, size", [(1, 3, 64), (4, 2, 16), (16, 12, 64)])
-def test_wkv7_step_kernel_matches_the_reference(batch, heads, size):
-    g = torch.Generator().manual_seed(size)
-    r, log_w, k, v, a, b = (torch.randn(batch, heads, size, generator=g) for _ in range(6))
-    log_w = -torch.rand(batch, heads, size, generator=g)
-    state = torch.randn(batch, heads, size, size, generator=g)
-    before = state.clone()
-    out, new_state = wkv7_step_kernel(state, r, log_w.exp(), k, v, a, b)
-    out_ref, state_ref = wkv7_step(state, r, log_w, k, v, a, b)
-    assert_close(out, out_ref, 1e-6, "output")
-    assert_close(new_state, state_ref, 1e-6, "state")
-    assert torch.equal(state, before)
-
-
 @pytest.mark.parametrize("in_features, out_features", [(48, 12), (768, 100), (64, 6)])
 def test_fp32_linear_kernel(in_features, out_features):
     """Every batch size up to MAX_KERNEL_ROWS (and one above: the matmul), inputs not a multiple of 32 wide,
@@ -136,7 +122,7 @@ def test_bf16_steps_are_fp32_accurate(model, batch):
             out_fast, s_fast = fast.step(t, s_fast)
             out_ref, s_ref = ref.step(t, s_ref)
     # the kernel splits activations into two bf16 halves: about 2^-16 relative; oneDNN's bf16 alone: 2^-8
-    assert_close(out_fast, out_ref, 2e-4 if "gemv_bf16" in _kernels() else 3e-2, "step logits")
+    assert_close(out_fast, out_ref, 2e-4 if "gemv_bf16" in kernels() else 3e-2, "step logits")
 
 
 def test_bf16_prefill_close(model):
@@ -160,5 +146,5 @@ def test_bf16_after_fp32_layout_and_wide_inputs():
         linear.weight.data = linear.weight.data.t().contiguous().t()  # what optimize() does to fp32 weights
         x = torch.randn(1, in_features)
         expected = x @ linear.weight.detach().bfloat16().float().T
-        kernel = "gemv_bf16" in _kernels() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
+        kernel = "gemv_bf16" in kernels() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
         assert_close(KernelLinear(linear, torch.bfloat16)(x), expected, 2e-4 if kernel else 3e-2, f"in_features={in_features}")

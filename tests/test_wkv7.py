@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rwkv_lm.ops.wkv7 import wkv7, wkv7_chunked, wkv7_naive, wkv7_one
+from rwkv_lm.cpu_kernels import kernels
+from rwkv_lm.ops.wkv7 import cpu, wkv7, wkv7_chunked, wkv7_naive, wkv7_one, wkv7_step
 from rwkv_lm.testing import random_inputs
 
 from conftest import assert_close
@@ -77,3 +78,64 @@ def test_bad_shapes_and_backend():
         wkv7(*xs, initial_state=s0[:, :1])
     with pytest.raises(ValueError, match="unknown wkv7 backend"):
         wkv7(*xs, backend="fast")
+
+
+needs_cpu_kernel = pytest.mark.skipif("wkv7_f32" not in kernels(), reason="the CPU kernel needs avx512f and a C compiler")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("B, T, H, N, with_state", [(1, 1, 1, 16, True), (2, 37, 3, 64, True), (3, 20, 2, 32, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_matches_naive(B, T, H, N, with_state, dtype):
+    xs, s0 = random_inputs(B, T, H, N, dtype=dtype)  # a fresh seed every run
+    s0 = s0 if with_state else None
+    before = None if s0 is None else s0.clone()
+    o_ref, s_ref = wkv7_naive(*(x.double() for x in xs), None if s0 is None else s0.double())
+    o, s = cpu.wkv7_cpu(*xs, s0)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert_close(o, o_ref, 1e-5 if dtype == torch.float32 else 1e-2, "output")
+    assert_close(s, s_ref, 1e-5, "final state")
+    assert s0 is None or torch.equal(s0, before)  # the caller's state is left as it is
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_one_step_matches_the_torch_step():
+    xs, s0 = random_inputs(4, 1, 12, 64)
+    xs = [x[:, 0] for x in xs]
+    o_ref, s_ref = wkv7_step(s0.double(), *(x.double() for x in xs))
+    o, s = cpu.wkv7_one_cpu(s0, *xs)
+    assert_close(o, o_ref, 1e-5, "output")
+    assert_close(s, s_ref, 1e-5, "state")
+
+
+@needs_cpu_kernel
+def test_dispatcher_uses_the_cpu_kernel_for_inference_only(monkeypatch):
+    monkeypatch.delenv("RWKV_LM_WKV_BACKEND", raising=False)
+    calls = []
+    monkeypatch.setattr(cpu, "wkv7_cpu", lambda *a: calls.append("seq") or wkv7_chunked(*a))
+    monkeypatch.setattr(cpu, "wkv7_one_cpu", lambda *a: calls.append("one") or wkv7_step(*a))
+    xs, s0 = random_inputs(1, 5, 2, 16, seed=6)
+    with torch.no_grad():
+        wkv7(*xs, initial_state=s0)
+        wkv7_one(s0, *(x[:, 0] for x in xs))
+        wkv7(*(x.double() for x in xs), initial_state=s0.double())  # fp64 stays with torch
+    assert calls == ["seq", "one"]
+    grad_xs = [x.requires_grad_() for x in xs]
+    o, s = wkv7(*grad_xs, initial_state=s0)  # a gradient is wanted: the chunked op
+    o.sum().backward()
+    assert calls == ["seq", "one"] and grad_xs[0].grad is not None
+    with torch.no_grad():
+        wkv7(*xs, initial_state=s0, backend="cpu")
+    assert calls == ["seq", "one", "seq"]
+
+
+def test_dispatcher_without_the_cpu_kernel(monkeypatch):
+    """Where the kernel cannot be built, inference takes the torch ops, asked for or not."""
+    monkeypatch.delenv("RWKV_LM_WKV_BACKEND", raising=False)
+    monkeypatch.setattr(cpu, "kernels", lambda: {})
+    xs, s0 = random_inputs(2, 9, 2, 16, seed=7)
+    o_ref, s_ref = wkv7_naive(*xs, s0)
+    with torch.no_grad():
+        for backend in (None, "cpu"):
+            o, s = wkv7(*xs, initial_state=s0, backend=backend)
+            assert_close(o, o_ref, 1e-5, "output")

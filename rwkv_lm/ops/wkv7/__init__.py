@@ -1,9 +1,10 @@
 """The WKV-7 time-mixing recurrence as one op with one signature, whatever runs it.
 
-Backends: "naive" (per-step reference, `naive.py`), "chunked" (pure torch, `chunk.py`) and "cuda"
-(CuPy/NVRTC kernels, `cuda.py`). `backend=None` picks "cuda" for CUDA tensors when the kernels
-work and "chunked" otherwise; the environment variable RWKV_LM_WKV_BACKEND, read at call time,
-overrides that default.
+Backends: "naive" (per-step reference, `naive.py`), "chunked" (pure torch, `chunk.py`), "cpu" (a C
+kernel for inference, `cpu.py`) and "cuda" (CuPy/NVRTC kernels, `cuda.py`). `backend=None` picks "cuda"
+for CUDA tensors when the kernels work; on a CPU, "cpu" where it serves the inputs (no gradient wanted)
+and "chunked" otherwise (one-token steps: the torch step). The environment variable
+RWKV_LM_WKV_BACKEND, read at call time, overrides that default.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import os
 
 import torch
 
+from . import cpu
 from .chunk import wkv7_chunked
 from .naive import wkv7_naive, wkv7_step
 
-BACKENDS = ("naive", "chunked", "cuda")
+BACKENDS = ("naive", "chunked", "cpu", "cuda")
 
 
 def _check(r, others, initial_state):
@@ -28,16 +30,19 @@ def _check(r, others, initial_state):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, N, N)}")
 
 
-def _choose(backend, device):
+def _choose(backend, inputs):
+    """The backend to run: the one asked for, or the best that serves these inputs."""
     backend = backend or os.environ.get("RWKV_LM_WKV_BACKEND") or "auto"
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"unknown wkv7 backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+    if backend == "cpu" and not cpu.usable(*inputs):
+        return "chunked"  # no gradient, or not built here: the torch op computes the same
     if backend == "auto":
-        if device.type == "cuda":
+        if inputs[0].device.type == "cuda":
             from . import cuda
 
             return "cuda" if cuda.available() else "chunked"
-        return "chunked"
+        return "cpu" if cpu.usable(*inputs) else "chunked"
     return backend
 
 
@@ -49,21 +54,24 @@ def wkv7(r, log_w, k, v, a, b, *, initial_state=None, backend=None):
     Returns (o [B, T, H, N] in the input dtype, final state [B, H, N, N] in fp32).
     """
     _check(r, dict(log_w=log_w, k=k, v=v, a=a, b=b), initial_state)
-    choice = _choose(backend, r.device)
+    choice = _choose(backend, (r, log_w, k, v, a, b, initial_state))
     if choice == "cuda":
         from . import cuda
 
         return cuda.wkv7_cuda(r, log_w, k, v, a, b, initial_state=initial_state)
-    run = wkv7_naive if choice == "naive" else wkv7_chunked
+    run = {"naive": wkv7_naive, "chunked": wkv7_chunked, "cpu": cpu.wkv7_cpu}[choice]
     return run(r, log_w, k, v, a, b, initial_state)
 
 
 def wkv7_one(state, r, log_w, k, v, a, b, *, backend=None):
     """One token for a batch (RNN mode): state [B, H, N, N] fp32; the rest [B, H, N] -> (o [B, H, N], new state)."""
-    if _choose(backend, r.device) == "cuda":
+    choice = _choose(backend, (r, log_w, k, v, a, b, state))
+    if choice == "cuda":
         from . import cuda
 
         return cuda.wkv7_one_cuda(state, r, log_w, k, v, a, b)
+    if choice == "cpu":
+        return cpu.wkv7_one_cpu(state, r, log_w, k, v, a, b)
     return wkv7_step(state, r, log_w, k, v, a, b)
 
 
