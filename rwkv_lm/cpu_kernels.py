@@ -1,6 +1,7 @@
 """The C kernels of `cpu_kernels.c`, compiled at first use with the instruction sets this CPU reports.
 
-Used by `rwkv_lm.fast` (matrix-vector products for decoding) and `rwkv_lm.ops.wkv7.cpu` (the recurrence).
+Used by `rwkv_lm.fast` (matrix-vector products and whole decode steps of a block) and `rwkv_lm.ops.wkv7.cpu`
+(the recurrence).
 Where the CPU lacks avx512f or the build fails (one warning), `kernels()` is empty and callers use torch.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ SIGNATURES = {
     "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "wkv7_f32": [_POINTER] * 9 + [_INT64] * 4 + [_INT],
+    "block_step_f32": [_POINTER] * 10 + [_INT64] * 8 + [ctypes.c_float] * 3 + [_INT] * 2,
 }
 
 
@@ -38,7 +40,7 @@ def kernels() -> dict:
         if not lib.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_suffix(f".{id(source)}.tmp")
-            subprocess.run(command + ["-o", str(tmp), str(SOURCE)], check=True, capture_output=True, text=True)
+            subprocess.run(command + ["-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
             tmp.replace(lib)
         library = ctypes.CDLL(str(lib))
     except (OSError, subprocess.CalledProcessError) as e:

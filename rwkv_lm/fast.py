@@ -4,8 +4,9 @@ One-token steps are matrix-vector products, bound by how fast the weights stream
 weights' width and the way they are read matter more than the model code. Where the CPU has avx512f,
 `optimize` swaps every bias-free Linear for a `KernelLinear` (same `weight` name) whose decode steps (up
 to MAX_KERNEL_ROWS rows) run in small C kernels (`cpu_kernels.c`, compiled at first use) that stream each
-weight once per step; a prompt (more rows) goes through torch's matmul as before. One-token steps of the
-time mix and the channel mix run in fewer torch ops; a prompt runs model.py's code. (The WKV-7 recurrence
+weight once per step; a prompt (more rows) goes through torch's matmul as before. A one-token step of a
+block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products) where its shapes fit the
+kernels, else the time mix and the channel mix in fewer torch ops; a prompt runs model.py's code. (The WKV-7 recurrence
 has its own C kernel for CPU inference in ops/wkv7/cpu.py, used by every model, optimized or not.)
 - fp32 (the default): the weights stay as they are; without avx512f they are only stored column-major
   ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass;
@@ -15,13 +16,16 @@ has its own C kernel for CPU inference in ops/wkv7/cpu.py, used by every model, 
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .cpu_kernels import kernels
-from .model import DECAY_SCALE, ChannelMix, TimeMix
+from .model import DECAY_SCALE, Block, ChannelMix, TimeMix
 from .ops.wkv7 import wkv7_one
+from .state import LayerState
 
 MAX_KERNEL_ROWS = 16  # the kernels' MAX_BATCH: up to this many rows (a decode step of a batch); more: a matmul
 MAX_BF16_IN = 16384  # the bf16 kernel's MAX_IN: wider inputs take the matmul
@@ -127,6 +131,60 @@ class StepChannelMix(ChannelMix):
         return self.value(h * h), x[:, -1]
 
 
+# in the order of the C enum of block_step_f32; a name the block lacks (ln0, v0 ... after the first) is passed as NULL
+BLOCK_STEP_PARAMS = (
+    "ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias",
+    *(f"att.{name}" for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2",
+                                 "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")),
+    "att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight", "att.ln_x.weight", "att.ln_x.bias",
+    "ffn.x_k", "ffn.key.weight", "ffn.value.weight",
+)
+
+
+class StepBlock(Block):
+    """Block whose one-token steps run in one C call (`block_step_f32`): model.py's arithmetic without the ~130
+    small torch ops per layer that a batched step otherwise spends a third of its time in. Anything else
+    (a prompt, or a dtype that .to() changed since optimize()) runs Block.forward."""
+
+    def forward(self, x, v_first, state: LayerState):
+        fp32 = torch.float32
+        if (x.shape[1] != 1 or x.dtype != fp32 or x.device.type != "cpu" or self.att.x_r.dtype != fp32
+                or self.att.receptance.weight.dtype != self.step_linear_dtype
+                or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32):
+            return super().forward(x, v_first, state)
+        B, _, C = x.shape
+        att = self.att
+        H, N = att.n_head, att.head_size
+        x_out, att_shift, ffn_shift, wkv = torch.empty(B, 1, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, H, N, N)
+        v_first = torch.empty(B, 1, C) if att.layer_id == 0 else v_first.contiguous()
+        params = (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*(p if p is None else p.data_ptr() for p in self.step_params))
+        inputs = (x.contiguous(), state.att_shift.contiguous(), state.wkv.contiguous(), state.ffn_shift.contiguous())
+        if kernels()["block_step_f32"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
+                                       *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
+                                       ffn_shift.data_ptr(), B, *self.step_sizes, self.ln1.eps, att.ln_x.eps, DECAY_SCALE,
+                                       self.step_linear_dtype == torch.bfloat16, torch.get_num_threads()):
+            raise RuntimeError(f"block_step_f32 failed on a batch of {B} (out of memory?)")
+        return x_out, v_first, LayerState(att_shift, wkv, ffn_shift)
+
+
+def _fused_steps(block: Block):
+    """Turn a Block into a StepBlock in place (parameters untouched) where the C step fits all its shapes."""
+    att, ffn = block.att, block.ffn
+    linears = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
+    if (type(block) is not Block or "block_step_f32" not in kernels() or type(att) is not StepTimeMix
+            or att.lora_kernel != "gemv_f32" or att.head_size % 16 or not isinstance(ffn, StepChannelMix)
+            or not all(isinstance(m, KernelLinear) and _gemv_kernel(m.weight) in kernels() for m in linears)
+            or len({m.weight.dtype for m in linears}) != 1
+            or any(m.eps != block.ln1.eps for m in block.modules() if isinstance(m, nn.LayerNorm))):
+        return
+    block.__class__ = StepBlock
+    names = dict(block.named_parameters())
+    block.step_params = [names.get(name) for name in BLOCK_STEP_PARAMS]
+    block.step_linear_dtype = att.receptance.weight.dtype
+    ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
+    block.step_sizes = (att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks)
+
+
 @torch.no_grad()
 def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
     """Prepare a CPU model for fast inference (in place; returns it). weights="bf16" stores Linear weights in bf16."""
@@ -150,4 +208,7 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
             _fast_steps(module)
         elif type(module) is ChannelMix:
             module.__class__ = StepChannelMix
+    for module in model.modules():
+        if type(module) is Block:
+            _fused_steps(module)
     return model.eval()

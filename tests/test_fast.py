@@ -7,7 +7,7 @@ import torch
 import rwkv_lm
 from rwkv_lm import RWKVConfig
 from rwkv_lm.cpu_kernels import kernels
-from rwkv_lm.fast import KernelLinear, StepChannelMix, StepTimeMix, _gemv_kernel, optimize
+from rwkv_lm.fast import KernelLinear, StepBlock, StepChannelMix, StepTimeMix, _gemv_kernel, optimize
 from rwkv_lm.testing import random_model
 
 from conftest import assert_close
@@ -66,6 +66,7 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
     if kernels():
         assert isinstance(fast.blocks[1].att, StepTimeMix) and _gemv_kernel(fast.head.weight) == "gemv_f32"
         assert fast.blocks[1].att.lora_kernel == ("gemv_f32" if lora % 16 == 0 else None)
+        assert isinstance(fast.blocks[1], StepBlock) == (lora % 16 == 0), "whole-block steps need the LoRAs in the kernel"
     assert isinstance(fast.blocks[1].ffn, StepChannelMix)
     tokens = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(batch))
     out_fast, s_fast, first = _steps(fast, tokens)
@@ -77,8 +78,38 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
         "the state given to a step is left as it was"
 
 
-def test_optimized_model_loads_new_weights(model):
+@pytest.mark.parametrize("weights", [None, "bf16"])
+@pytest.mark.parametrize("batch", [1, 2, 5, 16])
+def test_block_steps_match_the_plain_model(batch, weights):
+    """Whole-block decode steps in one C call (StepBlock) against model.py, logits and every state tensor: three
+    layers (ln0 and v_first made by the first, mixed in by the others), LoRA ranks that differ, fp32 and bf16
+    Linear weights (the reference then has the same weights rounded to bf16)."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=32, value_lora=16,
+                     gate_lora=48)
+    model = random_model(cfg, seed=batch)
+    fast = optimize(copy.deepcopy(model), weights=weights)
+    if "block_step_f32" in kernels() and (weights is None or "gemv_bf16" in kernels()):
+        assert all(type(block) is StepBlock for block in fast.blocks)
+    tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
+    ref = model if weights is None else _rounded(model)
+    out_fast, s_fast, first = _steps(fast, tokens)
+    out_ref, s_ref, _ = _steps(ref, tokens)
+    rtol = 1e-5 if weights is None else 2e-4  # bf16: the kernel's split of the activations, about 2^-16
+    assert_close(out_fast, out_ref, rtol, "step logits")
+    with torch.no_grad():  # from the zero state the recurrence's outputs are small, and ln_x's eps shows
+        assert_close(fast.step(tokens[:, 0])[0], ref.step(tokens[:, 0])[0], rtol, "first step logits")
+    for name, a in s_fast.tensors().items():
+        assert_close(a, s_ref.tensors()[name], rtol, name)
+    assert all(torch.equal(a, b) for a, b in zip(first.tensors().values(), _steps(fast, tokens)[2].tensors().values())), \
+        "the state given to a step is left as it was"
+
+
+@pytest.mark.parametrize("lora", [8, 16], ids=["time-mix-steps", "block-steps"])
+def test_optimized_model_loads_new_weights(model, lora):
     """Weights loaded after optimize() are the ones its steps use (no copy made at optimize time goes stale)."""
+    if lora != 8:
+        model = random_model(RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=lora,
+                                        iclr_lora=lora, value_lora=lora, gate_lora=lora))
     other = random_model(model.config, seed=5)
     fast = optimize(copy.deepcopy(model))
     fast.load_state_dict(other.state_dict())
