@@ -90,19 +90,22 @@ int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, 
 /* The WKV-7 recurrence (ops/wkv7/naive.py) token by token, for inference: per head and token,
  *   sa = S a;  S = S diag(w) + sa b^T + v k^T;  y = S r
  * with S [n, n] (value x key) updated in place, row by row, so a head's state stays in L1 for the whole
- * sequence: at prompt lengths this beats the chunked torch op several times over, and a decode step is
- * the same call with len = 1. S, S_new [batch, heads, n, n] (S_new may be S); r, w (the decay itself, not
- * its log), k, v, a, b, y [batch, len, heads, n]; n a multiple of 16. Heads are split between threads. */
-static void wkv7_token(float *S, const float *r, const float *w, const float *k, const float *v, const float *a,
-                       const float *b, float *y, int64_t n) {
+ * sequence (the first token reads S, the rest S_new): at prompt lengths this beats the chunked torch op
+ * several times over, and a decode step is the same call with len = 1. S, S_new [batch, heads, n, n] (S_new
+ * may be S); r, w (the decay itself, not its log), k, v, a, b, y [batch, len, heads, n]; n a multiple of 16.
+ * Heads are split between threads. */
+static void wkv7_token(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
+                       const float *a, const float *b, float *y, int64_t n, int stream) {
     for (int64_t i = 0; i < n; i++) {
-        float *s = S + i * n;
+        const float *s = S + i * n;
+        float *s_new = S_new + i * n;
         __m512 sa = _mm512_set1_ps(dot_f32(s, a, n)), vi = _mm512_set1_ps(v[i]), acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
             __m512 sj = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(w + j));
             sj = _mm512_fmadd_ps(sa, _mm512_loadu_ps(b + j), sj);
             sj = _mm512_fmadd_ps(vi, _mm512_loadu_ps(k + j), sj);
-            _mm512_storeu_ps(s + j, sj);
+            if (stream) _mm512_stream_ps(s_new + j, sj);
+            else _mm512_storeu_ps(s_new + j, sj);
             acc = _mm512_fmadd_ps(sj, _mm512_loadu_ps(r + j), acc);
         }
         y[i] = _mm512_reduce_add_ps(acc);
@@ -113,15 +116,18 @@ int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const
              const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
              int threads) {
     if (n % 16) return 1;
+    /* a decode step (len 1) writes a new state that nothing reads before the next step, by when a batch's
+     * states (3 MiB a layer at B=16) have left the cache: streaming stores skip reading its lines first */
+    const int stream = len == 1 && S != S_new && (uintptr_t)S_new % 64 == 0;
     #pragma omp parallel for schedule(static) num_threads(threads) if (batch * heads * len * n * n >= 1 << 16)
     for (int64_t bh = 0; bh < batch * heads; bh++) {
         float *s = S_new + bh * n * n;
-        if (S != S_new) memcpy(s, S + bh * n * n, n * n * sizeof(float));
         const int64_t bi = bh / heads, h = bh % heads;
         for (int64_t t = 0; t < len; t++) {
             const int64_t x = ((bi * len + t) * heads + h) * n;
-            wkv7_token(s, r + x, w + x, k + x, v + x, a + x, b + x, y + x, n);
+            wkv7_token(t ? s : S + bh * n * n, s, r + x, w + x, k + x, v + x, a + x, b + x, y + x, n, stream);
         }
+        if (stream) _mm_sfence(); /* the streamed lines in memory before another thread or the caller reads them */
     }
     return 0;
 }
