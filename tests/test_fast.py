@@ -104,6 +104,19 @@ def test_block_steps_match_the_plain_model(batch, weights):
         "the state given to a step is left as it was"
 
 
+def test_block_steps_with_a_nearly_vanishing_removal_key():
+    """kk = normalize(k * k_k) stays a unit vector however small k * k_k is (down to F.normalize's eps 1e-12):
+    one head's k_k scaled to 1e-8 must give the plain model's result in the fused step too."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=16, iclr_lora=16, value_lora=16,
+                     gate_lora=16)
+    model = random_model(cfg, seed=9)
+    with torch.no_grad():
+        model.blocks[1].att.k_k[..., :32] *= 1e-8
+    fast = optimize(copy.deepcopy(model))
+    tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(9))
+    assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "step logits")
+
+
 @pytest.mark.parametrize("lora", [8, 16], ids=["time-mix-steps", "block-steps"])
 def test_optimized_model_loads_new_weights(model, lora):
     """Weights loaded after optimize() are the ones its steps use (no copy made at optimize time goes stale)."""
