@@ -17,6 +17,7 @@ has its own C kernel for CPU inference in ops/wkv7/cpu.py, used by every model, 
 from __future__ import annotations
 
 import ctypes
+import operator
 
 import torch
 import torch.nn as nn
@@ -32,8 +33,11 @@ MAX_BF16_IN = 16384  # the bf16 kernel's MAX_IN: wider inputs take the matmul
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
-    """The kernel that multiplies by this [out, in] weight (stored row-major) where one fits its shape, else None."""
+    """The kernel that multiplies by this [out, in] weight where one fits its shape and it is stored row-major
+    (a weight assigned after optimize() may not be), else None."""
     out_features, in_features = weight.shape
+    if weight.stride() != (in_features, 1):
+        return None
     if weight.dtype == torch.bfloat16:
         fits = in_features % 64 == 0 and in_features <= MAX_BF16_IN
         return "gemv_bf16" if fits else None
@@ -66,7 +70,8 @@ class KernelLinear(nn.Module):
     def forward(self, x):
         rows = x.numel() // self.in_features
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
-        kernel = _gemv_kernel(self.weight) if self.weight.device.type == "cpu" and rows <= MAX_KERNEL_ROWS else None
+        fits = self.weight.device.type == "cpu" and rows <= MAX_KERNEL_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
+        kernel = _gemv_kernel(self.weight) if fits else None  # (the kernels have no backward)
         if kernel not in kernels():
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         y = _gemv(kernel, self.weight, x.reshape(rows, self.in_features))
@@ -78,7 +83,7 @@ class StepTimeMix(TimeMix):
     is ops.wkv7's, one C pass on a CPU); longer inputs run TimeMix.forward itself."""
 
     def forward(self, x, shift, wkv_state, v_first):
-        if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":  # e.g. after .to() the kernels don't fit
+        if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():  # e.g. after .to() the kernels don't fit
             return super().forward(x, shift, wkv_state, v_first)
         B, _, C = x.shape
         H, N = self.n_head, self.head_size
@@ -104,8 +109,8 @@ class StepTimeMix(TimeMix):
 
     def _lora(self, x, w):
         """x @ w for a LoRA matrix w [in, out], which _fast_steps stores transposed: the kernel's [out, in] row-major."""
-        if self.lora_kernel is None or x.shape[0] > MAX_KERNEL_ROWS:
-            return x @ w
+        if self.lora_kernel is None or x.shape[0] > MAX_KERNEL_ROWS or _gemv_kernel(w.t()) != self.lora_kernel:
+            return x @ w  # (the last: a LoRA assigned since optimize() is not stored transposed)
         return _gemv(self.lora_kernel, w.t(), x)
 
 
@@ -147,23 +152,29 @@ class StepBlock(Block):
     (a prompt, or a dtype that .to() changed since optimize()) runs Block.forward."""
 
     def forward(self, x, v_first, state: LayerState):
-        fp32 = torch.float32
-        if (x.shape[1] != 1 or x.dtype != fp32 or x.device.type != "cpu" or self.att.x_r.dtype != fp32
-                or self.att.receptance.weight.dtype != self.step_linear_dtype
-                or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32):
-            return super().forward(x, v_first, state)
-        B, _, C = x.shape
+        fp32, (B, T, C) = torch.float32, x.shape
         att = self.att
         H, N = att.n_head, att.head_size
+        # the parameters as they are now (load_state_dict(assign=True) replaces them), in the layouts the C reads
+        current = self.step_getter(self)
+        if (T != 1 or B > MAX_KERNEL_ROWS or torch.is_grad_enabled() or x.dtype != fp32 or x.device.type != "cpu"
+                or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
+                or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32
+                or not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride
+                           for p, dtype, stride in zip(current, self.step_dtypes, self.step_strides))):
+            return super().forward(x, v_first, state)  # a prompt, training, a batch too wide, or anything changed
         x_out, att_shift, ffn_shift, wkv = torch.empty(B, 1, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, H, N, N)
         v_first = torch.empty(B, 1, C) if att.layer_id == 0 else v_first.contiguous()
-        params = (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*(p if p is None else p.data_ptr() for p in self.step_params))
+        pointers = [None] * len(BLOCK_STEP_PARAMS)
+        for slot, p in zip(self.step_slots, current):
+            pointers[slot] = p.data_ptr()
+        params = (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
         inputs = (x.contiguous(), state.att_shift.contiguous(), state.wkv.contiguous(), state.ffn_shift.contiguous())
         if kernels()["block_step_f32"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
                                        *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
                                        ffn_shift.data_ptr(), B, *self.step_sizes, self.ln1.eps, att.ln_x.eps, DECAY_SCALE,
                                        self.step_linear_dtype == torch.bfloat16, torch.get_num_threads()):
-            raise RuntimeError(f"block_step_f32 failed on a batch of {B} (out of memory?)")
+            raise RuntimeError(f"block_step_f32 refused a batch of {B} or could not allocate its buffers")
         return x_out, v_first, LayerState(att_shift, wkv, ffn_shift)
 
 
@@ -179,7 +190,12 @@ def _fused_steps(block: Block):
         return
     block.__class__ = StepBlock
     names = dict(block.named_parameters())
-    block.step_params = [names.get(name) for name in BLOCK_STEP_PARAMS]
+    block.step_slots = [i for i, name in enumerate(BLOCK_STEP_PARAMS) if name in names]
+    present = [BLOCK_STEP_PARAMS[i] for i in block.step_slots]
+    block.step_getter = operator.attrgetter(*present)
+    # what the C was prepared for: these dtypes and strides (LoRAs transposed, everything else contiguous)
+    block.step_dtypes = [names[name].dtype for name in present]
+    block.step_strides = [names[name].stride() for name in present]
     block.step_linear_dtype = att.receptance.weight.dtype
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
     block.step_sizes = (att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks)
@@ -187,7 +203,10 @@ def _fused_steps(block: Block):
 
 @torch.no_grad()
 def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
-    """Prepare a CPU model for fast inference (in place; returns it). weights="bf16" stores Linear weights in bf16."""
+    """Prepare a CPU model for inference (in place; returns it). weights="bf16" stores Linear weights in bf16.
+
+    Decode steps of up to 16 rows run in the C kernels; wider batches, prompts and anything under autograd run
+    the torch ops (with bf16 weights those round activations to bf16 as well)."""
     if weights not in (None, "bf16"):
         raise ValueError(f"weights must be None (keep the model's dtype) or 'bf16', got {weights!r}")
     if next(model.parameters()).device.type != "cpu":

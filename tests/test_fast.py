@@ -44,18 +44,22 @@ def _rounded(model):
 
 
 def _steps(model, tokens):
-    """Step a model through tokens [B, T] from a random state: (logits of the last step, final state, first state)."""
+    """Step a model through tokens [B, T] from a random state: (logits of the last step, final state).
+    Every step must leave the state it was given as it was (callers keep and fork states)."""
     g = torch.Generator().manual_seed(tokens.shape[0])
-    first = model.init_state(tokens.shape[0]).map(lambda t: torch.randn(t.shape, generator=g).to(t.dtype))
-    state = first.clone()
+    state, given = model.init_state(tokens.shape[0]).map(lambda t: torch.randn(t.shape, generator=g).to(t.dtype)), []
     with torch.no_grad():
         for t in tokens.T:
+            given.append((state, state.clone()))
             logits, state = model.step(t, state)
-    return logits, state, first
+    for kept, snapshot in given:
+        assert all(torch.equal(a, b) for a, b in zip(kept.tensors().values(), snapshot.tensors().values())), \
+            "a step wrote into the state it was given"
+    return logits, state
 
 
 @pytest.mark.parametrize("lora", [8, 16], ids=["lora-matmul", "lora-kernel"])
-@pytest.mark.parametrize("batch", [1, 2, 5, 16])
+@pytest.mark.parametrize("batch", [1, 2, 5, 16, 17])
 def test_fp32_steps_match_the_plain_model(batch, lora):
     """Decode steps through the fp32 kernels and the fused time mix, batch sizes over every tile of the kernel;
     LoRA ranks that the kernel takes (multiples of 16) and that it leaves to torch."""
@@ -69,17 +73,15 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
         assert isinstance(fast.blocks[1], StepBlock) == (lora % 16 == 0), "whole-block steps need the LoRAs in the kernel"
     assert isinstance(fast.blocks[1].ffn, StepChannelMix)
     tokens = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(batch))
-    out_fast, s_fast, first = _steps(fast, tokens)
-    out_ref, s_ref, _ = _steps(model, tokens)
+    out_fast, s_fast = _steps(fast, tokens)
+    out_ref, s_ref = _steps(model, tokens)
     assert_close(out_fast, out_ref, 1e-5, "step logits")
     for name, a in s_fast.tensors().items():
         assert_close(a, s_ref.tensors()[name], 1e-5, name)
-    assert all(torch.equal(a, b) for a, b in zip(first.tensors().values(), _steps(fast, tokens)[2].tensors().values())), \
-        "the state given to a step is left as it was"
 
 
 @pytest.mark.parametrize("weights", [None, "bf16"])
-@pytest.mark.parametrize("batch", [1, 2, 5, 16])
+@pytest.mark.parametrize("batch", [1, 2, 5, 16, 17])
 def test_block_steps_match_the_plain_model(batch, weights):
     """Whole-block decode steps in one C call (StepBlock) against model.py, logits and every state tensor: three
     layers (ln0 and v_first made by the first, mixed in by the others), LoRA ranks that differ, fp32 and bf16
@@ -92,16 +94,15 @@ def test_block_steps_match_the_plain_model(batch, weights):
         assert all(type(block) is StepBlock for block in fast.blocks)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
     ref = model if weights is None else _rounded(model)
-    out_fast, s_fast, first = _steps(fast, tokens)
-    out_ref, s_ref, _ = _steps(ref, tokens)
-    rtol = 1e-5 if weights is None else 2e-4  # bf16: the kernel's split of the activations, about 2^-16
+    out_fast, s_fast = _steps(fast, tokens)
+    out_ref, s_ref = _steps(ref, tokens)
+    # bf16: the kernel's split of the activations, about 2^-16; above 16 rows oneDNN's bf16 matmul, 2^-8
+    rtol = 1e-5 if weights is None else 2e-4 if batch <= 16 else 3e-2
     assert_close(out_fast, out_ref, rtol, "step logits")
     with torch.no_grad():  # from the zero state the recurrence's outputs are small, and ln_x's eps shows
         assert_close(fast.step(tokens[:, 0])[0], ref.step(tokens[:, 0])[0], rtol, "first step logits")
     for name, a in s_fast.tensors().items():
         assert_close(a, s_ref.tensors()[name], rtol, name)
-    assert all(torch.equal(a, b) for a, b in zip(first.tensors().values(), _steps(fast, tokens)[2].tensors().values())), \
-        "the state given to a step is left as it was"
 
 
 def test_block_steps_with_a_nearly_vanishing_removal_key():
@@ -118,14 +119,15 @@ def test_block_steps_with_a_nearly_vanishing_removal_key():
 
 
 @pytest.mark.parametrize("lora", [8, 16], ids=["time-mix-steps", "block-steps"])
-def test_optimized_model_loads_new_weights(model, lora):
+@pytest.mark.parametrize("assign", [False, True], ids=["copied-in", "assigned"])
+def test_optimized_model_loads_new_weights(model, lora, assign):
     """Weights loaded after optimize() are the ones its steps use (no copy made at optimize time goes stale)."""
     if lora != 8:
         model = random_model(RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=lora,
                                         iclr_lora=lora, value_lora=lora, gate_lora=lora))
     other = random_model(model.config, seed=5)
     fast = optimize(copy.deepcopy(model))
-    fast.load_state_dict(other.state_dict())
+    fast.load_state_dict(other.state_dict(), assign=assign)  # assign: new Parameters, in nn.Linear's layouts
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(5))
     assert_close(_steps(fast, tokens)[0], _steps(other, tokens)[0], 1e-5, "step logits")
 
@@ -135,8 +137,8 @@ def test_optimized_model_moved_to_another_dtype(model, dtype):
     """After .to(dtype) the kernels no longer fit: the optimized model must fall back to torch, not misread memory."""
     fast = optimize(copy.deepcopy(model)).to(dtype)
     tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(4))
-    out_fast, _, _ = _steps(fast, tokens)
-    out_ref, _, _ = _steps(model.to(dtype), tokens)
+    out_fast, _ = _steps(fast, tokens)
+    out_ref, _ = _steps(model.to(dtype), tokens)
     assert_close(out_fast, out_ref, 1e-6 if dtype == torch.float64 else 3e-2, "step logits")
 
 
@@ -192,3 +194,12 @@ def test_bf16_after_fp32_layout_and_wide_inputs():
         expected = x @ linear.weight.detach().bfloat16().float().T
         kernel = "gemv_bf16" in kernels() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
         assert_close(KernelLinear(linear, torch.bfloat16)(x), expected, 2e-4 if kernel else 3e-2, f"in_features={in_features}")
+
+
+def test_optimized_model_under_autograd_keeps_the_gradient(model):
+    """The kernels have no backward: with autograd on, the optimized model runs the torch ops and gradients flow."""
+    fast = optimize(copy.deepcopy(model))
+    logits, _ = fast(torch.randint(0, 300, (2, 1), generator=torch.Generator().manual_seed(3)))
+    assert logits.requires_grad
+    logits.sum().backward()
+    assert fast.emb.weight.grad is not None

@@ -139,3 +139,18 @@ def test_dispatcher_without_the_cpu_kernel(monkeypatch):
         for backend in (None, "cpu"):
             o, s = wkv7(*xs, initial_state=s0, backend=backend)
             assert_close(o, o_ref, 1e-5, "output")
+
+
+def test_cpu_backend_leaves_odd_shapes_to_torch():
+    """A state of another batch size broadcasts in the torch step (the kernel would read past it); an empty
+    sequence returns the initial state."""
+    g = torch.Generator().manual_seed(13)
+    state, xs = torch.randn(1, 2, 16, 16, generator=g), [torch.randn(4, 2, 16, generator=g) for _ in range(6)]
+    with torch.no_grad():
+        o, s = wkv7_one(state, *xs)
+        o_ref, s_ref = wkv7_step(state, *xs)
+        assert_close(o, o_ref, 1e-6, "output")
+        empty = [torch.randn(2, 0, 2, 16, generator=g) for _ in range(6)]
+        s0 = torch.randn(2, 2, 16, 16, generator=g)
+        for backend in ("cpu", "chunked"):
+            assert torch.equal(wkv7(*empty, initial_state=s0, backend=backend)[1], s0)

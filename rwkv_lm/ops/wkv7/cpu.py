@@ -14,11 +14,15 @@ from ...cpu_kernels import kernels
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in fp32; fp64 stays with torch
 
 
-def usable(r: torch.Tensor, *others) -> bool:
-    """Whether the kernel serves these inputs: CPU, a 16-bit or fp32 dtype, head size a multiple of 16,
-    no gradient wanted, and the kernel built."""
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, *others))
-    return (r.device.type == "cpu" and r.dtype in KERNEL_DTYPES and r.shape[-1] % 16 == 0 and not needs_grad
+def usable(r: torch.Tensor, log_w, k, v, a, b, state) -> bool:
+    """Whether the kernel serves these inputs: on the CPU, a 16-bit or fp32 dtype, the shapes the kernel reads
+    (anything else goes to torch, which broadcasts or raises), head size a multiple of 16, no gradient wanted,
+    and the kernel built. r ... b: [B, T, H, N] or one token's [B, H, N]; state [B, H, N, N] or None."""
+    xs = (r, log_w, k, v, a, b)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*xs, state))
+    B, *_, H, N = r.shape
+    return (r.device.type == "cpu" and r.dtype in KERNEL_DTYPES and N % 16 == 0 and not needs_grad
+            and all(x.shape == r.shape for x in xs) and (state is None or state.shape == (B, H, N, N))
             and "wkv7_f32" in kernels())
 
 
@@ -28,6 +32,8 @@ def wkv7_cpu(r, log_w, k, v, a, b, initial_state=None):
     xs = [x.float().contiguous() for x in (r, log_w.float().exp(), k, v, a, b)]  # decays from an unrounded log
     state = torch.zeros(B, H, N, N) if initial_state is None else initial_state.float().contiguous()
     new_state, o = torch.empty(B, H, N, N), torch.empty(B, T, H, N)
+    if T == 0:
+        return o.to(r.dtype), state.clone()
     if kernels()["wkv7_f32"](state.data_ptr(), new_state.data_ptr(), *(x.data_ptr() for x in xs), o.data_ptr(),
                              B, T, H, N, torch.get_num_threads()):
         raise RuntimeError(f"wkv7_f32 refused head size {N} (a multiple of 16 fits)")
