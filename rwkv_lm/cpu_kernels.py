@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import subprocess
 import warnings
 from functools import cache
@@ -39,7 +40,7 @@ def kernels() -> dict:
     try:
         if not lib.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = lib.with_suffix(f".{id(source)}.tmp")
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never write one file
             subprocess.run(command + ["-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
             tmp.replace(lib)
         library = ctypes.CDLL(str(lib))

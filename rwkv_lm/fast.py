@@ -30,6 +30,7 @@ from .state import LayerState
 
 MAX_KERNEL_ROWS = 16  # the kernels' MAX_BATCH: up to this many rows (a decode step of a batch); more: a matmul
 MAX_BF16_IN = 16384  # the bf16 kernel's MAX_IN: wider inputs take the matmul
+LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
@@ -119,7 +120,7 @@ def _fast_steps(att: TimeMix):
     fits = att.x_r.dtype == torch.float32 and "gemv_f32" in kernels()
     if type(att) is TimeMix and fits:
         att.__class__ = StepTimeMix
-        loras = [p for name, p in att.named_parameters() if name[0] in "wavg" and name[1] in "12"]  # w1, w2, a1, ...
+        loras = [getattr(att, name) for name in LORA_PARAMS if hasattr(att, name)]  # layer 0 has no v1, v2
         for p in loras:
             p.data = p.data.t().contiguous().t()
         lora_kernels = {_gemv_kernel(p.t()) for p in loras}
