@@ -6,8 +6,8 @@ weights' width and the way they are read matter more than the model code. Where 
 to MAX_KERNEL_ROWS rows) run in small C kernels (`cpu_kernels.c`, compiled at first use) that stream each
 weight once per step; a prompt (more rows) goes through torch's matmul as before. A one-token step of a
 block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products) where its shapes fit the
-kernels, else the time mix and the channel mix in fewer torch ops; a prompt runs model.py's code. (The WKV-7 recurrence
-has its own C kernel for CPU inference in ops/wkv7/cpu.py, used by every model, optimized or not.)
+kernels, else the time mix and the channel mix in fewer torch ops; a prompt runs model.py's code. (The
+WKV-7 recurrence has its own C kernel for CPU inference in ops/wkv7/cpu.py, used by every model.)
 - fp32 (the default): the weights stay as they are; without avx512f they are only stored column-major
   ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass;
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
@@ -53,7 +53,7 @@ def _gemv(kernel_name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tens
     y = torch.empty(rows, out_features)
     if kernels()[kernel_name](weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows,
                                torch.get_num_threads()):
-        raise RuntimeError(f"{kernel_name} refused a [{rows}, {in_features}] input (out of memory?)")
+        raise RuntimeError(f"{kernel_name} refused a [{rows}, {in_features}] input or could not allocate its buffer")
     return y
 
 
@@ -84,8 +84,8 @@ class StepTimeMix(TimeMix):
     is ops.wkv7's, one C pass on a CPU); longer inputs run TimeMix.forward itself."""
 
     def forward(self, x, shift, wkv_state, v_first):
-        if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():  # e.g. after .to() the kernels don't fit
-            return super().forward(x, shift, wkv_state, v_first)
+        if x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return super().forward(x, shift, wkv_state, v_first)  # a prompt, training, or moved by .to()
         B, _, C = x.shape
         H, N = self.n_head, self.head_size
         x1 = x[:, 0]
@@ -174,7 +174,7 @@ class StepBlock(Block):
         if kernels()["block_step_f32"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
                                        *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
                                        ffn_shift.data_ptr(), B, *self.step_sizes, self.ln1.eps, att.ln_x.eps, DECAY_SCALE,
-                                       self.step_linear_dtype == torch.bfloat16, torch.get_num_threads()):
+                                       att.receptance.weight.dtype == torch.bfloat16, torch.get_num_threads()):
             raise RuntimeError(f"block_step_f32 refused a batch of {B} or could not allocate its buffers")
         return x_out, v_first, LayerState(att_shift, wkv, ffn_shift)
 
@@ -197,7 +197,6 @@ def _fused_steps(block: Block):
     # what the C was prepared for: these dtypes and strides (LoRAs transposed, everything else contiguous)
     block.step_dtypes = [names[name].dtype for name in present]
     block.step_strides = [names[name].stride() for name in present]
-    block.step_linear_dtype = att.receptance.weight.dtype
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
     block.step_sizes = (att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks)
 
