@@ -1,148 +1,217 @@
-/* The CPU kernels (loaded by rwkv_lm/cpu_kernels.py): matrix-vector products for decoding (rwkv_lm.fast)
- * and the WKV-7 recurrence for inference (rwkv_lm/ops/wkv7/cpu.py).
+/* The CPU kernels (loaded by rwkv_lm/cpu_kernels.py): matrix-vector products for decoding (rwkv_lm.fast),
+ * the WKV-7 recurrence for inference (rwkv_lm/ops/wkv7/cpu.py) and whole decode steps of a block.
  *
  * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
  * weight row-major ([out, in], as nn.Linear stores it) in one sequential pass, split between threads by
- * rows. Compiled with the ISA the CPU reports; the bf16 kernel only where it has avx512_bf16. */
-#include <immintrin.h>
+ * rows. One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
+ * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
+ * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
+ * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product where the CPU has it) or int8
+ * with one fp32 scale per output row; activations are fp32 throughout. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
-#define MAX_BATCH 16
+#define MAX_BATCH 16 /* rows per pass over the weights: a wider batch runs in slices of this many */
+const int max_batch = MAX_BATCH;
 
-/* fp32: y[b, o] = sum_i W[o, i] * x[b, i]; `in` a multiple of 16, `out` of ROWS when batch > 1.
- * One row: a single stream per thread keeps the hardware prefetcher at full speed (interleaving rows
- * of W cost up to a third of the bandwidth). A batch: ROWS rows of W against BATCH_BLOCK rows of x at
- * once, so each weight load feeds several FMAs and the step becomes compute-bound. */
-#define ROWS 4 /* sum4 reduces one tile column */
-/* 24 accumulators, 6 rows of x and a row of W fill 31 of the 32 registers: 10 loads per 24 FMAs where 4 rows
- * of x took 8 per 16 (B=16 products 7-15% faster) */
+/* the parameters of a block in the order the Python side passes their pointers (rwkv_lm/cpu_kernels.py reads
+ * the names from here and checks its own list against them) */
+#define BLOCK_STEP_PARAMS(X) \
+    X(LN0_W, "ln0.weight") X(LN0_B, "ln0.bias") X(LN1_W, "ln1.weight") X(LN1_B, "ln1.bias") \
+    X(LN2_W, "ln2.weight") X(LN2_B, "ln2.bias") X(X_R, "att.x_r") X(X_W, "att.x_w") X(X_K, "att.x_k") \
+    X(X_V, "att.x_v") X(X_A, "att.x_a") X(X_G, "att.x_g") X(W0, "att.w0") X(W1, "att.w1") X(W2, "att.w2") \
+    X(A0, "att.a0") X(A1, "att.a1") X(A2, "att.a2") X(V0, "att.v0") X(V1, "att.v1") X(V2, "att.v2") \
+    X(G1, "att.g1") X(G2, "att.g2") X(K_K, "att.k_k") X(K_A, "att.k_a") X(R_K, "att.r_k") \
+    X(RECEPTANCE, "att.receptance.weight") X(KEY, "att.key.weight") X(VALUE, "att.value.weight") \
+    X(OUTPUT, "att.output.weight") X(LN_X_W, "att.ln_x.weight") X(LN_X_B, "att.ln_x.bias") X(FFN_X_K, "ffn.x_k") \
+    X(FFN_KEY, "ffn.key.weight") X(FFN_VALUE, "ffn.value.weight") X(RECEPTANCE_S, "att.receptance.scale") \
+    X(KEY_S, "att.key.scale") X(VALUE_S, "att.value.scale") X(OUTPUT_S, "att.output.scale") \
+    X(FFN_KEY_S, "ffn.key.scale") X(FFN_VALUE_S, "ffn.value.scale")
+#define AS_ENUM(name, key) name,
+#define AS_NAME(name, key) key " "
+enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
+const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
+
+enum { F32, BF16, I8 }; /* weight types, as the Python side numbers them */
+
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+/* a batch tile: ROWS rows of W against BATCH_BLOCK rows of x; with 32 vector registers (AVX-512, aarch64)
+ * 24 accumulators, 6 rows of x and a row of W fill 31 of them: 10 loads per 24 FMAs (B=16 products 7-15%
+ * faster than 4 rows of x); with 16 (AVX2, SSE2) 4x2 */
+#define ROWS 4
+#if defined(__AVX512F__) || defined(__aarch64__)
 #define BATCH_BLOCK 6
+#else
+#define BATCH_BLOCK 2
+#endif
 
-static float dot_f32(const float *w, const float *x, int64_t in) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* two chains hide FMA latency */
-    int64_t i = 0;
-    for (; i + 32 <= in; i += 32) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
-    }
-    if (i < in) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+const int vector_width = VW; /* floats per register at the level this was built for */
+
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
+typedef uint32_t vu __attribute__((vector_size(4 * VW)));
+typedef float vf_any __attribute__((vector_size(4 * VW), aligned(4))); /* unaligned loads and stores */
+typedef uint16_t vh_any __attribute__((vector_size(2 * VW), aligned(2)));
+typedef int8_t vb_any __attribute__((vector_size(VW), aligned(1)));
+
+#define INLINE static inline __attribute__((always_inline))
+INLINE vf load(const float *p) { return *(const vf_any *)p; }
+INLINE void store(float *p, vf v) { *(vf_any *)p = v; }
+INLINE vf splat(float x) { return (vf){0} + x; }
+INLINE vf vmax(vf a, vf b) { vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+INLINE vf vmin(vf a, vf b) { vi m = a < b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+INLINE float hsum(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float s = 0;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
+#endif
 }
 
-/* the sums of four vectors as the four lanes of one: a shuffle tree, a quarter of four full reductions'
- * instructions (at width 768 those cost a sixth of the tile's time) */
-static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+/* a weight's VW elements from index i, widened to fp32: bf16 is the top half of an fp32 (a shift), int8 a
+ * conversion (its row's scale is applied to the row's sum) */
+INLINE size_t type_size(int type) { return type == F32 ? 4 : type == BF16 ? 2 : 1; }
+INLINE vf load_w(const void *w, int64_t i, int type) {
+    if (type == F32) return load((const float *)w + i);
+    if (type == BF16) return (vf)(__builtin_convertvector(*(const vh_any *)((const uint16_t *)w + i), vu) << 16);
+    return __builtin_convertvector(__builtin_convertvector(*(const vb_any *)((const int8_t *)w + i), vi), vf);
+}
+INLINE float scalar_w(const void *w, int64_t i, int type) {
+    if (type == F32) return ((const float *)w)[i];
+    if (type == BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    return ((const int8_t *)w)[i];
+}
+
+/* sum_i w[i] x[i] over one row: one stream per thread keeps the hardware prefetcher at full speed
+ * (interleaving rows of W cost up to a third of the bandwidth); four chains hide the FMA latency */
+INLINE float dot(const void *w, const float *x, int64_t in, int type) {
+    vf acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+    int64_t i = 0;
+    for (; i + 4 * VW <= in; i += 4 * VW) {
+        acc0 += load_w(w, i, type) * load(x + i);
+        acc1 += load_w(w, i + VW, type) * load(x + i + VW);
+        acc2 += load_w(w, i + 2 * VW, type) * load(x + i + 2 * VW);
+        acc3 += load_w(w, i + 3 * VW, type) * load(x + i + 3 * VW);
+    }
+    for (; i + VW <= in; i += VW) acc0 += load_w(w, i, type) * load(x + i);
+    float s = hsum((acc0 + acc1) + (acc2 + acc3));
+    for (; i < in; i++) s += scalar_w(w, i, type) * x[i];
+    return s;
+}
+
+/* y[0..3] = the sums of a0 .. a3: on AVX-512 a shuffle tree, a quarter of four full reductions' instructions
+ * (at width 768 those cost a sixth of the tile's time) */
+INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
+#if defined(__AVX512F__)
+    __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)a0, (__m512)a1), _mm512_unpackhi_ps((__m512)a0, (__m512)a1));
+    __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)a2, (__m512)a3), _mm512_unpackhi_ps((__m512)a2, (__m512)a3));
     __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
     __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)), _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1)));
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+    y[0] = hsum(a0), y[1] = hsum(a1), y[2] = hsum(a2), y[3] = hsum(a3);
+#endif
 }
 
 /* a tile is compute-bound: the hardware prefetcher alone falls behind on its four rows, so it prefetches the
  * next tile's rows into L1 and those L2_AHEAD tiles on into L2 itself (B=16 products from memory 56 -> ~80
- * GFLOP/s on one core, 111 when the weight is in cache) */
+ * GFLOP/s on one AVX-512 core, 111 when the weight is in cache) */
 #define L2_AHEAD 8
-static inline __attribute__((always_inline)) void tile_f32(const float *w, const float *x, float *y,
-                                                           int64_t in, int64_t out, int batch) {
-    const float *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
-    __m512 acc[ROWS][BATCH_BLOCK];
+INLINE void tile(const void *w, const float *x, float *y, const float *scale, int64_t in, int64_t out, int batch,
+                 int type) {
+    const size_t row_bytes = in * type_size(type);
+    const char *next = (const char *)w + ROWS * row_bytes, *later = (const char *)w + L2_AHEAD * ROWS * row_bytes;
+    vf acc[ROWS][BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < in; i += 16) {
+        for (int b = 0; b < batch; b++) acc[r][b] = splat(0);
+    int64_t i = 0;
+    for (; i + VW <= in; i += VW) {
         for (int r = 0; r < ROWS; r++) {
-            _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
-            _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
+            __builtin_prefetch(next + r * row_bytes + i * type_size(type), 0, 3);
+            __builtin_prefetch(later + r * row_bytes + i * type_size(type), 0, 2);
         }
-        __m512 xv[BATCH_BLOCK];
-        for (int b = 0; b < batch; b++) xv[b] = _mm512_loadu_ps(x + b * in + i);
+        vf xv[BATCH_BLOCK];
+        for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i);
         for (int r = 0; r < ROWS; r++) {
-            __m512 wv = _mm512_loadu_ps(w + r * in + i);
-            for (int b = 0; b < batch; b++) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+            vf wv = load_w(w, r * in + i, type);
+            for (int b = 0; b < batch; b++) acc[r][b] += wv * xv[b];
         }
     }
-    for (int b = 0; b < batch; b++) _mm_storeu_ps(y + b * out, sum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]));
+    for (int b = 0; b < batch; b++) store_sum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b], y + b * out);
+    for (int b = 0; b < batch; b++)
+        for (int r = 0; r < ROWS; r++) {
+            float *yr = y + b * out + r;
+            for (int64_t j = i; j < in; j++) *yr += scalar_w(w, r * in + j, type) * x[b * in + j]; /* the tail */
+            if (scale) *yr *= scale[r];
+        }
 }
 
-int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
-    if (in % 16 || (batch > 1 && out % ROWS) || batch > MAX_BATCH) return 1;
-    if (batch == 1) {
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t o = 0; o < out; o++) y[o] = dot_f32(W + o * in, x, in);
-        return 0;
+/* rows o .. o + ROWS - 1 (those below out) of y[b, o] = scale[o] (if any) * sum_i W[o, i] x[b, i], for up to
+ * MAX_BATCH rows of x */
+INLINE void gemv_rows(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
+                      int64_t batch, int64_t o, int type) {
+    const char *w = (const char *)W + o * in * type_size(type);
+    const float *s = scale ? scale + o : NULL;
+    if (batch == 1 || o + ROWS > out) { /* one row of x, or the rows that fill no tile */
+        for (int64_t r = 0; r < ROWS && o + r < out; r++)
+            for (int64_t b = 0; b < batch; b++)
+                y[b * out + o + r] = dot(w + r * in * type_size(type), x + b * in, in, type) * (s ? s[r] : 1.0f);
+        return;
     }
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < out; o += ROWS) {
-        const float *w = W + o * in;
-        int64_t b = 0;
-        for (; b + BATCH_BLOCK <= batch; b += BATCH_BLOCK) tile_f32(w, x + b * in, y + b * out + o, in, out, BATCH_BLOCK);
-        switch (batch - b) { /* constant block sizes, so the tile's loops unroll into registers */
-            case 5: tile_f32(w, x + b * in, y + b * out + o, in, out, 5); break;
-            case 4: tile_f32(w, x + b * in, y + b * out + o, in, out, 4); break;
-            case 3: tile_f32(w, x + b * in, y + b * out + o, in, out, 3); break;
-            case 2: tile_f32(w, x + b * in, y + b * out + o, in, out, 2); break;
-            case 1: tile_f32(w, x + b * in, y + b * out + o, in, out, 1); break;
-        }
-    }
-    return 0;
-}
-
-/* The WKV-7 recurrence (ops/wkv7/naive.py) token by token, for inference: per head and token,
- *   sa = S a;  S = S diag(w) + sa b^T + v k^T;  y = S r
- * with S [n, n] (value x key) updated in place, row by row, so a head's state stays in L1 for the whole
- * sequence (the first token reads S, the rest S_new): at prompt lengths this beats the chunked torch op
- * several times over, and a decode step is the same call with len = 1. S, S_new [batch, heads, n, n] (S_new
- * may be S); r, w (the decay itself, not its log), k, v, a, b, y [batch, len, heads, n]; n a multiple of 16.
- * Heads are split between threads. */
-static void wkv7_token(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
-                       const float *a, const float *b, float *y, int64_t n, int stream) {
-    for (int64_t i = 0; i < n; i++) {
-        const float *s = S + i * n;
-        float *s_new = S_new + i * n;
-        __m512 sa = _mm512_set1_ps(dot_f32(s, a, n)), vi = _mm512_set1_ps(v[i]), acc = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {
-            __m512 sj = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(w + j));
-            sj = _mm512_fmadd_ps(sa, _mm512_loadu_ps(b + j), sj);
-            sj = _mm512_fmadd_ps(vi, _mm512_loadu_ps(k + j), sj);
-            if (stream) _mm512_stream_ps(s_new + j, sj);
-            else _mm512_storeu_ps(s_new + j, sj);
-            acc = _mm512_fmadd_ps(sj, _mm512_loadu_ps(r + j), acc);
-        }
-        y[i] = _mm512_reduce_add_ps(acc);
+    int64_t b = 0;
+    for (; b + BATCH_BLOCK <= batch; b += BATCH_BLOCK) tile(w, x + b * in, y + b * out + o, s, in, out, BATCH_BLOCK, type);
+    switch (batch - b) { /* constant block sizes, so the tile's loops unroll into registers */
+#if BATCH_BLOCK == 6
+        case 5: tile(w, x + b * in, y + b * out + o, s, in, out, 5, type); break;
+        case 4: tile(w, x + b * in, y + b * out + o, s, in, out, 4, type); break;
+        case 3: tile(w, x + b * in, y + b * out + o, s, in, out, 3, type); break;
+        case 2: tile(w, x + b * in, y + b * out + o, s, in, out, 2, type); break;
+#endif
+        case 1: tile(w, x + b * in, y + b * out + o, s, in, out, 1, type); break;
     }
 }
 
-int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
-             const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
-             int threads) {
-    if (n % 16) return 1;
-    /* a decode step (len 1) writes a new state that nothing reads before the next step, by when a batch's
-     * states (3 MiB a layer at B=16) have left the cache: streaming stores skip reading its lines first */
-    const int stream = len == 1 && S != S_new && (uintptr_t)S_new % 64 == 0;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (batch * heads * len * n * n >= 1 << 16)
-    for (int64_t bh = 0; bh < batch * heads; bh++) {
-        float *s = S_new + bh * n * n;
-        const int64_t bi = bh / heads, h = bh % heads;
-        for (int64_t t = 0; t < len; t++) {
-            const int64_t x = ((bi * len + t) * heads + h) * n;
-            wkv7_token(t ? s : S + bh * n * n, s, r + x, w + x, k + x, v + x, a + x, b + x, y + x, n, stream);
-        }
-        if (stream) _mm_sfence(); /* the streamed lines in memory before another thread or the caller reads them */
+/* the product for each weight type in its own function, so each thread's loop is compiled for one type (an
+ * OpenMP loop in an inlined function is outlined before the type is known); split between threads by rows
+ * where the weight is large enough to repay waking them */
+#define GEMV(name, type)                                                                                          \
+    static void name(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,     \
+                     int64_t batch, int threads) {                                                               \
+        for (int64_t b = 0; b < batch; b += MAX_BATCH) {                                                         \
+            const int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;                                  \
+            _Pragma("omp parallel for schedule(static) num_threads(threads) if (out * in >= 1 << 16)")          \
+            for (int64_t o = 0; o < out; o += ROWS) gemv_rows(W, scale, x + b * in, y + b * out, out, in, rows, o, type); \
+        }                                                                                                        \
     }
-    return 0;
-}
+GEMV(gemv_f32_rows, F32)
+GEMV(gemv_bf16_rows, BF16)
+GEMV(gemv_i8_rows, I8)
 
 #ifdef __AVX512BF16__
-/* bf16 weights: y[b, o] = sum_i W[o, i] * x[b, i] for a bf16 W and fp32 x; `in` a multiple of 64, at most MAX_IN.
- * W stays bf16 (half of fp32's bytes) and is fed straight to the avx512_bf16 dot-product instruction. To
- * keep fp32 accuracy in x, each row of x is split here as x_hi + x_lo, both bf16 (x_lo holds the bits x_hi
- * drops), and both halves are applied: the result matches an fp32 product with the bf16 weight to about
- * 2^-16 of x's magnitude. One row of x: W is read row after row with a prefetch 2 KiB ahead; a batch: in tiles,
- * as the fp32 kernel does. */
+/* bf16 weights on avx512_bf16: W is fed straight to the bf16 dot-product instruction, which takes bf16 on both
+ * sides. To keep fp32 accuracy in x, each row of x is split here as x_hi + x_lo, both bf16 (x_lo holds the
+ * bits x_hi drops), and both halves are applied: the result matches an fp32 product with the bf16 weight to
+ * about 2^-16 of x's magnitude, at half the instructions of widening W. `in` a multiple of 64, at most MAX_IN
+ * (else the widening kernel runs). One row of x: W row after row with a prefetch 2 KiB ahead; a batch: tiles. */
 #define PREFETCH 1024 /* elements ahead */
 #define BF16_BATCH_BLOCK 4 /* both halves of x: 6 rows of them would not fit in the registers */
 #define MAX_IN 16384
@@ -159,9 +228,8 @@ static void split(const float *x, uint16_t *hi, uint16_t *lo, int64_t n) {
     }
 }
 
-/* ROWS rows of W against `batch` rows of x (both halves), as tile_f32 does for fp32 */
-static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo,
-                                                            float *y, int64_t in, int64_t out, int batch) {
+INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo, float *y, int64_t in, int64_t out,
+                      int batch) {
     const uint16_t *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
     __m512 acc[ROWS][BF16_BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
@@ -181,11 +249,10 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *w, c
             for (int b = 0; b < batch; b++) acc[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][b], wv, lo[b]), wv, hi[b]);
         }
     }
-    for (int b = 0; b < batch; b++) _mm_storeu_ps(y + b * out, sum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]));
+    for (int b = 0; b < batch; b++) store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], y + b * out);
 }
 
-int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
-    if (in % 64 || in > MAX_IN || batch > MAX_BATCH) return 1;
+static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     uint16_t *x_hi = malloc(2 * batch * in * sizeof(uint16_t)), *x_lo = x_hi + batch * in;
     if (!x_hi) return 2;
     split(x, x_hi, x_lo, batch * in);
@@ -210,7 +277,7 @@ int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t 
         const uint16_t *w = W + o * in;
         for (int64_t b = 0; b < batch; b++) {
             const uint16_t *hi = x_hi + b * in, *lo = x_lo + b * in;
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  /* two chains hide latency */
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* two chains hide latency */
             for (int64_t i = 0; i < in; i += 64) {
                 _mm_prefetch((const char *)(w + i + PREFETCH), _MM_HINT_T0);
                 __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + i + 32);
@@ -227,72 +294,157 @@ int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t 
 }
 #endif
 
-/* One decode step of a whole block (rwkv_lm.fast.StepBlock): model.py's Block for T == 1 in one call, so a
- * B=16 step is its matrix products and the recurrence, not ~130 small torch ops and their Python per layer
- * (those cost as much as a third of the step). Activations fp32; the six Linear weights fp32 or (bf16 != 0)
- * bf16; the LoRA matrices fp32 and stored as their kernel reads them ([out, in] row-major). */
-enum { LN0_W, LN0_B, LN1_W, LN1_B, LN2_W, LN2_B, X_R, X_W, X_K, X_V, X_A, X_G, W0, W1, W2, A0, A1, A2, V0, V1, V2,
-       G1, G2, K_K, K_A, R_K, RECEPTANCE, KEY, VALUE, OUTPUT, LN_X_W, LN_X_B, FFN_X_K, FFN_KEY, FFN_VALUE };
-
-/* exp to about 1 ulp (Cephes' polynomial after the range reduction); inputs clamped to +-88, so no inf or NaN */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln 2 in two parts: r stays exact */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+/* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o].
+ * Returns 0, or 2 where a buffer could not be allocated. */
+static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+                  int64_t batch, int threads) {
+#ifdef __AVX512BF16__
+    if (type == BF16 && in % 64 == 0 && in <= MAX_IN) {
+        for (int64_t b = 0; b < batch; b += MAX_BATCH) {
+            int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;
+            if (gemv_bf16_dp(W, x + b * in, y + b * out, out, in, rows, threads)) return 2;
+        }
+        return 0;
+    }
+#endif
+    if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
+    else if (type == BF16) gemv_bf16_rows(W, NULL, x, y, out, in, batch, threads);
+    else gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
+    return 0;
 }
 
-static inline __m512 sigmoid_ps(__m512 x) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
+    return linear(W, NULL, F32, x, y, out, in, batch, threads);
+}
+
+int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
+    return linear(W, NULL, BF16, x, y, out, in, batch, threads);
+}
+
+int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
+            int threads) {
+    return linear(W, scale, I8, x, y, out, in, batch, threads);
+}
+
+/* a store the caller will not read soon: straight to memory, without reading the line into the cache first */
+INLINE void store_stream(float *p, vf v, int stream) {
+#if defined(__AVX512F__)
+    if (stream) { _mm512_stream_ps(p, (__m512)v); return; }
+#elif defined(__AVX__)
+    if (stream) { _mm256_stream_ps(p, (__m256)v); return; }
+#endif
+    (void)stream;
+    store(p, v);
+}
+
+/* The WKV-7 recurrence (ops/wkv7/naive.py) token by token, for inference: per head and token,
+ *   sa = S a;  S = S diag(w) + sa b^T + v k^T;  y = S r
+ * with S [n, n] (value x key) updated in place, row by row, so a head's state stays in L1 for the whole
+ * sequence (the first token reads S, the rest S_new): at prompt lengths this beats the chunked torch op
+ * several times over, and a decode step is the same call with len = 1. S, S_new [batch, heads, n, n] (S_new
+ * may be S); r, w (the decay itself, not its log), k, v, a, b, y [batch, len, heads, n]; n a multiple of 16.
+ * Heads are split between threads. */
+static void wkv7_token(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
+                       const float *a, const float *b, float *y, int64_t n, int stream) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *s = S + i * n;
+        float *s_new = S_new + i * n;
+        vf sa = splat(dot(s, a, n, F32)), vi_ = splat(v[i]), acc = splat(0);
+        for (int64_t j = 0; j < n; j += VW) {
+            vf sj = load(s + j) * load(w + j) + sa * load(b + j) + vi_ * load(k + j);
+            store_stream(s_new + j, sj, stream);
+            acc += sj * load(r + j);
+        }
+        y[i] = hsum(acc);
+    }
+}
+
+int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
+             const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
+             int threads) {
+    if (n % 16) return 1;
+    /* a decode step (len 1) writes a new state that nothing reads before the next step, by when a batch's
+     * states (3 MiB a layer at B=16) have left the cache: streaming stores skip reading its lines first */
+    const int stream = len == 1 && S != S_new && (uintptr_t)S_new % 64 == 0;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (batch * heads * len * n * n >= 1 << 16)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        float *s = S_new + bh * n * n;
+        const int64_t bi = bh / heads, h = bh % heads;
+        for (int64_t t = 0; t < len; t++) {
+            const int64_t x = ((bi * len + t) * heads + h) * n;
+            wkv7_token(t ? s : S + bh * n * n, s, r + x, w + x, k + x, v + x, a + x, b + x, y + x, n, stream);
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        if (stream) _mm_sfence(); /* the streamed lines in memory before another thread or the caller reads them */
+#endif
+    }
+    return 0;
+}
+
+/* exp to about 1 ulp (Cephes' polynomial after the range reduction); inputs clamped to +-88, so no inf or NaN */
+INLINE vf exp_v(vf x) {
+    x = vmin(vmax(x, splat(-88.0f)), splat(88.0f));
+    const vf round = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf n = (x * 1.44269504088896341f + round) - round;
+    vf r = x - n * 0.693359375f; /* ln 2 in two parts: r stays exact */
+    r = r - n * -2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23); /* times 2^n (0 at n = -127) */
+}
+
+INLINE vf sigmoid_v(vf x) { return 1.0f / (1.0f + exp_v(-x)); }
+
+enum { TANH, SIGMOID, RELU_SQUARED };
+/* f(x) in place over n values, any n (the last vector padded) */
+static void map(float *x, int64_t n, int f) {
+    for (int64_t i = 0; i < n; i += VW) {
+        float pad[VW] = {0};
+        const int64_t m = n - i < VW ? n - i : VW;
+        memcpy(pad, x + i, m * sizeof(float));
+        vf v = load(pad);
+        if (f == TANH) v = 2.0f * sigmoid_v(v + v) - 1.0f; /* tanh(h) = 2 sigmoid(2h) - 1 */
+        else if (f == SIGMOID) v = sigmoid_v(v);
+        else v = vmax(v, splat(0)) * vmax(v, splat(0));
+        store(pad, v);
+        memcpy(x + i, pad, m * sizeof(float));
+    }
 }
 
 /* out = (x - mean) / sqrt(var + eps) * weight + bias over n values (n a multiple of 16; out may be x): a LayerNorm
  * row or a GroupNorm group */
 static void normalize(const float *x, float *out, const float *weight, const float *bias, int64_t n, float eps) {
-    __m512 sum = _mm512_setzero_ps(), sq = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(x + i));
-    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / n);
-    for (int64_t i = 0; i < n; i += 16) {
-        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), mean);
-        sq = _mm512_fmadd_ps(d, d, sq);
+    vf sum = splat(0), sq = splat(0);
+    for (int64_t i = 0; i < n; i += VW) sum += load(x + i);
+    const vf mean = splat(hsum(sum) / n);
+    for (int64_t i = 0; i < n; i += VW) {
+        vf d = load(x + i) - mean;
+        sq += d * d;
     }
-    const __m512 inv_std = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / n + eps));
-    for (int64_t i = 0; i < n; i += 16) {
-        __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mean), inv_std);
-        _mm512_storeu_ps(out + i, _mm512_fmadd_ps(d, _mm512_loadu_ps(weight + i), _mm512_loadu_ps(bias + i)));
-    }
+    const vf inv_std = splat(1.0f / sqrtf(hsum(sq) / n + eps));
+    for (int64_t i = 0; i < n; i += VW) store(out + i, (load(x + i) - mean) * inv_std * load(weight + i) + load(bias + i));
 }
 
-static int linear(const void *W, int bf16, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
-#ifdef __AVX512BF16__
-    if (bf16) return gemv_bf16(W, x, y, out, in, batch, threads);
-#endif
-    return bf16 ? 1 : gemv_f32(W, x, y, out, in, batch, threads);
-}
-
-/* x [batch, C] -> x_out; the state's three parts in, new ones out (the old ones left as they are). v_first
- * [batch, C]: written by the first block (the one without V0), read by the others. C, n (head size), ffn and
- * the LoRA ranks multiples of 16 (rank_v 0 in the first block); LayerNorms and ln_x with bias. */
-int block_step_f32(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
-                   const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out, float *ffn_shift_out,
-                   int64_t batch, int64_t C, int64_t n, int64_t ffn, int64_t rank_w, int64_t rank_a, int64_t rank_v,
-                   int64_t rank_g, float ln_eps, float ln_x_eps, float decay_scale, int bf16, int threads) {
+/* One decode step of a whole block (rwkv_lm.fast.StepBlock) for up to MAX_BATCH rows: model.py's Block for
+ * T == 1 in one call, so a B=16 step is its matrix products and the recurrence, not ~130 small torch ops and
+ * their Python per layer (those cost as much as a third of the step). Activations fp32; the six Linear
+ * weights of type `type` (int8 with their scales); the LoRA matrices fp32 and stored as their kernel reads
+ * them ([out, in] row-major). */
+static int block_step_slice(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
+                            const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out,
+                            float *ffn_shift_out, int64_t batch, int64_t C, int64_t n, int64_t ffn, int64_t rank_w,
+                            int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
+                            float decay_scale, int type, int threads, float *mix) {
 #define P(name) ((const float *)params[name])
-#define EACH(i, c) for (int64_t b_ = 0; b_ < batch; b_++) for (int64_t c = 0, i = b_ * C; c < C; c += 16, i += 16)
-    int64_t widest = ffn; /* of the hidden vectors: the LoRAs' and the channel mix's */
-    for (int64_t i = 0, ranks[] = {rank_w, rank_a, rank_v, rank_g}; i < 4; i++) widest = ranks[i] > widest ? ranks[i] : widest;
+#define EACH(i, c) for (int64_t b_ = 0; b_ < batch; b_++) for (int64_t c = 0, i = b_ * C; c < C; c += VW, i += VW)
+#define LINEAR(name, x, y, out, in) linear(params[name], P(name##_S), type, x, y, out, in, batch, threads)
+#define LORA(name, x, y, out, in) gemv_f32_rows(params[name], NULL, x, y, out, in, batch, threads)
     const int64_t BC = batch * C;
-    float *mix = malloc(sizeof(float) * (16 * BC + batch * widest));
-    if (!mix) return 2;
     /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step */
     float *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *w = v + BC, *a = w + BC, *g = a + BC, *minus_kk = g + BC,
           *kk_a = minus_kk + BC, *y = kk_a + BC, *up = y + BC, *hidden = up + BC;
@@ -306,40 +458,34 @@ int block_step_f32(const void *const *params, const float *x, float *x_out, floa
 
     /* time mix */
     EACH(i, c) {
-        __m512 xi = _mm512_loadu_ps(att_shift_out + i), d = _mm512_sub_ps(_mm512_loadu_ps(att_shift + i), xi);
-        for (int m = 0; m < 6; m++) _mm512_storeu_ps(mix + m * BC + i, _mm512_fmadd_ps(d, _mm512_loadu_ps(P(X_R + m) + c), xi));
+        vf xi = load(att_shift_out + i), d = load(att_shift + i) - xi;
+        for (int m = 0; m < 6; m++) store(mix + m * BC + i, d * load(P(X_R + m) + c) + xi);
     }
     const float *xr = mix, *xw = mix + BC, *xk = mix + 2 * BC, *xv = mix + 3 * BC, *xa = mix + 4 * BC, *xg = mix + 5 * BC;
-    err |= linear(params[RECEPTANCE], bf16, xr, r, C, C, batch, threads);
-    err |= linear(params[KEY], bf16, xk, k, C, C, batch, threads);
-    err |= linear(params[VALUE], bf16, xv, v, C, C, batch, threads);
+    err |= LINEAR(RECEPTANCE, xr, r, C, C);
+    err |= LINEAR(KEY, xk, k, C, C);
+    err |= LINEAR(VALUE, xv, v, C, C);
 
-    err |= gemv_f32(P(W1), xw, hidden, rank_w, C, batch, threads);
-    for (int64_t i = 0; i < batch * rank_w; i += 16) { /* tanh(h) = 2 sigmoid(2h) - 1 */
-        __m512 s = sigmoid_ps(_mm512_add_ps(_mm512_loadu_ps(hidden + i), _mm512_loadu_ps(hidden + i)));
-        _mm512_storeu_ps(hidden + i, _mm512_sub_ps(_mm512_add_ps(s, s), _mm512_set1_ps(1.0f)));
-    }
-    err |= gemv_f32(P(W2), hidden, up, C, rank_w, batch, threads);
-    EACH(i, c) { /* the decay itself, what the recurrence takes */
-        __m512 s = sigmoid_ps(_mm512_add_ps(_mm512_loadu_ps(P(W0) + c), _mm512_loadu_ps(up + i)));
-        _mm512_storeu_ps(w + i, exp_ps(_mm512_mul_ps(_mm512_set1_ps(-decay_scale), s)));
-    }
+    LORA(W1, xw, hidden, rank_w, C);
+    map(hidden, batch * rank_w, TANH);
+    LORA(W2, hidden, up, C, rank_w);
+    EACH(i, c) /* the decay itself, what the recurrence takes */
+        store(w + i, exp_v(-decay_scale * sigmoid_v(load(P(W0) + c) + load(up + i))));
 
-    err |= gemv_f32(P(A1), xa, hidden, rank_a, C, batch, threads);
-    err |= gemv_f32(P(A2), hidden, up, C, rank_a, batch, threads);
-    EACH(i, c) _mm512_storeu_ps(a + i, sigmoid_ps(_mm512_add_ps(_mm512_loadu_ps(P(A0) + c), _mm512_loadu_ps(up + i))));
+    LORA(A1, xa, hidden, rank_a, C);
+    LORA(A2, hidden, up, C, rank_a);
+    EACH(i, c) store(a + i, sigmoid_v(load(P(A0) + c) + load(up + i)));
 
-    err |= gemv_f32(P(G1), xg, hidden, rank_g, C, batch, threads);
-    for (int64_t i = 0; i < batch * rank_g; i += 16) _mm512_storeu_ps(hidden + i, sigmoid_ps(_mm512_loadu_ps(hidden + i)));
-    err |= gemv_f32(P(G2), hidden, g, C, rank_g, batch, threads);
+    LORA(G1, xg, hidden, rank_g, C);
+    map(hidden, batch * rank_g, SIGMOID);
+    LORA(G2, hidden, g, C, rank_g);
 
     if (params[V0]) {
-        err |= gemv_f32(P(V1), xv, hidden, rank_v, C, batch, threads);
-        err |= gemv_f32(P(V2), hidden, up, C, rank_v, batch, threads);
+        LORA(V1, xv, hidden, rank_v, C);
+        LORA(V2, hidden, up, C, rank_v);
         EACH(i, c) {
-            __m512 vi = _mm512_loadu_ps(v + i);
-            __m512 s = sigmoid_ps(_mm512_add_ps(_mm512_loadu_ps(P(V0) + c), _mm512_loadu_ps(up + i)));
-            _mm512_storeu_ps(v + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(v_first + i), vi), s, vi));
+            vf vi_ = load(v + i);
+            store(v + i, (load(v_first + i) - vi_) * sigmoid_v(load(P(V0) + c) + load(up + i)) + vi_);
         }
     } else {
         memcpy(v_first, v, BC * sizeof(float));
@@ -348,19 +494,18 @@ int block_step_f32(const void *const *params, const float *x, float *x_out, floa
     /* kk = normalize(k * k_k) per head (F.normalize's eps 1e-12); the recurrence's a = -kk, b = kk * a; then k's scaling */
     for (int64_t h = 0; h < BC; h += n) {
         const int64_t c0 = h % C;
-        __m512 sq = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {
-            __m512 kk = _mm512_mul_ps(_mm512_loadu_ps(k + h + j), _mm512_loadu_ps(P(K_K) + c0 + j));
-            sq = _mm512_fmadd_ps(kk, kk, sq);
+        vf sq = splat(0);
+        for (int64_t j = 0; j < n; j += VW) {
+            vf kk = load(k + h + j) * load(P(K_K) + c0 + j);
+            sq += kk * kk;
         }
-        const __m512 inv_norm = _mm512_set1_ps(1.0f / fmaxf(sqrtf(_mm512_reduce_add_ps(sq)), 1e-12f));
-        for (int64_t j = 0; j < n; j += 16) {
-            __m512 ki = _mm512_loadu_ps(k + h + j), ai = _mm512_loadu_ps(a + h + j);
-            __m512 kk = _mm512_mul_ps(_mm512_mul_ps(ki, _mm512_loadu_ps(P(K_K) + c0 + j)), inv_norm);
-            _mm512_storeu_ps(minus_kk + h + j, _mm512_sub_ps(_mm512_setzero_ps(), kk));
-            _mm512_storeu_ps(kk_a + h + j, _mm512_mul_ps(kk, ai));
-            __m512 scale = _mm512_fmadd_ps(_mm512_sub_ps(ai, _mm512_set1_ps(1.0f)), _mm512_loadu_ps(P(K_A) + c0 + j), _mm512_set1_ps(1.0f));
-            _mm512_storeu_ps(k + h + j, _mm512_mul_ps(ki, scale));
+        const vf inv_norm = splat(1.0f / fmaxf(sqrtf(hsum(sq)), 1e-12f));
+        for (int64_t j = 0; j < n; j += VW) {
+            vf ki = load(k + h + j), ai = load(a + h + j);
+            vf kk = ki * load(P(K_K) + c0 + j) * inv_norm;
+            store(minus_kk + h + j, -kk);
+            store(kk_a + h + j, kk * ai);
+            store(k + h + j, ki * ((ai - 1.0f) * load(P(K_A) + c0 + j) + 1.0f));
         }
     }
     err |= wkv7_f32(wkv, wkv_out, r, w, k, v, minus_kk, kk_a, y, batch, 1, C / n, n, threads);
@@ -369,34 +514,54 @@ int block_step_f32(const void *const *params, const float *x, float *x_out, floa
     for (int64_t h = 0; h < BC; h += n) {
         const int64_t c0 = h % C;
         normalize(y + h, y + h, P(LN_X_W) + c0, P(LN_X_B) + c0, n, ln_x_eps);
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16)
-            dot = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(r + h + j), _mm512_loadu_ps(k + h + j)), _mm512_loadu_ps(P(R_K) + c0 + j), dot);
-        const __m512 bonus = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
-        for (int64_t j = 0; j < n; j += 16) {
-            __m512 yj = _mm512_fmadd_ps(bonus, _mm512_loadu_ps(v + h + j), _mm512_loadu_ps(y + h + j));
-            _mm512_storeu_ps(y + h + j, _mm512_mul_ps(yj, _mm512_loadu_ps(g + h + j)));
-        }
+        vf dot_ = splat(0);
+        for (int64_t j = 0; j < n; j += VW) dot_ += load(r + h + j) * load(k + h + j) * load(P(R_K) + c0 + j);
+        const vf bonus = splat(hsum(dot_));
+        for (int64_t j = 0; j < n; j += VW) store(y + h + j, (bonus * load(v + h + j) + load(y + h + j)) * load(g + h + j));
     }
-    err |= linear(params[OUTPUT], bf16, y, up, C, C, batch, threads);
-    EACH(i, c) _mm512_storeu_ps(x_out + i, _mm512_add_ps(_mm512_loadu_ps(x_out + i), _mm512_loadu_ps(up + i)));
+    err |= LINEAR(OUTPUT, y, up, C, C);
+    EACH(i, c) store(x_out + i, load(x_out + i) + load(up + i));
 
     /* channel mix: relu(key(mix))^2 through value */
     float *xk_ffn = mix, *key = hidden;
     for (int64_t b = 0; b < batch; b++) normalize(x_out + b * C, ffn_shift_out + b * C, P(LN2_W), P(LN2_B), C, ln_eps);
     EACH(i, c) {
-        __m512 xi = _mm512_loadu_ps(ffn_shift_out + i);
-        _mm512_storeu_ps(xk_ffn + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(ffn_shift + i), xi), _mm512_loadu_ps(P(FFN_X_K) + c), xi));
+        vf xi = load(ffn_shift_out + i);
+        store(xk_ffn + i, (load(ffn_shift + i) - xi) * load(P(FFN_X_K) + c) + xi);
     }
-    err |= linear(params[FFN_KEY], bf16, xk_ffn, key, ffn, C, batch, threads);
-    for (int64_t i = 0; i < batch * ffn; i += 16) {
-        __m512 h = _mm512_max_ps(_mm512_loadu_ps(key + i), _mm512_setzero_ps());
-        _mm512_storeu_ps(key + i, _mm512_mul_ps(h, h));
-    }
-    err |= linear(params[FFN_VALUE], bf16, key, up, C, ffn, batch, threads);
-    EACH(i, c) _mm512_storeu_ps(x_out + i, _mm512_add_ps(_mm512_loadu_ps(x_out + i), _mm512_loadu_ps(up + i)));
-    free(mix);
-    return err ? 1 : 0;
+    err |= LINEAR(FFN_KEY, xk_ffn, key, ffn, C);
+    map(key, batch * ffn, RELU_SQUARED);
+    err |= LINEAR(FFN_VALUE, key, up, C, ffn);
+    EACH(i, c) store(x_out + i, load(x_out + i) + load(up + i));
+    return err;
 #undef P
 #undef EACH
+#undef LINEAR
+#undef LORA
+}
+
+/* x [batch, C] -> x_out; the state's three parts in, new ones out (the old ones left as they are). v_first
+ * [batch, C]: written by the first block (the one without V0), read by the others. C and n (head size)
+ * multiples of 16, ffn and the LoRA ranks any size (rank_v 0 in the first block); LayerNorms and ln_x with
+ * bias. A batch wider than MAX_BATCH runs in slices of MAX_BATCH rows. Returns 0, 1 for a head size the
+ * recurrence refuses, 2 where the buffers could not be allocated. */
+int block_step(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
+               const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out, float *ffn_shift_out,
+               int64_t batch, int64_t C, int64_t n, int64_t ffn, int64_t rank_w, int64_t rank_a, int64_t rank_v,
+               int64_t rank_g, float ln_eps, float ln_x_eps, float decay_scale, int type, int threads) {
+    if (C % 16 || n % 16) return 1;
+    int64_t widest = ffn; /* of the hidden vectors: the LoRAs' and the channel mix's */
+    for (int64_t i = 0, ranks[] = {rank_w, rank_a, rank_v, rank_g}; i < 4; i++) widest = ranks[i] > widest ? ranks[i] : widest;
+    const int64_t rows = batch < MAX_BATCH ? batch : MAX_BATCH;
+    float *mix = malloc(sizeof(float) * (16 * rows * C + rows * widest + VW));
+    if (!mix) return 2;
+    int err = 0;
+    for (int64_t b = 0; b < batch && !err; b += MAX_BATCH) {
+        const int64_t m = batch - b < MAX_BATCH ? batch - b : MAX_BATCH, o = b * C, s = b * C * n;
+        err = block_step_slice(params, x + o, x_out + o, v_first + o, att_shift + o, wkv + s, ffn_shift + o,
+                               att_shift_out + o, wkv_out + s, ffn_shift_out + o, m, C, n, ffn, rank_w, rank_a, rank_v,
+                               rank_g, ln_eps, ln_x_eps, decay_scale, type, threads, mix);
+    }
+    free(mix);
+    return err;
 }

@@ -3,32 +3,55 @@
 Used by `rwkv_lm.fast` (matrix-vector products and whole decode steps of a block) and `rwkv_lm.ops.wkv7.cpu`
 (the recurrence). The level they are built for is the best this CPU has (`cpu_level`), capped by the
 environment variable RWKV_LM_CPU_ISA (one of LEVELS), read at each call, so one machine can run and test
-every level below its own. Where a level has no kernels or the build fails (one warning), `kernels()` is
-empty and callers use torch.
+every level below its own. Where the build fails (no C compiler: one warning), `kernels()` is empty and
+callers use torch.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import warnings
 from functools import cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-LEVELS = ("generic", "avx2", "avx512", "avx512_bf16")  # each level has what the ones before it have
 ISA_ENV = "RWKV_LM_CPU_ISA"
-# the /proc/cpuinfo flags a level needs, and the compiler flags it is built with (None: no kernels at that level)
-LEVEL_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f"}, "avx512_bf16": {"avx512_bf16"}}
-COMPILE_FLAGS = {"generic": None, "avx2": None, "avx512": ["-mavx512f"], "avx512_bf16": ["-mavx512f", "-mavx512bf16"]}
+# each level has what the ones before it have; generic is the source as plain C for the architecture's baseline
+# (SSE2 on x86-64), the others add the /proc/cpuinfo flags they need and the compiler flags they are built with
+if platform.machine() in ("aarch64", "arm64"):
+    LEVELS = ("generic", "neon")
+    LEVEL_FLAGS = {"neon": {"asimd"}}
+    COMPILE_FLAGS = {"generic": ["-march=armv8-a+nosimd"], "neon": []}
+else:
+    LEVELS = ("generic", "avx2", "avx512", "avx512_bf16")
+    LEVEL_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f"}, "avx512_bf16": {"avx512_bf16"}}
+    COMPILE_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mfma"],
+                     "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512bf16"]}
 
-_POINTER, _INT64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# the C side's interface: what it exports, its argument types, and the limits and parameter order it is
+# checked against when it loads (cpu_kernels.c's max_batch and block_step_params)
+MAX_BATCH = 16  # rows per pass over the weights; wider batches run in slices of this many
+WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2}  # the C enum of weight types, by torch dtype name
+# the pointers block_step takes, in this order; a name the block lacks (ln0, v0 ... after the first, the int8
+# scales of other types) is passed as NULL
+BLOCK_STEP_PARAMS = (
+    "ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias",
+    *(f"att.{name}" for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2",
+                                 "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")),
+    "att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight", "att.ln_x.weight", "att.ln_x.bias",
+    "ffn.x_k", "ffn.key.weight", "ffn.value.weight",
+    *(f"{name}.scale" for name in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")),
+)
+_POINTER, _INT64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
+    "gemv_i8": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "wkv7_f32": [_POINTER] * 9 + [_INT64] * 4 + [_INT],
-    "block_step_f32": [_POINTER] * 10 + [_INT64] * 8 + [ctypes.c_float] * 3 + [_INT] * 2,
+    "block_step": [_POINTER] * 10 + [_INT64] * 8 + [_FLOAT] * 3 + [_INT] * 2,
 }
 
 
@@ -56,16 +79,22 @@ def isa_level() -> str:
     return min(cap, cpu_level(), key=LEVELS.index)
 
 
+class Kernels(dict):
+    """The C functions by name, and the build they come from: its level and vector width (floats per register)."""
+
+    def __init__(self, functions: dict, level: str, vector_width: int):
+        super().__init__(functions)
+        self.level, self.vector_width = level, vector_width
+
+
 def kernels() -> dict:
-    """The compiled C kernels by name at the current `isa_level()`: none at a level without kernels or where
-    the build fails (with one warning)."""
+    """The compiled C kernels by name at the current `isa_level()` (a `Kernels`): none where the build fails
+    (with one warning)."""
     return _build(isa_level())
 
 
 @cache
 def _build(level: str) -> dict:
-    if COMPILE_FLAGS[level] is None:
-        return {}
     command = ["cc", "-O3", *COMPILE_FLAGS[level], "-fopenmp", "-shared", "-fPIC"]
     source = SOURCE.read_bytes()
     cache_dir = Path.home() / ".cache" / "rwkv_lm"
@@ -82,10 +111,18 @@ def _build(level: str) -> dict:
         warnings.warn(f"rwkv_lm: the CPU kernels ({level}) could not be built ({str(detail).strip()[:200]}); "
                       "using torch ops instead (slower; bf16 weights: bf16-rounded activations)")
         return {}
+    _check_interface(library)
     found = {}
     for name, argtypes in SIGNATURES.items():
-        kernel = getattr(library, name, None)  # gemv_bf16 exists only where the level has avx512_bf16
-        if kernel is not None:
-            kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
-            found[name] = kernel
-    return found
+        kernel = found[name] = getattr(library, name)
+        kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
+    return Kernels(found, level, ctypes.c_int.in_dll(library, "vector_width").value)
+
+
+def _check_interface(library):
+    """The C and this module must agree on the limits and the parameter order (a mismatch would misread memory)."""
+    names = ctypes.cast(ctypes.addressof(ctypes.c_char.in_dll(library, "block_step_params")), ctypes.c_char_p).value
+    max_batch = ctypes.c_int.in_dll(library, "max_batch").value
+    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or max_batch != MAX_BATCH:
+        raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters or "
+                           f"MAX_BATCH ({max_batch} in C, {MAX_BATCH} here): change both together")

@@ -2,8 +2,8 @@
 rwkv_lm/cpu_kernels.c), each head's state staying in cache.
 
 It computes what `naive.py` computes, in fp32, about 7x faster than the chunked torch op on a 512-token
-prompt (12 heads of 64, 2 threads), and a decode step is the same kernel with one token. It has no
-backward: where a gradient is wanted, or the CPU lacks avx512f, the dispatcher uses the torch ops.
+prompt (12 heads of 64, 2 threads, AVX-512), and a decode step is the same kernel with one token. It has no
+backward: where a gradient is wanted, or the kernels could not be built, the dispatcher uses the torch ops.
 """
 from __future__ import annotations
 

@@ -1,0 +1,36 @@
+"""The CPU kernels' build: the instruction-set cap, and the C source compiling for the other architecture.
+
+(What the kernels compute is tested in test_fast.py and test_wkv7.py, at every level this CPU has.)"""
+import shutil
+import subprocess
+
+import pytest
+
+from rwkv_lm.cpu_kernels import ISA_ENV, LEVELS, SOURCE, cpu_level, isa_level, kernels
+
+
+def test_isa_cap(monkeypatch):
+    """RWKV_LM_CPU_ISA caps the level (never raises it above the CPU's); a wrong name says what fits."""
+    monkeypatch.setenv(ISA_ENV, LEVELS[-1].upper())
+    assert isa_level() == cpu_level(), "a cap at the top level (in any case) leaves the CPU's own"
+    monkeypatch.setenv(ISA_ENV, "generic")
+    assert isa_level() == "generic" and kernels().level == "generic"
+    monkeypatch.setenv(ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="RWKV_LM_CPU_ISA='sse9' is not a level.*generic"):
+        kernels()
+
+
+@pytest.mark.parametrize("march", ["armv8-a", "armv8-a+nosimd"], ids=["neon", "generic"])
+def test_kernels_cross_compile_for_aarch64(tmp_path, march):
+    """The source builds for aarch64 as the neon and generic levels do there (Debian's gcc-aarch64-linux-gnu;
+    `make setup-test` installs it), with no warning."""
+    compiler = shutil.which("aarch64-linux-gnu-gcc")
+    if compiler is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu, as make setup-test does)")
+    lib = tmp_path / "cpu_kernels.so"
+    build = subprocess.run([compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra",
+                            "-Werror", "-o", str(lib), str(SOURCE), "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    for name in ("gemv_f32", "gemv_bf16", "gemv_i8", "wkv7_f32", "block_step", "block_step_params", "max_batch"):
+        assert f" {name}\n" in symbols, f"{name} missing from the aarch64 build"
