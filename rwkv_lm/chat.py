@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from .checkpoint import atomic_write
 from .generate import END_OF_TEXT, Decoding, TextStream, check_tokenizer, prefill
 from .sampling import SamplingParams, resolve
+from .statefile import load_state
 
 TURN_END = "\n\n"  # a reply ends here; the template uses it between all parts
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -69,20 +70,25 @@ class ChatSession:
     and, for save/load, `tensors()` / `from_tensors`).
     """
 
-    def __init__(self, model, tokenizer, system: str | None = None):
+    def __init__(self, model, tokenizer, system: str | None = None, state=None):
+        """state: where the conversation starts, before the system prompt: a tuned-state file
+        (`rwkv_lm.load_state`) or a state of one row; None: zeros."""
         check_tokenizer(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.system = None if system is None else clean_message(system, "system")
+        if state is not None and not hasattr(state, "clone"):
+            state = load_state(state, model)
+        self._start = None if state is None else model._check_state(state, 1)
         self._base = None
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation; keep the system prompt (read only once per session and its forks)."""
         if self._base is None:
-            self._base = (None, 0)
+            self._base = (self._start, 0)
             if self.system is not None:
                 tokens = self.tokenizer.encode(turn_text("system", self.system))
-                self._base = (prefill(self.model, tokens)[1], len(tokens))
+                self._base = (prefill(self.model, tokens, self._start)[1], len(tokens))
         self._state, self.num_tokens = self._base
         self._pending: list[int] = []  # generated tokens not yet fed to the model
         self._open_reply = False  # the last reply ended without its TURN_END
@@ -182,7 +188,7 @@ class ChatSession:
             raise ValueError(f"{path}: a damaged chat session file (bad or missing {e}); save the session again") from None
         session = object.__new__(cls)
         session.model, session.tokenizer = model, tokenizer
-        session.system, session._base, session._pending = system, None, []
+        session.system, session._start, session._base, session._pending = system, None, None, []
         session._state = state
         session.num_tokens, session._open_reply = num_tokens, open_reply
         return session
