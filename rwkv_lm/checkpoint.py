@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .fast import optimize
 from .gpt import GPT, GPTConfig
 from .model import RWKV, RWKVConfig
 
@@ -151,25 +152,50 @@ def copy_tensors(model, sd: dict[str, torch.Tensor], source) -> None:
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        if not v.is_floating_point():
+        if not v.is_floating_point() and v.dtype != expected[k].dtype:  # (int8 weights load into int8 ones)
             raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected floating point")
     model.load_state_dict(sd)
 
 
-def load(path, *, device="cpu", dtype=torch.float32):
+def load(path, *, device="cpu", dtype=torch.float32, fast=True):
     """Load a model from our format or an official RWKV-7 `.pth`; the model is in eval mode.
 
     `model.tokenizer` is the tokenizer the file names (World for official 65536-token files) or None.
+    fast: an fp32 RWKV-7 on the CPU comes prepared for inference by `rwkv_lm.fast.optimize` (decode steps in
+    the C kernels, no parameter requiring grad; int8 weights saved from `optimize(model, weights="int8")` load
+    as they are); fast=False gives model.py's modules as they are (int8 weights dequantized), for training.
     """
     sd, config, meta = read(path)
     try:
         model = build(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from None
+    fast = fast and isinstance(model, RWKV) and torch.device(device).type == "cpu" and dtype == torch.float32
+    if any(v.dtype == torch.int8 for v in sd.values()):
+        if fast:
+            optimize(model, weights="int8")  # the int8 layers the file's tensors go into
+        else:
+            sd = dequantize(sd, path)
     copy_tensors(model, sd, path)
     model.metadata = meta
     model.tokenizer = _tokenizer(meta, config, path)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    return optimize(model) if fast else model
+
+
+def dequantize(sd: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
+    """The tensors with each int8 weight times its per-row scale (as `optimize(weights="int8")` saves them) as one
+    fp32 weight, what model.py's Linear layers take."""
+    scales = {k.removesuffix("weight") + "scale" for k, v in sd.items() if v.dtype == torch.int8}
+    out = {k: v for k, v in sd.items() if k not in scales}
+    for k, v in sd.items():
+        if v.dtype == torch.int8:
+            scale = sd.get(k.removesuffix("weight") + "scale")
+            if not k.endswith(".weight") or scale is None or scale.shape != v.shape[:1]:
+                raise CheckpointError(f"{source}: int8 tensor {k!r} has no per-row scale beside it; write quantized "
+                                      "models with rwkv_lm.save(optimize(model, weights='int8'), path)")
+            out[k] = v.float() * scale.float()[:, None]
+    return out
 
 
 def _tokenizer(meta: dict, config: dict, path):

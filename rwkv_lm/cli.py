@@ -37,9 +37,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="checkpoint: ours (.safetensors) or an official RWKV-7 .pth")
     p.add_argument("--tokenizer", help="'world' or a tokenizer.json path (default: the one the checkpoint names)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+    p.add_argument("--dtype", choices=sorted(DTYPES) + ["int8"], default="fp32",
                    help="default fp32; bf16 halves the memory read per token (on a CPU the weights only, "
-                        "activations stay fp32; on a GPU the whole model)")
+                        "activations stay fp32; on a GPU the whole model); int8 (CPU only) halves it again")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda where a GPU is visible)")
 
@@ -78,7 +78,9 @@ def _device(name: str) -> torch.device:
 def _model_and_tokenizer(args):
     device = _device(args.device)
     if device.type == "cpu":
-        model = optimize(load(args.model), weights="bf16" if args.dtype == "bf16" else None)
+        model = optimize(load(args.model), weights=None if args.dtype == "fp32" else args.dtype)
+    elif args.dtype == "int8":
+        raise UsageError("--dtype int8 runs on the CPU only; use --device cpu, or --dtype bf16 on a GPU")
     else:  # the WKV kernels and cuBLAS take bf16 activations without loss of speed or much precision
         model = load(args.model, device=device, dtype=DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer

@@ -12,6 +12,8 @@ inference in ops/wkv7/cpu.py, used by every model.)
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
   every activation stays fp32. A step widens the weights to fp32 in registers (with avx512_bf16: feeds them to
   its dot product, fp32-accurate in the activations); a prompt goes through oneDNN's bf16 matmul.
+- int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
+  fp32 in registers, a prompt multiplies the dequantized weights. `rwkv_lm.save` keeps them as they are.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
 ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass.
 """
@@ -32,7 +34,8 @@ from .state import LayerState
 # sequences; more rows are a prompt's, which torch's matmul serves
 MAX_DECODE_ROWS = 4 * MAX_BATCH
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
-KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16"}
+KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8"}
+WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8}  # optimize()'s choices: the Linear weights' dtype
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
@@ -41,36 +44,53 @@ def _gemv_kernel(weight: torch.Tensor) -> str | None:
     return KERNEL_OF.get(weight.dtype) if weight.stride() == (weight.shape[1], 1) else None
 
 
-def _gemv(kernel_name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] fp32 times weight [out, in] row-major, transposed: [rows, out]."""
-    (rows, in_features), out_features = x.shape, weight.shape[0]
-    x = x.float().contiguous()
-    y = torch.empty(rows, out_features)
-    if kernels()[kernel_name](weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows,
-                               torch.get_num_threads()):
-        raise RuntimeError(f"{kernel_name} could not allocate its buffer for a [{rows}, {in_features}] input")
-    return y
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (int8 [out, in], fp32 scale [out]) with weight ~= int8 * scale per row: each row's
+    largest magnitude maps to 127, so the rounding error is at most half a step of that row's own scale."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp_min(1e-30) / 127  # (an all-zero row: any scale, its values are 0)
+    return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
-class KernelLinear(nn.Module):
-    """A bias-free Linear (fp32 or bf16 weight, fp32 activations) whose decode steps run in a C kernel.
+class KernelLinear(nn.Linear):
+    """A bias-free Linear (fp32, bf16 or int8 weight, fp32 activations) whose decode steps run in a C kernel.
 
-    Inference only; the weight keeps its name and is stored row-major, the order the kernels stream it.
+    The weight keeps its name and is stored row-major, the order the kernels stream it; int8 weights have one
+    fp32 `scale` per output row beside them (a buffer, saved with the model). Still an nn.Linear, so what
+    adapts Linear layers (rwkv_lm.lora) adapts it too.
     """
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
-        super().__init__()
+        nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().to(dtype).contiguous(), requires_grad=False)
+        weight = linear.dense_weight() if isinstance(linear, KernelLinear) else linear.weight.detach()
+        if dtype == torch.int8:
+            weight, scale = quantize_int8(weight)
+            self.register_buffer("scale", scale)
+        self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+        self.bias = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a float tensor (int8 times its scales)."""
+        if self.weight.dtype != torch.int8:
+            return self.weight
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x):
         rows = x.numel() // self.in_features
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
-        fits = self.weight.device.type == "cpu" and rows <= MAX_DECODE_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
-        kernel = _gemv_kernel(self.weight) if fits else None  # (the kernels have no backward)
-        if kernel not in kernels():
-            return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        y = _gemv(kernel, self.weight, x.reshape(rows, self.in_features))
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)  # (the kernels have no backward)
+        fits = self.weight.device.type == "cpu" and rows <= MAX_DECODE_ROWS and not wants_grad
+        kernel = _gemv_kernel(self.weight) if fits else None
+        if kernel not in kernels() or kernel == "gemv_i8" and self.scale.dtype != torch.float32:
+            weight = self.dense_weight()  # a prompt's rows: torch's matmul, int8 weights dequantized for it
+            return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        x_rows = x.reshape(rows, self.in_features).float().contiguous()
+        y = torch.empty(rows, self.out_features)
+        scale = (self.scale.data_ptr(),) if kernel == "gemv_i8" else ()
+        if kernels()[kernel](self.weight.data_ptr(), *scale, x_rows.data_ptr(), y.data_ptr(), self.out_features,
+                             self.in_features, rows, torch.get_num_threads()):
+            raise RuntimeError(f"{kernel} could not allocate its buffer for a [{rows}, {self.in_features}] input")
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -84,9 +104,15 @@ class StepBlock(Block):
         att = self.att
         H, N = att.n_head, att.head_size
         # the parameters as they are now (load_state_dict(assign=True) replaces them), in the layouts the C reads
-        current = self.step_getter(self)
-        if (T != 1 or torch.is_grad_enabled() or x.dtype != fp32 or x.device.type != "cpu"
+        try:
+            current = self.step_getter(self)
+        except AttributeError:  # a module replaced since optimize() (an adapter, say)
+            return super().forward(x, v_first, state)
+        if (T != 1 or x.dtype != fp32 or x.device.type != "cpu"
+                or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current))
                 or "block_step" not in kernels()  # (the build failed for a level RWKV_LM_CPU_ISA set since)
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())  # the C would skip them
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                 or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
                 or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32
                 or not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride
@@ -108,11 +134,11 @@ class StepBlock(Block):
 
 
 def _fused_steps(block: Block):
-    """Turn a Block into a StepBlock in place where the C step fits its shapes; its LoRA matrices are stored
-    transposed (the kernel's [out, in] row-major), the values and names untouched."""
+    """Turn a Block into a StepBlock in place (or prepare a StepBlock again) where the C step fits its shapes;
+    its LoRA matrices are stored transposed (the kernel's [out, in] row-major), the values and names untouched."""
     att, ffn = block.att, block.ffn
     linears = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
-    if (type(block) is not Block or "block_step" not in kernels() or att.head_size % 16 or att.x_r.dtype != torch.float32
+    if (type(block) not in (Block, StepBlock) or "block_step" not in kernels() or att.head_size % 16 or att.x_r.dtype != torch.float32
             or not all(isinstance(m, KernelLinear) and _gemv_kernel(m.weight) for m in linears)
             or len({m.weight.dtype for m in linears}) != 1
             or any(m.eps != block.ln1.eps for m in block.modules() if isinstance(m, nn.LayerNorm))):
@@ -136,26 +162,31 @@ def _fused_steps(block: Block):
 
 @torch.no_grad()
 def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
-    """Prepare a CPU model for inference (in place; returns it). weights="bf16" stores Linear weights in bf16.
+    """Prepare a CPU model for inference (in place; returns it). weights: None keeps the Linear weights as they
+    are, "bf16" stores them in bf16, "int8" in int8 with one fp32 scale per output row (the head included).
 
-    Decode steps run in the C kernels; prompts and anything under autograd run the torch ops (with bf16
-    weights those round activations to bf16 as well)."""
-    if weights not in (None, "bf16"):
-        raise ValueError(f"weights must be None (keep the model's dtype) or 'bf16', got {weights!r}")
+    Decode steps run in the C kernels, activations in fp32; prompts and anything under autograd run the torch
+    ops (bf16 weights then round activations to bf16 as well; int8 weights are dequantized for them). No
+    parameter requires grad afterwards, so steps take the kernels with or without torch.no_grad();
+    `model.requires_grad_()` makes it trainable (in torch ops)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be None (keep the model's dtype), 'bf16' or 'int8', got {weights!r}")
     if next(model.parameters()).device.type != "cpu":
         return model
+    dtype = WEIGHTS[weights]
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None:
                 continue
-            if weights == "bf16":
-                setattr(parent, name, KernelLinear(child, torch.bfloat16))
-            elif child.weight.dtype == torch.float32:
+            if dtype is not None:
+                if child.weight.dtype != dtype or type(child) is not KernelLinear:
+                    setattr(parent, name, KernelLinear(child, dtype))
+            elif type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 if "gemv_f32" in kernels():
                     setattr(parent, name, KernelLinear(child, torch.float32))
                 else:
                     child.weight.data = child.weight.data.t().contiguous().t()
     for module in model.modules():
-        if type(module) is Block:
+        if isinstance(module, Block):
             _fused_steps(module)
-    return model.eval()
+    return model.requires_grad_(False).eval()

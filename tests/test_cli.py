@@ -66,9 +66,10 @@ def test_convert_both_ways(official_pth, tmp_path, capsys):
     assert rwkv_lm.load(ours).tokenizer.spec == "world", "the World tokenizer travels with the converted file"
 
 
-def test_generate_with_sampling_options(official_pth, capsys):
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_generate_with_sampling_options(official_pth, capsys, dtype):
     argv = ["generate", "--model", official_pth, "--prompt", "Hi", "--max-tokens", 8, "--temperature", 0.7,
-            "--top-p", 0.9, "--top-k", 50, "--seed", 3, "--presence-penalty", 0.2, "--dtype", "bf16"]
+            "--top-p", 0.9, "--top-k", 50, "--seed", 3, "--presence-penalty", 0.2, "--dtype", dtype]
     first, second = run(capsys, *argv), run(capsys, *argv)
     assert first[0] == 0 and first == second and first[1].strip()
 
@@ -87,6 +88,7 @@ def test_generate_with_sampling_options(official_pth, capsys):
     (["fly"], "invalid choice: 'fly'"),
     (["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "gpu0"], "is not a device; use cpu or cuda"),
     (["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "mps"], "only cpu and cuda are supported"),
+    (["generate", "--model", "{pth}", "--prompt", "Hi", "--dtype", "int4"], "invalid choice: 'int4'"),
     pytest.param(["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "cuda"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
 ])

@@ -184,7 +184,7 @@ def resolve_tokenizer(spec: str, vocab_size: int, cache_dir: Path):
     if spec.endswith(".safetensors"):
         from rwkv_lm import load
 
-        tokenizer = load(spec).tokenizer
+        tokenizer = load(spec, fast=False).tokenizer
         if tokenizer is None:
             raise DataError(f"{spec}: the checkpoint carries no tokenizer; pass data.tokenizer explicitly")
         return tokenizer

@@ -112,7 +112,7 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if init_from:
-            self.model = load(init_from).train()
+            self.model = load(init_from, fast=False).train()
             if self.model.config.vocab_size != vocab_size:
                 raise ConfigError(f"{init_from}: the model has a vocabulary of {self.model.config.vocab_size}, the data's "
                                  f"tokenizer {vocab_size}; set data.tokenizer to {init_from} to use its tokenizer")

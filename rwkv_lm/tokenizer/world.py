@@ -41,6 +41,9 @@ class WorldTokenizer:
         self._rust = pyrwkv_tokenizer.WorldTokenizer(str(VOCAB_FILE))
         self.vocab_size = self._rust.vocab_size()
 
+    def __reduce__(self):  # copied and pickled as what it is, the fixed World vocabulary (the Rust object cannot be)
+        return type(self), ()
+
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
