@@ -65,6 +65,17 @@ def render_chat(messages: list[dict]) -> list[tuple[str, bool]]:
     return pieces
 
 
+def reply_request(tokens: list[int], params: SamplingParams, state=None) -> Request:
+    """The engine request for an assistant's reply after `tokens` (which end with the cue): it ends at the
+    blank line that closes a turn, never draws token 0, and drops the space the template puts after the cue."""
+    return Request(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT,), keep_state=True, lstrip=" ")
+
+
+def render_prompt(messages: list[dict]) -> str:
+    """A conversation (OpenAI-style messages: role, content) as the text the model continues with a reply."""
+    return "".join(text for text, _ in render_chat(messages)) + REPLY_CUE
+
+
 class ChatSession:
     """One conversation with a model. `reply` streams the answer to a user message.
 
@@ -119,20 +130,15 @@ class ChatSession:
         # the last reply's final token (counted already) goes in with the new ones, in one pass
         before = (self._state, self._pending, self.num_tokens, self._open_reply)
         engine = self.engine or Engine(self.model, self.tokenizer, max_batch=1)
-        stream = engine.submit(Request(self._pending + tokens, params, state=self._state, stop=(TURN_END,),
-                                       banned=(END_OF_TEXT,), keep_state=True))
+        stream = engine.submit(reply_request(self._pending + tokens, params, self._state))
         self.last_reply, self._live, self._pending = stream, True, []
         self.num_tokens += len(tokens)
         self._open_reply = True
-        started, read = False, self.num_tokens
+        read = self.num_tokens
         try:
             for piece in stream:
                 self.num_tokens = read + stream.completion_tokens
-                if not started:  # the template puts a space after "Assistant:"; it is not part of the answer
-                    piece = piece.lstrip(" ")
-                    started = bool(piece)
-                if piece:
-                    yield piece
+                yield piece
         finally:
             stream.close()  # a no-op after the end; after a break, stops the reply and waits for its state
             self._live = False

@@ -61,6 +61,7 @@ class _Row:
     branch: int | None = None  # where this prompt leaves one read before: its state is worth keeping
     done: bool = False
     reason: str | None = None  # why it is done
+    started: bool = False  # some text has been streamed
 
     @property
     def request(self) -> Request:
@@ -326,19 +327,22 @@ class Engine:
         if token in request.end_tokens:
             self._finish_text(row, "stop")
             return
-        piece = row.text.push(token)
-        if piece:
-            stream._put(piece)
+        self._put(row, row.text.push(token))
         if row.text.stopped:
             stream.stop_hit = row.text.stop_hit
             self._finish_text(row, "stop")
         elif stream.completion_tokens >= request.params.max_tokens:
             self._finish_text(row, "length")
 
-    def _finish_text(self, row: _Row, reason: str) -> None:
-        piece = row.text.finish()
+    def _put(self, row: _Row, piece: str) -> None:
+        if not row.started:
+            piece = piece.lstrip(row.request.lstrip)
+            row.started = bool(piece)
         if piece:
             row.stream._put(piece)
+
+    def _finish_text(self, row: _Row, reason: str) -> None:
+        self._put(row, row.text.finish())
         row.done = True
         row.reason = reason
         if row.state is not None:  # finished at its first token: the state is the prompt's

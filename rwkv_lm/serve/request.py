@@ -23,6 +23,7 @@ class Request:
     stop: stop strings on top of `params.stop` (a chat template's end of turn, say).
     banned: token ids never drawn. end_tokens: drawn, they end the text (finish reason "stop").
     keep_state: hand the final state back (`Stream.state`, with `Stream.tokens[-1]` not yet fed).
+    lstrip: characters dropped from the start of the text (the space a chat template puts after its cue).
     """
 
     prompt: Sequence[int]
@@ -32,6 +33,7 @@ class Request:
     banned: tuple[int, ...] = ()
     end_tokens: tuple[int, ...] = (END_OF_TEXT,)
     keep_state: bool = False
+    lstrip: str = ""
 
 
 class Stream:
