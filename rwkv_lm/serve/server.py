@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..chat import clean_message, render_prompt, reply_request
 from .engine import Engine, EngineFull
 from .openai_api import ApiError, ChatRequest, CompletionRequest
-from .request import Request
+from .request import END_OF_TEXT, Request
 
 MAX_PROMPT_TOKENS = 32_768
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -122,7 +122,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         tokens = _encode(body.prompt)
-        stream = _submit(Request(tokens, _params(body, COMPLETION_MAX_TOKENS)))
+        stream = _submit(Request(tokens, _params(body, COMPLETION_MAX_TOKENS), end_tokens=() if body.ignore_eos else (END_OF_TEXT,)))
         reply = _Reply("cmpl", "text_completion", body, stream)
         if body.stream:
             return _sse(reply.chunks(lambda piece: {"text": piece}, first=None))
