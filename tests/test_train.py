@@ -174,7 +174,7 @@ def test_optimizer_groups_and_schedule():
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("name", ["tiny", "default_rwkv7", "default_gpt", "sft_rwkv7", "sft_gpt"])
+@pytest.mark.parametrize("name", ["tiny", "default_rwkv7", "default_gpt", "sft_rwkv7", "sft_gpt", "persona_rwkv7"])
 def test_every_shipped_config_parses(name, capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(REPO / f"train/configs/{name}.yaml"), "--print_config"])
