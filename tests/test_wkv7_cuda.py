@@ -24,7 +24,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 @pytest.fixture(scope="session")
 def emu_lib(tmp_path_factory):
-    return build("wkv7_emu", tmp_path_factory.mktemp("cuda_emu"))
+    return build("wkv7_emu", tmp_path_factory.getbasetemp() / "cuda_emu")
 
 
 @pytest.fixture
