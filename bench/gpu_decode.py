@@ -183,7 +183,7 @@ def speed(setup: Setup):
             print(f"timed {name} B={B}: {row[-1]:,.0f} tok/s", flush=True)
         row.append(official_speed(model, setup, steps) if B == 1 else None)
         rows.append(row)
-    return list(impls) + ["rwkv pip cuda bf16"], rows
+    return list(impls) + ["rwkv pip cuda bf16" if setup.device == "cuda" else "rwkv pip cpu fp32"], rows
 
 
 def official_speed(model, setup: Setup, steps):
