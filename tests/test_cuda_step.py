@@ -56,9 +56,9 @@ def test_nvrtc_compiles_the_step_kernels(arch):
         pytest.skip(f"NVRTC is not installed (pip install 'rwkv-lm[cuda]'): {e}")
     sizes = (32, 64, 128) if arch == "sm_90" else (64,)
     names = sorted({n for dt in cuda_step.KERNEL_DTYPES for N in sizes for n in cuda_step.kernel_names(dt, N)})
-    options = cuda_kernels.nvrtc_options(cuda_step.SOURCE) + cuda_kernels.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",)
-    program = compiler._NVRTCProgram(cuda_step.SOURCE.read_text(), "rwkv7_step.cu", name_expressions=names,
-                                     method="cubin")
+    options = cuda_kernels.NVRTC_OPTIONS + cuda_kernels.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",)
+    program = compiler._NVRTCProgram(cuda_kernels.read_source(cuda_step.SOURCE), "rwkv7_step.cu",
+                                     name_expressions=names, method="cubin")
     cubin, mapping = program.compile(options)
     assert len(cubin) > 0 and set(mapping) == set(names)
 

@@ -53,9 +53,9 @@ def test_nvrtc_compiles_every_kernel(arch):
         pytest.skip(f"NVRTC is not installed (pip install 'rwkv-lm[cuda]'): {e}")
     splits = (1, 2, 4, 8) if arch == "sm_90" else (1, 2)
     names = sorted({cuda.kernel_name(k, dt, 64, p) for k in cuda.KERNELS for dt in cuda.KERNEL_DTYPES for p in splits})
-    program = compiler._NVRTCProgram(cuda.SOURCE.read_text(), "wkv7.cu", name_expressions=names, method="cubin")
-    cubin, mapping = program.compile(cuda_kernels.nvrtc_options(cuda.SOURCE) + cuda_kernels.CUPY_NVRTC_OPTIONS
-                                     + (f"-arch={arch}",))
+    program = compiler._NVRTCProgram(cuda_kernels.read_source(cuda.SOURCE), "wkv7.cu", name_expressions=names,
+                                     method="cubin")
+    cubin, mapping = program.compile(cuda_kernels.NVRTC_OPTIONS + cuda_kernels.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",))
     assert len(cubin) > 0 and set(mapping) == set(names)
 
 
