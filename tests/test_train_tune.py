@@ -160,3 +160,14 @@ def test_windowed_pass_equals_the_whole_sequence(tune):
     assert max((cut[n] - g).abs().max() / g.abs().max() for n, g in whole.items()) > 1e-3
     with torch.no_grad():  # validation takes the same path without a graph
         assert_close(_module(16, tune=tune)._loss((x, y)), whole_loss, 1e-5, "validation loss")
+
+
+def test_one_chatterbot_topic_is_a_source():
+    from train.corpus import CorpusMissing
+    from train.data import read_conversations
+
+    emotion = read_conversations("chatterbot:emotion")
+    everything = read_conversations("chatterbot")
+    assert 0 < len(emotion) < len(everything) and all(c in everything for c in emotion)
+    with pytest.raises(CorpusMissing, match="no topic 'emotions'; topics: ai, botprofile"):
+        read_conversations("chatterbot:emotions")
