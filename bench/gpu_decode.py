@@ -104,7 +104,7 @@ def correctness(setup: Setup) -> bool:
                 ok &= passed
                 print(f"{'ok  ' if passed else 'FAIL'} {str(dtype)[6:]} {what} B={B}: worst {name} {err:.2e} "
                       f"(< {limit:.1e}; model.step in this dtype: {eager_err:.2e})", flush=True)
-        captured = sorted(key[2] for key, graph in graphs._graphs.items() if graph is not None)
+        captured = sorted(bucket for bucket, graph in graphs._graphs.items() if graph is not None)
         print(f"info {str(dtype)[6:]}: graphs captured for buckets {captured}", flush=True)
     mismatches = official_greedy_mismatch(exact, setup, n=64)
     if mismatches is None:

@@ -14,11 +14,12 @@ How a serving loop calls it:
 
 The contract is model.step's for inference: the given state is left as it is and the new one is a fresh
 copy (it stays valid whatever runs next); no gradient is recorded. B may change from call to call: rows are
-padded up to the bucket (the padding rows' results are dropped; no operation mixes rows). Graphs are made
-on first use of a bucket and kept per (device, dtype); they read the parameters where they were when
-captured, so in-place updates are seen, and moving the model (.to()) is noticed (its graphs are dropped and
-made again), but after replacing parameter tensors (load_state_dict(assign=True)) call `reset()`. Where
-capture fails, or the fused step cannot serve the model, steps run eagerly, with one warning.
+padded up to the bucket (the padding rows' results are dropped; no operation mixes rows). A graph is made
+on the first use of its bucket and kept for the model's device and dtype: graphs read the parameters where
+they were when captured, so in-place updates are seen, and moving or converting the model (.to()) is
+noticed (every graph is dropped and made again on use), but after replacing parameter tensors
+(load_state_dict(assign=True)) call `reset()`. Where capture fails, or the fused step cannot serve the
+model, steps run eagerly, with one warning.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ class CUDAGraphStep:
 
     def reset(self):
         """Drop every graph (they are made again on use): after the model's parameters were replaced."""
-        self._graphs: dict[tuple, _Graph | None] = {}
+        self._graphs: dict[int, _Graph | None] = {}  # bucket -> graph, None where it cannot be made
         self._params = list(self.model.parameters())
         self._pointers = self._parameter_pointers()
         self._pool = None
@@ -137,9 +138,8 @@ class CUDAGraphStep:
     def _graph(self, bucket, state):
         """The bucket's graph, captured on first use; None where the fused step cannot serve or capture failed."""
         p = self._params[0]
-        key = (p.device, p.dtype, bucket)
-        if key not in self._graphs:
-            self._graphs[key] = None
+        if bucket not in self._graphs:
+            self._graphs[bucket] = None
             reason = cuda_step.unusable_reason(self.model, state, self._kernels)
             if reason:
                 warn_once(f"cuda_graphs: {reason}; eager steps")
@@ -148,9 +148,11 @@ class CUDAGraphStep:
             try:
                 with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
                     if self._pool is None and p.is_cuda:
+                        # one memory pool for every bucket: the graphs run one at a time on one stream and each
+                        # one's outputs are copied out right after its replay, so one's temporaries may reuse another's
                         self._pool = torch.cuda.graph_pool_handle()
-                    self._graphs[key] = _Graph(self.model, bucket, kernels, self._capture, self._pool)
+                    self._graphs[bucket] = _Graph(self.model, bucket, kernels, self._capture, self._pool)
             except Exception as e:
                 warn_once(f"cuda_graphs: capturing a step of {bucket} rows failed ({type(e).__name__}: {e}); eager steps")
-        return self._graphs[key]
+        return self._graphs[bucket]
 
