@@ -80,6 +80,16 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_stream(rwkv, world):
     talker.close()
 
 
+def test_cache_points_do_not_shrink_the_prefill_budget(rwkv, world):
+    engine = Engine(rwkv, world, cache=StateCache(64 << 20), prefill_tokens=512)
+    stream = engine.submit(Request(list(range(1, 601)), SamplingParams(max_tokens=1)))
+    engine.step()
+    assert engine.counters.prompt_tokens == 512, "two cache points' worth in one iteration"
+    assert len(engine.cache) == 2, "the states at 256 and 512 are kept"
+    stream.text()
+    assert engine.counters.prompt_tokens == 600
+
+
 def test_a_long_prompt_read_in_chunks_equals_one_pass(rwkv, world):
     prompt = list(range(1, 301))
     params = SamplingParams(max_tokens=8, temperature=0)
