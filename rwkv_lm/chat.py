@@ -3,7 +3,9 @@
     System: {system}\\n\\nUser: {message}\\n\\nAssistant: {reply}\\n\\nUser: ...
 
 A turn feeds only its own new tokens: the state already holds the conversation. A session can be forked
-(a long system prompt is read once, then shared) and saved to / loaded from a safetensors file.
+(a long system prompt is read once, then shared) and saved to / loaded from a safetensors file. Replies run
+through the serving engine: a private one in the caller's thread, or a shared, started `Engine` (the demo's),
+where many sessions' replies share batched steps.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import atomic_write
-from .generate import END_OF_TEXT, Decoding, TextStream, check_tokenizer, prefill
+from .generate import prefill
 from .sampling import SamplingParams, resolve
+from .serve import END_OF_TEXT, Engine, Request, check_tokenizer
 from .statefile import load_state
 
 TURN_END = "\n\n"  # a reply ends here; the template uses it between all parts
@@ -63,23 +66,39 @@ def render_chat(messages: list[dict]) -> list[tuple[str, bool]]:
     return pieces
 
 
+def reply_request(tokens: list[int], params: SamplingParams, state=None) -> Request:
+    """The engine request for an assistant's reply after `tokens` (which end with the cue): it ends at the
+    blank line that closes a turn, never draws token 0, and drops the space the template puts after the cue."""
+    return Request(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT,), keep_state=True, lstrip=" ")
+
+
+def render_prompt(messages: list[dict]) -> str:
+    """A conversation (OpenAI-style messages: role, content) as the text the model continues with a reply."""
+    return "".join(text for text, _ in render_chat(messages)) + REPLY_CUE
+
+
 class ChatSession:
     """One conversation with a model. `reply` streams the answer to a user message.
 
     Any model with the package's interface works (RWKV, or a model whose state has `nbytes`, `clone`
-    and, for save/load, `tensors()` / `from_tensors`).
+    and, for save/load, `tensors()` / `from_tensors`). `engine`: a started Engine of the same model to reply
+    through (shared with other sessions); None runs each reply in the caller's thread.
     """
 
-    def __init__(self, model, tokenizer, system: str | None = None, state=None):
+    def __init__(self, model, tokenizer, system: str | None = None, state=None, *, engine: Engine | None = None):
         """state: where the conversation starts, before the system prompt: a tuned-state file
         (`rwkv_lm.load_state`) or a state of one row; None: zeros."""
         check_tokenizer(model, tokenizer)
-        self.model, self.tokenizer = model, tokenizer
+        if engine is not None and engine.model is not model:
+            raise ValueError("the engine runs another model than the session's")
+        self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.system = None if system is None else clean_message(system, "system")
         if state is not None and not hasattr(state, "clone"):
             state = load_state(state, model)
         self._start = None if state is None else model._check_state(state, 1)
         self._base = None
+        self.last_reply = None  # the Stream of the latest reply: its counts (tokens, timings, state bytes)
+        self._live = False  # a reply is streaming
         self.reset()
 
     def reset(self) -> None:
@@ -96,6 +115,9 @@ class ChatSession:
     @property
     def state(self):
         """The model state after everything said so far (None before the first token)."""
+        if self._live:  # mid-reply: the state of the reply's row, its last token still to feed
+            self._state, last = self.last_reply.snapshot()
+            self._pending = [last]
         self._feed_pending()
         return self._state
 
@@ -112,30 +134,27 @@ class ChatSession:
 
     def _reply(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:
         # the last reply's final token (counted already) goes in with the new ones, in one pass
-        logits, self._state = prefill(self.model, self._pending + tokens, self._state)
-        self._pending = []
+        before = (self._state, self._pending, self.num_tokens, self._open_reply)
+        engine = self.engine or Engine(self.model, self.tokenizer, max_batch=1)
+        stream = engine.submit(reply_request(self._pending + tokens, params, self._state))
+        self.last_reply, self._live, self._pending = stream, True, []
         self.num_tokens += len(tokens)
         self._open_reply = True
-        text = TextStream(self.tokenizer, (TURN_END, *params.stop))
-        decoding = Decoding(self.model, logits, self._state, params, banned=(END_OF_TEXT,))
-        started = False
-        for token in decoding:
-            # kept in step with the decoding, so `state`, `fork` and `save` see the reply so far, also after
-            # the caller stops the loop; the last token waits in _pending until something needs it fed
-            self._state, self._pending = decoding.state, [int(token)]
-            self.num_tokens += 1
-            piece = text.push(self._pending[0])
-            if not started:  # the template puts a space after "Assistant:"; it is not part of the answer
-                piece = piece.lstrip(" ")
-                started = bool(piece)
-            if piece:
+        read = self.num_tokens
+        try:
+            for piece in stream:
+                self.num_tokens = read + stream.completion_tokens
                 yield piece
-            if text.stopped:
-                self._open_reply = text.stop_hit != TURN_END
-                return
-        piece = text.finish()
-        if piece:
-            yield piece.lstrip(" ") if not started else piece
+        finally:
+            stream.close()  # a no-op after the end; after a break, stops the reply and waits for its state
+            self._live = False
+            if not stream.tokens:  # stopped before its first token: the conversation is as it was
+                self._state, self._pending, self.num_tokens, self._open_reply = before
+            else:
+                # the last token drawn is not fed yet: it waits in _pending until something needs it
+                self._state, self._pending = stream.state, [stream.tokens[-1]]
+                self.num_tokens = read + len(stream.tokens)
+                self._open_reply = stream.stop_hit != TURN_END
 
     def _feed_pending(self) -> None:
         if self._pending:
@@ -187,7 +206,8 @@ class ChatSession:
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}: a damaged chat session file (bad or missing {e}); save the session again") from None
         session = object.__new__(cls)
-        session.model, session.tokenizer = model, tokenizer
+        session.model, session.tokenizer, session.engine = model, tokenizer, None
+        session.last_reply, session._live = None, False
         session.system, session._start, session._base, session._pending = system, None, None, []
         session._state = state
         session.num_tokens, session._open_reply = num_tokens, open_reply

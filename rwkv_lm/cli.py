@@ -3,6 +3,7 @@
     rwkv-lm generate --model M.pth --prompt "The Eiffel tower is" --max-tokens 50 --temperature 0
     rwkv-lm chat --model M.pth --system "You are a helpful assistant."
     rwkv-lm convert M.pth M.safetensors        (or back: M.safetensors M.pth)
+    rwkv-lm serve --model M.pth --port 8000    (an OpenAI-compatible HTTP server)
 
 Bad input ends with one line on stderr and exit code 2.
 """
@@ -152,6 +153,30 @@ def cmd_convert(args):
     print(f"wrote {dst}")
 
 
+def cmd_serve(args):
+    try:
+        import uvicorn
+
+        from .serve.server import create_app
+    except ImportError as e:
+        raise UsageError(f"rwkv-lm serve needs the server packages ({e.name} is missing): pip install 'rwkv-lm[serve]'") from None
+    from .serve import Engine
+
+    for name in ("max_batch", "max_queue", "max_prompt_tokens", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
+    if args.state_cache_mb < 0:
+        raise UsageError("--state-cache-mb must be >= 0 (0 turns the cache off)")
+    model, tokenizer = _model_and_tokenizer(args)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                    cache=int(args.state_cache_mb * 2**20))
+    app = create_app(engine, model_name=args.model_name or Path(args.model).stem, api_key=args.api_key,
+                     max_prompt_tokens=args.max_prompt_tokens)
+    print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
+          f"state cache {args.state_cache_mb:g} MB)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rwkv-lm", description="Run RWKV-7 language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -168,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, SamplingParams(max_tokens=1000, temperature=1.0, top_p=0.3, presence_penalty=0.5,
                                          frequency_penalty=0.5, penalty_decay=0.996))
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions, streaming)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 to serve a network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a row; past that the server answers 503 (default: %(default)s)")
+    p.add_argument("--state-cache-mb", type=float, default=512,
+                   help="RAM for cached prefix states, so repeated prompt beginnings are read once (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts get 413 (default: %(default)s)")
+    p.add_argument("--model-name", help="the model id clients see (default: the checkpoint's file name)")
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("convert", help="convert between official .pth and our .safetensors (by the output suffix)")
     p.add_argument("input")

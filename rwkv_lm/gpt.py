@@ -67,6 +67,11 @@ class GPTState(ModelState):
     def batch_size(self) -> int:
         return self.pos.shape[0]
 
+    def row_nbytes(self) -> list[int]:
+        """Each row's own keys and values (its real slots, not the padding), plus its position."""
+        per_slot = sum(t.shape[1] * t.shape[3] * t.element_size() for t in (*self.k, *self.v))
+        return [int(n) * per_slot + self.pos.element_size() for n in self.pos.tolist()]
+
     def select(self, rows) -> "GPTState":
         """The caches of some batch rows (a list, slice or index tensor), without padding they no longer need."""
         pos = self.pos[rows].reshape(-1)

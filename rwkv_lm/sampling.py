@@ -1,7 +1,14 @@
-"""Choosing the next token: a pure function of the logits and the settings (names as in vLLM / OpenAI)."""
+"""Choosing the next token: a pure function of the logits and each row's settings (names as in vLLM / OpenAI).
+
+Rows of one batch may each have their own settings: `sample` takes one `RowSampler` per row, which holds the
+row's `SamplingParams`, its random generator (seeded rows draw from their own, so a seed gives the same text
+whatever else shares the batch) and its penalty counts.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +37,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 keeps every token)"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 keeps every token)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1] (0 keeps every token)"),
+            (math.isfinite(self.presence_penalty), "presence_penalty must be a finite number"),
+            (math.isfinite(self.frequency_penalty), "frequency_penalty must be a finite number"),
             (0 < self.penalty_decay <= 1, "penalty_decay must be in (0, 1] (1: occurrences never fade)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
             (self.seed is None or isinstance(self.seed, int), "seed must be an integer or None"),
@@ -62,45 +71,69 @@ def resolve(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     return (params or SamplingParams()).replace(**overrides)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, *, counts: torch.Tensor | None = None,
-           banned: tuple[int, ...] = (), generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V]; counts [B, V] (decayed occurrences, for the penalties) -> next tokens [B] (int64)."""
-    logits = logits.float()
-    if counts is not None and params.penalized:
-        logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
-    if banned:
-        logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
-    if params.greedy:
-        return logits.argmax(-1)
+class RowSampler:
+    """What decides one row's next tokens: its settings, its generator, tokens it may not draw, and (when a
+    penalty is set) the decayed count of every token it has generated so far."""
 
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+    def __init__(self, params: SamplingParams, *, banned: Sequence[int] = (), device="cpu"):
+        self.params, self.banned, self.device = params, tuple(banned), torch.device(device)
+        self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+        self.counts: torch.Tensor | None = None  # [V], created at the first token
+
+    def observe(self, token: int, vocab_size: int) -> None:
+        """Count a token just generated (for the penalties; nothing to do without one)."""
+        if not self.params.penalized:
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(vocab_size, device=self.device)
+        self.counts.mul_(self.params.penalty_decay)[token] += 1
+
+
+def sample(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    """logits [B, V], one RowSampler per row -> next tokens [B] (int64), each row by its own settings."""
+    if logits.shape[0] != len(rows):
+        raise ValueError(f"{logits.shape[0]} rows of logits but {len(rows)} samplers")
+    edited = [row for row in rows if row.counts is not None or row.banned]
+    logits = logits.float().clone() if edited else logits.float()  # never edit the caller's logits
+    for i, row in enumerate(rows):  # per-row edits, rare and cheap
+        if row.counts is not None:
+            p = row.params
+            logits[i] -= p.presence_penalty * (row.counts > 0) + p.frequency_penalty * row.counts
+        if row.banned:
+            logits[i, list(row.banned)] = float("-inf")
+    tokens = logits.argmax(-1)
+    drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if drawn:
+        tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
+    return tokens
+
+
+def _draw(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    """Random draws for rows with temperature > 0: temperature, top_k, top_p, min_p, then the inverse CDF at
+    one uniform number per row from the row's own generator."""
+    params = [row.params for row in rows]
+    device = logits.device
+    column = lambda values: torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)  # noqa: E731
+    logits = logits / column([p.temperature for p in params])
+    V = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
+    if min(top_k) < V:
+        kth = logits.topk(max(top_k), dim=-1).values.gather(1, torch.tensor(top_k, device=device).unsqueeze(1) - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
-    if params.top_p < 1:
+    top_p = column([p.top_p for p in params])
+    if (top_p < 1).any():
         sorted_probs, order = probs.sort(-1, descending=True)
         # drop a token when the tokens more likely than it already reach top_p
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def update_counts(counts: torch.Tensor | None, tokens: torch.Tensor, params: SamplingParams, vocab_size: int) -> torch.Tensor | None:
-    """Decay the occurrence counts [B, V] and add the tokens [B] just generated (None when no penalty is set)."""
-    if not params.penalized:
-        return None
-    if counts is None:
-        counts = torch.zeros(tokens.shape[0], vocab_size, device=tokens.device)
-    counts = counts * params.penalty_decay
-    return counts.index_put((torch.arange(tokens.shape[0], device=tokens.device), tokens),
-                            torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
-
-
-def make_generator(params: SamplingParams, device) -> torch.Generator | None:
-    """A seeded random generator for `params.seed`, or None (torch's global one)."""
-    if params.seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(params.seed)
+    min_p = column([p.min_p for p in params])
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)
+    uniform = torch.cat([torch.rand(1, generator=row.generator, device=row.device) for row in rows]).to(device).unsqueeze(1)
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=V - 1)
+    # a draw that lands on a run of zero-probability tokens at the very top takes the last kept token instead
+    kept = probs.gather(1, picked) > 0
+    last_kept = V - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+    return torch.where(kept, picked, last_kept).squeeze(1)

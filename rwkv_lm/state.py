@@ -31,6 +31,10 @@ class ModelState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def row_nbytes(self) -> list[int]:
+        """Each batch row's share of `nbytes`."""
+        return [self.nbytes // self.batch_size] * self.batch_size
+
     def clone(self):
         return self.map(torch.clone)
 

@@ -5,7 +5,8 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig, SamplingParams, complete, generate, generate_batch
-from rwkv_lm.generate import PREFILL_CHUNK, TextStream, prefill
+from rwkv_lm.generate import PREFILL_CHUNK, prefill
+from rwkv_lm.serve import TextStream
 from rwkv_lm.testing import random_model
 
 from conftest import assert_close

@@ -1,20 +1,26 @@
-"""Sampling: a pure function of logits and settings; every setting does what its name says."""
+"""Sampling: a pure function of logits and each row's settings; every setting does what its name says."""
 import pytest
 import torch
 
-from rwkv_lm.sampling import SamplingParams, make_generator, resolve, sample, update_counts
+from rwkv_lm.sampling import RowSampler, SamplingParams, resolve, sample
 
 LOGITS = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0, 2.5]])
 
 
+def sampler(params, **kw):
+    row = RowSampler(params, **kw)
+    row.generator = row.generator or torch.Generator().manual_seed(0)
+    return row
+
+
 def draws(params, n=4000, logits=LOGITS, **kw):
-    g = make_generator(params, "cpu") or torch.Generator().manual_seed(0)
-    return torch.stack([sample(logits, params, generator=g, **kw) for _ in range(n)]).flatten()
+    row = sampler(params, **kw)
+    return torch.stack([sample(logits, [row]) for _ in range(n)]).flatten()
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sample(logits, SamplingParams(temperature=0)), logits.argmax(-1))
+    assert torch.equal(sample(logits, [RowSampler(SamplingParams(temperature=0))] * 5), logits.argmax(-1))
 
 
 def test_temperature_one_follows_softmax():
@@ -44,7 +50,7 @@ def test_min_p_drops_unlikely_tokens():
 
 def test_banned_token_never_drawn():
     assert 1 not in draws(SamplingParams(seed=1), 500, banned=(1,)).tolist()
-    assert sample(LOGITS, SamplingParams(temperature=0), banned=(1,)).item() == 5
+    assert sample(LOGITS, [RowSampler(SamplingParams(temperature=0), banned=(1,))]).item() == 5
 
 
 def test_seed_repeats_and_differs():
@@ -54,12 +60,34 @@ def test_seed_repeats_and_differs():
 
 def test_penalties_follow_decayed_counts():
     params = SamplingParams(temperature=0, presence_penalty=0.4, frequency_penalty=0.3, penalty_decay=0.5)
-    counts = update_counts(None, torch.tensor([1]), params, 6)
-    counts = update_counts(counts, torch.tensor([1]), params, 6)
-    assert counts[0, 1].item() == pytest.approx(1.5) and counts[0].sum().item() == pytest.approx(1.5)
+    row = RowSampler(params)
+    assert sample(LOGITS, [row]).item() == 1
+    row.observe(1, 6)
+    row.observe(1, 6)
+    assert row.counts[1].item() == pytest.approx(1.5) and row.counts.sum().item() == pytest.approx(1.5)
     # token 1: 3.0 - 0.4 - 0.45 = 2.15 < token 5's 2.5
-    assert sample(LOGITS, params, counts=counts).item() == 5
-    assert update_counts(None, torch.tensor([1]), SamplingParams(), 6) is None, "no penalty, no bookkeeping"
+    assert sample(LOGITS, [row]).item() == 5
+    plain = RowSampler(SamplingParams())
+    plain.observe(1, 6)
+    assert plain.counts is None, "no penalty, no bookkeeping"
+
+
+def test_each_row_of_a_batch_follows_its_own_settings():
+    """One batch, six settings: every row draws what it would draw alone, seeded rows the very same tokens."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    settings = [SamplingParams(temperature=0), SamplingParams(seed=3), SamplingParams(top_k=2, seed=4),
+                SamplingParams(top_p=0.3, temperature=0.7, seed=5), SamplingParams(min_p=0.5, seed=6),
+                SamplingParams(temperature=0, presence_penalty=5.0)]
+    batch_rows = [RowSampler(p, banned=(7,) if i == 4 else ()) for i, p in enumerate(settings)]
+    alone_rows = [RowSampler(p, banned=(7,) if i == 4 else ()) for i, p in enumerate(settings)]
+    for _ in range(30):
+        together = sample(logits, batch_rows)
+        alone = torch.cat([sample(logits[i:i + 1], [row]) for i, row in enumerate(alone_rows)])
+        assert torch.equal(together, alone)
+        for rows in (batch_rows, alone_rows):
+            for row, token in zip(rows, together.tolist()):
+                row.observe(token, 50)
+    assert together[0] == logits[0].argmax() and together[5] != logits[5].argmax(), "the penalty moved row 5 on"
 
 
 @pytest.mark.parametrize("bad, field", [

@@ -1,0 +1,405 @@
+"""The serving engine: one model, many requests, one batched step per iteration.
+
+Each iteration (`step`):
+1. drops cancelled requests and admits waiting ones, up to `max_batch` rows; a request that starts from the
+   zero state first looks up the longest prefix of its prompt in the state cache;
+2. runs ONE batched decode step for every row that is generating (`model.step(tokens [B], state)`);
+3. reads up to `prefill_tokens` prompt tokens of newly admitted requests (parallel mode, one request at a
+   time), so a long prompt never holds up the rows already streaming for more than one chunk;
+4. samples every row that has new logits, each by its own request's settings, and streams its text;
+5. finished rows leave the batch at once, newly prefilled rows join it.
+
+The engine runs in its own thread after `start()` (a server, the demo), or in the thread of whoever reads a
+stream when it was not started (`rwkv_lm.generate`, a chat session): then it steps only while someone waits
+for text, and stopping reading stops the work. Any model with the package's interface serves: RWKV-7 (a
+fixed-size state per row) and the GPT baseline (its KV cache is its state), on a CPU or a GPU.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling import RowSampler, sample
+from .cache import StateCache, prefix_hashes
+from .request import Request, Stream
+from .text import TextStream
+
+PREFILL_TOKENS = 512  # prompt tokens read per iteration: a long prompt costs the streaming rows one chunk's wait
+CACHE_EVERY = 256  # prefix states are kept at multiples of this many tokens (and where prompts branch)
+
+
+class EngineFull(RuntimeError):
+    """The engine's queue of waiting requests is full; try again later."""
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    """A ValueError unless every id of `tokenizer` is a valid input of `model`."""
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass one (e.g. rwkv_lm.tokenizer.load_tokenizer('world')), "
+                         "or load a checkpoint that carries one")
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}; "
+                         "use the tokenizer the model was trained with (for official RWKV World models: 'world')")
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request inside the engine: how far its prompt is read, its state while it is read, its sampler."""
+
+    stream: Stream
+    sampler: RowSampler | None
+    text: TextStream
+    fed: int = 0  # prompt tokens read
+    state: object = None  # while prefilling; afterwards the state lives in the batch
+    logits: torch.Tensor | None = None  # [1, V] after the prompt, until its first token is drawn
+    hashes: list[int] | None = None  # prefix hashes of the prompt, for requests that use the cache
+    branch: int | None = None  # where this prompt leaves one read before: its state is worth keeping
+    done: bool = False
+    reason: str | None = None  # why it is done
+    started: bool = False  # some text has been streamed
+
+    @property
+    def request(self) -> Request:
+        return self.stream.request
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    finished: dict = field(default_factory=dict)  # finish reason -> count
+    prompt_tokens: int = 0  # read by the model (cache hits not included)
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0  # batched decode steps
+    step_rows: int = 0  # sum of their batch sizes
+
+
+class Engine:
+    """Continuous batching over one model. `submit(Request) -> Stream`; `start()` for a loop thread.
+
+    max_batch: rows decoded together; max_queue: requests that may wait beyond those (None: no limit),
+    after which `submit` raises EngineFull; cache: a StateCache, or its budget in bytes (0: none);
+    device_lock: a lock held during each iteration, for engines that must take turns on one device.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int | None = None,
+                 cache: StateCache | int = 0, prefill_tokens: int = PREFILL_TOKENS,
+                 device_lock: threading.Lock | None = None):
+        check_tokenizer(model, tokenizer)
+        if max_batch < 1 or prefill_tokens < 1 or (max_queue is not None and max_queue < 0):
+            raise ValueError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{prefill_tokens}, {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.cache = cache if isinstance(cache, StateCache) else (StateCache(cache) if cache else None)
+        self.device = next(model.parameters()).device
+        self.counters = Counters()
+        self._waiting: deque[_Row] = deque()
+        self._prefilling: list[_Row] = []
+        self._decoding: list[_Row] = []  # in batch order
+        self._batch_state = None  # the state of the decoding rows, one batch
+        self._cancelled: set[Stream] = set()
+        self._queue_lock = threading.Lock()  # submissions and cancellations (any thread)
+        self._step_lock = threading.RLock()  # the rows and the batch (the stepping thread)
+        self._device_lock = device_lock
+        self._wakeup = threading.Condition(self._queue_lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- submitting -----------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Stream:
+        """Queue a request; its text comes through the returned Stream."""
+        vocab = self.model.config.vocab_size
+        if not request.prompt:
+            raise ValueError("nothing to feed: the prompt encodes to no tokens")
+        if any(not 0 <= t < vocab for t in request.prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}); was it encoded with another tokenizer?")
+        stream = Stream(request, self)
+        sampler = RowSampler(request.params, banned=request.banned, device=self.device)
+        row = _Row(stream, sampler, TextStream(self.tokenizer, (*request.params.stop, *request.stop)))
+        with self._queue_lock:
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise EngineFull(f"{len(self._waiting)} requests are already waiting (the most this engine queues)")
+            self._waiting.append(row)
+            self.counters.requests += 1
+            self._wakeup.notify()
+        return stream
+
+    def cancelled(self, stream: Stream) -> None:
+        """Called by a closed stream: its row is dropped at the start of the next iteration."""
+        with self._queue_lock:
+            self._cancelled.add(stream)
+            self._wakeup.notify()
+
+    # -- running --------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Engine":
+        """Run the scheduler loop in a daemon thread until `stop()`."""
+        if not self.running:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="rwkv_lm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """End the loop thread; requests still running are cancelled."""
+        with self._queue_lock:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._step_lock:
+            for row in [*self._waiting, *self._prefilling, *self._decoding]:
+                row.stream._finish("cancelled")
+            self._waiting.clear()
+            self._prefilling, self._decoding, self._batch_state = [], [], None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._queue_lock:
+                while not self._stopping and not self._has_work():
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._decoding or self._cancelled)
+
+    def drive(self) -> None:
+        """One iteration from the caller's thread (a stream read with no loop thread running)."""
+        if not self.step() and not self.running:
+            raise RuntimeError("the engine has nothing to run, yet a stream waits for it")
+
+    def step(self) -> bool:
+        """One iteration of the scheduler; False if there was nothing to do."""
+        with self._step_lock:
+            if self._device_lock is None:
+                return self._step()
+            with self._device_lock:
+                return self._step()
+
+    def _step(self) -> bool:
+        self._drop_cancelled()
+        self._admit()
+        if not (self._decoding or self._prefilling):
+            return False
+        try:
+            with torch.no_grad():
+                self._iterate()
+        except Exception as e:  # a failing decode step ends every request in flight; the engine stays up
+            for row in [*self._decoding, *self._prefilling]:
+                self._end(row, "error", e)
+            self._prefilling, self._decoding, self._batch_state = [], [], None
+        return True
+
+    def _drop_cancelled(self) -> None:
+        with self._queue_lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if cancelled:
+                self._waiting = deque(r for r in self._waiting if r.stream not in cancelled)
+        if not cancelled:
+            return
+        for row in [r for r in self._prefilling if r.stream in cancelled]:
+            self._prefilling.remove(row)
+            self._end(row, "cancelled")
+        self._leave([i for i, r in enumerate(self._decoding) if r.stream in cancelled], "cancelled")
+        for stream in cancelled:
+            stream._finish("cancelled")  # a request cancelled while it waited
+
+    def _admit(self) -> None:
+        with self._queue_lock:
+            while self._waiting and len(self._prefilling) + len(self._decoding) < self.max_batch:
+                row = self._waiting.popleft()
+                self._prefilling.append(row)
+        for row in self._prefilling:
+            if row.fed == 0 and row.state is None and row.logits is None:
+                self._start_prefill(row)
+
+    def _start_prefill(self, row: _Row) -> None:
+        request = row.request
+        row.state = request.state
+        if request.state is not None or self.cache is None:
+            if row.state is None:
+                row.state = self.model.init_state(1)
+            return
+        row.hashes = prefix_hashes(request.prompt)
+        hit = self.cache.lookup(request.prompt, row.hashes)
+        if hit is not None:
+            row.fed, row.state = len(hit.tokens), hit.state
+            row.stream.cached_tokens = row.fed
+            self.counters.cached_tokens += row.fed
+            if row.fed == len(request.prompt):
+                row.logits = hit.logits
+        else:
+            row.state = self.model.init_state(1)
+        row.branch = self.cache.branch_point(row.hashes, row.fed)
+
+    def _iterate(self) -> None:
+        ready: list[_Row] = []
+        logits = []
+        if self._decoding:
+            tokens = torch.tensor([r.stream.tokens[-1] for r in self._decoding], device=self.device)
+            start = time.perf_counter()
+            step_logits, self._batch_state = self.model.step(tokens, self._batch_state)
+            elapsed = time.perf_counter() - start
+            self.counters.steps += 1
+            self.counters.step_rows += len(self._decoding)
+            row_bytes = _row_nbytes(self._batch_state, len(self._decoding))
+            for row, nbytes in zip(self._decoding, row_bytes):
+                row.stream.busy_s += elapsed
+                row.stream.state_bytes = nbytes
+            ready, logits = list(self._decoding), [step_logits]
+
+        budget, joined = self.prefill_tokens, []
+        for row in list(self._prefilling):
+            try:
+                while row.logits is None and budget > 0:
+                    budget -= self._prefill_some(row, budget)
+            except Exception as e:  # this prompt cannot be read; the others go on
+                self._prefilling.remove(row)
+                self._end(row, "error", e)
+                continue
+            if row.logits is not None:
+                self._prefilling.remove(row)
+                joined.append(row)
+        ready += joined
+        logits += [row.logits for row in joined]
+        if not ready:
+            return
+        tokens = sample(torch.cat(logits), [row.sampler for row in ready]).tolist()
+
+        for row, token in zip(ready, tokens):
+            self._take(row, token)
+        self._leave([i for i, r in enumerate(self._decoding) if r.done], None)
+        joining = [r for r in joined if not r.done]
+        if joining:
+            states = ([] if self._batch_state is None else [self._batch_state]) + [r.state for r in joining]
+            self._batch_state = states[0] if len(states) == 1 else type(states[0]).cat(states)
+            self._decoding += joining
+            for row in joining:
+                row.state, row.logits = None, None
+
+    def _prefill_some(self, row: _Row, budget: int) -> int:
+        """Read up to `budget` tokens of a row's prompt (stopping where a state is worth caching); the count read."""
+        prompt, start = row.request.prompt, row.fed
+        end = min(len(prompt), start + budget)
+        if row.hashes is not None:  # stop at the next cache point
+            end = min(end, (start // CACHE_EVERY + 1) * CACHE_EVERY)
+            if row.branch is not None and row.branch > start:
+                end = min(end, row.branch)
+        began = time.perf_counter()
+        ids = torch.tensor([list(prompt[start:end])], device=self.device)
+        step_logits, row.state = self.model(ids, row.state, last_only=True)
+        row.fed = end
+        self.counters.prompt_tokens += end - start
+        row.stream.busy_s += time.perf_counter() - began
+        if end == len(prompt):
+            row.logits = step_logits[:, -1]
+        if row.hashes is not None:
+            self.cache.insert(prompt[:end], row.state, row.logits if end == len(prompt) else None, row.hashes)
+        return end - start
+
+    def _take(self, row: _Row, token: int) -> None:
+        """A token drawn for a row: stream its text and decide whether the row is done."""
+        stream, request = row.stream, row.request
+        stream.tokens.append(token)
+        stream.completion_tokens += 1
+        self.counters.generated_tokens += 1
+        if stream.first_token_s is None:
+            stream.first_token_s = time.perf_counter() - stream.submitted
+        row.sampler.observe(token, self.model.config.vocab_size)
+        if token in request.end_tokens:
+            self._finish_text(row, "stop")
+            return
+        self._put(row, row.text.push(token))
+        if row.text.stopped:
+            stream.stop_hit = row.text.stop_hit
+            self._finish_text(row, "stop")
+        elif stream.completion_tokens >= request.params.max_tokens:
+            self._finish_text(row, "length")
+
+    def _put(self, row: _Row, piece: str) -> None:
+        if not row.started:
+            piece = piece.lstrip(row.request.lstrip)
+            row.started = bool(piece)
+        if piece:
+            row.stream._put(piece)
+
+    def _finish_text(self, row: _Row, reason: str) -> None:
+        self._put(row, row.text.finish())
+        row.done = True
+        row.reason = reason
+        if row.state is not None:  # finished at its first token: the state is the prompt's
+            self._end(row, reason, state=row.state)
+
+    def _leave(self, positions: list[int], reason: str | None) -> None:
+        """Rows at these batch positions leave the batch, with their final states."""
+        if not positions:
+            return
+        gone = set(positions)
+        keep = [i for i in range(len(self._decoding)) if i not in gone]
+        single = len(self._decoding) == 1
+        for i in positions:
+            row = self._decoding[i]
+            wants_state = row.request.keep_state or row.hashes is not None
+            state = (self._batch_state if single else self._batch_state.select([i])) if wants_state else None
+            self._end(row, reason or row.reason, state=state)
+        self._decoding = [self._decoding[i] for i in keep]
+        self._batch_state = None if not keep else self._batch_state.select(keep)
+
+    def _end(self, row: _Row, reason: str, error: BaseException | None = None, state=None) -> None:
+        stream = row.stream
+        row.done = True
+        if state is not None and row.hashes is not None and stream.tokens and reason != "error":
+            # the state after the prompt and every drawn token but the last (which is never fed)
+            self.cache.insert([*row.request.prompt, *stream.tokens[:-1]], state)
+        if row.request.keep_state:
+            stream.state = state
+        self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+        stream._finish(reason, error)
+
+    def snapshot(self, stream: Stream):
+        """(state, last token drawn) of a running request; its final ones once it has ended."""
+        with self._step_lock:
+            for i, row in enumerate(self._decoding):
+                if row.stream is stream:
+                    single = len(self._decoding) == 1
+                    return (self._batch_state if single else self._batch_state.select([i])), stream.tokens[-1]
+        if not stream.done:
+            raise RuntimeError("the request has drawn no token yet")
+        return stream.state, stream.tokens[-1]
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Rows and queue now, counters since the start, and the cache's numbers."""
+        with self._queue_lock:
+            waiting = len(self._waiting)
+        c = self.counters
+        return {"waiting": waiting, "prefilling": len(self._prefilling), "decoding": len(self._decoding),
+                "active": len(self._prefilling) + len(self._decoding), "requests": c.requests,
+                "finished": dict(c.finished), "prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens,
+                "generated_tokens": c.generated_tokens, "steps": c.steps, "step_rows": c.step_rows,
+                "cache": None if self.cache is None else self.cache.stats()}
+
+
+def _row_nbytes(state, batch_size: int) -> list[int]:
+    """Bytes of each row's share of a batch state (a KV cache's rows hold their own lengths)."""
+    if hasattr(state, "row_nbytes"):
+        return state.row_nbytes()
+    return [state.nbytes // batch_size] * batch_size

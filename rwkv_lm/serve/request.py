@@ -1,0 +1,161 @@
+"""What a caller hands the engine (`Request`) and what it gets back (`Stream`: the text as it comes, sync or
+async, and the request's counts once it ends)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..sampling import SamplingParams
+
+END_OF_TEXT = 0  # the token that ends a document in RWKV vocabularies
+_WAIT, _END = object(), object()  # no piece yet; no piece ever again
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: feed `prompt` (token ids) after `state`, then sample up to `params.max_tokens` tokens.
+
+    state: where to start (a batch-1 model state, e.g. a chat session's); None starts from the model's zero
+      state, which lets the engine's prefix cache skip a prompt beginning it has read before.
+    stop: stop strings on top of `params.stop` (a chat template's end of turn, say).
+    banned: token ids never drawn. end_tokens: drawn, they end the text (finish reason "stop").
+    keep_state: hand the final state back (`Stream.state`, with `Stream.tokens[-1]` not yet fed).
+    lstrip: characters dropped from the start of the text (the space a chat template puts after its cue).
+    """
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    state: object | None = None
+    stop: tuple[str, ...] = ()
+    banned: tuple[int, ...] = ()
+    end_tokens: tuple[int, ...] = (END_OF_TEXT,)
+    keep_state: bool = False
+    lstrip: str = ""
+
+
+class Stream:
+    """The text of one request, in pieces of whole characters: `for piece in stream` or `async for`.
+
+    Closing it (or an HTTP client going away) cancels the request; the engine frees its row within one
+    iteration. A stream left unread in a running engine runs to its end. Counts are kept up to date while it runs:
+    `prompt_tokens`, `cached_tokens` (of those, read from the prefix cache), `completion_tokens`, `tokens`
+    (the ids drawn), `first_token_s` (seconds from submission), `busy_s` (time in the steps that made its
+    tokens), `state_bytes` (its state's size at its last token), `finish_reason` ("stop", "length",
+    "cancelled", "error"; None while it runs), and with `keep_state`, `state`.
+    """
+
+    def __init__(self, request: Request, engine):
+        self.request, self._engine = request, engine
+        self.prompt_tokens, self.cached_tokens, self.completion_tokens = len(request.prompt), 0, 0
+        self.tokens: list[int] = []
+        self.submitted = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.busy_s, self.state_bytes = 0.0, 0
+        self.finish_reason: str | None = None
+        self.stop_hit: str | None = None
+        self.state = None
+        self.error: BaseException | None = None
+        self._pieces: deque = deque()
+        self._done = threading.Event()
+        self._cancelled = False
+        self._wakeup = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    # -- the engine's side --------------------------------------------------------------------------------
+    def _put(self, piece: str) -> None:
+        with self._wakeup:
+            self._pieces.append(piece)
+            self._notify()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        with self._wakeup:
+            if self.finish_reason is None:
+                self.finish_reason, self.error = reason, error
+            self._done.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        self._wakeup.notify_all()
+        for loop, event in self._async_waiters:
+            loop.call_soon_threadsafe(event.set)
+        self._async_waiters.clear()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    # -- the caller's side --------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        while (piece := self._next_piece()) is _WAIT:
+            with self._wakeup:
+                if self._engine.running:
+                    self._wakeup.wait(timeout=1.0)
+                    continue
+            self._engine.drive()  # no loop thread: the caller's thread runs the engine
+        if piece is _END:
+            raise StopIteration
+        return piece
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        if not self._engine.running:
+            raise RuntimeError("async iteration needs a running engine (Engine.start())")
+        event = asyncio.Event()
+        while (piece := self._next_piece(event)) is _WAIT:
+            await event.wait()
+            event.clear()
+        if piece is _END:
+            raise StopAsyncIteration
+        return piece
+
+    def _next_piece(self, event: asyncio.Event | None = None):
+        """The next piece, _END (or the error) at the end, or _WAIT (then `event` is set when there is news)."""
+        with self._wakeup:
+            if self._pieces:
+                return self._pieces.popleft()
+            if not self.done:
+                if event is not None:
+                    self._async_waiters.append((asyncio.get_running_loop(), event))
+                return _WAIT
+        if self.error is not None:
+            raise self.error
+        return _END
+
+    def snapshot(self):
+        """(the state after every token drawn so far but the last, the last) while it runs, for a request
+        with `keep_state`."""
+        return self._engine.snapshot(self)
+
+    def text(self) -> str:
+        """Everything that is still to come, joined (waits for the end)."""
+        return "".join(self)
+
+    def close(self, wait: bool = True) -> None:
+        """Cancel the request if it still runs; with `wait`, return once the engine has let go of it (so
+        `state` and the counts are final)."""
+        if self.done:
+            return
+        self._cancelled = True
+        self._engine.cancelled(self)
+        if wait:
+            if self._engine.running:
+                self._done.wait()
+            else:
+                self._engine.step()
+
+    async def aclose(self) -> None:
+        """Cancel without waiting (the event loop is not blocked)."""
+        self.close(wait=False)

@@ -1,0 +1,273 @@
+"""An OpenAI-compatible HTTP server over one Engine (FastAPI on uvicorn): `rwkv-lm serve --model PATH`.
+
+    POST /v1/completions, POST /v1/chat/completions   (stream: true for server-sent events)
+    GET  /v1/models, /health, /metrics (Prometheus text)
+
+Errors are OpenAI's error JSON with the status that fits: 400 (bad JSON or value; `param` names the field),
+401 (missing or wrong key, when an API key is set), 413 (prompt over the limit), 503 (queue full). A client
+that goes away mid-stream cancels its request: its row is free within one engine iteration.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..chat import clean_message, render_prompt, reply_request
+from .engine import Engine, EngineFull
+from .openai_api import ApiError, ChatRequest, CompletionRequest
+from .request import END_OF_TEXT, Request
+
+MAX_PROMPT_TOKENS = 32_768
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 1024
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class EngineCollector:
+    """The engine's numbers as Prometheus metrics, read at each scrape."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats()
+        counters = [("requests", "requests submitted", s["requests"]),
+                    ("prompt_tokens", "prompt tokens read by the model", s["prompt_tokens"]),
+                    ("cached_prompt_tokens", "prompt tokens taken from the state cache", s["cached_tokens"]),
+                    ("generated_tokens", "tokens generated", s["generated_tokens"]),
+                    ("decode_steps", "batched decode steps", s["steps"]),
+                    ("decode_step_rows", "rows summed over decode steps (/ steps: mean batch size)", s["step_rows"])]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"rwkv_lm_{name}", doc, value=value)
+        finished = CounterMetricFamily("rwkv_lm_finished_requests", "requests ended, by reason", labels=["reason"])
+        for reason, n in s["finished"].items():
+            finished.add_metric([reason], n)
+        yield finished
+        yield GaugeMetricFamily("rwkv_lm_batch_size", "rows in the decoding batch now", value=s["decoding"])
+        yield GaugeMetricFamily("rwkv_lm_prefilling", "requests reading their prompt now", value=s["prefilling"])
+        yield GaugeMetricFamily("rwkv_lm_queue_length", "requests waiting for a row", value=s["waiting"])
+        cache = s["cache"] or {"hits": 0, "misses": 0, "bytes": 0, "entries": 0, "max_bytes": 0}
+        yield CounterMetricFamily("rwkv_lm_state_cache_hits", "prompts that began with a cached prefix", value=cache["hits"])
+        yield CounterMetricFamily("rwkv_lm_state_cache_misses", "prompts that did not", value=cache["misses"])
+        yield GaugeMetricFamily("rwkv_lm_state_cache_bytes", "bytes of states held", value=cache["bytes"])
+        yield GaugeMetricFamily("rwkv_lm_state_cache_entries", "states held", value=cache["entries"])
+
+
+def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None = None,
+               max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> FastAPI:
+    """The app; it starts the engine's loop thread when it starts and stops it when it ends."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="rwkv_lm", lifespan=lifespan)
+    tokenizer = engine.tokenizer
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine))
+    http_requests = Counter("rwkv_lm_http_requests", "HTTP requests answered", ["path", "status"], registry=registry)
+
+    app.add_middleware(_KeyAndCount, api_key=api_key, counter=http_requests)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(ApiError(400, f"the body is not valid JSON ({first.get('msg')})"))
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = first.get("msg", "invalid value").removeprefix("Value error, ")
+        return _error(ApiError(400, f"{field}: {message}" if field else message, param=field))
+
+    @app.exception_handler(404)
+    async def not_found(request, e):
+        return _error(ApiError(404, f"no such endpoint: {request.method} {request.url.path}"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": STARTED, "owned_by": "rwkv_lm"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        tokens = _encode(body.prompt)
+        stream = _submit(Request(tokens, _params(body, COMPLETION_MAX_TOKENS), end_tokens=() if body.ignore_eos else (END_OF_TEXT,)))
+        reply = _Reply("cmpl", "text_completion", body, stream)
+        if body.stream:
+            return _sse(reply.chunks(lambda piece: {"text": piece}, first=None))
+        text = await reply.collect(http)
+        return reply.body({"text": text, "logprobs": None})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: HttpRequest):
+        try:
+            messages = [m.as_dict() for m in body.messages]
+            for m in messages:
+                clean_message(m["content"], m["role"])
+            prompt = render_prompt(messages)
+        except ValueError as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from None
+        stream = _submit(reply_request(_encode(prompt), _params(body, CHAT_MAX_TOKENS)))
+        reply = _Reply("chatcmpl", "chat.completion", body, stream)
+        if body.stream:
+            return _sse(reply.chunks(lambda piece: {"delta": {"content": piece}}, first={"delta": {"role": "assistant"}}))
+        text = await reply.collect(http)
+        return reply.body({"message": {"role": "assistant", "content": text}})
+
+    def _params(body, default_max_tokens):
+        try:
+            return body.sampling(default_max_tokens)
+        except ValueError as e:
+            field = str(e).split(" ", 1)[0]
+            raise ApiError(400, str(e).split("; got")[0], param=field) from None
+
+    def _encode(text: str) -> list[int]:
+        tokens = tokenizer.encode(text)
+        if not tokens:
+            raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
+        if len(tokens) > max_prompt_tokens:
+            raise ApiError(413, f"the prompt has {len(tokens):,} tokens; this server takes at most {max_prompt_tokens:,}",
+                           code="context_length_exceeded")
+        return tokens
+
+    def _submit(request: Request):
+        try:
+            return engine.submit(request)
+        except EngineFull as e:
+            raise ApiError(503, f"the server is busy: {e}; retry in a moment", code="overloaded") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+
+    return app
+
+
+KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+STARTED = int(time.time())
+
+
+class _KeyAndCount:
+    """ASGI middleware: the API key on /v1/ paths, and a count of answers by path and status. (A plain ASGI
+    layer, not BaseHTTPMiddleware, so that endpoints still see their client go away.)"""
+
+    def __init__(self, app, api_key: str | None, counter):
+        self.app, self.expected, self.counter = app, None if api_key is None else f"Bearer {api_key}".encode(), counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        if self.expected is not None and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.counter.labels(path, 401).inc()
+                error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+                return await _error(error)(scope, receive, send)
+        status = []
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.counter.labels(path, status[0] if status else 500).inc()
+
+
+def _error(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _sse(chunks) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Reply:
+    """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream."""
+
+    def __init__(self, prefix: str, kind: str, body, stream):
+        self.id, self.kind, self.body_in, self.stream = f"{prefix}-{uuid.uuid4().hex}", kind, body, stream
+        self.created, self.model = int(time.time()), body.model or "rwkv"
+
+    def usage(self) -> dict:
+        s = self.stream
+        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                "total_tokens": s.prompt_tokens + s.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
+
+    def finish_reason(self) -> str:
+        if self.stream.finish_reason == "error":
+            raise ApiError(500, f"the model failed: {self.stream.error}")
+        return "length" if self.stream.finish_reason == "length" else "stop"
+
+    async def collect(self, http: HttpRequest) -> str:
+        """The whole text; a client that goes away before it is done cancels the request."""
+        reading = asyncio.ensure_future(self._read())
+        try:
+            while not (await asyncio.wait({reading}, timeout=DISCONNECT_POLL_S))[0]:
+                if await http.is_disconnected():
+                    break
+        finally:
+            await self.stream.aclose()
+        return await reading
+
+    async def _read(self) -> str:
+        try:
+            return "".join([piece async for piece in self.stream])
+        except Exception as e:  # the model failed on this request: the server stays up
+            raise ApiError(500, f"the model failed: {e}") from None
+
+    def body(self, choice: dict) -> dict:
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                "choices": [{"index": 0, **choice, "finish_reason": self.finish_reason()}], "usage": self.usage()}
+
+    async def chunks(self, piece_choice, first: dict | None):
+        kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
+
+        def event(choices, **extra) -> str:
+            data = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        try:
+            if first is not None:
+                yield event([{"index": 0, **first, "finish_reason": None}])
+            try:
+                async for piece in self.stream:
+                    yield event([{"index": 0, **piece_choice(piece), "finish_reason": None}])
+            except Exception as e:  # the model failed on this request: say so in the stream, end it cleanly
+                yield f"data: {json.dumps(ApiError(500, f'the model failed: {e}').body())}\n\n"
+            else:
+                empty = piece_choice("")
+                if "delta" in empty:
+                    empty = {"delta": {}}
+                yield event([{"index": 0, **empty, "finish_reason": self.finish_reason()}])
+                if self.body_in.include_usage:
+                    yield event([], usage=self.usage())
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client goes away: the request is cancelled, its row freed
+            await self.stream.aclose()
