@@ -1,5 +1,6 @@
 """The Chat tab: talk to RWKV-7. Each browser session holds its own conversation in a gr.State, so a turn
-feeds the model only that turn's new tokens: the RNN state already carries everything said before."""
+feeds the model only that turn's new tokens: the RNN state already carries everything said before. Replies
+go through the app's engine, where the users chatting at once share batched steps."""
 from __future__ import annotations
 
 import threading
@@ -10,8 +11,9 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from rwkv_lm.chat import ChatSession
+from rwkv_lm.serve import Engine
 
-from .arena import Metered, format_bytes
+from .arena import format_bytes
 from .inputs import MAX_MESSAGE_CHARS, check_message, check_system_prompt, sampling_params
 
 # A fast model makes hundreds of pieces a second; the page redraws at most this often.
@@ -21,10 +23,12 @@ BUSY = "Still answering the last message: press Stop first."
 
 @dataclass
 class Conversation:
-    """One user's chat: the session (over a Metered model, to show its state live) and what the page shows."""
+    """One user's chat: the session (replying through the shared engine) and what the page shows."""
 
     session: ChatSession
     system: str  # as typed; a different one starts a new conversation
+    device_lock: threading.Lock  # the engines': the session's own model calls (prompt, fork) take turns too
+    empty_state_bytes: int  # an RWKV state's size, shown before a reply has measured one
     history: list[dict] = field(default_factory=list)
     before_last_turn: ChatSession | None = None  # for Regenerate
     last_message: str | None = None
@@ -33,11 +37,22 @@ class Conversation:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def start(cls, model, tokenizer, system: str) -> "Conversation":
-        return cls(ChatSession(Metered(model), tokenizer, system=system.strip() or None), system)
+    def start(cls, engine: Engine, system: str, device_lock: threading.Lock) -> "Conversation":
+        with device_lock:  # a system prompt is read here
+            session = ChatSession(engine.model, engine.tokenizer, system=system.strip() or None, engine=engine)
+        return cls(session, system, device_lock, engine.model.init_state(1).nbytes)
 
     def status(self) -> str:
-        return f"state: {format_bytes(self.session.model.state_bytes)}, {self.session.num_tokens:,} tokens"
+        reply = self.session.last_reply
+        state_bytes = reply.state_bytes if reply is not None and reply.state_bytes else self.empty_state_bytes
+        return f"state: {format_bytes(state_bytes)}, {self.session.num_tokens:,} tokens"
+
+    def cancel(self) -> None:
+        """Stop the reply that streams, if any, without waiting (its row is freed within one engine iteration;
+        the reply's reader lets go of the session)."""
+        reply = self.session.last_reply
+        if reply is not None:
+            reply.close(wait=False)
 
     @property
     def busy(self) -> bool:
@@ -72,7 +87,9 @@ class Conversation:
             self.history, self.before_last_turn, self.last_message = [], None, None
 
     def _stream(self, message, params):
-        self.before_last_turn, self.last_message = self.session.fork(), message
+        with self.device_lock:  # a fork feeds the last reply's final token
+            self.before_last_turn = self.session.fork()
+        self.last_message = message
         self.history = self.history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield
         with closing(self.session.reply(message, params)) as reply:
@@ -90,8 +107,8 @@ def throttled(updates):
             yield update
 
 
-def render(model, tokenizer, name: str) -> None:
-    """Lay out the tab and wire its events, inside an open gr.Blocks."""
+def render(engine: Engine, name: str, device_lock: threading.Lock) -> None:
+    """Lay out the tab and wire its events, inside an open gr.Blocks. `engine`: a started one, of RWKV-7."""
     conversation = gr.State(None)
     with gr.Row():
         with gr.Column(scale=3):
@@ -135,7 +152,7 @@ def render(model, tokenizer, name: str) -> None:
         if conv is None or conv.system != system:
             if conv is not None and conv.history:
                 gr.Info("The system prompt changed, so a new conversation starts.")
-            conv = Conversation.start(model, tokenizer, system)
+            conv = Conversation.start(engine, system, device_lock)
         for _ in throttled(conv.turn(message, params)):
             yield conv.history, conv, "", conv.status()
         yield conv.history, conv, "", conv.status()  # the last pieces, and tokens that ended the reply unseen
@@ -144,13 +161,19 @@ def render(model, tokenizer, name: str) -> None:
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
         if conv is None:
             raise gr.Error("There is no reply to regenerate yet.")
+        conv.cancel()  # the reply streaming now, even one still waiting for a row
         for _ in throttled(conv.regenerate(params)):
             yield conv.history, conv, conv.status()
         yield conv.history, conv, conv.status()
 
+    def stop_reply(conv):
+        if conv is not None:
+            conv.cancel()
+
     def clear_all(conv):
         if conv is None:
             return [], None, "state: empty, 0 tokens"
+        conv.cancel()
         conv.clear()
         return [], conv, conv.status()
 
@@ -166,6 +189,7 @@ def render(model, tokenizer, name: str) -> None:
         regenerate_last, [conversation, *controls], [chatbot, conversation, status],
         api_name="regenerate", concurrency_id="models", cancels=[chat_event])
     replies = [chat_event, regenerate_event]
-    stop.click(None, cancels=replies)
+    # cancelling an event closes its handler once it next yields; closing the stream ends the reply at once
+    stop.click(stop_reply, conversation, None, api_visibility="private", cancels=replies)
     clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear", cancels=replies)
     chatbot.clear(clear_all, conversation, [chatbot, conversation, status], api_visibility="private", cancels=replies)

@@ -76,12 +76,18 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _model_and_tokenizer(args):
-    device = _device(args.device)
+def load_for_inference(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A checkpoint ready to generate with: on a CPU through the fast path (`rwkv_lm.fast.optimize`; bf16:
+    the weights only), on a GPU in `dtype`. `rwkv-lm` and the demo load their models with this."""
+    device = torch.device(device)
     if device.type == "cpu":
-        model = optimize(load(args.model), weights="bf16" if args.dtype == "bf16" else None)
-    else:  # the WKV kernels and cuBLAS take bf16 activations without loss of speed or much precision
-        model = load(args.model, device=device, dtype=DTYPES[args.dtype])
+        return optimize(load(path), weights="bf16" if dtype == torch.bfloat16 else None)
+    # the WKV kernels and cuBLAS take bf16 activations without loss of speed or much precision
+    return load(path, device=device, dtype=dtype)
+
+
+def _model_and_tokenizer(args):
+    model = load_for_inference(args.model, _device(args.device), DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
         raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world or --tokenizer PATH/tokenizer.json")
