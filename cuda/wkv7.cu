@@ -242,6 +242,32 @@ __global__ void __launch_bounds__(N * P) wkv7_backward(
     for (int c = 0; c < C; c++) dh0[(head * N + i) * N + part + P * c] = dS_row[c];
 }
 
+// One state row of one token: dst = src diag(w) + (src . a) b^T + v_i k^T, for a warp whose lane holds the
+// columns lane + 32 * c of the row and of the vectors; returns dst . r, summed in every lane.
+template <int C>
+__device__ __forceinline__ float decode_row(const float* src, float* dst, const float (&r)[C], const float (&w)[C],
+                                            const float (&k)[C], const float (&a)[C], const float (&b)[C], float vi) {
+    float s[C];
+    float s_a = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        s[c] = src[32 * c];
+        s_a += s[c] * a[c];
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m /= 2) s_a += __shfl_xor_sync(0xffffffffu, s_a, m);
+    float y = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        s[c] = s[c] * w[c] + s_a * b[c] + vi * k[c];
+        dst[32 * c] = s[c];
+        y += s[c] * r[c];
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m /= 2) y += __shfl_xor_sync(0xffffffffu, y, m);
+    return y;
+}
+
 // One token for a batch of states (RNN decoding): S_in, S_out [B * H, N, N]; the rest [B * H, N].
 // One block per head, a warp per state row at a time, each lane holding N / 32 columns, so every
 // state is read and written once, in full 128-byte rows. blockDim.x: a multiple of 32.
@@ -265,27 +291,8 @@ __global__ void wkv7_decode(
         bb[c] = to_float(b[x]);
     }
     for (int row = warp; row < N; row += warps) {
-        const float* src = S_in + (head * N + row) * N + lane;
-        float* dst = S_out + (head * N + row) * N + lane;
-        float s[C];
-        float s_a = 0.f;
-#pragma unroll
-        for (int c = 0; c < C; c++) {
-            s[c] = src[32 * c];
-            s_a += s[c] * aa[c];
-        }
-#pragma unroll
-        for (int m = 16; m > 0; m /= 2) s_a += __shfl_xor_sync(0xffffffffu, s_a, m);
-        const float vi = to_float(v[head * N + row]);
-        float y = 0.f;
-#pragma unroll
-        for (int c = 0; c < C; c++) {
-            s[c] = s[c] * ww[c] + s_a * bb[c] + vi * kk[c];
-            dst[32 * c] = s[c];
-            y += s[c] * rr[c];
-        }
-#pragma unroll
-        for (int m = 16; m > 0; m /= 2) y += __shfl_xor_sync(0xffffffffu, y, m);
+        const long long offset = (head * N + row) * N + lane;
+        const float y = decode_row(S_in + offset, S_out + offset, rr, ww, kk, aa, bb, to_float(v[head * N + row]));
         if (lane == 0) o[head * N + row] = from_float<F>(y);
     }
 }

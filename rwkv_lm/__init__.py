@@ -6,7 +6,9 @@ from .model import RWKV, RWKVConfig
 from .gpt import GPT, GPTConfig, GPTState
 from .sampling import SamplingParams
 from .state import LayerState, RWKVState
+from .statefile import load_state, save_state
 
 __version__ = "0.1.0"
 __all__ = ["RWKV", "RWKVConfig", "RWKVState", "LayerState", "CheckpointError", "load", "save", "export_official",
-           "SamplingParams", "generate", "complete", "generate_batch", "ChatSession", "GPT", "GPTConfig", "GPTState"]
+           "SamplingParams", "generate", "complete", "generate_batch", "ChatSession", "GPT", "GPTConfig", "GPTState",
+           "load_state", "save_state"]

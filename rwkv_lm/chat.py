@@ -21,6 +21,7 @@ from .checkpoint import atomic_write
 from .generate import prefill
 from .sampling import SamplingParams, resolve
 from .serve import END_OF_TEXT, Engine, Request, check_tokenizer
+from .statefile import load_state
 
 TURN_END = "\n\n"  # a reply ends here; the template uses it between all parts
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -84,12 +85,17 @@ class ChatSession:
     through (shared with other sessions); None runs each reply in the caller's thread.
     """
 
-    def __init__(self, model, tokenizer, system: str | None = None, *, engine: Engine | None = None):
+    def __init__(self, model, tokenizer, system: str | None = None, state=None, *, engine: Engine | None = None):
+        """state: where the conversation starts, before the system prompt: a tuned-state file
+        (`rwkv_lm.load_state`) or a state of one row; None: zeros."""
         check_tokenizer(model, tokenizer)
         if engine is not None and engine.model is not model:
             raise ValueError("the engine runs another model than the session's")
         self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.system = None if system is None else clean_message(system, "system")
+        if state is not None and not hasattr(state, "clone"):
+            state = load_state(state, model)
+        self._start = None if state is None else model._check_state(state, 1)
         self._base = None
         self.last_reply = None  # the Stream of the latest reply: its counts (tokens, timings, state bytes)
         self._live = False  # a reply is streaming
@@ -98,10 +104,10 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation; keep the system prompt (read only once per session and its forks)."""
         if self._base is None:
-            self._base = (None, 0)
+            self._base = (self._start, 0)
             if self.system is not None:
                 tokens = self.tokenizer.encode(turn_text("system", self.system))
-                self._base = (prefill(self.model, tokens)[1], len(tokens))
+                self._base = (prefill(self.model, tokens, self._start)[1], len(tokens))
         self._state, self.num_tokens = self._base
         self._pending: list[int] = []  # generated tokens not yet fed to the model
         self._open_reply = False  # the last reply ended without its TURN_END
@@ -202,7 +208,7 @@ class ChatSession:
         session = object.__new__(cls)
         session.model, session.tokenizer, session.engine = model, tokenizer, None
         session.last_reply, session._live = None, False
-        session.system, session._base, session._pending = system, None, []
+        session.system, session._start, session._base, session._pending = system, None, None, []
         session._state = state
         session.num_tokens, session._open_reply = num_tokens, open_reply
         return session

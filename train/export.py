@@ -2,6 +2,9 @@
 
 OUT ending in `.pth` gets RWKV-LM's official layout (RWKV-7 only); anything else our safetensors
 format with the config and the tokenizer embedded, which `rwkv_lm.load` reads back.
+A `model.tune: state` run writes its tuned state instead (`.pth`: the official state file, else ours;
+`rwkv_lm.load_state` reads both); a `model.tune: lora` run writes the model with the adapters merged,
+or with `--adapter` the adapters alone (`rwkv_lm.lora.apply_adapter` merges them at load).
 """
 from __future__ import annotations
 
@@ -11,11 +14,16 @@ from pathlib import Path
 
 import torch
 
-from rwkv_lm.checkpoint import CheckpointError, build, export_official, load_state, save
+from rwkv_lm.checkpoint import CheckpointError, build, copy_tensors, export_official, save
+from rwkv_lm.lora import LoRA, save_adapter
+from rwkv_lm.statefile import save_state
 
 
 def read_trainer_checkpoint(path) -> tuple[torch.nn.Module, str | None, dict]:
-    """(model, tokenizer spec, training metadata) from a Lightning checkpoint written by this trainer."""
+    """(model, tokenizer spec, training metadata) from a Lightning checkpoint written by this trainer.
+
+    The metadata holds "step", "tune", and the tuned parts: "time_state" [n_layer, H, N, N] (tune state)
+    or "lora" (a LoRA attached to the model, unmerged; tune lora)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass a .ckpt from <default_root_dir>/checkpoints")
@@ -25,13 +33,29 @@ def read_trainer_checkpoint(path) -> tuple[torch.nn.Module, str | None, dict]:
         raise CheckpointError(f"{path}: cannot be read as a trainer checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or "rwkv_lm" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of `python -m train` (no model config in it)")
-    model = build(ckpt["rwkv_lm"]["config"])
-    load_state(model, {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}, path)
-    return model.eval(), ckpt["rwkv_lm"]["tokenizer"], {"step": ckpt.get("global_step", 0)}
+    info, sd = ckpt["rwkv_lm"], ckpt["state_dict"]
+    model = build(info["config"])
+    copy_tensors(model, {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}, path)
+    meta = {"step": ckpt.get("global_step", 0), "tune": info.get("tune", "full")}
+    if meta["tune"] == "state":
+        meta["time_state"] = sd["time_state"]
+    elif meta["tune"] == "lora":
+        lora = LoRA(model, info["lora"]["rank"], info["lora"]["alpha"])
+        lora.load_state_dict({k.removeprefix("lora."): v for k, v in sd.items() if k.startswith("lora.")})
+        meta["lora"] = lora
+    return model.eval(), info["tokenizer"], meta
 
 
-def export(ckpt, out) -> Path:
+def export(ckpt, out, *, adapter: bool = False) -> Path:
     model, tokenizer, meta = read_trainer_checkpoint(ckpt)
+    if adapter and meta["tune"] != "lora":
+        raise CheckpointError(f"{ckpt}: --adapter needs a run with model.tune lora; this one tuned {meta['tune']!r}")
+    if meta["tune"] == "state":
+        return save_state(list(meta["time_state"]), out, config=model.config.to_dict())
+    if meta["tune"] == "lora":
+        if adapter:
+            return save_adapter(meta["lora"], out, config=model.config.to_dict())
+        meta["lora"].merge()
     if str(out).endswith(".pth"):
         return export_official(model, out)
     return save(model, out, tokenizer=tokenizer, metadata={"trained_steps": meta["step"]})
@@ -40,6 +64,8 @@ def export(ckpt, out) -> Path:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m train export", description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="a trainer checkpoint, e.g. runs/tiny/checkpoints/last.ckpt")
-    parser.add_argument("out", help="model.safetensors (runtime format) or model.pth (official RWKV-7 layout)")
+    parser.add_argument("out", help="model.safetensors (runtime format) or model.pth (official RWKV-7 layout); "
+                                    "for a state-tuned run the state file (.pth official, else ours)")
+    parser.add_argument("--adapter", action="store_true", help="a LoRA run: write the adapters alone, unmerged")
     args = parser.parse_args(argv)
-    print(f"wrote {export(args.ckpt, args.out)}")
+    print(f"wrote {export(args.ckpt, args.out, adapter=args.adapter)}")

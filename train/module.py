@@ -2,17 +2,27 @@
 
 AdamW with RWKV-LM's parameter groups (weight decay on 2-D `.weight` matrices only, `att.w0` at twice
 the learning rate), linear warmup then cosine decay to `lr_final`, and L2Wrap on the logits.
+
+What is trained (`tune`): every weight ("full"), only each layer's initial WKV state ("state": the
+state every training sequence starts from), or LoRA adapters on the Linear layers ("lora",
+rwkv_lm.lora). Sequences longer than `window` run window by window with the state carried forward.
 """
 from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import lightning as L
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rwkv_lm.checkpoint import build, load
+from rwkv_lm.lora import LoRA
+from rwkv_lm.model import RWKV
+from rwkv_lm.state import LayerState, RWKVState
 
 from .data import IGNORE
 
@@ -47,9 +57,12 @@ class L2Wrap(torch.autograd.Function):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict]:
-    """RWKV-LM's groups: decay on 2-D `.weight` matrices, `att.w0` at 2x learning rate, the rest plain."""
+    """RWKV-LM's groups of the trainable parameters: decay on 2-D `.weight` matrices, `att.w0` at 2x
+    learning rate, the rest plain."""
     decay, fast, plain = [], [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         if name.endswith("att.w0"):
             fast.append(p)
         elif p.dim() >= 2 and name.endswith(".weight"):
@@ -80,11 +93,22 @@ class LanguageModel(L.LightningModule):
         init_from: a .safetensors model to start from (fine-tuning); arch and config are then read from it.
         lr, lr_final, warmup_steps: the schedule; the cosine ends at trainer.max_steps.
         l2wrap: RWKV-LM's logit regularizer.
+        tune: what is trained: "full" (every weight), "state" (only the initial WKV state of each layer,
+            [n_layer, H, N, N]; the weights stay frozen) or "lora" (adapters on the blocks' Linear
+            layers, rwkv_lm.lora; the weights stay frozen). RWKV-7 only for "state" and "lora".
+        lora_rank, lora_alpha, lora_dropout: the adapters of tune "lora" (scale alpha / rank).
+        window: tokens per forward pass (0: the whole data.ctx_len window at once). A longer sequence runs
+            window by window, the state carried from one to the next; each window's activations are
+            recomputed in backward, so memory holds one window's activations (RWKV-7 only).
+        grad_across_windows: let gradients flow back through the carried state into earlier windows (the
+            exact gradient of the whole sequence); false: they stop at each window's edge.
     """
 
     def __init__(self, arch: str = "rwkv7", config: dict | None = None, vocab_size: int = 0, init_from: str | None = None,
                  lr: float = 6e-4, lr_final: float = 6e-5, warmup_steps: int = 20, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-18, l2wrap: bool = True):
+                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-18, l2wrap: bool = True,
+                 tune: Literal["full", "state", "lora"] = "full", lora_rank: int = 8, lora_alpha: float = 16.0,
+                 lora_dropout: float = 0.0, window: int = 0, grad_across_windows: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if init_from:
@@ -98,19 +122,69 @@ class LanguageModel(L.LightningModule):
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"model.config does not fit arch {arch!r}: {e}") from None
             self.model.reset_parameters()
+        if (tune != "full" or window) and not isinstance(self.model, RWKV):
+            raise ConfigError(f"model.tune {tune!r} and model.window need an RWKV-7 model, not {type(self.model).__name__}; "
+                              "use model.tune full and model.window 0")
+        if window < 0:
+            raise ConfigError(f"model.window is {window}; give the tokens per pass (> 0), or 0 for the whole window")
+        self.time_state, self.lora = None, None
+        if tune != "full":
+            self.model.requires_grad_(False)
+        if tune == "state":
+            cfg = self.model.config
+            self.time_state = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size))
+        elif tune == "lora":
+            try:
+                self.lora = LoRA(self.model, lora_rank, lora_alpha, lora_dropout)
+            except ValueError as e:
+                raise ConfigError(f"model.lora_*: {e}") from None
         self._last_step_time = None
 
     def forward(self, tokens):
-        return self.model(tokens)[0]
+        return self.model(tokens, self.start_state(tokens.shape[0]))[0]
 
-    def _loss(self, batch):
+    def start_state(self, batch_size: int) -> RWKVState | None:
+        """The state every sequence starts from: the tuned one (tune "state"), else zeros (None)."""
+        if self.time_state is None:
+            return None
+        empty = self.model.init_state(batch_size)
+        return RWKVState([LayerState(layer.att_shift, s.expand(batch_size, -1, -1, -1), layer.ffn_shift)
+                          for layer, s in zip(empty.layers, self.time_state)])
+
+    def _loss(self, batch, l2wrap: bool = False):
+        """Mean loss over the loss-carrying tokens; with l2wrap, L2Wrap rides on it (training)."""
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
-        return loss, logits
+        window = self.hparams.window or x.shape[1]
+        counted = (y != IGNORE).sum().clamp_min(1)
+        factor = 1e-4 / y.numel() if l2wrap else 0.0
+
+        def window_loss(x, y, *state):
+            logits, state = self.model(x, RWKVState.from_tensors(dict(zip(names, state))) if state else None)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum") / counted
+            if factor:
+                loss = L2Wrap.apply(loss, logits, factor)
+            return loss, *state.tensors().values()
+
+        state = self.start_state(x.shape[0])
+        names = None if state is None else list(state.tensors())
+        carried = [] if state is None else list(state.tensors().values())
+        if window >= x.shape[1]:
+            return window_loss(x, y, *carried)[0]
+        names = names or list(self.model.init_state(1).tensors())
+        loss = 0.0
+        for start in range(0, x.shape[1], window):
+            if start and not self.hparams.grad_across_windows:
+                carried = [t.detach() for t in carried]
+            piece = (x[:, start:start + window], y[:, start:start + window], *carried)
+            if torch.is_grad_enabled():  # keep one window's activations: recompute them in backward
+                out = checkpoint(window_loss, *piece, use_reentrant=False)
+            else:
+                out = window_loss(*piece)
+            loss, carried = loss + out[0], list(out[1:])
+        return loss
 
     def training_step(self, batch, batch_idx):
-        loss, logits = self._loss(batch)
+        loss = self._loss(batch, l2wrap=self.hparams.l2wrap)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss.item()} at step {self.global_step}; training stopped "
                                    "and the last good checkpoint is kept. Lower model.lr or raise "
@@ -123,12 +197,10 @@ class LanguageModel(L.LightningModule):
         self.log("loss", loss, prog_bar=True, sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         self.log("tokens", float((self.global_step + 1) * self.trainer.accumulate_grad_batches * tokens))
-        if self.hparams.l2wrap:
-            loss = L2Wrap.apply(loss, logits, 1e-4 / batch[1].numel())
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, _ = self._loss(batch)
+        loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "val_bytes_per_token"):
@@ -138,7 +210,7 @@ class LanguageModel(L.LightningModule):
         hp, total = self.hparams, self.trainer.max_steps
         if total is None or total <= 0:
             raise ConfigError("set trainer.max_steps: the data is an endless stream of windows and the schedule ends there")
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay, hp.lr), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay, hp.lr), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.lr_final / hp.lr))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -153,9 +225,16 @@ class LanguageModel(L.LightningModule):
         print(f"{type(self.model).__name__}: {n / 1e6:.2f} M parameters; compute-optimal budget (Chinchilla, "
               f"{CHINCHILLA_TOKENS_PER_PARAM} tokens/param): {optimal / 1e6:.1f} M tokens; planned: "
               f"{planned / 1e6:.2f} M tokens ({planned / optimal:.1%} of it)", flush=True)
+        if self.hparams.tune != "full":
+            print(f"tune {self.hparams.tune}: {self.num_trainable():,} trainable parameters, the model's weights frozen", flush=True)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def on_save_checkpoint(self, checkpoint):
         # what `python -m train export` needs to write a runtime model without the training code
         dm = self.trainer.datamodule
+        hp = self.hparams
         checkpoint["rwkv_lm"] = {"config": self.model.config.to_dict(),
-                                 "tokenizer": dm.tokenizer.spec if dm is not None else None}
+                                 "tokenizer": dm.tokenizer.spec if dm is not None else None,
+                                 "tune": hp.tune, "lora": {"rank": hp.lora_rank, "alpha": hp.lora_alpha}}

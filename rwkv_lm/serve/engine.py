@@ -202,7 +202,7 @@ class Engine:
         try:
             with torch.no_grad():
                 self._iterate()
-        except Exception as e:  # a failing model call ends the rows it touched; the engine stays up
+        except Exception as e:  # a failing decode step ends every request in flight; the engine stays up
             for row in [*self._decoding, *self._prefilling]:
                 self._end(row, "error", e)
             self._prefilling, self._decoding, self._batch_state = [], [], None
@@ -268,13 +268,13 @@ class Engine:
 
         budget, joined = self.prefill_tokens, []
         for row in list(self._prefilling):
-            if row.logits is None and budget > 0:
-                try:
+            try:
+                while row.logits is None and budget > 0:
                     budget -= self._prefill_some(row, budget)
-                except Exception as e:  # this prompt cannot be read; the others go on
-                    self._prefilling.remove(row)
-                    self._end(row, "error", e)
-                    continue
+            except Exception as e:  # this prompt cannot be read; the others go on
+                self._prefilling.remove(row)
+                self._end(row, "error", e)
+                continue
             if row.logits is not None:
                 self._prefilling.remove(row)
                 joined.append(row)

@@ -44,6 +44,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     n: int = 1
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's: go on past the end-of-text token (fixed-length outputs, for benchmarks)
     stream_options: dict | None = None
 
     @field_validator("n")

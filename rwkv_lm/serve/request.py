@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..sampling import SamplingParams
 
 END_OF_TEXT = 0  # the token that ends a document in RWKV vocabularies
+_WAIT, _END = object(), object()  # no piece yet; no piece ever again
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,15 @@ class Stream:
         return self
 
     def __next__(self) -> str:
-        while True:
+        while (piece := self._next_piece()) is _WAIT:
             with self._wakeup:
-                if self._pieces:
-                    return self._pieces.popleft()
-                if self.done:
-                    break
                 if self._engine.running:
                     self._wakeup.wait(timeout=1.0)
                     continue
             self._engine.drive()  # no loop thread: the caller's thread runs the engine
-        if self.error is not None:
-            raise self.error
-        raise StopIteration
+        if piece is _END:
+            raise StopIteration
+        return piece
 
     def __aiter__(self):
         return self
@@ -116,18 +113,26 @@ class Stream:
     async def __anext__(self) -> str:
         if not self._engine.running:
             raise RuntimeError("async iteration needs a running engine (Engine.start())")
-        while True:
-            with self._wakeup:
-                if self._pieces:
-                    return self._pieces.popleft()
-                if self.done:
-                    break
-                event = asyncio.Event()
-                self._async_waiters.append((asyncio.get_running_loop(), event))
+        event = asyncio.Event()
+        while (piece := self._next_piece(event)) is _WAIT:
             await event.wait()
+            event.clear()
+        if piece is _END:
+            raise StopAsyncIteration
+        return piece
+
+    def _next_piece(self, event: asyncio.Event | None = None):
+        """The next piece, _END (or the error) at the end, or _WAIT (then `event` is set when there is news)."""
+        with self._wakeup:
+            if self._pieces:
+                return self._pieces.popleft()
+            if not self.done:
+                if event is not None:
+                    self._async_waiters.append((asyncio.get_running_loop(), event))
+                return _WAIT
         if self.error is not None:
             raise self.error
-        raise StopAsyncIteration
+        return _END
 
     def snapshot(self):
         """(the state after every token drawn so far but the last, the last) while it runs, for a request

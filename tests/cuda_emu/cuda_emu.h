@@ -5,8 +5,8 @@
 // once every one of them has reached the barrier. A block whose threads do not all meet at each
 // barrier (some finished, others waiting) is reported as an error instead of hanging. Since one
 // block runs at a time, a function-local static is exactly one block's __shared__ memory. Warp
-// shuffles go through a per-block exchange buffer between two barriers, so every thread of a block
-// must reach each shuffle (the kernels keep their shuffles block-uniform). Kernel arguments come as
+// shuffles go through a per-block exchange buffer and a barrier, so every thread of a block must reach
+// each shuffle (the kernels keep their shuffles block-uniform). Kernel arguments come as
 // an array of pointers to the values, like cuLaunchKernel's kernelParams.
 #pragma once
 
@@ -47,6 +47,7 @@ struct Fiber {
     std::unique_ptr<char[]> stack{new char[kStackBytes]};
     dim3 index;
     bool done = false;
+    unsigned shuffles = 0;  // how many this thread has done: their parity picks the exchange buffer
 };
 
 inline ucontext_t scheduler;
@@ -63,6 +64,7 @@ inline void run_fiber() {
 inline bool run_block(std::vector<Fiber>& fibers) {
     for (auto& f : fibers) {
         f.done = false;
+        f.shuffles = 0;
         getcontext(&f.context);
         f.context.uc_stack = {f.stack.get(), 0, kStackBytes};
         f.context.uc_link = &scheduler;
@@ -91,7 +93,7 @@ int launch_packed(void (*kernel)(P...), dim3 grid, dim3 block, void** args, std:
     for (unsigned z = 0; z < block.z; z++)
         for (unsigned y = 0; y < block.y; y++)
             for (unsigned x = 0; x < block.x; x++) fibers[n++].index = {x, y, z};
-    exchange.assign(fibers.size(), 0.f);
+    exchange.assign(2 * fibers.size(), 0.f);
     body = [&] { std::apply(kernel, values); };
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
@@ -113,13 +115,13 @@ inline unsigned linear_thread() { return threadIdx.x + blockDim.x * (threadIdx.y
 
 inline void __syncthreads() { swapcontext(&emu::current->context, &emu::scheduler); }
 
+// One barrier per shuffle: consecutive shuffles alternate between two halves of the exchange buffer, and
+// no thread can write a half again before every thread has passed the barrier after reading it.
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-    const unsigned me = emu::linear_thread();
-    emu::exchange[me] = value;
+    const unsigned me = emu::linear_thread(), half = (emu::current->shuffles++ % 2) * (emu::exchange.size() / 2);
+    emu::exchange[half + me] = value;
     __syncthreads();
-    const float other = emu::exchange[me ^ lane_mask];
-    __syncthreads();
-    return other;
+    return emu::exchange[half + (me ^ lane_mask)];
 }
 
 inline float __uint_as_float(unsigned u) { return std::bit_cast<float>(u); }

@@ -1,0 +1,36 @@
+"""The CUDA kernels of cuda/ on the CPU, for tests: `build` compiles an entry file of this folder with g++
+against cuda_emu.h, `EmuKernels` launches its kernels through rwkv_lm's own argument packing."""
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+
+from rwkv_lm.ops import cuda_kernels
+
+EMU_DIR = Path(__file__).parent
+
+
+def build(entry: str, out_dir: Path) -> ctypes.CDLL:
+    """Compile cuda_emu/<entry>.cpp (which includes a source of cuda/) into a library in out_dir."""
+    lib = out_dir / f"{entry}.so"
+    subprocess.run(["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+                    f"-I{cuda_kernels.source('wkv7.cu').parent}", f"-I{EMU_DIR}", str(EMU_DIR / f"{entry}.cpp"),
+                    "-o", str(lib)], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+class EmuKernels(cuda_kernels.Kernels):
+    """The kernels of an emulation library, called like the compiled ones (`kernels(name, grid, block, *args)`)."""
+
+    def __init__(self, lib, threads_per_row=1):
+        super().__init__()
+        self.lib, self.threads_per_row = lib, threads_per_row
+
+    def starter(self, name, grid, block):
+        entry = getattr(self.lib, re.sub(r"[<>, ]+", "__", name).strip("_"))
+
+        def start(address):
+            status = entry(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), ctypes.c_void_p(address))
+            assert status == 0, f"{name}: the threads of a block did not all reach the same __syncthreads"
+
+        return start
