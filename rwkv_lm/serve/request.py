@@ -100,7 +100,8 @@ class Stream:
         while (piece := self._next_piece()) is _WAIT:
             with self._wakeup:
                 if self._engine.running:
-                    self._wakeup.wait(timeout=1.0)
+                    if not (self._pieces or self.done):  # news since _next_piece would not wake this wait
+                        self._wakeup.wait(timeout=1.0)
                     continue
             self._engine.drive()  # no loop thread: the caller's thread runs the engine
         if piece is _END:
