@@ -343,3 +343,10 @@ def test_a_bad_gradio_server_port_is_named(port, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--port", "7860"])
     assert f"GRADIO_SERVER_PORT='{port}' is not a port number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--concurrency"])
+def test_a_batch_or_concurrency_below_one_is_named(flag, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
