@@ -82,6 +82,17 @@ def test_state_tuning_trains_the_initial_state_only_and_exports_it(tmp_path, cac
             rwkv_lm.ChatSession(other, model.tokenizer, state=tmp_path / name)
     with pytest.raises(CheckpointError, match="not a state file"):
         rwkv_lm.load_state(base)
+
+    from rwkv_lm.cli import main as cli
+
+    capsys.readouterr()
+    greedy = ["--model", str(base), "--prompt", "User: Hello", "--max-tokens", "6", "--temperature", "0"]
+    assert cli(["generate", *greedy, "--state", str(tmp_path / "tuned.pth")]) == 0
+    tuned = rwkv_lm.complete(model, model.tokenizer, "User: Hello", max_tokens=6, temperature=0, state=state)
+    assert capsys.readouterr().out == tuned + "\n"
+    other_path = rwkv_lm.save(other, tmp_path / "other.safetensors", tokenizer=model.tokenizer.spec)
+    assert cli(["generate", *greedy, "--model", str(other_path), "--state", str(tmp_path / "tuned.pth")]) == 2
+    assert "made for another model shape" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["export", str(ckpt), str(tmp_path / "a.safetensors"), "--adapter"]) == 1
     assert "--adapter needs a run with model.tune lora; this one tuned 'state'" in capsys.readouterr().err
