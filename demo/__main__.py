@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from rwkv_lm.cli import load_for_inference
+from rwkv_lm.statefile import load_state
 from rwkv_lm.tokenizer import load_tokenizer
 
 MODELS = Path(__file__).parent / "models"
@@ -23,6 +24,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="RWKV-7 checkpoint: ours (.safetensors) or an official .pth (default: %(default)s)")
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE,
                         help="the model to compare with, usually a GPT checkpoint (default: %(default)s)")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="a tuned-state file for --rwkv (python -m train export of a model.tune state run), chosen "
+                             "in the Chat tab at start; the default model's demo/models/rwkv7.*.state.safetensors are "
+                             "offered there too")
     parser.add_argument("--tokenizer", default=None,
                         help="'world' or a tokenizer.json, for a checkpoint that carries no tokenizer "
                              "(official World-vocabulary .pth files get 'world' by themselves)")
@@ -63,6 +68,20 @@ def load_model(path: Path, tokenizer_spec: str | None):
     return model
 
 
+def tuned_states(model, rwkv_path: Path, chosen: Path | None) -> dict:
+    """name -> state of one row: the default model's tuned states (when it runs), then `chosen`; SystemExit
+    when `chosen` was made for another model."""
+    paths = sorted(MODELS.glob(f"{DEFAULT_RWKV.stem}.*.state.safetensors")) if rwkv_path == DEFAULT_RWKV else []
+    states = {path.name.removeprefix(f"{DEFAULT_RWKV.stem}.").removesuffix(".state.safetensors"): path for path in paths}
+    if chosen is not None:
+        states = {k: v for k, v in states.items() if v.resolve() != chosen.resolve()}
+        states[chosen.name] = chosen
+    try:
+        return {name: load_state(path, model) for name, path in states.items()}
+    except ValueError as e:
+        raise SystemExit(f"error: --state: {e}") from None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from .app import Engines, build_app  # Gradio, imported only now that GRADIO_SERVER_PORT is checked
@@ -71,12 +90,14 @@ def main(argv=None) -> None:
     if missing_defaults:
         raise SystemExit(f"error: the default model {missing_defaults[0]} is missing. {HOW_TO_MAKE_DEFAULTS}")
     rwkv, baseline = load_model(args.rwkv, args.tokenizer), load_model(args.baseline, args.tokenizer)
+    states = tuned_states(rwkv, args.rwkv, args.state)
     try:
         engines = Engines(rwkv, baseline, max_batch=args.max_batch)
     except ValueError as e:
         raise SystemExit(f"error: --rwkv {args.rwkv}: {e}") from None
     with engines:
-        app = build_app(engines, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+        app = build_app(engines, concurrency_limit=args.concurrency, max_queue=args.max_queue, states=states,
+                        start_state=args.state.name if args.state else None)
         print(f"RWKV-7 from {args.rwkv}, baseline from {args.baseline} (batches of up to {args.max_batch} rows)",
               file=sys.stderr)
         app.launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -57,12 +57,14 @@ def describe(model) -> str:
 
 
 def build_app(engines: Engines, *, concurrency_limit: int | None = None, max_queue: int = 32,
-              sweep_lengths: list[int] = SWEEP_LENGTHS) -> gr.Blocks:
+              sweep_lengths: list[int] = SWEEP_LENGTHS, states: dict | None = None,
+              start_state: str | None = None) -> gr.Blocks:
     """The demo over started `engines`.
 
     concurrency_limit: replies streamed at once, Chat and Arena together (default: the engines' max_batch, so
     each reply has a row at once); max_queue: requests that may wait beyond those, after which a user is told
-    the demo is busy.
+    the demo is busy. states: name -> tuned state the Chat tab offers to start from; start_state: the one
+    chosen at first.
     """
     rwkv_model, baseline_model = engines.rwkv.model, engines.baseline.model
     rwkv_name = "RWKV-7"
@@ -71,7 +73,7 @@ def build_app(engines: Engines, *, concurrency_limit: int | None = None, max_que
         gr.Markdown(f"## RWKV-7 \"Goose\": a language model with a fixed-size memory\n"
                     f"**{rwkv_name}**: {describe(rwkv_model)} · **{baseline_name}**: {describe(baseline_model)}")
         with gr.Tab("Chat"):
-            chat_tab.render(engines.rwkv, rwkv_name, engines.device_lock)
+            chat_tab.render(engines.rwkv, rwkv_name, engines.device_lock, states or {}, start_state)
         with gr.Tab("Arena"):
             arena_tab.render({rwkv_name: engines.rwkv, baseline_name: engines.baseline}, sweep_lengths,
                              engines.device_lock)

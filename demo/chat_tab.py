@@ -19,6 +19,7 @@ from .inputs import MAX_MESSAGE_CHARS, check_message, check_system_prompt, sampl
 # A fast model makes hundreds of pieces a second; the page redraws at most this often.
 UPDATE_EVERY_S = 0.05
 BUSY = "Still answering the last message: press Stop first."
+NO_STATE = "none"  # the tuned-state choice that starts from zeros
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Conversation:
 
     session: ChatSession
     system: str  # as typed; a different one starts a new conversation
+    tuned: str  # the tuned state it started from ("none": zeros); another one starts a new conversation
     device_lock: threading.Lock  # the engines': the session's own model calls (prompt, fork) take turns too
     empty_state_bytes: int  # an RWKV state's size, shown before a reply has measured one
     history: list[dict] = field(default_factory=list)
@@ -37,10 +39,12 @@ class Conversation:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def start(cls, engine: Engine, system: str, device_lock: threading.Lock) -> "Conversation":
+    def start(cls, engine: Engine, system: str, device_lock: threading.Lock, tuned: str = NO_STATE,
+              states: dict | None = None) -> "Conversation":
         with device_lock:  # a system prompt is read here
-            session = ChatSession(engine.model, engine.tokenizer, system=system.strip() or None, engine=engine)
-        return cls(session, system, device_lock, engine.model.init_state(1).nbytes)
+            session = ChatSession(engine.model, engine.tokenizer, system=system.strip() or None,
+                                  state=(states or {}).get(tuned), engine=engine)
+        return cls(session, system, tuned, device_lock, engine.model.init_state(1).nbytes)
 
     def status(self) -> str:
         reply = self.session.last_reply
@@ -107,8 +111,11 @@ def throttled(updates):
             yield update
 
 
-def render(engine: Engine, name: str, device_lock: threading.Lock) -> None:
-    """Lay out the tab and wire its events, inside an open gr.Blocks. `engine`: a started one, of RWKV-7."""
+def render(engine: Engine, name: str, device_lock: threading.Lock, states: dict | None = None,
+           start_state: str | None = None) -> None:
+    """Lay out the tab and wire its events, inside an open gr.Blocks. `engine`: a started one, of RWKV-7;
+    `states`: name -> tuned state a conversation may start from (`start_state` chosen at first)."""
+    states = states or {}
     conversation = gr.State(None)
     with gr.Row():
         with gr.Column(scale=3):
@@ -124,6 +131,9 @@ def render(engine: Engine, name: str, device_lock: threading.Lock) -> None:
         with gr.Column(scale=1):
             system = gr.Textbox(label="System prompt (optional)", lines=3, max_length=MAX_MESSAGE_CHARS,
                                 placeholder="Changing it starts a new conversation.")
+            tuned = gr.Dropdown([NO_STATE, *states], value=start_state or NO_STATE, label="Start from a tuned state",
+                                info="made by state tuning (train/README.md); changing it starts a new conversation",
+                                interactive=bool(states))
             with gr.Accordion("Sampling", open=True):
                 controls = [
                     gr.Slider(1, 1024, value=200, step=1, label="Max tokens"),
@@ -146,13 +156,16 @@ def render(engine: Engine, name: str, device_lock: threading.Lock) -> None:
             raise gr.Error("There is no reply to regenerate yet.")
 
     # the parameters are named for the API (the gr.State `conv` is not part of it)
-    def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
+    def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed,
+             tuned_state=NO_STATE):
         message, system = check_message(message), check_system_prompt(system)
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
-        if conv is None or conv.system != system:
+        if tuned_state != NO_STATE and tuned_state not in states:
+            raise gr.Error(f"No tuned state {tuned_state!r}; choose one of: {', '.join([NO_STATE, *states])}")
+        if conv is None or conv.system != system or conv.tuned != tuned_state:
             if conv is not None and conv.history:
-                gr.Info("The system prompt changed, so a new conversation starts.")
-            conv = Conversation.start(engine, system, device_lock)
+                gr.Info("The system prompt or the tuned state changed, so a new conversation starts.")
+            conv = Conversation.start(engine, system, device_lock, tuned_state, states)
         for _ in throttled(conv.turn(message, params)):
             yield conv.history, conv, "", conv.status()
         yield conv.history, conv, "", conv.status()  # the last pieces, and tokens that ended the reply unseen
@@ -182,7 +195,7 @@ def render(engine: Engine, name: str, device_lock: threading.Lock) -> None:
     # the streaming step, which checks them again. Regenerate and Clear cancel a running reply instead.
     chat_event = gr.on([message.submit, send.click], check_chat, [message, conversation, system, *controls], None,
                        api_visibility="private").success(
-        chat, [message, conversation, system, *controls], [chatbot, conversation, message, status],
+        chat, [message, conversation, system, *controls, tuned], [chatbot, conversation, message, status],
         api_name="chat", concurrency_id="models")
     regenerate_event = regenerate.click(check_regenerate, [conversation, *controls], None,
                                         api_visibility="private").success(

@@ -182,3 +182,10 @@ def test_one_chatterbot_topic_is_a_source():
     assert 0 < len(emotion) < len(everything) and all(c in everything for c in emotion)
     with pytest.raises(CorpusMissing, match="no topic 'emotions'; topics: ai, botprofile"):
         read_conversations("chatterbot:emotions")
+
+
+def test_a_long_context_run_trains_window_by_window_from_the_command_line(tmp_path, cache, base):
+    assert tune(tmp_path / "run", cache, base, "--data.ctx_len", "64", "--model.window", "16",
+                "--model.grad_across_windows", "true", "--model.tune", "state", "--model.lr", "0.1",
+                "--trainer.max_steps", "3", "--trainer.val_check_interval", "3") == 0
+    assert val_loss(tmp_path / "run") < 10
