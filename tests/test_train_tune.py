@@ -14,7 +14,7 @@ from train.__main__ import main
 from train.module import LanguageModel
 
 from conftest import assert_close
-from test_train import SHORT, TINY
+from test_train import SHORT, TINY, losses
 
 CHAT = ["--data.train", "[chatterbot]", "--data.chat", "true", "--trainer.num_sanity_val_steps", "0",
         "--trainer.val_check_interval", "8", "--trainer.limit_val_batches", "2", "--model.warmup_steps", "1"]
@@ -189,3 +189,24 @@ def test_a_long_context_run_trains_window_by_window_from_the_command_line(tmp_pa
                 "--model.grad_across_windows", "true", "--model.tune", "state", "--model.lr", "0.1",
                 "--trainer.max_steps", "3", "--trainer.val_check_interval", "3") == 0
     assert val_loss(tmp_path / "run") < 10
+
+
+@pytest.mark.parametrize("method", ["state", "lora"])
+def test_a_resumed_tuning_run_repeats_the_uninterrupted_one(tmp_path, cache, base, method, monkeypatch):
+    run = ["--model.tune", method, "--model.lr", "0.1" if method == "state" else "1e-2", "--trainer.limit_val_batches", "0",
+           "--checkpoint.every_n_train_steps", "4"]
+    assert tune(tmp_path / "whole", cache, base, *run) == 0
+    real_loss = LanguageModel._loss
+
+    def nan_from_step_6(self, batch, **kwargs):  # the run dies at step 6; the checkpoint of step 4 stays
+        loss = real_loss(self, batch, **kwargs)
+        return loss * float("nan") if self.global_step >= 6 else loss
+
+    monkeypatch.setattr(LanguageModel, "_loss", nan_from_step_6)
+    assert tune(tmp_path / "cut", cache, base, *run) == 1
+    monkeypatch.setattr(LanguageModel, "_loss", real_loss)
+    assert tune(tmp_path / "cut", cache, base, *run, "--ckpt_path", "last") == 0
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(resumed) == sorted(whole) == list(range(8))
+    for step in whole:
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6), step
