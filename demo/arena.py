@@ -78,17 +78,18 @@ class Lane:
         self._reader.start()
 
     def _read(self, pieces: Iterator[str], previous: Stream | None) -> None:
-        seen_tokens, seen_busy = 0, 0.0
+        seen = 0
         try:
             for piece in pieces:
                 reply = self.reply = self.session.last_reply
                 self.history[-1] = {"role": "assistant", "content": self.history[-1]["content"] + piece}
                 # the tokens since the last piece, at what the engine's steps cost them; the first costs a prefill
-                made = reply.completion_tokens - seen_tokens
-                if seen_tokens and made:
+                new = reply.token_s[seen:]
+                steps = new[1:] if seen == 0 else new
+                if steps:
                     self.readings.append(Reading(self.name, self.session.num_tokens,
-                                                 1000 * (reply.busy_s - seen_busy) / made, reply.state_bytes / 1e6))
-                seen_tokens, seen_busy = reply.completion_tokens, reply.busy_s
+                                                 1000 * sum(steps) / len(steps), reply.state_bytes / 1e6))
+                seen += len(new)
                 if self._stopping:
                     break
         finally:
