@@ -62,6 +62,7 @@ class _Row:
     done: bool = False
     reason: str | None = None  # why it is done
     started: bool = False  # some text has been streamed
+    step_s: float = 0.0  # time of the work that makes its next token
 
     @property
     def request(self) -> Request:
@@ -264,6 +265,7 @@ class Engine:
             for row, nbytes in zip(self._decoding, row_bytes):
                 row.stream.busy_s += elapsed
                 row.stream.state_bytes = nbytes
+                row.step_s = elapsed
             ready, logits = list(self._decoding), [step_logits]
 
         budget, joined = self.prefill_tokens, []
@@ -308,6 +310,7 @@ class Engine:
         step_logits, row.state = self.model(ids, row.state, last_only=True)
         row.fed = end
         self.counters.prompt_tokens += end - start
+        row.step_s += time.perf_counter() - began  # the first token costs the whole prompt
         row.stream.busy_s += time.perf_counter() - began
         if end == len(prompt):
             row.logits = step_logits[:, -1]
@@ -318,6 +321,8 @@ class Engine:
     def _take(self, row: _Row, token: int) -> None:
         """A token drawn for a row: stream its text and decide whether the row is done."""
         stream, request = row.stream, row.request
+        stream.token_s.append(row.step_s)  # one append: a reader never sees a token without its time
+        row.step_s = 0.0
         stream.tokens.append(token)
         stream.completion_tokens += 1
         self.counters.generated_tokens += 1
