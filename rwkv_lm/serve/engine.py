@@ -3,7 +3,8 @@
 Each iteration (`step`):
 1. drops cancelled requests and admits waiting ones, up to `max_batch` rows; a request that starts from the
    zero state first looks up the longest prefix of its prompt in the state cache;
-2. runs ONE batched decode step for every row that is generating (`model.step(tokens [B], state)`);
+2. runs ONE batched decode step for every row that is generating (`model.step(tokens [B], state)`; on a GPU
+   `rwkv_lm.cuda_graphs.decode_step`: the fused CUDA step, as CUDA graphs where RWKV_LM_CUDA_GRAPHS=1);
 3. reads up to `prefill_tokens` prompt tokens of newly admitted requests (parallel mode, one request at a
    time), so a long prompt never holds up the rows already streaming for more than one chunk;
 4. samples every row that has new logits, each by its own request's settings, and streams its text;
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cuda_graphs import decode_step
 from ..sampling import RowSampler, sample
 from .cache import StateCache, prefix_hashes
 from .request import Request, Stream
@@ -99,6 +101,8 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.cache = cache if isinstance(cache, StateCache) else (StateCache(cache) if cache else None)
         self.device = next(model.parameters()).device
+        # on a GPU the batched step is the fused CUDA step, replayed as CUDA graphs where RWKV_LM_CUDA_GRAPHS=1
+        self._gpu_step = decode_step(model) if self.device.type == "cuda" else None
         self.counters = Counters()
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []
@@ -257,7 +261,7 @@ class Engine:
         if self._decoding:
             tokens = torch.tensor([r.stream.tokens[-1] for r in self._decoding], device=self.device)
             start = time.perf_counter()
-            step_logits, self._batch_state = self.model.step(tokens, self._batch_state)
+            step_logits, self._batch_state = (self._gpu_step or self.model.step)(tokens, self._batch_state)
             elapsed = time.perf_counter() - start
             self.counters.steps += 1
             self.counters.step_rows += len(self._decoding)
