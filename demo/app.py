@@ -1,15 +1,53 @@
 """The Gradio app: a Chat tab (RWKV-7, streaming, its state kept per browser session) and an Arena tab
-(RWKV-7 beside a transformer baseline, with their speed and memory)."""
+(RWKV-7 beside a transformer baseline, with their speed and memory).
+
+Every reply goes through one serving engine per model (`rwkv_lm.serve.Engine`), started once for the app, so
+the users chatting at once share batched steps while each browser session keeps its own conversation.
+"""
 from __future__ import annotations
+
+import threading
 
 import gradio as gr
 
 from rwkv_lm import RWKV
+from rwkv_lm.serve import Engine
 
 from . import arena_tab, chat_tab
 
 # Context lengths of the sweep: a few points are enough to see a flat line beside a rising one.
 SWEEP_LENGTHS = [256, 1024, 2048, 4096, 8192]
+
+
+class Engines:
+    """The demo's two engines, RWKV-7 and the baseline, each over a loaded model with its `.tokenizer`, each
+    decoding up to `max_batch` rows in one step.
+
+    They take turns on the device through one lock (held for each engine iteration, and by the Arena's
+    sweep), so a model's steps are timed alone: the Arena's numbers for one model are not slowed by the
+    other's work. `with Engines(...)` (or start/stop) runs their loop threads.
+    """
+
+    def __init__(self, rwkv_model, baseline_model, *, max_batch: int):
+        if not isinstance(rwkv_model, RWKV):
+            raise ValueError(f"the first model must be an RWKV-7, got a {type(rwkv_model).__name__}")
+        self.device_lock = threading.Lock()
+        self.rwkv, self.baseline = (Engine(model, model.tokenizer, max_batch=max_batch, device_lock=self.device_lock)
+                                    for model in (rwkv_model, baseline_model))
+        self.max_batch = max_batch
+
+    def start(self) -> "Engines":
+        self.rwkv.start(), self.baseline.start()
+        return self
+
+    def stop(self) -> None:
+        self.rwkv.stop(), self.baseline.stop()
+
+    def __enter__(self) -> "Engines":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def describe(model) -> str:
@@ -18,22 +56,25 @@ def describe(model) -> str:
     return f"{cfg.n_layer} layers × {cfg.n_embd} wide, {params / 1e6:,.1f}M parameters"
 
 
-def build_app(rwkv_model, baseline_model, *, concurrency_limit: int = 4, max_queue: int = 32,
-              sweep_lengths: list[int] = SWEEP_LENGTHS) -> gr.Blocks:
-    """The demo for two loaded models, each with its `.tokenizer` (as `rwkv_lm.load` sets it).
+def build_app(engines: Engines, *, concurrency_limit: int | None = None, max_queue: int = 32,
+              sweep_lengths: list[int] = SWEEP_LENGTHS, states: dict | None = None,
+              start_state: str | None = None) -> gr.Blocks:
+    """The demo over started `engines`.
 
-    concurrency_limit: replies computed at once; max_queue: requests that may wait beyond those, after which
-    a user is told the demo is busy.
+    concurrency_limit: replies streamed at once, Chat and Arena together (default: the engines' max_batch, so
+    each reply has a row at once); max_queue: requests that may wait beyond those, after which a user is told
+    the demo is busy. states: name -> tuned state the Chat tab offers to start from; start_state: the one
+    chosen at first.
     """
+    rwkv_model, baseline_model = engines.rwkv.model, engines.baseline.model
     rwkv_name = "RWKV-7"
     baseline_name = f"{type(baseline_model).__name__} (baseline)"
-    if not isinstance(rwkv_model, RWKV):
-        raise ValueError(f"the first model must be an RWKV-7, got a {type(rwkv_model).__name__}")
     with gr.Blocks(title="RWKV-7 Goose") as app:
         gr.Markdown(f"## RWKV-7 \"Goose\": a language model with a fixed-size memory\n"
                     f"**{rwkv_name}**: {describe(rwkv_model)} · **{baseline_name}**: {describe(baseline_model)}")
         with gr.Tab("Chat"):
-            chat_tab.render(rwkv_model, rwkv_model.tokenizer, rwkv_name)
+            chat_tab.render(engines.rwkv, rwkv_name, engines.device_lock, states or {}, start_state)
         with gr.Tab("Arena"):
-            arena_tab.render({rwkv_name: rwkv_model, baseline_name: baseline_model}, sweep_lengths)
-    return app.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
+            arena_tab.render({rwkv_name: engines.rwkv, baseline_name: engines.baseline}, sweep_lengths,
+                             engines.device_lock)
+    return app.queue(default_concurrency_limit=concurrency_limit or engines.max_batch, max_size=max_queue)

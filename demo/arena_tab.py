@@ -2,10 +2,13 @@
 speed and memory live, and a sweep of the cost of a token against the context length."""
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import closing
 
 import gradio as gr
+
+from rwkv_lm.serve import Engine
 
 from .arena import Lane, race, readings_frame, sweep
 from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
@@ -24,9 +27,10 @@ def _plot(title: str, y: str, y_title: str, elem_id: str) -> gr.LinePlot:
                        y_title=y_title, height=260, elem_id=elem_id)
 
 
-def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
-    """Lay out the tab and wire its events, inside an open gr.Blocks. `models`: display name -> model."""
-    names = list(models)
+def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: threading.Lock) -> None:
+    """Lay out the tab and wire its events, inside an open gr.Blocks. `engines`: display name -> a started
+    engine; `device_lock`: the one they take turns with."""
+    names = list(engines)
     lanes_state = gr.State(None)
     with gr.Row():
         panes, stats = [], []
@@ -51,6 +55,9 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
     with gr.Row():
         latency_plot = _plot("Time per token while streaming", "ms_per_token", "ms per token", "live-latency")
         memory_plot = _plot("Memory held while streaming", "memory_mb", "MB (state or KV cache)", "live-memory")
+    gr.Markdown("The two models take turns on the CPU and each step is timed while its model has it alone, so "
+                "tokens/s and ms per token are each model's own (a step decodes every user's row of that model at "
+                "once); the time to first token counts from sending.")
 
     gr.Markdown(f"### Context-length sweep\nFor each length ({', '.join(f'{n:,}' for n in sweep_lengths)} tokens), "
                 "each model reads random tokens up to it, then a few single-token steps are timed.")
@@ -74,15 +81,13 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
     def arena(prompt, lanes, max_tokens, temperature, top_p, seed):
         prompt = check_message(prompt)
         params = sampling_params(max_tokens, temperature, top_p, seed=seed)
-        lanes = lanes or [Lane.open(name, model, model.tokenizer) for name, model in models.items()]
-        text_shown = plots_shown = 0.0
-        with closing(race(lanes, prompt, params)) as rounds:
+        lanes = lanes or [Lane.open(name, engine) for name, engine in engines.items()]
+        plots_shown = 0.0
+        with closing(race(lanes, prompt, params, TEXT_EVERY_S)) as rounds:
             for _ in rounds:
-                now = time.monotonic()
-                if now - text_shown >= TEXT_EVERY_S:
-                    plots = now - plots_shown >= PLOTS_EVERY_S
-                    text_shown, plots_shown = now, now if plots else plots_shown
-                    yield "", *outputs(lanes, plots)
+                plots = time.monotonic() - plots_shown >= PLOTS_EVERY_S
+                plots_shown = time.monotonic() if plots else plots_shown
+                yield "", *outputs(lanes, plots)
         yield "", *outputs(lanes, plots=True)
 
     def clear_all():
@@ -90,7 +95,8 @@ def render(models: dict[str, object], sweep_lengths: list[int]) -> None:
 
     def run_sweep():
         readings = []
-        for reading in sweep(models, sweep_lengths):
+        models = {name: engine.model for name, engine in engines.items()}
+        for reading in sweep(models, sweep_lengths, device_lock):
             readings.append(reading)
             if len(readings) % len(models) == 0:  # every model has measured this length
                 frame = readings_frame(readings)

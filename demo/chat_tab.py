@@ -1,5 +1,6 @@
 """The Chat tab: talk to RWKV-7. Each browser session holds its own conversation in a gr.State, so a turn
-feeds the model only that turn's new tokens: the RNN state already carries everything said before."""
+feeds the model only that turn's new tokens: the RNN state already carries everything said before. Replies
+go through the app's engine, where the users chatting at once share batched steps."""
 from __future__ import annotations
 
 import threading
@@ -10,21 +11,26 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from rwkv_lm.chat import ChatSession
+from rwkv_lm.serve import Engine
 
-from .arena import Metered, format_bytes
+from .arena import format_bytes
 from .inputs import MAX_MESSAGE_CHARS, check_message, check_system_prompt, sampling_params
 
 # A fast model makes hundreds of pieces a second; the page redraws at most this often.
 UPDATE_EVERY_S = 0.05
 BUSY = "Still answering the last message: press Stop first."
+NO_STATE = "none"  # the tuned-state choice that starts from zeros
 
 
 @dataclass
 class Conversation:
-    """One user's chat: the session (over a Metered model, to show its state live) and what the page shows."""
+    """One user's chat: the session (replying through the shared engine) and what the page shows."""
 
     session: ChatSession
     system: str  # as typed; a different one starts a new conversation
+    tuned: str  # the tuned state it started from ("none": zeros); another one starts a new conversation
+    device_lock: threading.Lock  # the engines': the session's own model calls (prompt, fork) take turns too
+    empty_state_bytes: int  # an RWKV state's size, shown before a reply has measured one
     history: list[dict] = field(default_factory=list)
     before_last_turn: ChatSession | None = None  # for Regenerate
     last_message: str | None = None
@@ -33,11 +39,24 @@ class Conversation:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def start(cls, model, tokenizer, system: str) -> "Conversation":
-        return cls(ChatSession(Metered(model), tokenizer, system=system.strip() or None), system)
+    def start(cls, engine: Engine, system: str, device_lock: threading.Lock, tuned: str = NO_STATE,
+              states: dict | None = None) -> "Conversation":
+        with device_lock:  # a system prompt is read here
+            session = ChatSession(engine.model, engine.tokenizer, system=system.strip() or None,
+                                  state=(states or {}).get(tuned), engine=engine)
+        return cls(session, system, tuned, device_lock, engine.model.init_state(1).nbytes)
 
     def status(self) -> str:
-        return f"state: {format_bytes(self.session.model.state_bytes)}, {self.session.num_tokens:,} tokens"
+        reply = self.session.last_reply
+        state_bytes = reply.state_bytes if reply is not None and reply.state_bytes else self.empty_state_bytes
+        return f"state: {format_bytes(state_bytes)}, {self.session.num_tokens:,} tokens"
+
+    def cancel(self) -> None:
+        """Stop the reply that streams, if any, without waiting (its row is freed within one engine iteration;
+        the reply's reader lets go of the session)."""
+        reply = self.session.last_reply
+        if reply is not None:
+            reply.close(wait=False)
 
     @property
     def busy(self) -> bool:
@@ -72,7 +91,9 @@ class Conversation:
             self.history, self.before_last_turn, self.last_message = [], None, None
 
     def _stream(self, message, params):
-        self.before_last_turn, self.last_message = self.session.fork(), message
+        with self.device_lock:  # a fork feeds the last reply's final token
+            self.before_last_turn = self.session.fork()
+        self.last_message = message
         self.history = self.history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield
         with closing(self.session.reply(message, params)) as reply:
@@ -90,8 +111,11 @@ def throttled(updates):
             yield update
 
 
-def render(model, tokenizer, name: str) -> None:
-    """Lay out the tab and wire its events, inside an open gr.Blocks."""
+def render(engine: Engine, name: str, device_lock: threading.Lock, states: dict | None = None,
+           start_state: str | None = None) -> None:
+    """Lay out the tab and wire its events, inside an open gr.Blocks. `engine`: a started one, of RWKV-7;
+    `states`: name -> tuned state a conversation may start from (`start_state` chosen at first)."""
+    states = states or {}
     conversation = gr.State(None)
     with gr.Row():
         with gr.Column(scale=3):
@@ -107,6 +131,9 @@ def render(model, tokenizer, name: str) -> None:
         with gr.Column(scale=1):
             system = gr.Textbox(label="System prompt (optional)", lines=3, max_length=MAX_MESSAGE_CHARS,
                                 placeholder="Changing it starts a new conversation.")
+            tuned = gr.Dropdown([NO_STATE, *states], value=start_state or NO_STATE, label="Start from a tuned state",
+                                info="made by state tuning (train/README.md); changing it starts a new conversation",
+                                interactive=bool(states))
             with gr.Accordion("Sampling", open=True):
                 controls = [
                     gr.Slider(1, 1024, value=200, step=1, label="Max tokens"),
@@ -129,13 +156,16 @@ def render(model, tokenizer, name: str) -> None:
             raise gr.Error("There is no reply to regenerate yet.")
 
     # the parameters are named for the API (the gr.State `conv` is not part of it)
-    def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
+    def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed,
+             tuned_state=NO_STATE):
         message, system = check_message(message), check_system_prompt(system)
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
-        if conv is None or conv.system != system:
+        if tuned_state != NO_STATE and tuned_state not in states:
+            raise gr.Error(f"No tuned state {tuned_state!r}; choose one of: {', '.join([NO_STATE, *states])}")
+        if conv is None or conv.system != system or conv.tuned != tuned_state:
             if conv is not None and conv.history:
-                gr.Info("The system prompt changed, so a new conversation starts.")
-            conv = Conversation.start(model, tokenizer, system)
+                gr.Info("The system prompt or the tuned state changed, so a new conversation starts.")
+            conv = Conversation.start(engine, system, device_lock, tuned_state, states)
         for _ in throttled(conv.turn(message, params)):
             yield conv.history, conv, "", conv.status()
         yield conv.history, conv, "", conv.status()  # the last pieces, and tokens that ended the reply unseen
@@ -144,13 +174,19 @@ def render(model, tokenizer, name: str) -> None:
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
         if conv is None:
             raise gr.Error("There is no reply to regenerate yet.")
+        conv.cancel()  # the reply streaming now, even one still waiting for a row
         for _ in throttled(conv.regenerate(params)):
             yield conv.history, conv, conv.status()
         yield conv.history, conv, conv.status()
 
+    def stop_reply(conv):
+        if conv is not None:
+            conv.cancel()
+
     def clear_all(conv):
         if conv is None:
             return [], None, "state: empty, 0 tokens"
+        conv.cancel()
         conv.clear()
         return [], conv, conv.status()
 
@@ -159,13 +195,14 @@ def render(model, tokenizer, name: str) -> None:
     # the streaming step, which checks them again. Regenerate and Clear cancel a running reply instead.
     chat_event = gr.on([message.submit, send.click], check_chat, [message, conversation, system, *controls], None,
                        api_visibility="private").success(
-        chat, [message, conversation, system, *controls], [chatbot, conversation, message, status],
+        chat, [message, conversation, system, *controls, tuned], [chatbot, conversation, message, status],
         api_name="chat", concurrency_id="models")
     regenerate_event = regenerate.click(check_regenerate, [conversation, *controls], None,
                                         api_visibility="private").success(
         regenerate_last, [conversation, *controls], [chatbot, conversation, status],
         api_name="regenerate", concurrency_id="models", cancels=[chat_event])
     replies = [chat_event, regenerate_event]
-    stop.click(None, cancels=replies)
+    # cancelling an event closes its handler once it next yields; closing the stream ends the reply at once
+    stop.click(stop_reply, conversation, None, api_visibility="private", cancels=replies)
     clear.click(clear_all, conversation, [chatbot, conversation, status], api_name="clear", cancels=replies)
     chatbot.clear(clear_all, conversation, [chatbot, conversation, status], api_visibility="private", cancels=replies)

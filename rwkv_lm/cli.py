@@ -21,6 +21,7 @@ from .checkpoint import export_official, load, save
 from .fast import optimize
 from .generate import generate
 from .sampling import SamplingParams
+from .statefile import load_state
 from .tokenizer import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,14 +77,21 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _model_and_tokenizer(args):
-    device = _device(args.device)
+def load_for_inference(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A checkpoint ready to generate with: on a CPU through the fast path (`rwkv_lm.fast.optimize`; bf16:
+    the weights only), on a GPU in `dtype`. `rwkv-lm` and the demo load their models with this."""
+    device = torch.device(device)
     if device.type == "cpu":
-        model = optimize(load(args.model), weights=None if args.dtype == "fp32" else args.dtype)
-    elif args.dtype == "int8":
+        return optimize(load(path), weights={torch.bfloat16: "bf16", torch.int8: "int8"}.get(dtype))
+    if dtype == torch.int8:
         raise UsageError("--dtype int8 runs on the CPU only; use --device cpu, or --dtype bf16 on a GPU")
-    else:  # the WKV kernels and cuBLAS take bf16 activations without loss of speed or much precision
-        model = load(args.model, device=device, dtype=DTYPES[args.dtype])
+    # the WKV kernels and cuBLAS take bf16 activations without loss of speed or much precision
+    return load(path, device=device, dtype=dtype)
+
+
+def _model_and_tokenizer(args):
+    dtype = torch.int8 if args.dtype == "int8" else DTYPES[args.dtype]
+    model = load_for_inference(args.model, _device(args.device), dtype)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
         raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world or --tokenizer PATH/tokenizer.json")
@@ -95,7 +103,8 @@ def cmd_generate(args):
     if not args.prompt:
         raise UsageError("--prompt is empty; give the text to continue")
     model, tokenizer = _model_and_tokenizer(args)
-    for piece in generate(model, tokenizer, args.prompt, params):
+    state = load_state(args.state, model) if args.state else None
+    for piece in generate(model, tokenizer, args.prompt, params, state=state):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -106,7 +115,7 @@ def cmd_chat(args):
 
     params = _sampling(args)
     model, tokenizer = _model_and_tokenizer(args)
-    session = ChatSession(model, tokenizer, system=args.system)
+    session = ChatSession(model, tokenizer, system=args.system, state=args.state)
     console = Console(highlight=False)
     console.print("[dim]/reset starts over, /save PATH keeps the conversation, /load PATH resumes one, /quit ends[/dim]")
     while True:
@@ -156,10 +165,13 @@ def cmd_convert(args):
 
 
 def cmd_serve(args):
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .serve.server import create_app
+    except ImportError as e:
+        raise UsageError(f"rwkv-lm serve needs the server packages ({e.name} is missing): pip install 'rwkv-lm[serve]'") from None
     from .serve import Engine
-    from .serve.server import create_app
 
     for name in ("max_batch", "max_queue", "max_prompt_tokens", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
@@ -176,6 +188,9 @@ def cmd_serve(args):
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
+STATE_HELP = "a tuned-state file to start from (python -m train export of a model.tune state run; .pth or ours)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rwkv-lm", description="Run RWKV-7 language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -183,12 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--state", help=STATE_HELP)
     _add_sampling_args(p, SamplingParams())
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("chat", help="chat in the terminal (User:/Assistant: template)")
     _add_model_args(p)
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--state", help=STATE_HELP)
     _add_sampling_args(p, SamplingParams(max_tokens=1000, temperature=1.0, top_p=0.3, presence_penalty=0.5,
                                          frequency_penalty=0.5, penalty_decay=0.996))
     p.set_defaults(run=cmd_chat)

@@ -41,14 +41,15 @@ def _engine(model, tokenizer, engine: Engine | None, rows: int = 1) -> Engine:
 
 
 def generate(model, tokenizer, prompt: str, params: SamplingParams | None = None, *, engine: Engine | None = None,
-             **overrides) -> Stream:
+             state=None, **overrides) -> Stream:
     """Stream the completion of `prompt` as text pieces; breaking out of the loop and closing the stream
-    stops the work at once. Ends after `max_tokens`, at a stop string, or at token 0 (end of document)."""
+    stops the work at once. Ends after `max_tokens`, at a stop string, or at token 0 (end of document).
+    `state`: a state of one row to start from (e.g. `rwkv_lm.load_state(path, model)`); None: zeros."""
     params = resolve(params, overrides)
     check_tokenizer(model, tokenizer)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string")
-    return _engine(model, tokenizer, engine).submit(Request(tokenizer.encode(prompt), params))
+    return _engine(model, tokenizer, engine).submit(Request(tokenizer.encode(prompt), params, state=state))
 
 
 def complete(model, tokenizer, prompt: str, params: SamplingParams | None = None,

@@ -1,13 +1,16 @@
-"""The fused GPU decode step (rwkv_lm/cuda_step.py, cuda/rwkv7_step.cu) without a GPU: NVRTC compiles its
-kernels for sm_80 and sm_90, and g++ runs the same source on the CPU (tests/cuda_emu) through the step's own
-glue and argument packing, against model.py's step on fresh random weights and states."""
+"""The fused GPU decode step (rwkv_lm/cuda_step.py, cuda/rwkv7_step.cu) and its CUDA graphs
+(rwkv_lm/cuda_graphs.py) without a GPU: NVRTC compiles the kernels for sm_80 and sm_90, and g++ runs the same
+source on the CPU (tests/cuda_emu) through the step's own glue and argument packing, against model.py's step
+on fresh random weights and states; the graph runner's buckets, static buffers, padding rows and fallbacks
+run with a capture that replays eagerly."""
+import copy
 import warnings
 
 import pytest
 import torch
 
-from cuda_emu.emu import EmuKernels, build
-from rwkv_lm import cuda_step
+from cuda_emu.emu import EmuKernels, build, eager_capture
+from rwkv_lm import cuda_graphs, cuda_step
 from rwkv_lm.model import RWKVConfig
 from rwkv_lm.ops import cuda_kernels
 from rwkv_lm.testing import random_model, rel_err
@@ -23,7 +26,7 @@ def config(n_head, head_size, n_layer=2):
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    return build("rwkv7_step_emu", tmp_path_factory.mktemp("cuda_emu"))
+    return build("rwkv7_step_emu", tmp_path_factory.getbasetemp() / "cuda_emu")
 
 
 @pytest.fixture
@@ -53,9 +56,9 @@ def test_nvrtc_compiles_the_step_kernels(arch):
         pytest.skip(f"NVRTC is not installed (pip install 'rwkv-lm[cuda]'): {e}")
     sizes = (32, 64, 128) if arch == "sm_90" else (64,)
     names = sorted({n for dt in cuda_step.KERNEL_DTYPES for N in sizes for n in cuda_step.kernel_names(dt, N)})
-    options = cuda_kernels.nvrtc_options(cuda_step.SOURCE) + cuda_kernels.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",)
-    program = compiler._NVRTCProgram(cuda_step.SOURCE.read_text(), "rwkv7_step.cu", name_expressions=names,
-                                     method="cubin")
+    options = cuda_kernels.NVRTC_OPTIONS + cuda_kernels.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",)
+    program = compiler._NVRTCProgram(cuda_kernels.read_source(cuda_step.SOURCE), "rwkv7_step.cu",
+                                     name_expressions=names, method="cubin")
     cubin, mapping = program.compile(options)
     assert len(cubin) > 0 and set(mapping) == set(names)
 
@@ -142,3 +145,117 @@ def test_bad_tokens_are_a_clear_error(emu):
     model = random_model(config(1, 32, n_layer=1))
     with pytest.raises(ValueError, match="outside this model's vocabulary"):
         cuda_step.fused_step(model, torch.tensor([0, 97]), kernels=emu)
+
+
+# ---- CUDA-graph decode: everything but the graph itself
+
+
+def test_bucket_sizes():
+    assert [cuda_graphs.bucket_size(b) for b in (1, 2, 3, 4, 5, 100, 128, 129, 256)] == [1, 2, 4, 4, 8, 128, 128, 256, 256]
+    assert cuda_graphs.bucket_size(257) is None and cuda_graphs.bucket_size(17, max_batch=16) is None
+    with pytest.raises(ValueError, match="at least 1"):
+        cuda_graphs.bucket_size(0)
+    with pytest.raises(ValueError, match="power of two"):
+        cuda_graphs.CUDAGraphStep(random_model(config(1, 32, n_layer=1)), max_batch=12)
+
+
+def test_graph_steps_equal_model_step(emu):
+    """Batch sizes 3, 3, 4 (one bucket of 4: captured once, padded), 1, then 9 (above max_batch: eager); every
+    result equals model.step's from the same state, padding rows that hold NaN change nothing, and neither the
+    given states nor the returned ones change afterwards."""
+    model = random_model(config(2, 32), seed=11)
+    captured = []
+    step = cuda_graphs.CUDAGraphStep(model, max_batch=8, kernels=emu, capture=eager_capture(captured))
+    g = torch.Generator().manual_seed(12)
+    results = []
+    for B in (3, 3, 4, 1, 9):
+        state = random_state(model, B, seed=B + len(results))
+        kept = state.clone()
+        tokens = torch.randint(model.config.vocab_size, (B,), generator=g)
+        if len(results) == 1:  # the bucket's padding row: NaN from here on
+            for x in step._graphs[4].inputs:
+                x[:, 3:] = float("nan")
+        logits, new_state = step(tokens, state)
+        with torch.no_grad():
+            ref = model.step(tokens, state)
+        for name, err in errors(logits, new_state, *ref).items():
+            assert err < 1e-5, f"B={B} {name}: {err:.2e}"
+        assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), kept.tensors().values()))
+        results.append((logits, new_state, logits.clone(), new_state.clone()))
+    assert captured == [4, 1]
+    for logits, new_state, logits_then, state_then in results:  # fresh copies, not views of the static buffers
+        assert torch.equal(logits, logits_then)
+        assert all(torch.equal(a, b) for a, b in zip(new_state.tensors().values(), state_then.tensors().values()))
+
+
+def test_graphs_are_made_again_after_the_parameters_move(emu):
+    model = random_model(config(1, 32, n_layer=1), seed=13)
+    captured = []
+    step = cuda_graphs.CUDAGraphStep(model, kernels=emu, capture=eager_capture(captured))
+    tokens = torch.tensor([4, 7])
+    step(tokens)
+    step(tokens)
+    model.blocks[0].att.key.weight.data = model.blocks[0].att.key.weight.data * 2  # as .to() does
+    logits, _ = step(tokens)
+    with torch.no_grad():
+        assert rel_err(logits, model.step(tokens)[0]) < 1e-5
+    assert captured == [2, 2]
+
+
+def test_eager_steps_where_capture_fails_or_the_fused_step_cannot_serve(emu):
+    model = random_model(config(1, 32, n_layer=1), seed=14)
+
+    def failing(fn, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    cuda_kernels._warned.clear()
+    tokens = torch.tensor([1, 2, 3])
+    with pytest.warns(RuntimeWarning, match="capturing a step of 4 rows failed"):
+        logits, _ = cuda_graphs.CUDAGraphStep(model, kernels=emu, capture=failing)(tokens)
+    with torch.no_grad():
+        assert rel_err(logits, model.step(tokens)[0]) < 1e-5
+    with pytest.warns(RuntimeWarning, match="needs a model on a CUDA GPU"):  # no kernels given, a CPU model
+        logits, _ = cuda_graphs.CUDAGraphStep(model, capture=failing)(tokens)
+    with torch.no_grad():
+        assert torch.equal(logits, model.step(tokens)[0])
+
+
+def test_decode_step_uses_graphs_only_when_asked_and_on_a_gpu(monkeypatch):
+    model = random_model(config(1, 32, n_layer=1), seed=15)
+    monkeypatch.delenv(cuda_graphs.ENV, raising=False)
+    assert not cuda_graphs.graphs_enabled() and cuda_graphs.graphs_enabled(True)
+    monkeypatch.setenv(cuda_graphs.ENV, "1")
+    assert cuda_graphs.graphs_enabled() and not cuda_graphs.graphs_enabled(False)
+    step = cuda_graphs.decode_step(model)  # enabled, but a CPU model: model.step without gradients
+    assert not isinstance(step, cuda_graphs.CUDAGraphStep)
+    tokens = torch.tensor([5])
+    logits, _ = step(tokens)
+    assert not logits.requires_grad
+    with torch.no_grad():
+        assert torch.equal(logits, model.step(tokens)[0])
+
+
+gpu = pytest.mark.skipif(not cuda_kernels.available(), reason="needs a CUDA GPU and CuPy")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_gpu_fused_and_graph_steps_equal_model_step(dtype):
+    """On a GPU: the compiled kernels and real CUDA graphs, batch sizes 1, 3, 16 and 3 again (a replay),
+    against the fp32 model, at least as close as model.py in the same dtype."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = random_model(config(2, 64), seed=16).cuda()
+    half = copy.deepcopy(model).to(dtype)
+    graphs = cuda_graphs.CUDAGraphStep(half)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    for B in (1, 3, 16, 3):
+        state = random_state(model, B, seed=B).to("cuda")
+        half_state = state.map(lambda t: t if t.dim() == 4 else t.to(dtype))
+        tokens = torch.randint(model.config.vocab_size, (B,), device="cuda")
+        with torch.no_grad():
+            exact, theirs = model.step(tokens, state), half.step(tokens, half_state)
+        their_err = errors(*theirs, *exact)
+        for ours in (cuda_step.fused_step(half, tokens, half_state), graphs(tokens, half_state)):
+            for name, err in errors(*ours, *exact).items():
+                assert err < max(1.5 * their_err[name], tolerance), f"B={B} {name}: {err:.2e} (model.py {their_err[name]:.2e})"
+    assert sorted(graphs._graphs) == [1, 4, 16] and all(graphs._graphs.values())

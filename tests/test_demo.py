@@ -1,11 +1,16 @@
 """The Gradio demo through its API (gradio_client), on tiny random models served on a free port."""
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -23,7 +28,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
 from demo import __main__ as cli  # noqa: E402
-from demo.app import build_app  # noqa: E402
+from demo.app import Engines, build_app  # noqa: E402
 from demo.inputs import sampling_params  # noqa: E402
 
 CORPUS = ["The goose flies over the lake at dawn and the reeds remember the wind.",
@@ -52,15 +57,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(rwkv_path, baseline_path, **build_kwargs):
-    """Load both checkpoints as `python -m demo` does, serve the app, yield (url, rwkv model, baseline model)."""
+def serve(rwkv_path, baseline_path, max_batch=16, **build_kwargs):
+    """Load both checkpoints as `python -m demo` does, start their engines, serve the app, yield (url, engines)."""
     rwkv, baseline = cli.load_model(rwkv_path, None), cli.load_model(baseline_path, None)
-    app = build_app(rwkv, baseline, **build_kwargs)
-    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        yield app.local_url, rwkv, baseline
-    finally:
-        app.close()
+    with Engines(rwkv, baseline, max_batch=max_batch) as engines:
+        app = build_app(engines, **build_kwargs)
+        app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            yield app.local_url, engines
+        finally:
+            app.close()
 
 
 def reply_text(history) -> str:
@@ -105,7 +111,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoints):
-    with serve(*checkpoints, concurrency_limit=4, max_queue=16, sweep_lengths=[8, 40]) as served:
+    with serve(*checkpoints, max_batch=8, max_queue=16, sweep_lengths=[8, 40]) as served:
         yield served
 
 
@@ -115,7 +121,7 @@ def client(server):
 
 
 def test_chat_streams_what_a_chat_session_says_and_a_turn_costs_only_its_tokens(server, client):
-    _, rwkv, _ = server
+    rwkv = server[1].rwkv.model
     outputs, (history, box, status) = chat(client, "Hello goose", seed=1)
     # the message shows at once, before the model has read it; the reply follows
     assert [reply_text(history) for history, *_ in outputs[:1]] == [""]
@@ -132,7 +138,7 @@ def test_chat_streams_what_a_chat_session_says_and_a_turn_costs_only_its_tokens(
 
 
 def test_a_system_prompt_is_read_first_and_a_new_one_starts_over(server, client):
-    _, rwkv, _ = server
+    rwkv = server[1].rwkv.model
     _, (history, _, status) = chat(client, "Hi", seed=3, system="You are a goose.")
     session = ChatSession(rwkv, rwkv.tokenizer, system="You are a goose.")
     text = "".join(session.reply("Hi", sampling_params(*CHAT_SETTINGS.values(), 3)))
@@ -144,7 +150,7 @@ def test_a_system_prompt_is_read_first_and_a_new_one_starts_over(server, client)
 
 
 def test_regenerate_replaces_the_last_turn(server, client):
-    _, rwkv, _ = server
+    rwkv = server[1].rwkv.model
     _, (first, _, status) = chat(client, "Tell me about geese", seed=5)
     again, status_again = client.predict(*CHAT_SETTINGS.values(), 5, api_name="/regenerate")
     assert reply_text(again) == reply_text(first)
@@ -178,9 +184,15 @@ def test_sweep_measures_both_models_at_each_length(server, client):
     assert len(latency["data"]) == 4
 
 
-def test_eight_clients_at_once_each_keep_their_own_conversation(server):
-    url, rwkv, _ = server
+def test_eight_clients_at_once_share_batched_steps_and_each_keep_their_own_conversation(server, monkeypatch):
+    url, engines = server
+    rwkv, engine = engines.rwkv.model, engines.rwkv
     messages = [[f"Client {i} says hi", f"Client {i} again" + "!" * i] for i in range(8)]
+    before = engine.stats()
+    # the engine waits until all eight have sent their first message, so those replies surely overlap
+    # (unheld, a tiny reply on an idle machine might end before the next client's message comes)
+    gate, step = threading.Event(), engine.step
+    monkeypatch.setattr(engine, "step", lambda: gate.wait(60) and step())
 
     def converse(i):
         client = Client(url, verbose=False)
@@ -191,17 +203,27 @@ def test_eight_clients_at_once_each_keep_their_own_conversation(server):
         return replies, status_tokens(status)
 
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(converse, range(8)))
+        results = pool.map(converse, range(8))
+        wait_until(lambda: engine.stats()["requests"] - before["requests"] == 8)
+        gate.set()
+        results = list(results)
+    after = engine.stats()
+    steps, rows = after["steps"] - before["steps"], after["step_rows"] - before["step_rows"]
+    assert after["requests"] - before["requests"] == 16 and after["active"] == 0
+    assert rows / steps > 2, f"{rows} rows in {steps} steps: the replies did not share batched steps"
+    monkeypatch.undo()
     for i, (replies, tokens) in enumerate(results):
         expected = reference_turns(rwkv, [(m, 100 + i) for m in messages[i]], max_tokens=12)
         assert (replies, tokens) == expected, f"client {i}"
 
 
-def test_stop_closes_the_generator(server, client, monkeypatch):
-    _, rwkv, _ = server
+def test_stop_closes_the_generator_and_frees_the_row(server, client, monkeypatch):
+    engine = server[1].rwkv
+    rwkv = engine.model
     steps = []
     step = rwkv.step
     monkeypatch.setattr(rwkv, "step", lambda *args: steps.append(1) or step(*args))
+    cancelled = engine.stats()["finished"].get("cancelled", 0)
     # with this seed the tiny model talks on to 1024 tokens (seconds of work), so only Stop can end it early
     job = client.submit("Talk for a long time", "", 1024, 1.0, 1.0, 0, 0.0, 0.0, 9, api_name="/chat")
     stream = iter(job)
@@ -210,6 +232,9 @@ def test_stop_closes_the_generator(server, client, monkeypatch):
     stopped_at = len(steps)
     client.predict(api_name="/clear")  # a round trip through the queue after the stop
     assert len(steps) == stopped_at < 1000
+    stats = engine.stats()
+    assert stats["active"] == stats["waiting"] == 0
+    assert stats["finished"].get("cancelled", 0) == cancelled + 1
     _, (history, _, _) = chat(client, "Still there?", seed=1)
     assert reply_text(history)
 
@@ -248,7 +273,8 @@ def test_bad_input_becomes_a_message_and_the_app_stays_up(server, client):
 
 
 def test_a_full_queue_tells_the_next_client_the_demo_is_busy(checkpoints, monkeypatch):
-    with serve(*checkpoints, concurrency_limit=1, max_queue=1, sweep_lengths=[8]) as (url, rwkv, _):
+    with serve(*checkpoints, concurrency_limit=1, max_queue=1, sweep_lengths=[8]) as (url, engines):
+        rwkv = engines.rwkv.model
         # the one worker is held inside the model until the test lets it go
         gate, forward = threading.Event(), rwkv.forward
         monkeypatch.setattr(rwkv, "forward", lambda *args, **kwargs: gate.wait(60) and forward(*args, **kwargs))
@@ -282,3 +308,45 @@ def test_an_official_pth_without_a_world_vocabulary_takes_the_tokenizer_option(c
     (tmp_path / "tokenizer.json").write_text(model.tokenizer.spec)
     loaded = cli.load_model(pth, str(tmp_path / "tokenizer.json"))
     assert loaded.tokenizer.encode("Hello goose") == model.tokenizer.encode("Hello goose")
+
+
+def test_python_m_demo_listens_where_the_gradio_environment_says(checkpoints, tmp_path):
+    # 127.0.0.2 is loopback too, but only an app bound to it answers there
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.2", "GRADIO_SERVER_PORT": str(port)}
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "demo", "--rwkv", str(checkpoints[0]),
+                                 "--baseline", str(checkpoints[1])], cwd=Path(__file__).resolve().parents[1],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.2:{port}/"
+        deadline = time.monotonic() + 120
+        while True:
+            assert demo.poll() is None, f"python -m demo ended:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"nothing answered at {url}:\n{log.read_text()}"
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        _, (history, _, _) = chat(Client(url, verbose=False), "Hello goose", seed=1)
+        assert reply_text(history)
+    finally:
+        demo.terminate()
+        demo.wait(30)
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000"])
+def test_a_bad_gradio_server_port_is_named(port, monkeypatch, capsys):
+    monkeypatch.setenv("GRADIO_SERVER_PORT", port)
+    with pytest.raises(SystemExit):
+        cli.main(["--port", "7860"])
+    assert f"GRADIO_SERVER_PORT='{port}' is not a port number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--concurrency"])
+def test_a_batch_or_concurrency_below_one_is_named(flag, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def open_page(browser, url):
 
 @pytest.fixture(scope="module")
 def page(checkpoints, browser):
-    with serve(*checkpoints, sweep_lengths=[8, 40]) as (url, _, _):
+    with serve(*checkpoints, sweep_lengths=[8, 40]) as (url, _):
         page = open_page(browser, url)
         yield page
         page.close()
@@ -122,7 +122,8 @@ def test_sweep_plots_both_models(page):
 
 
 def test_a_full_queue_shows_a_busy_message(checkpoints, browser, monkeypatch):
-    with serve(*checkpoints, concurrency_limit=1, max_queue=1) as (url, rwkv, _):
+    with serve(*checkpoints, concurrency_limit=1, max_queue=1) as (url, engines):
+        rwkv = engines.rwkv.model
         # one reply held inside the model, one waiting behind it: the queue is full
         gate, forward = threading.Event(), rwkv.forward
         monkeypatch.setattr(rwkv, "forward", lambda *args, **kwargs: gate.wait(60) and forward(*args, **kwargs))

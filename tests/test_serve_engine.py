@@ -18,6 +18,15 @@ def rwkv():
 
 
 @pytest.fixture(scope="module")
+def rwkv_fast():
+    """On the CPU fast path: batched decode steps in the fused C kernels (shapes they take)."""
+    from rwkv_lm.fast import optimize
+
+    cfg = RWKVConfig(vocab_size=65536, n_layer=2, n_embd=64, head_size=16, decay_lora=16, iclr_lora=16, value_lora=16, gate_lora=16)
+    return optimize(random_model(cfg, seed=13))
+
+
+@pytest.fixture(scope="module")
 def gpt():
     torch.manual_seed(12)
     return GPT(GPTConfig(vocab_size=65536, n_layer=2, n_embd=32, n_head=2)).reset_parameters().eval()
@@ -38,9 +47,9 @@ def alone(model, tokenizer, prompt, params, **kw):
     return stream.text(), stream
 
 
-@pytest.mark.parametrize("arch", ["rwkv", "gpt"])
-def test_eight_concurrent_requests_each_equal_the_request_alone(arch, rwkv, gpt, world):
-    model = rwkv if arch == "rwkv" else gpt
+@pytest.mark.parametrize("arch", ["rwkv", "rwkv-fast", "gpt"])
+def test_eight_concurrent_requests_each_equal_the_request_alone(arch, rwkv, rwkv_fast, gpt, world):
+    model = {"rwkv": rwkv, "rwkv-fast": rwkv_fast, "gpt": gpt}[arch]
     expected = [alone(model, world, p, s) for p, s in zip(PROMPTS, SETTINGS)]
     with Engine(model, world, max_batch=8, prefill_tokens=16) as engine:
         streams = [engine.submit(Request(world.encode(p), s)) for p, s in zip(PROMPTS, SETTINGS)]
@@ -78,6 +87,16 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_stream(rwkv, world):
         engine.step()
     assert talker.completion_tokens - before >= 300 // 16, "one decode step per prefill chunk"
     talker.close()
+
+
+def test_cache_points_do_not_shrink_the_prefill_budget(rwkv, world):
+    engine = Engine(rwkv, world, cache=StateCache(64 << 20), prefill_tokens=512)
+    stream = engine.submit(Request(list(range(1, 601)), SamplingParams(max_tokens=1)))
+    engine.step()
+    assert engine.counters.prompt_tokens == 512, "two cache points' worth in one iteration"
+    assert len(engine.cache) == 2, "the states at 256 and 512 are kept"
+    stream.text()
+    assert engine.counters.prompt_tokens == 600
 
 
 def test_a_long_prompt_read_in_chunks_equals_one_pass(rwkv, world):
@@ -161,11 +180,13 @@ def test_a_gpt_kv_cache_is_cached_too(gpt, world):
 def test_closing_a_stream_frees_its_row_within_one_iteration(rwkv, world):
     with Engine(rwkv, world, max_batch=4) as engine:
         keep = engine.submit(Request(world.encode("Stay"), SamplingParams(max_tokens=40, temperature=0)))
-        gone = engine.submit(Request(world.encode("Leave"), SamplingParams(max_tokens=10_000, temperature=0)))
+        gone = engine.submit(Request(world.encode("Leave"), SamplingParams(max_tokens=10_000, temperature=0),
+                                     end_tokens=()))
         next(iter(gone))
         steps = engine.counters.steps
         gone.close()
-        assert gone.finish_reason == "cancelled" and engine.counters.steps <= steps + 1
+        # the step under way when it was closed, and the next one, which drops it first
+        assert gone.finish_reason == "cancelled" and gone.completion_tokens <= steps + 3
         assert engine.stats()["decoding"] <= 1
         assert keep.text() == alone(rwkv, world, "Stay", keep.request.params)[0]
         deadline = time.monotonic() + 5

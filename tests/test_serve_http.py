@@ -138,6 +138,16 @@ def test_a_client_that_goes_away_frees_its_row(server, engine, client):
     assert client.completions.create(model="tiny", prompt="Still there?", max_tokens=3).usage.completion_tokens == 3
 
 
+def test_a_client_that_stops_waiting_for_a_whole_reply_frees_its_row(server, engine):
+    body = {"prompt": "Tell me more", "max_tokens": 100_000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=headers(), timeout=1.0)
+    deadline = time.monotonic() + 10
+    while engine.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["active"] == 0
+
+
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(server.url + "/health").json()

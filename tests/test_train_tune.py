@@ -14,7 +14,7 @@ from train.__main__ import main
 from train.module import LanguageModel
 
 from conftest import assert_close
-from test_train import SHORT, TINY
+from test_train import SHORT, TINY, losses
 
 CHAT = ["--data.train", "[chatterbot]", "--data.chat", "true", "--trainer.num_sanity_val_steps", "0",
         "--trainer.val_check_interval", "8", "--trainer.limit_val_batches", "2", "--model.warmup_steps", "1"]
@@ -82,6 +82,17 @@ def test_state_tuning_trains_the_initial_state_only_and_exports_it(tmp_path, cac
             rwkv_lm.ChatSession(other, model.tokenizer, state=tmp_path / name)
     with pytest.raises(CheckpointError, match="not a state file"):
         rwkv_lm.load_state(base)
+
+    from rwkv_lm.cli import main as cli
+
+    capsys.readouterr()
+    greedy = ["--model", str(base), "--prompt", "User: Hello", "--max-tokens", "6", "--temperature", "0"]
+    assert cli(["generate", *greedy, "--state", str(tmp_path / "tuned.pth")]) == 0
+    tuned = rwkv_lm.complete(model, model.tokenizer, "User: Hello", max_tokens=6, temperature=0, state=state)
+    assert capsys.readouterr().out == tuned + "\n"
+    other_path = rwkv_lm.save(other, tmp_path / "other.safetensors", tokenizer=model.tokenizer.spec)
+    assert cli(["generate", *greedy, "--model", str(other_path), "--state", str(tmp_path / "tuned.pth")]) == 2
+    assert "made for another model shape" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["export", str(ckpt), str(tmp_path / "a.safetensors"), "--adapter"]) == 1
     assert "--adapter needs a run with model.tune lora; this one tuned 'state'" in capsys.readouterr().err
@@ -171,3 +182,31 @@ def test_one_chatterbot_topic_is_a_source():
     assert 0 < len(emotion) < len(everything) and all(c in everything for c in emotion)
     with pytest.raises(CorpusMissing, match="no topic 'emotions'; topics: ai, botprofile"):
         read_conversations("chatterbot:emotions")
+
+
+def test_a_long_context_run_trains_window_by_window_from_the_command_line(tmp_path, cache, base):
+    assert tune(tmp_path / "run", cache, base, "--data.ctx_len", "64", "--model.window", "16",
+                "--model.grad_across_windows", "true", "--model.tune", "state", "--model.lr", "0.1",
+                "--trainer.max_steps", "3", "--trainer.val_check_interval", "3") == 0
+    assert val_loss(tmp_path / "run") < 10
+
+
+@pytest.mark.parametrize("method", ["state", "lora"])
+def test_a_resumed_tuning_run_repeats_the_uninterrupted_one(tmp_path, cache, base, method, monkeypatch):
+    run = ["--model.tune", method, "--model.lr", "0.1" if method == "state" else "1e-2", "--trainer.limit_val_batches", "0",
+           "--checkpoint.every_n_train_steps", "4"]
+    assert tune(tmp_path / "whole", cache, base, *run) == 0
+    real_loss = LanguageModel._loss
+
+    def nan_from_step_6(self, batch, **kwargs):  # the run dies at step 6; the checkpoint of step 4 stays
+        loss = real_loss(self, batch, **kwargs)
+        return loss * float("nan") if self.global_step >= 6 else loss
+
+    monkeypatch.setattr(LanguageModel, "_loss", nan_from_step_6)
+    assert tune(tmp_path / "cut", cache, base, *run) == 1
+    monkeypatch.setattr(LanguageModel, "_loss", real_loss)
+    assert tune(tmp_path / "cut", cache, base, *run, "--ckpt_path", "last") == 0
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(resumed) == sorted(whole) == list(range(8))
+    for step in whole:
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6), step

@@ -1,9 +1,6 @@
 """The CUDA WKV-7 kernels without a GPU: NVRTC compiles them for sm_80 and sm_90 with the options CuPy
 uses at run time, and g++ runs the same source on the CPU (tests/cuda_emu) through the op's own
 autograd glue, against the fp64 reference. GPU cases at the end skip without a GPU."""
-import ctypes
-import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -11,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cuda_emu.emu import EmuKernels, build
+from rwkv_lm.ops import cuda_kernels
 from rwkv_lm.ops.wkv7 import cuda, wkv7, wkv7_naive, wkv7_one, wkv7_step
 from rwkv_lm.testing import random_inputs
 
 from conftest import assert_close
 
-EMU_DIR = Path(__file__).parent / "cuda_emu"
 NAMES = "r log_w k v a b initial_state".split()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max|diff| / max|ref| against fp64 on the same rounded inputs. fp32 gradients lose up to the product of
@@ -24,34 +22,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-class EmuLauncher:
-    """cuda/wkv7.cu built for the CPU emulation, called like the CuPy launcher (same attributes too)."""
-
-    def __init__(self, lib, threads_per_row=1):
-        self.lib, self.threads_per_row = lib, threads_per_row
-
-    def __call__(self, name, grid, block, *args):
-        entry = getattr(self.lib, re.sub(r"[<>, ]+", "__", name).strip("_"))
-        values = [ctypes.c_int(x) if isinstance(x, int) else ctypes.c_void_p(None if x is None else x.data_ptr()) for x in args]
-        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(x) for x in values))
-        status = entry(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), pointers)
-        assert status == 0, f"{name}: the threads of a block did not all reach the same __syncthreads"
-
-
 @pytest.fixture(scope="session")
 def emu_lib(tmp_path_factory):
-    lib_path = tmp_path_factory.mktemp("cuda_emu") / "wkv7_emu.so"
-    subprocess.run(
-        ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-         f"-I{cuda.SOURCE.parent}", f"-I{EMU_DIR}", str(EMU_DIR / "wkv7_emu.cpp"), "-o", str(lib_path)],
-        check=True,
-    )
-    return ctypes.CDLL(str(lib_path))
+    return build("wkv7_emu", tmp_path_factory.getbasetemp() / "cuda_emu")
 
 
 @pytest.fixture
 def emu(emu_lib):
-    return EmuLauncher(emu_lib)
+    return EmuKernels(emu_lib)
 
 
 def reference(xs, s0):
@@ -75,8 +53,9 @@ def test_nvrtc_compiles_every_kernel(arch):
         pytest.skip(f"NVRTC is not installed (pip install 'rwkv-lm[cuda]'): {e}")
     splits = (1, 2, 4, 8) if arch == "sm_90" else (1, 2)
     names = sorted({cuda.kernel_name(k, dt, 64, p) for k in cuda.KERNELS for dt in cuda.KERNEL_DTYPES for p in splits})
-    program = compiler._NVRTCProgram(cuda.SOURCE.read_text(), "wkv7.cu", name_expressions=names, method="cubin")
-    cubin, mapping = program.compile(cuda.NVRTC_OPTIONS + cuda.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",))
+    program = compiler._NVRTCProgram(cuda_kernels.read_source(cuda.SOURCE), "wkv7.cu", name_expressions=names,
+                                     method="cubin")
+    cubin, mapping = program.compile(cuda_kernels.NVRTC_OPTIONS + cuda_kernels.CUPY_NVRTC_OPTIONS + (f"-arch={arch}",))
     assert len(cubin) > 0 and set(mapping) == set(names)
 
 
@@ -104,7 +83,7 @@ def test_emulated_row_splits(emu_lib, split):
     xs, s0 = random_inputs(1, 50, 2, 64, seed=3)
     o_ref, s_ref, do, ds, grads_ref = reference(xs, s0)
     xs = [x.requires_grad_() for x in xs + [s0]]
-    o, s = cuda._run(EmuLauncher(emu_lib, threads_per_row=split), 16, *xs)
+    o, s = cuda._run(EmuKernels(emu_lib, threads_per_row=split), 16, *xs)
     assert_close(o, o_ref, 2e-5, "output")
     grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), xs)
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
@@ -163,7 +142,7 @@ def test_emulated_decode(emu, dtype):
 
 def test_falls_back_with_one_warning_on_cpu_tensors():
     xs, s0 = random_inputs(1, 5, 1, 32, seed=7)
-    cuda._warned.clear()
+    cuda_kernels._warned.clear()
     with pytest.warns(RuntimeWarning, match="need CUDA tensors"):
         o, s = wkv7(*xs, initial_state=s0, backend="cuda")
     o_ref, s_ref = wkv7_naive(*xs, s0)
@@ -201,12 +180,30 @@ def test_gpu_matches_reference(dtype):
     assert_close(state.cpu(), s_ref, 1e-4, "stepped state")
 
 
-def test_a_wheel_installs_the_kernel_source_where_the_loader_looks():
-    """Outside a checkout the loader reads <prefix>/share/rwkv_lm/cuda/wkv7.cu; pyproject must put it there."""
+def test_a_wheel_installs_the_kernel_sources_where_the_loader_looks():
+    """Outside a checkout the loader reads <prefix>/share/rwkv_lm/cuda/*.cu; pyproject must put every one there."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     data_files = project["tool"]["setuptools"]["data-files"]
     installed = {f"{folder}/{Path(f).name}" for folder, files in data_files.items() for f in files}
-    wheel_path = cuda._SOURCES[1].relative_to(sys.prefix).as_posix()
-    assert wheel_path in installed
+    wheel_dir = cuda_kernels._CUDA_DIRS[1].relative_to(sys.prefix).as_posix()
+    sources = sorted(p.name for p in cuda.SOURCE.parent.glob("*.cu"))
+    assert "rwkv7_step.cu" in sources and {f"{wheel_dir}/{name}" for name in sources} <= installed
+
+
+def test_the_dispatcher_decides_every_fallback(monkeypatch):
+    """cuda.usable says whether the kernels serve the inputs; the kernels' own functions never fall back (they
+    refuse what they cannot run), and the dispatcher picks the torch ops with the reason as a warning."""
+    xs, s0 = random_inputs(1, 3, 1, 32, seed=13)
+    assert not cuda.usable(*xs, s0) and "need CUDA tensors" in cuda.unusable_reason(*xs, s0)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        cuda.wkv7_cuda(*xs, initial_state=s0)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        cuda.wkv7_one_cuda(s0, *(x[:, 0] for x in xs))
+    from rwkv_lm.ops import wkv7 as op
+
+    assert op._choose("cuda", (*xs, s0)) == "chunked"
+    monkeypatch.setattr(cuda, "unusable_reason", lambda *inputs, one_token=False: None)
+    assert op._choose("cuda", (*xs, s0)) == "cuda"
+    assert op._choose(None, (*xs, s0)) != "cuda"  # CPU tensors: never the GPU kernels

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import site
 import sys
 import warnings
@@ -41,9 +42,19 @@ def source(name: str) -> Path:
     return next((d / name for d in _CUDA_DIRS if (d / name).exists()), _CUDA_DIRS[0] / name)
 
 
-def nvrtc_options(path: Path) -> tuple[str, ...]:
-    """The options for compiling `path` (its folder on the include path: the sources share helpers)."""
-    return NVRTC_OPTIONS + (f"-I{path.parent}",)
+def read_source(path: Path, seen: set | None = None) -> str:
+    """What NVRTC compiles for `path`: its text with each `#include "file"` of the same folder replaced by that
+    file's text (once), so that CuPy's kernel cache, keyed by the text, sees a change in any of them."""
+    seen = {path} if seen is None else seen
+    out = []
+    for line in path.read_text().splitlines(keepends=True):
+        included = re.match(r'\s*#include\s+"([^"]+)"', line)
+        if not included:
+            out.append(line)
+        elif (path.parent / included[1]) not in seen:
+            seen.add(path.parent / included[1])
+            out.append(read_source(path.parent / included[1], seen))
+    return "".join(out)
 
 
 @functools.cache
@@ -106,8 +117,9 @@ class CupyKernels(Kernels):
         cp = cupy()
         self.device = device
         with cp.cuda.Device(device):
-            module = cp.RawModule(code=path.read_text(), options=nvrtc_options(path), name_expressions=names)
-            self.functions = {name: module.get_function(name) for name in names}  # compiles here
+            module = cp.RawModule(code=read_source(path), options=NVRTC_OPTIONS, name_expressions=names)
+            # compiled here: get_function gives a RawKernel, .kernel its Function for this device (.ptr: CUfunction)
+            self.functions = {name: module.get_function(name).kernel for name in names}
 
     def starter(self, name, grid, block):
         cp, pointer, device = cupy(), self.functions[name].ptr, self.device

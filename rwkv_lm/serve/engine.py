@@ -3,7 +3,8 @@
 Each iteration (`step`):
 1. drops cancelled requests and admits waiting ones, up to `max_batch` rows; a request that starts from the
    zero state first looks up the longest prefix of its prompt in the state cache;
-2. runs ONE batched decode step for every row that is generating (`model.step(tokens [B], state)`);
+2. runs ONE batched decode step for every row that is generating (`model.step(tokens [B], state)`; on a GPU
+   `rwkv_lm.cuda_graphs.decode_step`: the fused CUDA step, as CUDA graphs where RWKV_LM_CUDA_GRAPHS=1);
 3. reads up to `prefill_tokens` prompt tokens of newly admitted requests (parallel mode, one request at a
    time), so a long prompt never holds up the rows already streaming for more than one chunk;
 4. samples every row that has new logits, each by its own request's settings, and streams its text;
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cuda_graphs import decode_step
 from ..sampling import RowSampler, sample
 from .cache import StateCache, prefix_hashes
 from .request import Request, Stream
@@ -62,6 +64,7 @@ class _Row:
     done: bool = False
     reason: str | None = None  # why it is done
     started: bool = False  # some text has been streamed
+    step_s: float = 0.0  # time of the work that makes its next token
 
     @property
     def request(self) -> Request:
@@ -98,6 +101,8 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.cache = cache if isinstance(cache, StateCache) else (StateCache(cache) if cache else None)
         self.device = next(model.parameters()).device
+        # on a GPU the batched step is the fused CUDA step, replayed as CUDA graphs where RWKV_LM_CUDA_GRAPHS=1
+        self._gpu_step = decode_step(model) if self.device.type == "cuda" else None
         self.counters = Counters()
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []
@@ -202,7 +207,7 @@ class Engine:
         try:
             with torch.no_grad():
                 self._iterate()
-        except Exception as e:  # a failing model call ends the rows it touched; the engine stays up
+        except Exception as e:  # a failing decode step ends every request in flight; the engine stays up
             for row in [*self._decoding, *self._prefilling]:
                 self._end(row, "error", e)
             self._prefilling, self._decoding, self._batch_state = [], [], None
@@ -256,7 +261,7 @@ class Engine:
         if self._decoding:
             tokens = torch.tensor([r.stream.tokens[-1] for r in self._decoding], device=self.device)
             start = time.perf_counter()
-            step_logits, self._batch_state = self.model.step(tokens, self._batch_state)
+            step_logits, self._batch_state = (self._gpu_step or self.model.step)(tokens, self._batch_state)
             elapsed = time.perf_counter() - start
             self.counters.steps += 1
             self.counters.step_rows += len(self._decoding)
@@ -264,17 +269,18 @@ class Engine:
             for row, nbytes in zip(self._decoding, row_bytes):
                 row.stream.busy_s += elapsed
                 row.stream.state_bytes = nbytes
+                row.step_s = elapsed
             ready, logits = list(self._decoding), [step_logits]
 
         budget, joined = self.prefill_tokens, []
         for row in list(self._prefilling):
-            if row.logits is None and budget > 0:
-                try:
+            try:
+                while row.logits is None and budget > 0:
                     budget -= self._prefill_some(row, budget)
-                except Exception as e:  # this prompt cannot be read; the others go on
-                    self._prefilling.remove(row)
-                    self._end(row, "error", e)
-                    continue
+            except Exception as e:  # this prompt cannot be read; the others go on
+                self._prefilling.remove(row)
+                self._end(row, "error", e)
+                continue
             if row.logits is not None:
                 self._prefilling.remove(row)
                 joined.append(row)
@@ -308,6 +314,7 @@ class Engine:
         step_logits, row.state = self.model(ids, row.state, last_only=True)
         row.fed = end
         self.counters.prompt_tokens += end - start
+        row.step_s += time.perf_counter() - began  # the first token costs the whole prompt
         row.stream.busy_s += time.perf_counter() - began
         if end == len(prompt):
             row.logits = step_logits[:, -1]
@@ -318,6 +325,8 @@ class Engine:
     def _take(self, row: _Row, token: int) -> None:
         """A token drawn for a row: stream its text and decide whether the row is done."""
         stream, request = row.stream, row.request
+        stream.token_s.append(row.step_s)  # one append: a reader never sees a token without its time
+        row.step_s = 0.0
         stream.tokens.append(token)
         stream.completion_tokens += 1
         self.counters.generated_tokens += 1

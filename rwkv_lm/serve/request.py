@@ -44,7 +44,7 @@ class Stream:
     iteration. A stream left unread in a running engine runs to its end. Counts are kept up to date while it runs:
     `prompt_tokens`, `cached_tokens` (of those, read from the prefix cache), `completion_tokens`, `tokens`
     (the ids drawn), `first_token_s` (seconds from submission), `busy_s` (time in the steps that made its
-    tokens), `state_bytes` (its state's size at its last token), `finish_reason` ("stop", "length",
+    tokens), `token_s` (per token, the time of the step, or for the first the prefill, that made it), `state_bytes` (its state's size at its last token), `finish_reason` ("stop", "length",
     "cancelled", "error"; None while it runs), and with `keep_state`, `state`.
     """
 
@@ -55,6 +55,7 @@ class Stream:
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None
         self.busy_s, self.state_bytes = 0.0, 0
+        self.token_s: list[float] = []
         self.finish_reason: str | None = None
         self.stop_hit: str | None = None
         self.state = None
@@ -100,7 +101,8 @@ class Stream:
         while (piece := self._next_piece()) is _WAIT:
             with self._wakeup:
                 if self._engine.running:
-                    self._wakeup.wait(timeout=1.0)
+                    if not (self._pieces or self.done):  # news since _next_piece would not wake this wait
+                        self._wakeup.wait(timeout=1.0)
                     continue
             self._engine.drive()  # no loop thread: the caller's thread runs the engine
         if piece is _END:

@@ -9,6 +9,7 @@ that goes away mid-stream cancels its request: its row is free within one engine
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -29,6 +30,7 @@ from .request import END_OF_TEXT, Request
 MAX_PROMPT_TOKENS = 32_768
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 1024
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class EngineCollector:
@@ -77,18 +79,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     registry.register(EngineCollector(engine))
     http_requests = Counter("rwkv_lm_http_requests", "HTTP requests answered", ["path", "status"], registry=registry)
 
-    @app.middleware("http")
-    async def check_key_and_count(request: HttpRequest, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = _error(ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                                           code="invalid_api_key"))
-                http_requests.labels(request.url.path, 401).inc()
-                return response
-        response = await call_next(request)
-        http_requests.labels(request.url.path if request.url.path in KNOWN_PATHS else "other", response.status_code).inc()
-        return response
+    app.add_middleware(_KeyAndCount, api_key=api_key, counter=http_requests)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -120,17 +111,17 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": STARTED, "owned_by": "rwkv_lm"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: HttpRequest):
         tokens = _encode(body.prompt)
         stream = _submit(Request(tokens, _params(body, COMPLETION_MAX_TOKENS), end_tokens=() if body.ignore_eos else (END_OF_TEXT,)))
         reply = _Reply("cmpl", "text_completion", body, stream)
         if body.stream:
             return _sse(reply.chunks(lambda piece: {"text": piece}, first=None))
-        text = await reply.collect()
+        text = await reply.collect(http)
         return reply.body({"text": text, "logprobs": None})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, http: HttpRequest):
         try:
             messages = [m.as_dict() for m in body.messages]
             for m in messages:
@@ -142,7 +133,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
         reply = _Reply("chatcmpl", "chat.completion", body, stream)
         if body.stream:
             return _sse(reply.chunks(lambda piece: {"delta": {"content": piece}}, first={"delta": {"role": "assistant"}}))
-        text = await reply.collect()
+        text = await reply.collect(http)
         return reply.body({"message": {"role": "assistant", "content": text}})
 
     def _params(body, default_max_tokens):
@@ -176,6 +167,37 @@ KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat
 STARTED = int(time.time())
 
 
+class _KeyAndCount:
+    """ASGI middleware: the API key on /v1/ paths, and a count of answers by path and status. (A plain ASGI
+    layer, not BaseHTTPMiddleware, so that endpoints still see their client go away.)"""
+
+    def __init__(self, app, api_key: str | None, counter):
+        self.app, self.expected, self.counter = app, None if api_key is None else f"Bearer {api_key}".encode(), counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        if self.expected is not None and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.counter.labels(path, 401).inc()
+                error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+                return await _error(error)(scope, receive, send)
+        status = []
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.counter.labels(path, status[0] if status else 500).inc()
+
+
 def _error(e: ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status == 503 else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -203,16 +225,22 @@ class _Reply:
             raise ApiError(500, f"the model failed: {self.stream.error}")
         return "length" if self.stream.finish_reason == "length" else "stop"
 
-    async def collect(self) -> str:
-        pieces = []
+    async def collect(self, http: HttpRequest) -> str:
+        """The whole text; a client that goes away before it is done cancels the request."""
+        reading = asyncio.ensure_future(self._read())
         try:
-            async for piece in self.stream:
-                pieces.append(piece)
-        except Exception as e:  # the model failed on this request: the server stays up
-            raise ApiError(500, f"the model failed: {e}") from None
+            while not (await asyncio.wait({reading}, timeout=DISCONNECT_POLL_S))[0]:
+                if await http.is_disconnected():
+                    break
         finally:
             await self.stream.aclose()
-        return "".join(pieces)
+        return await reading
+
+    async def _read(self) -> str:
+        try:
+            return "".join([piece async for piece in self.stream])
+        except Exception as e:  # the model failed on this request: the server stays up
+            raise ApiError(500, f"the model failed: {e}") from None
 
     def body(self, choice: dict) -> dict:
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,

@@ -4,7 +4,9 @@ Backends: "naive" (per-step reference, `naive.py`), "chunked" (pure torch, `chun
 kernel for inference, `cpu.py`) and "cuda" (CuPy/NVRTC kernels, `cuda.py`). `backend=None` picks "cuda"
 for CUDA tensors when the kernels work; on a CPU, "cpu" where it serves the inputs (no gradient wanted)
 and "chunked" otherwise (one-token steps: the torch step). The environment variable
-RWKV_LM_WKV_BACKEND, read at call time, overrides that default.
+RWKV_LM_WKV_BACKEND, read at call time, overrides that default. Every fallback is decided here (`_choose`),
+from each kernel backend's `usable`: "cuda" asked for (or chosen for CUDA tensors) but unable to serve the
+inputs runs the torch ops with one warning per reason; "cpu" unable to serve them runs them silently.
 """
 from __future__ import annotations
 
@@ -30,19 +32,21 @@ def _check(r, others, initial_state):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, N, N)}")
 
 
-def _choose(backend, inputs):
-    """The backend to run: the one asked for, or the best that serves these inputs."""
+def _choose(backend, inputs, one_token=False):
+    """The backend to run: the one asked for, or the best that serves these inputs; "chunked" (the torch ops)
+    where the one asked for cannot serve them."""
     backend = backend or os.environ.get("RWKV_LM_WKV_BACKEND") or "auto"
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"unknown wkv7 backend {backend!r}; choose one of {BACKENDS} or 'auto'")
-    if backend == "cpu" and not cpu.usable(*inputs):
-        return "chunked"  # no gradient, or not built here: the torch op computes the same
-    if backend == "auto":
-        if inputs[0].device.type == "cuda":
-            from . import cuda
+    if backend == "cuda" or (backend == "auto" and inputs[0].device.type == "cuda"):
+        from . import cuda
 
-            return "cuda" if cuda.available() else "chunked"
-        return "cpu" if cpu.usable(*inputs) else "chunked"
+        reason = cuda.unusable_reason(*inputs, one_token=one_token)
+        if reason and inputs[0].numel():  # (nothing to compute: nothing to say)
+            cuda.warn_once(f"wkv7: {reason}; using the torch ops")
+        return "chunked" if reason else "cuda"
+    if backend in ("cpu", "auto"):
+        return "cpu" if cpu.usable(*inputs) else "chunked"  # no gradient, or not built here: torch computes the same
     return backend
 
 
@@ -65,7 +69,7 @@ def wkv7(r, log_w, k, v, a, b, *, initial_state=None, backend=None):
 
 def wkv7_one(state, r, log_w, k, v, a, b, *, backend=None):
     """One token for a batch (RNN mode): state [B, H, N, N] fp32; the rest [B, H, N] -> (o [B, H, N], new state)."""
-    choice = _choose(backend, (r, log_w, k, v, a, b, state))
+    choice = _choose(backend, (r, log_w, k, v, a, b, state), one_token=True)
     if choice == "cuda":
         from . import cuda
 

@@ -1,48 +1,29 @@
 """WKV-7 on the GPU: the kernels of `cuda/wkv7.cu`, compiled with NVRTC through CuPy on first use.
 
-Modules are cached per (device, dtype, head size, row split); kernels run on torch's current stream and take and
-return torch tensors. Anything the kernels cannot serve (no CuPy, a failed compile, CPU tensors, a
-dtype or head size without a kernel) falls back to the torch ops, with one warning per reason.
+Modules are cached per (device, dtype, head size, row split); kernels run on torch's current stream and take
+and return torch tensors. `usable` says whether the kernels serve some inputs (CUDA tensors, a dtype and head
+size with a kernel, CuPy present, the module compiled; for one token, no gradient wanted); the dispatcher in
+`__init__.py` decides from it, and the functions here run only inputs they serve.
 """
 from __future__ import annotations
 
-import functools
 import math
-import site
-import sys
-import warnings
-from pathlib import Path
 
 import torch
 
-from .chunk import wkv7_chunked
-from .naive import wkv7_step
+from ..cuda_kernels import CupyKernels, available, source, warn_once  # noqa: F401 (available, warn_once: for callers)
 
-# cuda/wkv7.cu of a checkout (or an editable install), else the copy a wheel installs as a data file under
-# the environment's prefix, or under the user base for `pip install --user`
-_SOURCES = [Path(__file__).resolve().parents[3] / "cuda" / "wkv7.cu",
-            *(Path(base) / "share" / "rwkv_lm" / "cuda" / "wkv7.cu" for base in (sys.prefix, site.USER_BASE) if base)]
-SOURCE = next((p for p in _SOURCES if p.exists()), _SOURCES[0])
+SOURCE = source("wkv7.cu")
 KERNELS = ("wkv7_forward", "wkv7_backward", "wkv7_decode")
 KERNEL_DTYPES = {torch.float32: "float", torch.bfloat16: "bf16_t", torch.float16: "fp16_t"}
-# Passed to cupy.RawModule; CuPy adds CUPY_NVRTC_OPTIONS and -arch=sm_XX for the device (the CPU test
-# compiles with all of them, so it builds what runs).
-NVRTC_OPTIONS = ("-std=c++17",)
-CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 # The forward saves the state this often for the backward, which undoes steps from each saved state:
 # memory B*H*N*N*4*T/16 bytes, against rounding that grows with the product of 1/decay between saves.
 CHECKPOINT_EVERY = 16
 ROW_SPLITS = (1, 2, 4, 8, 16)  # lanes that may share one state row (they sit in one warp)
 DECODE_THREADS = 128
 
-_warned: set[str] = set()
-_modules: dict[tuple, _CupyLauncher | None] = {}
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+_modules: dict[tuple, WKVKernels | None] = {}
+_compile_errors: dict[tuple, str] = {}
 
 
 def row_split(r: torch.Tensor, needs_grad: bool) -> int:
@@ -64,64 +45,57 @@ def kernel_name(kernel: str, dtype: torch.dtype, head_size: int, threads_per_row
     return f"{kernel}<{KERNEL_DTYPES[dtype]}, {head_size}{split}>"
 
 
-@functools.cache
-def _cupy():
-    try:
-        import cupy
-    except Exception as e:  # not installed, or its CUDA libraries failed to load
-        _warn_once(f"wkv7: CuPy is unavailable ({e}); using the chunked torch op (pip install 'rwkv-lm[cuda]')")
-        return None
-    return cupy
-
-
-def available() -> bool:
-    """True when a CUDA device and CuPy are present; the kernels themselves compile on first use."""
-    return torch.cuda.is_available() and _cupy() is not None
-
-
-class _CupyLauncher:
-    """The three kernels for one (device, dtype, head size, row split), compiled by NVRTC and launched on
-    torch's stream."""
+class WKVKernels(CupyKernels):
+    """The three kernels for one (device, dtype, head size, row split)."""
 
     def __init__(self, device: int, dtype: torch.dtype, head_size: int, threads_per_row: int):
-        cupy = _cupy()
-        names = [kernel_name(k, dtype, head_size, threads_per_row) for k in KERNELS]
-        self.device, self.threads_per_row = device, threads_per_row
-        with cupy.cuda.Device(device):
-            module = cupy.RawModule(code=SOURCE.read_text(), options=NVRTC_OPTIONS, name_expressions=names)
-            self.functions = {name: module.get_function(name) for name in names}  # compiles here
-
-    def __call__(self, name, grid, block, *args):
-        """args: ints (passed as int32) and tensors or None (passed as pointers)."""
-        import numpy as np
-
-        cupy = _cupy()
-        packed = tuple(np.int32(x) if isinstance(x, int) else np.uint64(0 if x is None else x.data_ptr()) for x in args)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        with cupy.cuda.Device(self.device), cupy.cuda.ExternalStream(stream, self.device):
-            self.functions[name](grid, (block,), packed)
+        super().__init__(SOURCE, [kernel_name(k, dtype, head_size, threads_per_row) for k in KERNELS], device)
+        self.threads_per_row = threads_per_row
 
 
-def _launcher(x: torch.Tensor, threads_per_row: int = 1):
-    """The compiled kernels for x's device, dtype, head size and row split, or None (with a warning) where
-    there are none."""
-    N = x.shape[-1]
-    if x.device.type != "cuda":
-        _warn_once("wkv7: the CUDA kernels need CUDA tensors; using the torch ops")
-        return None
-    if x.dtype not in KERNEL_DTYPES or N % 32:
-        _warn_once(f"wkv7: no CUDA kernel for {x.dtype} with head size {N}; using the torch ops")
-        return None
-    if _cupy() is None:
-        return None
-    key = (x.device.index, x.dtype, N, threads_per_row)
+def _launcher(x: torch.Tensor, threads_per_row: int = 1) -> WKVKernels | None:
+    """The compiled kernels for x's device, dtype, head size and row split; None where they did not compile
+    (`_compile_errors` says why)."""
+    key = (x.device.index, x.dtype, x.shape[-1], threads_per_row)
     if key not in _modules:
         try:
-            _modules[key] = _CupyLauncher(*key)
+            _modules[key] = WKVKernels(*key)
         except Exception as e:
-            _warn_once(f"wkv7: compiling {SOURCE} failed, using the torch ops instead:\n{e}")
-            _modules[key] = None
+            _modules[key], _compile_errors[key] = None, f"compiling {SOURCE} failed:\n{e}"
     return _modules[key]
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def unusable_reason(r, log_w, k, v, a, b, state, *, one_token: bool = False) -> str | None:
+    """Why the kernels cannot serve these inputs (None: they can; this compiles them on first use).
+    r ... b: [B, T, H, N], or one token's [B, H, N] with one_token; state [B, H, N, N] or None."""
+    xs = (r, log_w, k, v, a, b)
+    B, *_, H, N = r.shape
+    if r.device.type != "cuda":
+        return "the CUDA kernels need CUDA tensors"
+    if r.dtype not in KERNEL_DTYPES or N % 32:
+        return f"no CUDA kernel for {r.dtype} with head size {N}"
+    if B * H == 0:
+        return "the inputs are empty"
+    if any(x.shape != r.shape for x in xs) or (state is not None and state.shape != (B, H, N, N)):
+        return "the inputs' shapes differ"
+    needs_grad = _needs_grad(*xs, state)
+    if one_token and needs_grad:
+        return "the decode kernel has no backward"
+    if not available():
+        return "CuPy or a CUDA device is unavailable"
+    key = (r.device.index, r.dtype, N, 1 if one_token else row_split(r, needs_grad))
+    if _launcher(r, key[-1]) is None:
+        return _compile_errors[key]
+    return None
+
+
+def usable(r, log_w, k, v, a, b, state, *, one_token: bool = False) -> bool:
+    """Whether the kernels serve these inputs (see `unusable_reason`)."""
+    return unusable_reason(r, log_w, k, v, a, b, state, one_token=one_token) is None
 
 
 def _forward(launch, ck_every, r, log_w, k, v, a, b, h0, save):
@@ -175,10 +149,6 @@ def _kernel_inputs(r, log_w, k, v, a, b):
     return xs
 
 
-def _needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
-
-
 def _run(launch, ck_every, r, log_w, k, v, a, b, initial_state):
     """Make the inputs what the kernels read (r's dtype, fp32 decays and state, contiguous); record autograd
     only if needed."""
@@ -201,27 +171,28 @@ def _decode(launch, state, r, log_w, k, v, a, b):
     return o, new_state
 
 
+def _compiled(r, threads_per_row: int) -> WKVKernels:
+    """The kernels for r (a CUDA tensor), or a clear error; the dispatcher asks `usable` first."""
+    if r.device.type != "cuda":
+        raise ValueError(f"wkv7 cuda: the kernels need CUDA tensors, got {r.device} (use rwkv_lm.ops.wkv7.wkv7)")
+    launch = _launcher(r, threads_per_row)
+    if launch is None:
+        raise RuntimeError(_compile_errors[(r.device.index, r.dtype, r.shape[-1], threads_per_row)])
+    return launch
+
+
 def wkv7_cuda(r, log_w, k, v, a, b, initial_state=None, threads_per_row: int | None = None):
-    """`wkv7` on the GPU: inputs [B, T, H, N], initial_state [B, H, N, N] or None -> (o, final state fp32).
-    threads_per_row: lanes per state row (None: `row_split`'s choice)."""
-    B, _, H, _ = r.shape
+    """`wkv7` on the GPU for inputs it serves (`usable`): inputs [B, T, H, N], initial_state [B, H, N, N] or
+    None -> (o, final state fp32). threads_per_row: lanes per state row (None: `row_split`'s choice)."""
     if threads_per_row is None:
         threads_per_row = row_split(r, _needs_grad(r, log_w, k, v, a, b, initial_state)) if r.is_cuda else 1
     elif threads_per_row not in ROW_SPLITS or r.shape[-1] * threads_per_row > 1024:
         raise ValueError(f"wkv7_cuda: threads_per_row must be one of {ROW_SPLITS} with head size x threads_per_row "
                          f"<= 1024 (a block's threads), got {threads_per_row} for head size {r.shape[-1]}")
-    launch = _launcher(r, threads_per_row) if B * H else None
-    if launch is None:
-        return wkv7_chunked(r, log_w, k, v, a, b, initial_state)
-    return _run(launch, CHECKPOINT_EVERY, r, log_w, k, v, a, b, initial_state)
+    return _run(_compiled(r, threads_per_row), CHECKPOINT_EVERY, r, log_w, k, v, a, b, initial_state)
 
 
 def wkv7_one_cuda(state, r, log_w, k, v, a, b):
-    """`wkv7_one` on the GPU: state [B, H, N, N] fp32, the rest [B, H, N] -> (o [B, H, N], new state).
-
-    The decode kernel is for inference; when a gradient is wanted the differentiable torch step runs.
-    """
-    launch = None if _needs_grad(state, r, log_w, k, v, a, b) or r.numel() == 0 else _launcher(r)
-    if launch is None:
-        return wkv7_step(state, r, log_w, k, v, a, b)
-    return _decode(launch, state, r, log_w, k, v, a, b)
+    """`wkv7_one` on the GPU for inputs it serves (`usable(..., one_token=True)`): state [B, H, N, N] fp32, the
+    rest [B, H, N] -> (o [B, H, N], new state)."""
+    return _decode(_compiled(r, 1), state, r, log_w, k, v, a, b)
