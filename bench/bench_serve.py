@@ -219,22 +219,6 @@ class Server:
 
 
 @torch.no_grad()
-def costs(model, tokenizer, prompt: str, batches: list[int], rounds: int) -> dict:
-    """The parts of an engine iteration on their own (best of `rounds`, ms): a decode step at each batch size,
-    reading one prompt, sampling a batch's rows at temperature 1 and at top_p 0.3."""
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    out = {"prompt": best_ms(lambda: model(ids, last_only=True), rounds)}
-    for b in batches:
-        _, state = model(torch.randint(1, model.config.vocab_size, (b, 4)))
-        tokens = torch.randint(1, model.config.vocab_size, (b,))
-        out[f"step {b}"] = best_ms(lambda: model.step(tokens, state), rounds)
-    logits = torch.randn(max(batches), model.config.vocab_size)
-    for name, params in (("sample", {}), ("sample top_p", {"top_p": 0.3})):
-        rows = [RowSampler(SamplingParams(temperature=1.0, seed=i, **params)) for i in range(len(logits))]
-        out[name] = best_ms(lambda: sample(logits, rows), rounds)
-    return out
-
-
 def best_ms(fn, rounds: int) -> float:
     best = float("inf")
     for _ in range(rounds):
