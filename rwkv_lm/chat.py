@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from .checkpoint import atomic_write
 from .generate import prefill
 from .sampling import SamplingParams, resolve
-from .serve import END_OF_TEXT, Engine, Request, check_tokenizer
+from .serve import END_OF_TEXT, Engine, Request, check_tokenizer, engine_for
 from .statefile import load_state
 
 TURN_END = "\n\n"  # a reply ends here; the template uses it between all parts
@@ -66,10 +66,11 @@ def render_chat(messages: list[dict]) -> list[tuple[str, bool]]:
     return pieces
 
 
-def reply_request(tokens: list[int], params: SamplingParams, state=None) -> Request:
+def reply_request(tokens: list[int], params: SamplingParams, state=None, *, keep_state: bool = False) -> Request:
     """The engine request for an assistant's reply after `tokens` (which end with the cue): it ends at the
     blank line that closes a turn, never draws token 0, and drops the space the template puts after the cue."""
-    return Request(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT,), keep_state=True, lstrip=" ")
+    return Request(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT,), keep_state=keep_state,
+                   lstrip=" ")
 
 
 def render_prompt(messages: list[dict]) -> str:
@@ -89,8 +90,7 @@ class ChatSession:
         """state: where the conversation starts, before the system prompt: a tuned-state file
         (`rwkv_lm.load_state`) or a state of one row; None: zeros."""
         check_tokenizer(model, tokenizer)
-        if engine is not None and engine.model is not model:
-            raise ValueError("the engine runs another model than the session's")
+        engine_for(model, tokenizer, engine)  # the engine, if any, runs this model
         self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.system = None if system is None else clean_message(system, "system")
         if state is not None and not hasattr(state, "clone"):
@@ -135,8 +135,8 @@ class ChatSession:
     def _reply(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:
         # the last reply's final token (counted already) goes in with the new ones, in one pass
         before = (self._state, self._pending, self.num_tokens, self._open_reply)
-        engine = self.engine or Engine(self.model, self.tokenizer, max_batch=1)
-        stream = engine.submit(reply_request(self._pending + tokens, params, self._state))
+        engine = engine_for(self.model, self.tokenizer, self.engine)
+        stream = engine.submit(reply_request(self._pending + tokens, params, self._state, keep_state=True))
         self.last_reply, self._live, self._pending = stream, True, []
         self.num_tokens += len(tokens)
         self._open_reply = True

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .sampling import SamplingParams, resolve
-from .serve import Engine, Request, Stream, check_tokenizer
+from .serve import Engine, Request, Stream, check_tokenizer, engine_for
 
 PREFILL_CHUNK = 512  # tokens per parallel-mode call in `prefill`: memory for one chunk, not for all
 
@@ -32,14 +32,6 @@ def prefill(model, tokens: Sequence[int], state=None, chunk_len: int = PREFILL_C
     return logits[:, -1], state
 
 
-def _engine(model, tokenizer, engine: Engine | None, rows: int = 1) -> Engine:
-    if engine is None:
-        return Engine(model, tokenizer, max_batch=rows)
-    if engine.model is not model:
-        raise ValueError("the engine runs another model than the one given")
-    return engine
-
-
 def generate(model, tokenizer, prompt: str, params: SamplingParams | None = None, *, engine: Engine | None = None,
              state=None, **overrides) -> Stream:
     """Stream the completion of `prompt` as text pieces; breaking out of the loop and closing the stream
@@ -49,7 +41,7 @@ def generate(model, tokenizer, prompt: str, params: SamplingParams | None = None
     check_tokenizer(model, tokenizer)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string")
-    return _engine(model, tokenizer, engine).submit(Request(tokenizer.encode(prompt), params, state=state))
+    return engine_for(model, tokenizer, engine).submit(Request(tokenizer.encode(prompt), params, state=state))
 
 
 def complete(model, tokenizer, prompt: str, params: SamplingParams | None = None,
@@ -74,6 +66,6 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], params: SamplingPar
     check_tokenizer(model, tokenizer)
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
-    engine = _engine(model, tokenizer, engine, rows=len(prompts))
+    engine = engine_for(model, tokenizer, engine, rows=len(prompts))
     streams = [engine.submit(Request(tokenizer.encode(p), params)) for p in prompts]
     return [stream.text() for stream in streams]

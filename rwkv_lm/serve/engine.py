@@ -34,6 +34,15 @@ PREFILL_TOKENS = 512  # prompt tokens read per iteration: a long prompt costs th
 CACHE_EVERY = 256  # prefix states are kept at multiples of this many tokens (and where prompts branch)
 
 
+def engine_for(model, tokenizer, engine: "Engine | None" = None, rows: int = 1) -> "Engine":
+    """`engine` after checking that it runs `model`, or (None) a private one for `rows` rows, run by its reader."""
+    if engine is None:
+        return Engine(model, tokenizer, max_batch=rows)
+    if engine.model is not model:
+        raise ValueError("the engine runs another model than the one given")
+    return engine
+
+
 class EngineFull(RuntimeError):
     """The engine's queue of waiting requests is full; try again later."""
 
@@ -267,7 +276,6 @@ class Engine:
             self.counters.step_rows += len(self._decoding)
             row_bytes = _row_nbytes(self._batch_state, len(self._decoding))
             for row, nbytes in zip(self._decoding, row_bytes):
-                row.stream.busy_s += elapsed
                 row.stream.state_bytes = nbytes
                 row.step_s = elapsed
             ready, logits = list(self._decoding), [step_logits]
@@ -315,7 +323,6 @@ class Engine:
         row.fed = end
         self.counters.prompt_tokens += end - start
         row.step_s += time.perf_counter() - began  # the first token costs the whole prompt
-        row.stream.busy_s += time.perf_counter() - began
         if end == len(prompt):
             row.logits = step_logits[:, -1]
         if row.hashes is not None:

@@ -54,7 +54,7 @@ class Stream:
         self.tokens: list[int] = []
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None
-        self.busy_s, self.state_bytes = 0.0, 0
+        self.state_bytes = 0
         self.token_s: list[float] = []
         self.finish_reason: str | None = None
         self.stop_hit: str | None = None
@@ -62,7 +62,6 @@ class Stream:
         self.error: BaseException | None = None
         self._pieces: deque = deque()
         self._done = threading.Event()
-        self._cancelled = False
         self._wakeup = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
@@ -85,11 +84,11 @@ class Stream:
             loop.call_soon_threadsafe(event.set)
         self._async_waiters.clear()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
     # -- the caller's side --------------------------------------------------------------------------------
+    @property
+    def busy_s(self) -> float:
+        return sum(self.token_s)
+
     @property
     def done(self) -> bool:
         return self._done.is_set()
@@ -150,7 +149,6 @@ class Stream:
         `state` and the counts are final)."""
         if self.done:
             return
-        self._cancelled = True
         self._engine.cancelled(self)
         if wait:
             if self._engine.running:
