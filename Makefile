@@ -19,8 +19,9 @@ setup: $(PY)
 setup-test: setup
 	$(PIP) install -q -e ".[cuda,dev]"
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
-	@# the aarch64 cross compiler: the CPU kernels' source is built for ARM in the tests
+	@# the aarch64 cross compiler and qemu-user: the CPU kernels' source is built for ARM in the tests, and run
 	@command -v aarch64-linux-gnu-gcc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null)
+	@command -v qemu-aarch64 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null)
 
 demo: setup
 	$(PY) -m demo

@@ -1,6 +1,7 @@
 """The CPU kernels' build: the instruction-set cap, and the C source compiling for the other architecture.
 
-(What the kernels compute is tested in test_fast.py and test_wkv7.py, at every level this CPU has.)"""
+(What the kernels compute is tested in test_fast.py and test_wkv7.py, at every level this CPU has, and at
+aarch64's levels under qemu in test_cpu_kernels_aarch64.py.)"""
 import shutil
 import subprocess
 
