@@ -20,7 +20,6 @@ Without a C compiler the kernels are missing (one warning): fp32 weights are the
 from __future__ import annotations
 
 import ctypes
-import operator
 
 import torch
 import torch.nn as nn
@@ -103,27 +102,20 @@ class StepBlock(Block):
         fp32, (B, T, C) = torch.float32, x.shape
         att = self.att
         H, N = att.n_head, att.head_size
-        # the parameters as they are now (load_state_dict(assign=True) replaces them), in the layouts the C reads
-        try:
-            current = self.step_getter(self)
-        except AttributeError:  # a module replaced since optimize() (an adapter, say)
+        current = self._step_tensors()
+        if current is None:  # a module replaced since optimize() (an adapter, say)
             return super().forward(x, v_first, state)
-        if (T != 1 or x.dtype != fp32 or x.device.type != "cpu"
+        params = self._step_params(current)
+        if (params is None or T != 1 or x.dtype != fp32 or x.device.type != "cpu"
                 or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current))
                 or "block_step" not in kernels()  # (the build failed for a level RWKV_LM_CPU_ISA set since)
-                or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())  # the C would skip them
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self.step_modules)  # the C would skip them
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                 or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
-                or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32
-                or not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride
-                           for p, dtype, stride in zip(current, self.step_dtypes, self.step_strides))):
+                or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32):
             return super().forward(x, v_first, state)  # a prompt, training, or anything changed
         x_out, att_shift, ffn_shift, wkv = torch.empty(B, 1, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, H, N, N)
         v_first = torch.empty(B, 1, C) if att.layer_id == 0 else v_first.contiguous()
-        pointers = [None] * len(BLOCK_STEP_PARAMS)
-        for slot, p in zip(self.step_slots, current):
-            pointers[slot] = p.data_ptr()
-        params = (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
         inputs = (x.contiguous(), state.att_shift.contiguous(), state.wkv.contiguous(), state.ffn_shift.contiguous())
         if kernels()["block_step"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
                                    *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
@@ -131,6 +123,37 @@ class StepBlock(Block):
                                    self.step_weight_type, torch.get_num_threads()):
             raise RuntimeError(f"block_step could not allocate its buffers for a batch of {B}")
         return x_out, v_first, LayerState(att_shift, wkv, ffn_shift)
+
+    def __getstate__(self):  # (copy.deepcopy and pickle): the cached pointers are into this object's memory
+        return {**self.__dict__, "step_key": None, "step_params": None}
+
+    def _step_tensors(self):
+        """The tensors the C step takes, as they are now (load_state_dict(assign=True) replaces them), or None
+        where a submodule was replaced since optimize(). Read from the modules' own dicts: through nn.Module's
+        __getattr__ the ~40 lookups cost 40 us a block."""
+        if not all(parent._modules.get(key) is child for parent, key, child in self.step_tree):
+            return None
+        try:
+            return [tensors[name] for tensors, name in self.step_sources]
+        except KeyError:  # a parameter deleted
+            return None
+
+    def _step_params(self, current):
+        """The C step's array of parameter pointers for these tensors, or None where they are no longer in the
+        dtypes, device and layouts optimize() prepared. Kept while the same tensors hold the same memory: the
+        checks of ~40 tensors cost a tenth of a one-row step."""
+        key = [(id(p), p.data_ptr()) for p in current]
+        if key == self.step_key:
+            return self.step_params
+        self.step_key = self.step_params = None
+        if not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride
+                   for p, dtype, stride in zip(current, self.step_dtypes, self.step_strides)):
+            return None
+        pointers = [None] * len(BLOCK_STEP_PARAMS)
+        for slot, (_, pointer) in zip(self.step_slots, key):
+            pointers[slot] = pointer
+        self.step_key, self.step_params = key, (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
+        return self.step_params
 
 
 def _fused_steps(block: Block):
@@ -151,13 +174,20 @@ def _fused_steps(block: Block):
     names = dict(block.named_parameters()) | dict(block.named_buffers())
     block.step_slots = [i for i, name in enumerate(BLOCK_STEP_PARAMS) if name in names]
     present = [BLOCK_STEP_PARAMS[i] for i in block.step_slots]
-    block.step_getter = operator.attrgetter(*present)
+    block.step_tree = [(parent, key, child) for parent in block.modules() for key, child in parent._modules.items()]
+    block.step_modules = tuple(block.modules())
+    block.step_sources = []  # (the dict that holds it, its name) for each tensor the C step takes
+    for name in present:
+        owner, _, leaf = name.rpartition(".")
+        module = block.get_submodule(owner)
+        block.step_sources.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
     # what the C was prepared for: these dtypes and strides (LoRAs transposed, everything else contiguous)
     block.step_dtypes = [names[name].dtype for name in present]
     block.step_strides = [names[name].stride() for name in present]
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
     block.step_sizes = (att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks)
     block.step_weight_type = WEIGHT_TYPES[str(att.receptance.weight.dtype).removeprefix("torch.")]
+    block.step_key = block.step_params = None  # (see StepBlock._step_params)
 
 
 @torch.no_grad()

@@ -147,19 +147,35 @@ def test_block_steps_with_a_nearly_vanishing_removal_key():
 
 @pytest.mark.parametrize("assign", [False, True], ids=["copied-in", "assigned"])
 def test_optimized_model_loads_new_weights(model, assign):
-    """Weights loaded after optimize() are the ones its steps use (no copy made at optimize time goes stale)."""
+    """Weights loaded after optimize() are the ones its steps use: neither a copy made at optimize time nor the
+    pointers a step before the load kept go stale."""
     other = random_model(model.config, seed=5)
     fast = optimize(copy.deepcopy(model))
-    fast.load_state_dict(other.state_dict(), assign=assign)  # assign: new Parameters, in nn.Linear's layouts
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(5))
+    assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "step logits before the load")
+    fast.load_state_dict(other.state_dict(), assign=assign)  # assign: new Parameters, in nn.Linear's layouts
     assert_close(_steps(fast, tokens)[0], _steps(other, tokens)[0], 1e-5, "step logits")
+
+
+def test_a_module_replaced_after_steps(model):
+    """A Linear swapped into a stepped block (its own weight, torch's layout) is what the next steps use."""
+    fast = optimize(copy.deepcopy(model))
+    tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(6))
+    _steps(fast, tokens)
+    replacement = torch.nn.Linear(64, 64, bias=False)
+    for m in (fast, model):
+        m.blocks[1].att.receptance = copy.deepcopy(replacement)
+    assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "step logits")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_optimized_model_moved_to_another_dtype(model, dtype):
-    """After .to(dtype) the kernels no longer fit: the optimized model must fall back to torch, not misread memory."""
-    fast = optimize(copy.deepcopy(model)).to(dtype)
+    """After .to(dtype) the kernels no longer fit: the optimized model must fall back to torch, not misread memory
+    (also where steps before the move kept their parameters' pointers)."""
+    fast = optimize(copy.deepcopy(model))
     tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(4))
+    _steps(fast, tokens)
+    fast = fast.to(dtype)
     out_fast, _ = _steps(fast, tokens)
     out_ref, _ = _steps(model.to(dtype), tokens)
     assert_close(out_fast, out_ref, 1e-6 if dtype == torch.float64 else 3e-2, "step logits")
