@@ -108,6 +108,30 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     return tokens
 
 
+TOP_P_CANDIDATES = (256, 4096)  # how many of the most likely tokens top_p looks among, in turn, before all
+
+
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor, candidates: tuple[int, ...] = TOP_P_CANDIDATES) -> torch.Tensor:
+    """probs [B, V] with each row's tokens zeroed once the tokens more likely than them reach its top_p [B, 1].
+
+    The cut nearly always falls among the few most likely tokens, so it is looked for among the first
+    `candidates[0]` (a top-k), rows whose cut lies beyond them among the next number's, and only the rest sort
+    all V: at V = 65,536 and 16 rows (one thread) the top 256 take 3 ms, the top 4096 12, a full sort 79.
+    candidates=() is the plain full sort: the reference."""
+    V = probs.shape[-1]
+    values, order = probs.topk(min(candidates[0], V), dim=-1) if candidates else probs.sort(-1, descending=True)
+    keep = values.cumsum(-1) - values < top_p
+    beyond = keep[:, -1] & (values.shape[-1] < V)  # the last candidate still kept: the cut may lie further down
+    if beyond.any():
+        filtered = probs.clone()
+        for rows, stages in ((beyond, candidates[1:]), (~beyond, candidates[:1])):
+            rows = rows.nonzero().squeeze(1)
+            filtered[rows] = top_p_filter(probs[rows], top_p[rows], stages)
+        return filtered
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep)
+    return probs.masked_fill(~mask, 0)
+
+
 def _draw(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     """Random draws for rows with temperature > 0: temperature, top_k, top_p, min_p, then the inverse CDF at
     one uniform number per row from the row's own generator."""
@@ -123,10 +147,7 @@ def _draw(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     probs = logits.softmax(-1)
     top_p = column([p.top_p for p in params])
     if (top_p < 1).any():
-        sorted_probs, order = probs.sort(-1, descending=True)
-        # drop a token when the tokens more likely than it already reach top_p
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0)
+        probs = top_p_filter(probs, top_p)
     min_p = column([p.min_p for p in params])
     if (min_p > 0).any():
         probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rwkv_lm.sampling import RowSampler, SamplingParams, resolve, sample
+from rwkv_lm.sampling import RowSampler, SamplingParams, resolve, sample, top_p_filter
 
 LOGITS = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0, 2.5]])
 
@@ -105,3 +105,17 @@ def test_overrides_and_unknown_names():
     assert (params.top_k, params.temperature, params.stop) == (5, 0.5, ("\n",))
     with pytest.raises(ValueError, match="unknown sampling setting 'temprature'"):
         resolve(None, dict(temprature=0.5))
+
+
+def test_top_p_among_candidates_matches_the_full_sort():
+    """top_p looks for its cut among the most likely tokens first, then among more, and sorts everything only for
+    rows whose cut lies further down (flat distributions, top_p near 1): the kept tokens are the full sort's."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.tensor([8.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.1, 1e-3, 5.0, 2.5, 0.3]).unsqueeze(1)
+    probs = (torch.randn(12, 5000, generator=g) * spread).softmax(-1)
+    top_p = torch.tensor([0.05, 0.5, 0.9, 0.95, 0.99, 0.999, 0.3, 0.7, 0.8, 0.6, 0.97, 0.2]).unsqueeze(1)
+    fast = top_p_filter(probs, top_p, candidates=(16, 256))
+    reference = top_p_filter(probs, top_p, candidates=())
+    assert torch.equal(fast, reference)
+    kept = (reference > 0).sum(-1)
+    assert (kept <= 16).any() and ((kept > 16) & (kept <= 256)).any() and (kept > 256).any(), kept  # every stage
