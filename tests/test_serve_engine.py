@@ -229,3 +229,28 @@ def test_a_failing_model_ends_its_requests_and_the_engine_goes_on(rwkv, world, m
     monkeypatch.setattr(type(rwkv), "step", step)
     assert engine.submit(Request([1, 2, 3], SamplingParams(max_tokens=5, temperature=0))).text() == \
         alone(rwkv, world, world.decode([1, 2, 3]), SamplingParams(max_tokens=5, temperature=0))[0]
+
+
+def test_a_prompt_the_model_refuses_fails_alone(rwkv, world, monkeypatch):
+    """A prompt the model cannot read ends only its own request; the prompts admitted with it read on and equal
+    their requests alone."""
+    params = SamplingParams(max_tokens=6, temperature=0)
+    prompts = [world.encode(p) for p in ("The capital of France is", "Once upon a time", "ROMEO: what light")]
+    poison = 4242
+    expected = [alone(rwkv, world, world.decode(p), params)[0] for p in prompts]
+    forward = rwkv.forward
+
+    def refusing(ids, state=None, **kw):
+        if (ids == poison).any():
+            raise ValueError("this prompt cannot be read")
+        return forward(ids, state, **kw)
+
+    monkeypatch.setattr(rwkv, "forward", refusing)
+    engine = Engine(rwkv, world, max_batch=8)
+    streams = [engine.submit(Request(p, params)) for p in prompts]
+    bad = engine.submit(Request(prompts[0][:2] + [poison] + prompts[0][2:], params))
+    assert [s.text() for s in streams] == expected
+    with pytest.raises(ValueError, match="cannot be read"):
+        bad.text()
+    assert bad.finish_reason == "error"
+    assert all(s.finish_reason == "length" for s in streams)
