@@ -14,6 +14,14 @@ from dataclasses import dataclass
 import torch
 
 
+class SamplingError(ValueError):
+    """A sampling setting out of range: `param` names it, `reason` says what it must be."""
+
+    def __init__(self, param: str, reason: str, params):
+        super().__init__(f"{reason}; got {params}")
+        self.param, self.reason = param, reason
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -32,20 +40,20 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 keeps every token)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 keeps every token)"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1] (0 keeps every token)"),
-            (math.isfinite(self.presence_penalty), "presence_penalty must be a finite number"),
-            (math.isfinite(self.frequency_penalty), "frequency_penalty must be a finite number"),
-            (0 < self.penalty_decay <= 1, "penalty_decay must be in (0, 1] (1: occurrences never fade)"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an integer or None"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 keeps every token)"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 keeps every token)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 keeps every token)"),
+            ("presence_penalty", math.isfinite(self.presence_penalty), "must be a finite number"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty), "must be a finite number"),
+            ("penalty_decay", 0 < self.penalty_decay <= 1, "must be in (0, 1] (1: occurrences never fade)"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
         ]
-        for ok, message in checks:
+        for param, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{message}; got {self}")
+                raise SamplingError(param, f"{param} {rule}", self)
 
     @property
     def greedy(self) -> bool:
@@ -101,10 +109,13 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
             logits[i] -= p.presence_penalty * (row.counts > 0) + p.frequency_penalty * row.counts
         if row.banned:
             logits[i, list(row.banned)] = float("-inf")
-    tokens = logits.argmax(-1)
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if drawn:
-        tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
+    if not drawn:
+        return logits.argmax(-1)
+    if len(drawn) == len(rows):
+        return _draw(logits, rows)
+    tokens = logits.argmax(-1)
+    tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
     return tokens
 
 
@@ -156,5 +167,7 @@ def _draw(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=V - 1)
     # a draw that lands on a run of zero-probability tokens at the very top takes the last kept token instead
     kept = probs.gather(1, picked) > 0
+    if bool(kept.all()):
+        return picked.squeeze(1)
     last_kept = V - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
     return torch.where(kept, picked, last_kept).squeeze(1)

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..chat import clean_message, render_prompt, reply_request
+from ..sampling import SamplingError
 from .engine import Engine, EngineFull
 from .openai_api import ApiError, ChatRequest, CompletionRequest
 from .request import END_OF_TEXT, Request
@@ -139,9 +140,8 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     def _params(body, default_max_tokens):
         try:
             return body.sampling(default_max_tokens)
-        except ValueError as e:
-            field = str(e).split(" ", 1)[0]
-            raise ApiError(400, str(e).split("; got")[0], param=field) from None
+        except SamplingError as e:
+            raise ApiError(400, e.reason, param=e.param) from None
 
     def _encode(text: str) -> list[int]:
         tokens = tokenizer.encode(text)
