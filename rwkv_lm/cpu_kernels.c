@@ -471,44 +471,56 @@ static void normalize(const float *x, float *out, const float *weight, const flo
     for (int64_t i = 0; i < n; i += VW) store(out + i, (load(x + i) - mean) * inv_std * load(weight + i) + load(bias + i));
 }
 
-/* One decode step of a whole block (rwkv_lm.fast.StepBlock) for up to MAX_BATCH rows: model.py's Block for
- * T == 1 in one call, so a B=16 step is its matrix products and the recurrence, not ~130 small torch ops and
- * their Python per layer (those cost as much as a third of the step). Activations fp32; the six Linear
- * weights of type `type` (int8 with their scales); the LoRA matrices fp32 and stored as their kernel reads
- * them ([out, in] row-major). */
+/* the token shift's previous input for row i of `len`-token sequences: the row before it in its sequence, or,
+ * for a sequence's first token, the state's */
+INLINE const float *previous(const float *xn, const float *shift, int64_t i, int64_t len, int64_t C) {
+    return i % len ? xn + (i - 1) * C : shift + i / len * C;
+}
+
+/* A whole block (rwkv_lm.fast.StepBlock) for `batch` sequences of `len` tokens (a decode step: len 1, up to
+ * MAX_BATCH rows; a short prompt: the tokens of each): model.py's Block in one call, so a B=16 step is its
+ * matrix products and the recurrence, not ~130 small torch ops and their Python per layer (those cost as much
+ * as a third of the step). Every token is a row of the products and the elementwise work; the token shifts
+ * and the recurrence follow each sequence. Activations fp32; the six Linear weights of type `type` (int8 with
+ * their scales); the LoRA matrices fp32 and stored as their kernel reads them ([out, in] row-major). */
 static int block_step_slice(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
                             const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out,
-                            float *ffn_shift_out, int64_t batch, int64_t C, int64_t n, int64_t ffn, int64_t rank_w,
+                            float *ffn_shift_out, int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, int64_t rank_w,
                             int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
                             float decay_scale, int type, int threads, float *mix) {
 #define P(name) ((const float *)params[name])
-#define EACH(i, c) for (int64_t b_ = 0; b_ < batch; b_++) for (int64_t c = 0, i = b_ * C; c < C; c += VW, i += VW)
-#define LINEAR(name, x, y, out, in) linear(params[name], P(name##_S), type, x, y, out, in, batch, threads)
-#define LORA(name, x, y, out, in) gemv_f32_rows(params[name], NULL, x, y, out, in, batch, threads)
-    const int64_t BC = batch * C;
-    /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step */
+#define EACH(i, c) for (int64_t r_ = 0; r_ < rows; r_++) for (int64_t c = 0, i = r_ * C; c < C; c += VW, i += VW)
+#define LINEAR(name, x, y, out, in) linear(params[name], P(name##_S), type, x, y, out, in, rows, threads)
+#define LORA(name, x, y, out, in) gemv_f32_rows(params[name], NULL, x, y, out, in, rows, threads)
+    const int64_t rows = batch * len, BC = rows * C;
+    /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step, the normalized
+     * inputs of the shifts, and the LoRAs' and the channel mix's hidden vectors */
     float *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *w = v + BC, *a = w + BC, *g = a + BC, *minus_kk = g + BC,
-          *kk_a = minus_kk + BC, *y = kk_a + BC, *up = y + BC, *hidden = up + BC;
+          *kk_a = minus_kk + BC, *y = kk_a + BC, *up = y + BC, *xn = up + BC, *hidden = xn + BC;
     int err = 0;
 
-    for (int64_t b = 0; b < batch; b++) {
-        if (params[LN0_W]) normalize(x + b * C, x_out + b * C, P(LN0_W), P(LN0_B), C, ln_eps);
-        else memcpy(x_out + b * C, x + b * C, C * sizeof(float));
-        normalize(x_out + b * C, att_shift_out + b * C, P(LN1_W), P(LN1_B), C, ln_eps);
+    for (int64_t i = 0; i < rows; i++) {
+        if (params[LN0_W]) normalize(x + i * C, x_out + i * C, P(LN0_W), P(LN0_B), C, ln_eps);
+        else memcpy(x_out + i * C, x + i * C, C * sizeof(float));
+        normalize(x_out + i * C, xn + i * C, P(LN1_W), P(LN1_B), C, ln_eps);
     }
 
     /* time mix */
-    EACH(i, c) {
-        vf xi = load(att_shift_out + i), d = load(att_shift + i) - xi;
-        for (int m = 0; m < 6; m++) store(mix + m * BC + i, d * load(P(X_R + m) + c) + xi);
+    for (int64_t i = 0; i < rows; i++) {
+        const float *prev = previous(xn, att_shift, i, len, C);
+        for (int64_t c = 0; c < C; c += VW) {
+            vf xi = load(xn + i * C + c), d = load(prev + c) - xi;
+            for (int m = 0; m < 6; m++) store(mix + m * BC + i * C + c, d * load(P(X_R + m) + c) + xi);
+        }
     }
+    for (int64_t b = 0; b < batch; b++) memcpy(att_shift_out + b * C, xn + ((b + 1) * len - 1) * C, C * sizeof(float));
     const float *xr = mix, *xw = mix + BC, *xk = mix + 2 * BC, *xv = mix + 3 * BC, *xa = mix + 4 * BC, *xg = mix + 5 * BC;
     err |= LINEAR(RECEPTANCE, xr, r, C, C);
     err |= LINEAR(KEY, xk, k, C, C);
     err |= LINEAR(VALUE, xv, v, C, C);
 
     LORA(W1, xw, hidden, rank_w, C);
-    map(hidden, batch * rank_w, TANH);
+    map(hidden, rows * rank_w, TANH);
     LORA(W2, hidden, up, C, rank_w);
     EACH(i, c) /* the decay itself, what the recurrence takes */
         store(w + i, exp_v(-decay_scale * sigmoid_v(load(P(W0) + c) + load(up + i))));
@@ -518,7 +530,7 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
     EACH(i, c) store(a + i, sigmoid_v(load(P(A0) + c) + load(up + i)));
 
     LORA(G1, xg, hidden, rank_g, C);
-    map(hidden, batch * rank_g, SIGMOID);
+    map(hidden, rows * rank_g, SIGMOID);
     LORA(G2, hidden, g, C, rank_g);
 
     if (params[V0]) {
@@ -549,7 +561,7 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
             store(k + h + j, ki * ((ai - 1.0f) * load(P(K_A) + c0 + j) + 1.0f));
         }
     }
-    err |= wkv7_f32(wkv, wkv_out, r, w, k, v, minus_kk, kk_a, y, batch, 1, C / n, n, threads);
+    err |= wkv7_f32(wkv, wkv_out, r, w, k, v, minus_kk, kk_a, y, batch, len, C / n, n, threads);
 
     /* ln_x per head, the bonus for the current token, the gate */
     for (int64_t h = 0; h < BC; h += n) {
@@ -565,13 +577,17 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
 
     /* channel mix: relu(key(mix))^2 through value */
     float *xk_ffn = mix, *key = hidden;
-    for (int64_t b = 0; b < batch; b++) normalize(x_out + b * C, ffn_shift_out + b * C, P(LN2_W), P(LN2_B), C, ln_eps);
-    EACH(i, c) {
-        vf xi = load(ffn_shift_out + i);
-        store(xk_ffn + i, (load(ffn_shift + i) - xi) * load(P(FFN_X_K) + c) + xi);
+    for (int64_t i = 0; i < rows; i++) normalize(x_out + i * C, xn + i * C, P(LN2_W), P(LN2_B), C, ln_eps);
+    for (int64_t i = 0; i < rows; i++) {
+        const float *prev = previous(xn, ffn_shift, i, len, C);
+        for (int64_t c = 0; c < C; c += VW) {
+            vf xi = load(xn + i * C + c);
+            store(xk_ffn + i * C + c, (load(prev + c) - xi) * load(P(FFN_X_K) + c) + xi);
+        }
     }
+    for (int64_t b = 0; b < batch; b++) memcpy(ffn_shift_out + b * C, xn + ((b + 1) * len - 1) * C, C * sizeof(float));
     err |= LINEAR(FFN_KEY, xk_ffn, key, ffn, C);
-    map(key, batch * ffn, RELU_SQUARED);
+    map(key, rows * ffn, RELU_SQUARED);
     err |= LINEAR(FFN_VALUE, key, up, C, ffn);
     EACH(i, c) store(x_out + i, load(x_out + i) + load(up + i));
     return err;
@@ -581,27 +597,28 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
 #undef LORA
 }
 
-/* x [batch, C] -> x_out; the state's three parts in, new ones out (the old ones left as they are). v_first
- * [batch, C]: written by the first block (the one without V0), read by the others. C and n (head size)
- * multiples of 16, ffn and the LoRA ranks any size (rank_v 0 in the first block); LayerNorms and ln_x with
- * bias. A batch wider than MAX_BATCH runs in slices of MAX_BATCH rows. Returns 0, 1 for a head size the
- * recurrence refuses, 2 where the buffers could not be allocated. */
+/* x [batch, len, C] -> x_out; the state's three parts ([batch, ...]) in, new ones out (the old ones left as they
+ * are). v_first [batch, len, C]: written by the first block (the one without V0), read by the others. C and n
+ * (head size) multiples of 16, ffn and the LoRA ranks any size (rank_v 0 in the first block); LayerNorms and
+ * ln_x with bias. One-token steps wider than MAX_BATCH rows run in slices of MAX_BATCH; a prompt's tokens all at
+ * once. Returns 0, 1 for a head size the recurrence refuses, 2 where the buffers could not be allocated. */
 int block_step(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
                const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out, float *ffn_shift_out,
-               int64_t batch, int64_t C, int64_t n, int64_t ffn, int64_t rank_w, int64_t rank_a, int64_t rank_v,
-               int64_t rank_g, float ln_eps, float ln_x_eps, float decay_scale, int type, int threads) {
-    if (C % 16 || n % 16) return 1;
+               int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, int64_t rank_w, int64_t rank_a,
+               int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps, float decay_scale, int type, int threads) {
+    if (C % 16 || n % 16 || len < 1) return 1;
     int64_t widest = ffn; /* of the hidden vectors: the LoRAs' and the channel mix's */
     for (int64_t i = 0, ranks[] = {rank_w, rank_a, rank_v, rank_g}; i < 4; i++) widest = ranks[i] > widest ? ranks[i] : widest;
-    const int64_t rows = batch < MAX_BATCH ? batch : MAX_BATCH;
-    float *mix = malloc(sizeof(float) * (16 * rows * C + rows * widest + VW));
+    const int64_t per_slice = len == 1 ? MAX_BATCH : batch; /* sequences per call of block_step_slice */
+    const int64_t rows = (batch < per_slice ? batch : per_slice) * len;
+    float *mix = malloc(sizeof(float) * (17 * rows * C + rows * widest + VW));
     if (!mix) return 2;
     int err = 0;
-    for (int64_t b = 0; b < batch && !err; b += MAX_BATCH) {
-        const int64_t m = batch - b < MAX_BATCH ? batch - b : MAX_BATCH, o = b * C, s = b * C * n;
-        err = block_step_slice(params, x + o, x_out + o, v_first + o, att_shift + o, wkv + s, ffn_shift + o,
-                               att_shift_out + o, wkv_out + s, ffn_shift_out + o, m, C, n, ffn, rank_w, rank_a, rank_v,
-                               rank_g, ln_eps, ln_x_eps, decay_scale, type, threads, mix);
+    for (int64_t b = 0; b < batch && !err; b += per_slice) {
+        const int64_t m = batch - b < per_slice ? batch - b : per_slice, o = b * C, t = b * len * C, s = b * C * n;
+        err = block_step_slice(params, x + t, x_out + t, v_first + t, att_shift + o, wkv + s, ffn_shift + o,
+                               att_shift_out + o, wkv_out + s, ffn_shift_out + o, m, len, C, n, ffn, rank_w, rank_a,
+                               rank_v, rank_g, ln_eps, ln_x_eps, decay_scale, type, threads, mix);
     }
     free(mix);
     return err;

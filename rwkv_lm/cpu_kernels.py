@@ -51,7 +51,7 @@ SIGNATURES = {
     "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_i8": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "wkv7_f32": [_POINTER] * 9 + [_INT64] * 4 + [_INT],
-    "block_step": [_POINTER] * 10 + [_INT64] * 8 + [_FLOAT] * 3 + [_INT] * 2,
+    "block_step": [_POINTER] * 10 + [_INT64] * 9 + [_FLOAT] * 3 + [_INT] * 2,
 }
 
 

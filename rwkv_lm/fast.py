@@ -4,14 +4,16 @@ One-token steps are matrix-vector products, bound by how fast the weights stream
 weights' width and the way they are read matter more than the model code. `optimize` swaps every bias-free
 Linear for a `KernelLinear` (same `weight` name) whose decode steps (up to MAX_DECODE_ROWS rows) run in small
 C kernels (`cpu_kernels.c`, compiled at first use for this CPU's instruction set) that stream each weight once
-per step; a prompt (more rows) goes through torch's matmul as before. A one-token step of a block runs in one
-C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products; batches wider than MAX_BATCH in slices); a
-prompt, or anything under autograd, runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
+per step; a longer prompt (more rows) goes through torch's matmul as before. A one-token step of a block runs
+in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products; batches wider than MAX_BATCH in slices),
+and so does a short prompt (up to MAX_DECODE_ROWS tokens in all, each token a row); a longer prompt, or anything
+under autograd, runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
 - fp32 (the default): the weights stay as they are;
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
   every activation stays fp32. A step widens the weights to fp32 in registers (with avx512_bf16: feeds them to
-  its dot product, fp32-accurate in the activations); a prompt goes through oneDNN's bf16 matmul.
+  its dot product, fp32-accurate in the activations), as does a short prompt; a longer one goes through
+  oneDNN's bf16 matmul (activations rounded to bf16).
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
   fp32 in registers, a prompt multiplies the dequantized weights. `rwkv_lm.save` keeps them as they are.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
@@ -29,8 +31,8 @@ from .cpu_kernels import BLOCK_STEP_PARAMS, MAX_BATCH, WEIGHT_TYPES, kernels
 from .model import DECAY_SCALE, Block
 from .state import LayerState
 
-# rows a KernelLinear multiplies in the kernel (in slices of MAX_BATCH): a decode step of up to this many
-# sequences; more rows are a prompt's, which torch's matmul serves
+# rows a KernelLinear (and a StepBlock) takes in the C kernels (in slices of MAX_BATCH): a decode step of up to
+# this many sequences, or a prompt of up to this many tokens; beyond, torch's matmul is as fast (measured)
 MAX_DECODE_ROWS = 4 * MAX_BATCH
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8"}
@@ -94,9 +96,10 @@ class KernelLinear(nn.Linear):
 
 
 class StepBlock(Block):
-    """Block whose one-token steps run in one C call (`block_step`): model.py's arithmetic without the ~130
-    small torch ops per layer that took a quarter of a batched step and a third of a one-row step. Anything else
-    (a prompt, autograd, or a dtype that .to() changed since optimize()) runs Block.forward."""
+    """Block whose one-token steps and short prompts run in one C call (`block_step`): model.py's arithmetic
+    without the ~130 small torch ops per layer that took a quarter of a batched step, a third of a one-row step
+    and most of a short prompt on a small model. Anything else (a longer prompt, autograd, or a dtype that .to()
+    changed since optimize()) runs Block.forward."""
 
     def forward(self, x, v_first, state: LayerState):
         fp32, (B, T, C) = torch.float32, x.shape
@@ -106,20 +109,20 @@ class StepBlock(Block):
         if current is None:  # a module replaced since optimize() (an adapter, say)
             return super().forward(x, v_first, state)
         params = self._step_params(current)
-        if (params is None or T != 1 or x.dtype != fp32 or x.device.type != "cpu"
+        if (params is None or B * T > MAX_DECODE_ROWS and T > 1 or x.dtype != fp32 or x.device.type != "cpu"
                 or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current))
                 or "block_step" not in kernels()  # (the build failed for a level RWKV_LM_CPU_ISA set since)
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self.step_modules)  # the C would skip them
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                 or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
                 or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32):
-            return super().forward(x, v_first, state)  # a prompt, training, or anything changed
-        x_out, att_shift, ffn_shift, wkv = torch.empty(B, 1, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, H, N, N)
-        v_first = torch.empty(B, 1, C) if att.layer_id == 0 else v_first.contiguous()
+            return super().forward(x, v_first, state)  # a long prompt, training, or anything changed
+        x_out, att_shift, ffn_shift, wkv = torch.empty(B, T, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, H, N, N)
+        v_first = torch.empty(B, T, C) if att.layer_id == 0 else v_first.contiguous()
         inputs = (x.contiguous(), state.att_shift.contiguous(), state.wkv.contiguous(), state.ffn_shift.contiguous())
         if kernels()["block_step"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
                                    *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
-                                   ffn_shift.data_ptr(), B, *self.step_sizes, self.ln1.eps, att.ln_x.eps, DECAY_SCALE,
+                                   ffn_shift.data_ptr(), B, T, *self.step_sizes, self.ln1.eps, att.ln_x.eps, DECAY_SCALE,
                                    self.step_weight_type, torch.get_num_threads()):
             raise RuntimeError(f"block_step could not allocate its buffers for a batch of {B}")
         return x_out, v_first, LayerState(att_shift, wkv, ffn_shift)

@@ -132,6 +132,37 @@ def test_block_steps_match_the_plain_model(batch, weights):
         assert_close(a, s_ref.tensors()[name], rtol, name)
 
 
+@pytest.mark.parametrize("weights", [None, "bf16", "int8"])
+@pytest.mark.parametrize("batch, length", [(1, 2), (1, 17), (3, 5), (2, 32), (1, 64), (3, 30)])
+def test_short_prompts_run_in_the_fused_block(batch, length, weights, monkeypatch):
+    """A prompt of up to MAX_DECODE_ROWS tokens (all rows together) runs each block in one C call: its tokens
+    are rows of the products, the shifts and the recurrence follow each sequence. From a random state, its
+    logits at every position and its final state are model.py's (the weights as the kernels read them), and the
+    state it was given is left as it was. Longer prompts run model.py's ops."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=20, value_lora=8,
+                     gate_lora=48)
+    model = random_model(cfg, seed=length)
+    fast = optimize(copy.deepcopy(model), weights=weights)
+    ref = _dequantized(model, fast) if weights == "int8" else _rounded(model) if weights else model
+    calls = []
+    block_step = kernels()["block_step"]
+    monkeypatch.setitem(kernels(), "block_step", lambda *args: calls.append(args[11]) or block_step(*args))
+    g = torch.Generator().manual_seed(batch * 100 + length)
+    tokens = torch.randint(0, 300, (batch, length), generator=g)
+    state = model.init_state(batch).map(lambda t: torch.randn(t.shape, generator=g))
+    snapshot = state.clone()
+    with torch.no_grad():
+        logits, new_state = fast(tokens, state)
+        ref_logits, ref_state = ref(tokens, state)
+    fused = batch * length <= MAX_DECODE_ROWS  # (3 x 30: more rows, model.py's ops and torch's matmul)
+    assert calls == ([length] * cfg.n_layer if fused else []), "each block in one C call of the whole prompt"
+    rtol = (bf16_rtol(128) if fused else BF16_MATMUL_RTOL) if weights == "bf16" else 1e-5
+    assert_close(logits, ref_logits, rtol, "prompt logits")
+    for name, t in new_state.tensors().items():
+        assert_close(t, ref_state.tensors()[name], rtol, name)
+    assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
+
+
 def test_block_steps_with_a_nearly_vanishing_removal_key():
     """kk = normalize(k * k_k) stays a unit vector however small k * k_k is (down to F.normalize's eps 1e-12):
     one head's k_k scaled to 1e-8 must give the plain model's result in the fused step too."""
