@@ -259,8 +259,9 @@ def quality(windows_for_steps: int) -> list[str]:
         lines.append(f"| {name} | {results[name]:.4f} | {100 * (results[name] / results['fp32'] - 1):+.2f}% "
                      f"| {100 * agree:.2f}% | {100 * steps:.2f}% |")
     lines += ["", f"({len(xs)} windows of {data.ctx_len} tokens, {data.val_bytes_per_token:.2f} bytes per token; "
-              "the prompt path multiplies int8 weights dequantized and rounds bf16 activations to bf16 (oneDNN), "
-              "the decode steps keep activations in fp32.)"]
+              "the prompt path runs the blocks in the C kernels in pieces of 64 rows with fp32 activations, but bf16 "
+              "through oneDNN, activations rounded to bf16; the head on the dequantized weights; the decode steps keep "
+              "activations in fp32.)"]
     return lines
 
 

@@ -4,18 +4,18 @@ One-token steps are matrix-vector products, bound by how fast the weights stream
 weights' width and the way they are read matter more than the model code. `optimize` swaps every bias-free
 Linear for a `KernelLinear` (same `weight` name) whose decode steps (up to MAX_DECODE_ROWS rows) run in small
 C kernels (`cpu_kernels.c`, compiled at first use for this CPU's instruction set) that stream each weight once
-per step; a longer prompt (more rows) goes through torch's matmul as before. A one-token step of a block runs
-in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products; batches wider than MAX_BATCH in slices),
-and so does a short prompt (up to MAX_DECODE_ROWS tokens in all, each token a row); a longer prompt, or anything
-under autograd, runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
+per step; more rows go through torch's matmul. A one-token step of a block runs in one C call (`StepBlock`:
+norms, mixes, LoRAs, recurrence, products; batches wider than MAX_BATCH in slices), and so does a prompt (each
+token a row; a longer one in pieces of MAX_DECODE_ROWS rows, the state carried); anything under autograd runs
+model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
 - fp32 (the default): the weights stay as they are;
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
   every activation stays fp32. A step widens the weights to fp32 in registers (with avx512_bf16: feeds them to
-  its dot product, fp32-accurate in the activations), as does a short prompt; a longer one goes through
-  oneDNN's bf16 matmul (activations rounded to bf16).
+  its dot product, fp32-accurate in the activations), as does a short prompt; a longer one runs model.py's
+  ops through oneDNN's bf16 matmul (activations rounded to bf16), faster there than the kernels.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
-  fp32 in registers, a prompt multiplies the dequantized weights. `rwkv_lm.save` keeps them as they are.
+  fp32 in registers, prompts too; torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
 ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass.
 """
@@ -109,16 +109,33 @@ class StepBlock(Block):
         if current is None:  # a module replaced since optimize() (an adapter, say)
             return super().forward(x, v_first, state)
         params = self._step_params(current)
-        if (params is None or B * T > MAX_DECODE_ROWS and T > 1 or x.dtype != fp32 or x.device.type != "cpu"
+        # a long prompt with bf16 weights: oneDNN's bf16 matmul beats the kernels past MAX_DECODE_ROWS rows
+        long_bf16 = B * T > MAX_DECODE_ROWS and T > 1 and self.step_weight_type == WEIGHT_TYPES["bfloat16"]
+        if (params is None or long_bf16 or x.dtype != fp32 or x.device.type != "cpu"
                 or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current))
                 or "block_step" not in kernels()  # (the build failed for a level RWKV_LM_CPU_ISA set since)
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self.step_modules)  # the C would skip them
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                 or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
                 or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32):
-            return super().forward(x, v_first, state)  # a long prompt, training, or anything changed
-        x_out, att_shift, ffn_shift, wkv = torch.empty(B, T, C), torch.empty(B, C), torch.empty(B, C), torch.empty(B, H, N, N)
-        v_first = torch.empty(B, T, C) if att.layer_id == 0 else v_first.contiguous()
+            return super().forward(x, v_first, state)  # training, or anything changed
+        # a longer prompt in pieces of up to MAX_DECODE_ROWS rows, the state carried: against model.py's ops and
+        # torch's matmul, fp32 128 tokens 1.8x faster, 512 1.4x; int8 (dequantized there) 2.7x and 1.8x
+        chunk = T if T == 1 else max(1, MAX_DECODE_ROWS // B)
+        pieces = []
+        for i in range(0, T, chunk):  # each piece starts from the state the one before it ends in
+            pieces.append(self._fused(params, x[:, i:i + chunk], None if att.layer_id == 0 else v_first[:, i:i + chunk], state))
+            state = pieces[-1][2]
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 1), pieces[-1][2]
+
+    def _fused(self, params, x, v_first, state: LayerState):
+        """One C call of block_step for x [B, T, C] from this state: (x_out, v_first, new state)."""
+        (B, T, C), att = x.shape, self.att
+        x_out, att_shift, ffn_shift, wkv = (torch.empty(B, T, C), torch.empty(B, C), torch.empty(B, C),
+                                            torch.empty(B, att.n_head, att.head_size, att.head_size))
+        v_first = torch.empty(B, T, C) if v_first is None else v_first.contiguous()
         inputs = (x.contiguous(), state.att_shift.contiguous(), state.wkv.contiguous(), state.ffn_shift.contiguous())
         if kernels()["block_step"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
                                    *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
@@ -198,8 +215,9 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
     """Prepare a CPU model for inference (in place; returns it). weights: None keeps the Linear weights as they
     are, "bf16" stores them in bf16, "int8" in int8 with one fp32 scale per output row (the head included).
 
-    Decode steps run in the C kernels, activations in fp32; prompts and anything under autograd run the torch
-    ops (bf16 weights then round activations to bf16 as well; int8 weights are dequantized for them). No
+    Decode steps and prompts run in the C kernels, activations in fp32 (prompts over MAX_DECODE_ROWS rows with
+    bf16 weights: oneDNN's bf16 matmul, activations rounded to bf16); anything under autograd runs the torch ops
+    (int8 weights dequantized for them). No
     parameter requires grad afterwards, so steps take the kernels with or without torch.no_grad();
     `model.requires_grad_()` makes it trainable (in torch ops)."""
     if weights not in WEIGHTS:
