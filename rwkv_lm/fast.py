@@ -96,10 +96,10 @@ class KernelLinear(nn.Linear):
 
 
 class StepBlock(Block):
-    """Block whose one-token steps and short prompts run in one C call (`block_step`): model.py's arithmetic
-    without the ~130 small torch ops per layer that took a quarter of a batched step, a third of a one-row step
-    and most of a short prompt on a small model. Anything else (a longer prompt, autograd, or a dtype that .to()
-    changed since optimize()) runs Block.forward."""
+    """Block whose one-token steps and prompts run in C calls (`block_step`): model.py's arithmetic without the
+    ~130 small torch ops per layer that took a quarter of a batched step, a third of a one-row step and most of a
+    short prompt on a small model. Anything else (a bf16 prompt of more than MAX_DECODE_ROWS rows, autograd, or
+    a dtype that .to() changed since optimize()) runs Block.forward."""
 
     def forward(self, x, v_first, state: LayerState):
         fp32, (B, T, C) = torch.float32, x.shape
@@ -160,8 +160,8 @@ class StepBlock(Block):
 
     def _step_params(self, current):
         """The C step's array of parameter pointers for these tensors, or None where they are no longer in the
-        dtypes, device and layouts optimize() prepared. Kept while the same tensors hold the same memory: the
-        checks of ~40 tensors cost a tenth of a one-row step."""
+        dtypes, device and layouts optimize() prepared. Kept while the same tensors hold the same memory, so a
+        step does not check ~40 tensors again (with the lookups above: 54 -> 18 us of Python a block)."""
         key = [(id(p), p.data_ptr()) for p in current]
         if key == self.step_key:
             return self.step_params
