@@ -19,7 +19,10 @@ class SamplingError(ValueError):
 
     def __init__(self, param: str, reason: str, params):
         super().__init__(f"{reason}; got {params}")
-        self.param, self.reason = param, reason
+        self.param, self.reason, self.params = param, reason, params
+
+    def __reduce__(self):  # (pickle, copy): rebuilt from what __init__ takes
+        return type(self), (self.param, self.reason, self.params)
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor, candidates: tuple[int
     The cut nearly always falls among the few most likely tokens, so it is looked for among the first
     `candidates[0]` (a top-k), rows whose cut lies beyond them among the next number's, and only the rest sort
     all V: at V = 65,536 and 16 rows (one thread) the top 256 take 3 ms, the top 4096 12, a full sort 79.
-    candidates=() is the plain full sort: the reference."""
+    candidates=() is the plain full sort: the reference. (Tokens of exactly equal probability at the cut may be
+    kept in another order than a full sort's, as a full sort's own order among ties is arbitrary.)"""
     V = probs.shape[-1]
     values, order = probs.topk(min(candidates[0], V), dim=-1) if candidates else probs.sort(-1, descending=True)
     keep = values.cumsum(-1) - values < top_p

@@ -192,10 +192,15 @@ def test_optimized_model_loads_new_weights(model, assign):
 
 
 def test_a_module_replaced_after_steps(model):
-    """A Linear swapped into a stepped block (its own weight, torch's layout) is what the next steps use."""
+    """A weight given another layout in place, and a Linear swapped into a stepped block (its own weight,
+    torch's layout), are what the next steps use."""
     fast = optimize(copy.deepcopy(model))
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(6))
     _steps(fast, tokens)
+    for m in (fast, model):  # the same tensor and memory, another layout: the kept pointers must not be used
+        w = m.blocks[0].att.receptance.weight
+        w.data = w.data.t()
+    assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "step logits after a layout change")
     replacement = torch.nn.Linear(64, 64, bias=False)
     for m in (fast, model):
         m.blocks[1].att.receptance = copy.deepcopy(replacement)

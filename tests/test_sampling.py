@@ -1,8 +1,10 @@
 """Sampling: a pure function of logits and each row's settings; every setting does what its name says."""
+import pickle
+
 import pytest
 import torch
 
-from rwkv_lm.sampling import RowSampler, SamplingParams, resolve, sample, top_p_filter
+from rwkv_lm.sampling import RowSampler, SamplingError, SamplingParams, resolve, sample, top_p_filter
 
 LOGITS = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0, 2.5]])
 
@@ -96,8 +98,11 @@ def test_each_row_of_a_batch_follows_its_own_settings():
     (dict(penalty_decay=0.0), "penalty_decay"), (dict(stop=[""]), "stop"), (dict(temperature=float("nan")), "temperature"),
 ])
 def test_invalid_values_name_the_setting(bad, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(SamplingError, match=field) as raised:
         SamplingParams(**bad)
+    assert raised.value.param == field and raised.value.reason.startswith(field)
+    copied = pickle.loads(pickle.dumps(raised.value))  # (an error may cross a process boundary)
+    assert (copied.param, copied.reason, str(copied)) == (field, raised.value.reason, str(raised.value))
 
 
 def test_overrides_and_unknown_names():
