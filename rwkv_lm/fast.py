@@ -121,7 +121,7 @@ class StepBlock(Block):
             return super().forward(x, v_first, state)  # training, or anything changed
         # a longer prompt in pieces of up to MAX_DECODE_ROWS rows, the state carried: against model.py's ops and
         # torch's matmul, fp32 128 tokens 1.8x faster, 512 1.4x; int8 (dequantized there) 2.7x and 1.8x
-        chunk = T if T == 1 else max(1, MAX_DECODE_ROWS // B)
+        chunk = max(1, MAX_DECODE_ROWS // B)
         pieces = []
         for i in range(0, T, chunk):  # each piece starts from the state the one before it ends in
             pieces.append(self._fused(params, x[:, i:i + chunk], None if att.layer_id == 0 else v_first[:, i:i + chunk], state))
@@ -218,9 +218,8 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
 
     Decode steps and prompts run in the C kernels, activations in fp32 (prompts over MAX_DECODE_ROWS rows with
     bf16 weights: oneDNN's bf16 matmul, activations rounded to bf16); anything under autograd runs the torch ops
-    (int8 weights dequantized for them). No
-    parameter requires grad afterwards, so steps take the kernels with or without torch.no_grad();
-    `model.requires_grad_()` makes it trainable (in torch ops)."""
+    (int8 weights dequantized for them). No parameter requires grad afterwards, so steps take the kernels with or
+    without torch.no_grad(); `model.requires_grad_()` makes it trainable (in torch ops)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be None (keep the model's dtype), 'bf16' or 'int8', got {weights!r}")
     if next(model.parameters()).device.type != "cpu":

@@ -136,15 +136,13 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor, candidates: tuple[int
     V = probs.shape[-1]
     values, order = probs.topk(min(candidates[0], V), dim=-1) if candidates else probs.sort(-1, descending=True)
     keep = values.cumsum(-1) - values < top_p
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep)
+    filtered = probs.masked_fill(~mask, 0)
     beyond = keep[:, -1] & (values.shape[-1] < V)  # the last candidate still kept: the cut may lie further down
     if beyond.any():
-        filtered = probs.clone()
-        for rows, stages in ((beyond, candidates[1:]), (~beyond, candidates[:1])):
-            rows = rows.nonzero().squeeze(1)
-            filtered[rows] = top_p_filter(probs[rows], top_p[rows], stages)
-        return filtered
-    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep)
-    return probs.masked_fill(~mask, 0)
+        rows = beyond.nonzero().squeeze(1)
+        filtered[rows] = top_p_filter(probs[rows], top_p[rows], candidates[1:])
+    return filtered
 
 
 def _draw(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
