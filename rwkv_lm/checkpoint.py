@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .fast import optimize
+from .cpu_kernels import INT4_GROUP
+from .fast import dequantize_int4, optimize
 from .gpt import GPT, GPTConfig
 from .model import RWKV, RWKVConfig
 
@@ -152,7 +153,7 @@ def copy_tensors(model, sd: dict[str, torch.Tensor], source) -> None:
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        if not v.is_floating_point() and v.dtype != expected[k].dtype:  # (int8 weights load into int8 ones)
+        if not v.is_floating_point() and v.dtype != expected[k].dtype:  # (int8 and int4 weights into their own)
             raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected floating point")
     model.load_state_dict(sd)
 
@@ -162,8 +163,8 @@ def load(path, *, device="cpu", dtype=torch.float32, fast=True):
 
     `model.tokenizer` is the tokenizer the file names (World for official 65536-token files) or None.
     fast: an fp32 RWKV-7 on the CPU comes prepared for inference by `rwkv_lm.fast.optimize` (decode steps in
-    the C kernels, no parameter requiring grad; int8 weights saved from `optimize(model, weights="int8")` load
-    as they are); fast=False gives model.py's modules as they are (int8 weights dequantized), for training.
+    the C kernels, no parameter requiring grad; int8 and int4 weights saved from `optimize(model, weights="int8"
+    | "int4")` load as they are); fast=False gives model.py's modules as they are (weights dequantized), for training.
     """
     sd, config, meta = read(path)
     try:
@@ -171,9 +172,12 @@ def load(path, *, device="cpu", dtype=torch.float32, fast=True):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from None
     fast = fast and isinstance(model, RWKV) and torch.device(device).type == "cpu" and dtype == torch.float32
-    if any(v.dtype == torch.int8 for v in sd.values()):
+    quantized = {v.dtype for v in sd.values()} & {torch.int8, torch.uint8}
+    if quantized:
         if fast:
-            optimize(model, weights="int8")  # the int8 layers the file's tensors go into
+            if len(quantized) > 1:
+                raise CheckpointError(f"{path}: holds both int8 and int4 (uint8) weights; a model has one kind")
+            optimize(model, weights="int8" if torch.int8 in quantized else "int4")  # the layers the tensors go into
         else:
             sd = dequantize(sd, path)
     copy_tensors(model, sd, path)
@@ -184,17 +188,21 @@ def load(path, *, device="cpu", dtype=torch.float32, fast=True):
 
 
 def dequantize(sd: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
-    """The tensors with each int8 weight times its per-row scale (as `optimize(weights="int8")` saves them) as one
-    fp32 weight, what model.py's Linear layers take."""
-    scales = {k.removesuffix("weight") + "scale" for k, v in sd.items() if v.dtype == torch.int8}
+    """The tensors with each int8 weight times its per-row scale and each int4 one (packed in uint8) times its
+    group scales (as `optimize(weights="int8" | "int4")` saves them) as one fp32 weight, what model.py's Linear
+    layers take."""
+    quantized = (torch.int8, torch.uint8)
+    scales = {k.removesuffix("weight") + "scale" for k, v in sd.items() if v.dtype in quantized}
     out = {k: v for k, v in sd.items() if k not in scales}
     for k, v in sd.items():
-        if v.dtype == torch.int8:
+        if v.dtype in quantized:
             scale = sd.get(k.removesuffix("weight") + "scale")
-            if not k.endswith(".weight") or scale is None or scale.shape != v.shape[:1]:
-                raise CheckpointError(f"{source}: int8 tensor {k!r} has no per-row scale beside it; write quantized "
-                                      "models with rwkv_lm.save(optimize(model, weights='int8'), path)")
-            out[k] = v.float() * scale.float()[:, None]
+            kind = "int8" if v.dtype == torch.int8 else "int4"
+            shape = v.shape[:1] if kind == "int8" else (v.shape[0], 2 * v.shape[1] // INT4_GROUP)
+            if not k.endswith(".weight") or scale is None or scale.shape != shape:
+                raise CheckpointError(f"{source}: {kind} tensor {k!r} has no scale of shape {tuple(shape)} beside it; "
+                                      f"write quantized models with rwkv_lm.save(optimize(model, weights='{kind}'), path)")
+            out[k] = v.float() * scale.float()[:, None] if kind == "int8" else dequantize_int4(v, scale)
     return out
 
 

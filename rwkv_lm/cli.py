@@ -25,6 +25,7 @@ from .statefile import load_state
 from .tokenizer import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUANTIZED = {"int8": torch.int8, "int4": torch.uint8}  # --dtype's CPU-only weights (int4: packed in uint8)
 
 
 class UsageError(Exception):
@@ -39,9 +40,10 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="checkpoint: ours (.safetensors) or an official RWKV-7 .pth")
     p.add_argument("--tokenizer", help="'world' or a tokenizer.json path (default: the one the checkpoint names)")
-    p.add_argument("--dtype", choices=sorted(DTYPES) + ["int8"], default="fp32",
+    p.add_argument("--dtype", choices=sorted(DTYPES) + list(QUANTIZED), default="fp32",
                    help="default fp32; bf16 halves the memory read per token (on a CPU the weights only, "
-                        "activations stay fp32; on a GPU the whole model); int8 (CPU only) halves it again")
+                        "activations stay fp32; on a GPU the whole model); int8 (CPU only) halves it again, "
+                        "int4 (CPU only, 4 bits and a scale per 64 inputs) again")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda where a GPU is visible)")
 
@@ -82,15 +84,16 @@ def load_for_inference(path, device: torch.device | str = "cpu", dtype: torch.dt
     the weights only), on a GPU in `dtype`. `rwkv-lm` and the demo load their models with this."""
     device = torch.device(device)
     if device.type == "cpu":
-        return optimize(load(path), weights={torch.bfloat16: "bf16", torch.int8: "int8"}.get(dtype))
-    if dtype == torch.int8:
-        raise UsageError("--dtype int8 runs on the CPU only; use --device cpu, or --dtype bf16 on a GPU")
+        return optimize(load(path), weights={torch.bfloat16: "bf16", torch.int8: "int8", torch.uint8: "int4"}.get(dtype))
+    quantized = {v: k for k, v in QUANTIZED.items()}.get(dtype)
+    if quantized:
+        raise UsageError(f"--dtype {quantized} runs on the CPU only; use --device cpu, or --dtype bf16 on a GPU")
     # the WKV kernels and cuBLAS take bf16 activations without loss of speed or much precision
     return load(path, device=device, dtype=dtype)
 
 
 def _model_and_tokenizer(args):
-    dtype = torch.int8 if args.dtype == "int8" else DTYPES[args.dtype]
+    dtype = {**DTYPES, **QUANTIZED}[args.dtype]
     model = load_for_inference(args.model, _device(args.device), dtype)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:

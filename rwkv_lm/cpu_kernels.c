@@ -6,8 +6,9 @@
  * rows. One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
  * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
- * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product where the CPU has it) or int8
- * with one fp32 scale per output row; activations are fp32 throughout. */
+ * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product where the CPU has it), int8
+ * with one fp32 scale per output row, or int4 with one fp32 scale per INT4_GROUP inputs of a row (dequantized
+ * in registers); activations are fp32 throughout. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,7 +41,13 @@ const int max_batch = MAX_BATCH;
 enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
-enum { F32, BF16, I8 }; /* weight types, as the Python side numbers them */
+enum { F32, BF16, I8, I4 }; /* weight types, as the Python side numbers them */
+/* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
+ * j + 16 in its high one (so a vector of any width up to 16 is one load of consecutive bytes and a mask or a
+ * shift); a nibble n stands for (n - 8) * the scale of its group of INT4_GROUP inputs. Rows a multiple of 32 long. */
+#define INT4_BLOCK 32
+#define INT4_GROUP 64
+const int int4_group = INT4_GROUP;
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -124,13 +131,51 @@ INLINE vf widen_i8(const int8_t *p) {
     return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(b, vs), vi), vf); /* via int16: fewer inserts */
 #endif
 }
-INLINE size_t type_size(int type) { return type == F32 ? 4 : type == BF16 ? 2 : 1; }
-INLINE vf load_w(const void *w, int64_t i, int type) {
+/* VW nibbles (the low ones of VW bytes, or the high ones) as fp32 values 0 .. 15 */
+INLINE vf widen_u4(const uint8_t *p, int high) {
+#if defined(__AVX512F__)
+    __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    n = high ? _mm512_srli_epi32(n, 4) : _mm512_and_si512(n, _mm512_set1_epi32(15));
+    return (vf)_mm512_cvtepi32_ps(n);
+#elif defined(__AVX2__)
+    __m256i n = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    n = high ? _mm256_srli_epi32(n, 4) : _mm256_and_si256(n, _mm256_set1_epi32(15));
+    return (vf)_mm256_cvtepi32_ps(n);
+#elif defined(__ARM_NEON)
+    uint32_t bits;
+    memcpy(&bits, p, 4);
+    uint32x4_t n = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(bits)))));
+    n = high ? vshrq_n_u32(n, 4) : vandq_u32(n, vdupq_n_u32(15));
+    return (vf)vcvtq_f32_u32(n);
+#elif defined(__SSE2__)
+    int32_t bits;
+    memcpy(&bits, p, 4);
+    const __m128i zero = _mm_setzero_si128();
+    __m128i n = _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(bits), zero), zero);
+    n = high ? _mm_srli_epi32(n, 4) : _mm_and_si128(n, _mm_set1_epi32(15));
+    return (vf)_mm_cvtepi32_ps(n);
+#else
+    uint8_t b[VW];
+    memcpy(b, p, sizeof b);
+    vu n;
+    for (int j = 0; j < VW; j++) n[j] = b[j];
+    return __builtin_convertvector(high ? n >> 4 : n & 15, vf);
+#endif
+}
+/* the bytes of n weights of a type (int4: n even) */
+INLINE size_t weight_bytes(int64_t n, int type) { return type == F32 ? 4 * n : type == BF16 ? 2 * n : type == I8 ? n : n / 2; }
+/* VW weights from element i of w (a matrix of rows a multiple of INT4_GROUP long, for int4, whose group scales
+ * start at group_scale), as fp32; int8 without its row's scale, int4 with its group's ((n - 8) * scale is exact
+ * in fp32: the dequantized weight itself) */
+INLINE vf load_w(const void *w, int64_t i, int type, const float *group_scale) {
     if (type == F32) return load((const float *)w + i);
     if (type == BF16) return widen_bf16((const uint16_t *)w + i);
-    return widen_i8((const int8_t *)w + i);
+    if (type == I8) return widen_i8((const int8_t *)w + i);
+    const int64_t in_block = i % INT4_BLOCK;
+    const uint8_t *p = (const uint8_t *)w + i / INT4_BLOCK * (INT4_BLOCK / 2) + in_block % (INT4_BLOCK / 2);
+    return (widen_u4(p, in_block >= INT4_BLOCK / 2) - 8.0f) * group_scale[i / INT4_GROUP];
 }
-INLINE float scalar_w(const void *w, int64_t i, int type) {
+INLINE float scalar_w(const void *w, int64_t i, int type, const float *group_scale) {
     if (type == F32) return ((const float *)w)[i];
     if (type == BF16) {
         uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
@@ -138,23 +183,26 @@ INLINE float scalar_w(const void *w, int64_t i, int type) {
         memcpy(&f, &bits, 4);
         return f;
     }
-    return ((const int8_t *)w)[i];
+    if (type == I8) return ((const int8_t *)w)[i];
+    const int64_t in_block = i % INT4_BLOCK;
+    const uint8_t byte = ((const uint8_t *)w)[i / INT4_BLOCK * (INT4_BLOCK / 2) + in_block % (INT4_BLOCK / 2)];
+    return ((in_block >= INT4_BLOCK / 2 ? byte >> 4 : byte & 15) - 8.0f) * group_scale[i / INT4_GROUP];
 }
 
 /* sum_i w[i] x[i] over one row: one stream per thread keeps the hardware prefetcher at full speed
  * (interleaving rows of W cost up to a third of the bandwidth); four chains hide the FMA latency */
-INLINE float dot(const void *w, const float *x, int64_t in, int type) {
+INLINE float dot(const void *w, const float *x, int64_t in, int type, const float *gs) {
     vf acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
     int64_t i = 0;
     for (; i + 4 * VW <= in; i += 4 * VW) {
-        acc0 += load_w(w, i, type) * load(x + i);
-        acc1 += load_w(w, i + VW, type) * load(x + i + VW);
-        acc2 += load_w(w, i + 2 * VW, type) * load(x + i + 2 * VW);
-        acc3 += load_w(w, i + 3 * VW, type) * load(x + i + 3 * VW);
+        acc0 += load_w(w, i, type, gs) * load(x + i);
+        acc1 += load_w(w, i + VW, type, gs) * load(x + i + VW);
+        acc2 += load_w(w, i + 2 * VW, type, gs) * load(x + i + 2 * VW);
+        acc3 += load_w(w, i + 3 * VW, type, gs) * load(x + i + 3 * VW);
     }
-    for (; i + VW <= in; i += VW) acc0 += load_w(w, i, type) * load(x + i);
+    for (; i + VW <= in; i += VW) acc0 += load_w(w, i, type, gs) * load(x + i);
     float s = hsum((acc0 + acc1) + (acc2 + acc3));
-    for (; i < in; i++) s += scalar_w(w, i, type) * x[i];
+    for (; i < in; i++) s += scalar_w(w, i, type, gs) * x[i];
     return s;
 }
 
@@ -177,9 +225,9 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
  * next tile's rows into L1 and those L2_AHEAD tiles on into L2 itself (B=16 products from memory 56 -> ~80
  * GFLOP/s on one AVX-512 core, 111 when the weight is in cache) */
 #define L2_AHEAD 8
-INLINE void tile(const void *w, const float *x, float *y, const float *scale, int64_t in, int64_t out, int batch,
-                 int type) {
-    const size_t row_bytes = in * type_size(type);
+INLINE void tile(const void *w, const float *x, float *y, const float *scale, const float *gs, int64_t in, int64_t out,
+                 int batch, int type) {
+    const size_t row_bytes = weight_bytes(in, type);
     const char *next = (const char *)w + ROWS * row_bytes, *later = (const char *)w + L2_AHEAD * ROWS * row_bytes;
     vf acc[ROWS][BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
@@ -187,13 +235,13 @@ INLINE void tile(const void *w, const float *x, float *y, const float *scale, in
     int64_t i = 0;
     for (; i + VW <= in; i += VW) {
         for (int r = 0; r < ROWS; r++) {
-            __builtin_prefetch(next + r * row_bytes + i * type_size(type), 0, 3);
-            __builtin_prefetch(later + r * row_bytes + i * type_size(type), 0, 2);
+            __builtin_prefetch(next + r * row_bytes + weight_bytes(i, type), 0, 3);
+            __builtin_prefetch(later + r * row_bytes + weight_bytes(i, type), 0, 2);
         }
         vf xv[BATCH_BLOCK];
         for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i);
         for (int r = 0; r < ROWS; r++) {
-            vf wv = load_w(w, r * in + i, type);
+            vf wv = load_w(w, r * in + i, type, gs);
             for (int b = 0; b < batch; b++) acc[r][b] += wv * xv[b];
         }
     }
@@ -201,33 +249,34 @@ INLINE void tile(const void *w, const float *x, float *y, const float *scale, in
     for (int b = 0; b < batch; b++)
         for (int r = 0; r < ROWS; r++) {
             float *yr = y + b * out + r;
-            for (int64_t j = i; j < in; j++) *yr += scalar_w(w, r * in + j, type) * x[b * in + j]; /* the tail */
+            for (int64_t j = i; j < in; j++) *yr += scalar_w(w, r * in + j, type, gs) * x[b * in + j]; /* the tail */
             if (scale) *yr *= scale[r];
         }
 }
 
-/* rows o .. o + ROWS - 1 (those below out) of y[b, o] = scale[o] (if any) * sum_i W[o, i] x[b, i], for up to
- * MAX_BATCH rows of x */
+/* rows o .. o + ROWS - 1 (those below out) of y[b, o] = sum_i W[o, i] x[b, i], for up to MAX_BATCH rows of x;
+ * int8: times its row's scale[o], int4: each weight times its group's scale[o, i / INT4_GROUP] */
 INLINE void gemv_rows(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                       int64_t batch, int64_t o, int type) {
-    const char *w = (const char *)W + o * in * type_size(type);
-    const float *s = scale ? scale + o : NULL;
+    const char *w = (const char *)W + o * weight_bytes(in, type);
+    const float *s = type == I8 ? scale + o : NULL, *gs = type == I4 ? scale + o * (in / INT4_GROUP) : NULL;
     if (batch == 1 || o + ROWS > out) { /* one row of x, or the rows that fill no tile */
         for (int64_t r = 0; r < ROWS && o + r < out; r++)
             for (int64_t b = 0; b < batch; b++)
-                y[b * out + o + r] = dot(w + r * in * type_size(type), x + b * in, in, type) * (s ? s[r] : 1.0f);
+                y[b * out + o + r] = dot(w + r * weight_bytes(in, type), x + b * in, in, type, gs ? gs + r * (in / INT4_GROUP) : NULL)
+                                     * (s ? s[r] : 1.0f);
         return;
     }
     int64_t b = 0;
-    for (; b + BATCH_BLOCK <= batch; b += BATCH_BLOCK) tile(w, x + b * in, y + b * out + o, s, in, out, BATCH_BLOCK, type);
+    for (; b + BATCH_BLOCK <= batch; b += BATCH_BLOCK) tile(w, x + b * in, y + b * out + o, s, gs, in, out, BATCH_BLOCK, type);
     switch (batch - b) { /* constant block sizes, so the tile's loops unroll into registers */
 #if BATCH_BLOCK == 6
-        case 5: tile(w, x + b * in, y + b * out + o, s, in, out, 5, type); break;
-        case 4: tile(w, x + b * in, y + b * out + o, s, in, out, 4, type); break;
-        case 3: tile(w, x + b * in, y + b * out + o, s, in, out, 3, type); break;
-        case 2: tile(w, x + b * in, y + b * out + o, s, in, out, 2, type); break;
+        case 5: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 5, type); break;
+        case 4: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 4, type); break;
+        case 3: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 3, type); break;
+        case 2: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 2, type); break;
 #endif
-        case 1: tile(w, x + b * in, y + b * out + o, s, in, out, 1, type); break;
+        case 1: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 1, type); break;
     }
 }
 
@@ -246,6 +295,7 @@ INLINE void gemv_rows(const void *W, const float *scale, const float *x, float *
 GEMV(gemv_f32_rows, F32)
 GEMV(gemv_bf16_rows, BF16)
 GEMV(gemv_i8_rows, I8)
+GEMV(gemv_i4_rows, I4)
 
 #ifdef __AVX512BF16__
 /* bf16 weights on avx512_bf16: W is fed straight to the bf16 dot-product instruction, which takes bf16 on both
@@ -335,8 +385,9 @@ static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out
 }
 #endif
 
-/* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o].
- * Returns 0, or 2 where a buffer could not be allocated. */
+/* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
+ * int4 weights times scale[o, i / INT4_GROUP]. Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, or 2
+ * where a buffer could not be allocated. */
 static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
 #ifdef __AVX512BF16__
@@ -350,7 +401,9 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
 #endif
     if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == BF16) gemv_bf16_rows(W, NULL, x, y, out, in, batch, threads);
-    else gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
+    else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
+    else if (in % INT4_GROUP) return 1;
+    else gemv_i4_rows(W, scale, x, y, out, in, batch, threads);
     return 0;
 }
 
@@ -365,6 +418,11 @@ int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t 
 int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
             int threads) {
     return linear(W, scale, I8, x, y, out, in, batch, threads);
+}
+
+int gemv_i4(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
+            int threads) {
+    return linear(W, scale, I4, x, y, out, in, batch, threads);
 }
 
 /* a store the caller will not read soon: straight to memory, without reading the line into the cache first */
@@ -390,7 +448,7 @@ static void wkv7_token(const float *S, float *S_new, const float *r, const float
     for (int64_t i = 0; i < n; i++) {
         const float *s = S + i * n;
         float *s_new = S_new + i * n;
-        vf sa = splat(dot(s, a, n, F32)), vi_ = splat(v[i]), acc = splat(0);
+        vf sa = splat(dot(s, a, n, F32, NULL)), vi_ = splat(v[i]), acc = splat(0);
         for (int64_t j = 0; j < n; j += VW) {
             vf sj = load(s + j) * load(w + j) + sa * load(b + j) + vi_ * load(k + j);
             store_stream(s_new + j, sj, stream);
@@ -486,8 +544,8 @@ static void last_tokens(float *shift_out, const float *xn, int64_t batch, int64_
  * MAX_BATCH rows; a short prompt: the tokens of each): model.py's Block in one call, so a B=16 step is its
  * matrix products and the recurrence, not ~130 small torch ops and their Python per layer (those cost as much
  * as a third of the step). Every token is a row of the products and the elementwise work; the token shifts
- * and the recurrence follow each sequence. Activations fp32; the six Linear weights of type `type` (int8 with
- * their scales); the LoRA matrices fp32 and stored as their kernel reads them ([out, in] row-major). */
+ * and the recurrence follow each sequence. Activations fp32; the six Linear weights of type `type` (int8 and
+ * int4 with their scales); the LoRA matrices fp32 and stored as their kernel reads them ([out, in] row-major). */
 static int block_step_slice(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
                             const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out,
                             float *ffn_shift_out, int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, int64_t rank_w,

@@ -32,9 +32,11 @@ else:
                      "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512bf16"]}
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
-# checked against when it loads (cpu_kernels.c's max_batch and block_step_params)
+# checked against when it loads (cpu_kernels.c's max_batch, int4_group and block_step_params)
 MAX_BATCH = 16  # rows per pass over the weights; wider batches run in slices of this many
-WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2}  # the C enum of weight types, by torch dtype name
+INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
+# the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8
+WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3}
 # the pointers block_step takes, in this order; a name the block lacks (ln0, v0 ... after the first, the int8
 # scales of other types) is passed as NULL
 BLOCK_STEP_PARAMS = (
@@ -50,6 +52,7 @@ SIGNATURES = {
     "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_i8": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
+    "gemv_i4": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "wkv7_f32": [_POINTER] * 9 + [_INT64] * 4 + [_INT],
     "block_step": [_POINTER] * 10 + [_INT64] * 9 + [_FLOAT] * 3 + [_INT] * 2,
 }
@@ -123,6 +126,8 @@ def _check_interface(library):
     """The C and this module must agree on the limits and the parameter order (a mismatch would misread memory)."""
     names = ctypes.cast(ctypes.addressof(ctypes.c_char.in_dll(library, "block_step_params")), ctypes.c_char_p).value
     max_batch = ctypes.c_int.in_dll(library, "max_batch").value
-    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or max_batch != MAX_BATCH:
-        raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters or "
-                           f"MAX_BATCH ({max_batch} in C, {MAX_BATCH} here): change both together")
+    int4_group = ctypes.c_int.in_dll(library, "int4_group").value
+    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or (max_batch, int4_group) != (MAX_BATCH, INT4_GROUP):
+        raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
+                           f"MAX_BATCH ({max_batch} in C, {MAX_BATCH} here) or INT4_GROUP ({int4_group} in C, "
+                           f"{INT4_GROUP} here): change both together")

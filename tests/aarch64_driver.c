@@ -6,6 +6,7 @@
  *   gemv_f32 PREFIX out in batch threads     W x -> y
  *   gemv_bf16 PREFIX out in batch threads    W x -> y
  *   gemv_i8 PREFIX out in batch threads      W scale x -> y
+ *   gemv_i4 PREFIX out in batch threads      W scale x -> y   (W packed two to a byte, scale [out, in / 64])
  *   wkv7_f32 PREFIX batch len heads n threads    S r w k v a b -> y S_new
  * Outputs start as NaN (an element a kernel leaves unwritten fails the comparison) and are followed by guard
  * values that must come back untouched (a write past the end). Exits nonzero, saying why, at the first failure. */
@@ -20,6 +21,9 @@ int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, 
 int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads);
 int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
             int threads);
+int gemv_i4(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
+            int threads);
+extern const int int4_group;
 int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
              const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
              int threads);
@@ -88,14 +92,16 @@ int main(void) {
             if (scanf("%" SCNd64 " %" SCNd64 " %" SCNd64 " %d", &d[0], &d[1], &d[2], &threads) != 4)
                 fail(prefix, "expected out in batch threads");
             const int64_t out = d[0], in = d[1], batch = d[2];
+            const int i4 = strcmp(kernel, "gemv_i4") == 0;
             const size_t weight_size = strcmp(kernel, "gemv_f32") == 0 ? 4 : strcmp(kernel, "gemv_bf16") == 0 ? 2 : 1;
-            if (weight_size == 1 && strcmp(kernel, "gemv_i8")) fail(kernel, "no such kernel");
-            void *W = read_input(prefix, "W", out * in * weight_size);
+            if (weight_size == 1 && strcmp(kernel, "gemv_i8") && !i4) fail(kernel, "no such kernel");
+            void *W = read_input(prefix, "W", i4 ? (size_t)(out * in / 2) : out * in * weight_size);
             float *x = read_input(prefix, "x", batch * in * 4), *y = new_output(batch * out);
-            float *scale = weight_size == 1 ? read_input(prefix, "scale", out * 4) : NULL;
+            float *scale = weight_size == 1 ? read_input(prefix, "scale", (i4 ? out * (in / int4_group) : out) * 4) : NULL;
             if (weight_size == 4 ? gemv_f32(W, x, y, out, in, batch, threads)
                 : weight_size == 2 ? gemv_bf16(W, x, y, out, in, batch, threads)
-                                   : gemv_i8(W, scale, x, y, out, in, batch, threads))
+                : i4 ? gemv_i4(W, scale, x, y, out, in, batch, threads)
+                     : gemv_i8(W, scale, x, y, out, in, batch, threads))
                 fail(prefix, "the kernel returned an error");
             write_output(prefix, "y", y, batch * out);
             free(W), free(x), free(scale);

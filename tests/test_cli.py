@@ -66,7 +66,7 @@ def test_convert_both_ways(official_pth, tmp_path, capsys):
     assert rwkv_lm.load(ours).tokenizer.spec == "world", "the World tokenizer travels with the converted file"
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
 def test_generate_with_sampling_options(official_pth, capsys, dtype):
     argv = ["generate", "--model", official_pth, "--prompt", "Hi", "--max-tokens", 8, "--temperature", 0.7,
             "--top-p", 0.9, "--top-k", 50, "--seed", 3, "--presence-penalty", 0.2, "--dtype", dtype]

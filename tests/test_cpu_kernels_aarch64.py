@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkv_lm.cpu_kernels import SOURCE
+from rwkv_lm.cpu_kernels import INT4_GROUP, SOURCE
+from rwkv_lm.fast import dequantize_int4
 from rwkv_lm.ops.wkv7 import wkv7_naive
 from rwkv_lm.testing import rel_err
 
@@ -43,6 +44,11 @@ def gemv_cases(gen):
             yield "gemv_bf16", dims, dict(W=w_bf16.view(torch.int16), x=x), dict(y=x.double() @ w_bf16.double().T)
             yield ("gemv_i8", dims, dict(W=w_i8, scale=scale, x=x),
                    dict(y=x.double() @ (w_i8.double() * scale.double()[:, None]).T))
+            if in_ % INT4_GROUP == 0:  # (int4 rows are whole groups)
+                w_i4 = torch.randint(0, 256, (out, in_ // 2), generator=gen, dtype=torch.uint8)
+                group_scale = torch.randn(out, in_ // INT4_GROUP, generator=gen) * 0.02
+                yield ("gemv_i4", dims, dict(W=w_i4, scale=group_scale, x=x),
+                       dict(y=x.double() @ dequantize_int4(w_i4, group_scale).double().T))
 
 
 def wkv_cases(gen):
@@ -66,8 +72,8 @@ def wkv_cases(gen):
 
 @pytest.mark.parametrize("march", ["armv8-a", "armv8-a+nosimd"], ids=["neon", "generic"])
 def test_kernels_run_on_aarch64(tmp_path, march):
-    """gemv_f32, gemv_bf16, gemv_i8 and wkv7_f32 built for aarch64 match torch in fp64 (bf16 and int8 weights
-    widened and scaled exactly) to fp32 accuracy, at 1 and 2 threads."""
+    """gemv_f32, gemv_bf16, gemv_i8, gemv_i4 and wkv7_f32 built for aarch64 match torch in fp64 (bf16, int8 and
+    int4 weights widened and scaled exactly) to fp32 accuracy, at 1 and 2 threads."""
     compiler, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if compiler is None:
         pytest.skip("no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu, as make setup-test does)")

@@ -15,13 +15,15 @@ from rwkv_lm.cpu_kernels import ISA_ENV, LEVELS, isa_level, kernels
 from rwkv_lm import fast as fast_module
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import Block
-from rwkv_lm.fast import MAX_DECODE_ROWS, KernelLinear, StepBlock, _gemv_kernel, optimize
+from rwkv_lm.cpu_kernels import INT4_GROUP
+from rwkv_lm.fast import (MAX_DECODE_ROWS, KernelLinear, StepBlock, _gemv_kernel, dequantize_int4, optimize,
+                           quantize_int4)
 from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
 
 # every level builds every kernel; the levels differ in vector width and in the bf16 product
-ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "wkv7_f32", "block_step"}
+ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step"}
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_bf16": 16, "neon": 4}
 BF16_WIDENED_RTOL = 1e-5  # bf16 weights widened to fp32 in registers: an fp32 product, summed in another order
 BF16_SPLIT_RTOL = 2e-4  # avx512_bf16 splits activations into two bf16 halves: about 2^-16 relative
@@ -257,12 +259,15 @@ def test_bf16_prefill_close(model):
 
 
 def test_bad_weights_option(model):
-    with pytest.raises(ValueError, match="weights must be None .*, 'bf16' or 'int8', got 'int4'"):
-        optimize(model, weights="int4")
+    with pytest.raises(ValueError, match="weights must be None .*, 'bf16', 'int8' or 'int4', got 'int2'"):
+        optimize(model, weights="int2")
+    narrow = torch.nn.Linear(INT4_GROUP + 16, 8, bias=False)
+    with pytest.raises(ValueError, match=f"int4 weights need inputs a multiple of {INT4_GROUP} wide, got a \\[8, 80\\]"):
+        KernelLinear(narrow, torch.uint8)
 
 
 def _dequantized(model, quantized):
-    """The fp32 model with the int8 model's weights as its own: what the int8 path must compute."""
+    """The fp32 model with the int8 or int4 model's weights as its own: what the quantized path must compute."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, m in quantized.named_modules():
@@ -271,33 +276,78 @@ def _dequantized(model, quantized):
     return ref
 
 
+# weights= -> (the stored dtype, the C weight type, the scales' shape for a [300, 128] head, how near fp32 steps stay)
+QUANTIZED = {"int8": (torch.int8, 2, (300,), 3e-2), "int4": (torch.uint8, 3, (300, 128 // INT4_GROUP), 0.3)}
+
+
+@pytest.mark.parametrize("weights", QUANTIZED)
 @pytest.mark.parametrize("batch", [1, 6, 17])
-def test_int8_steps(batch):
-    """int8 weights (head included) with one scale per row: steps in the fused C step compute the dequantized
-    model's steps in fp32, and stay near the fp32 model; the prompt path multiplies the dequantized weights."""
+def test_quantized_steps(batch, weights):
+    """int8 weights (head included) with one scale per row, int4 with one per INT4_GROUP inputs: steps in the
+    fused C step compute the dequantized model's steps in fp32, and stay near the fp32 model; so do prompts,
+    short (one C call a block) and long (pieces of MAX_DECODE_ROWS rows; the head's rows in torch's matmul)."""
+    dtype, weight_type, scale_shape, rtol_fp32 = QUANTIZED[weights]
     cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=20, value_lora=8,
                      gate_lora=48)
     model = random_model(cfg, seed=batch)
-    fast = optimize(copy.deepcopy(model), weights="int8")
-    assert all(type(block) is StepBlock and block.step_weight_type == 2 for block in fast.blocks)
-    assert fast.head.weight.dtype == torch.int8 and fast.head.scale.shape == (300,)
+    fast = optimize(copy.deepcopy(model), weights=weights)
+    assert all(type(block) is StepBlock and block.step_weight_type == weight_type for block in fast.blocks)
+    assert fast.head.weight.dtype == dtype and fast.head.scale.shape == scale_shape
     ref = _dequantized(model, fast)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
     out_fast, s_fast = _steps(fast, tokens)
     assert_close(out_fast, _steps(ref, tokens)[0], 1e-5, "step logits vs the dequantized model")
-    assert_close(out_fast, _steps(model, tokens)[0], 3e-2, "step logits vs fp32")
+    assert_close(out_fast, _steps(model, tokens)[0], rtol_fp32, "step logits vs fp32")
+    long_prompt = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         assert_close(fast(tokens)[0], ref(tokens)[0], 1e-5, "prompt logits")
+        assert_close(fast(long_prompt)[0], ref(long_prompt)[0], 1e-5, "long prompt logits")
 
 
-def test_int8_saves_and_loads_as_it_is(model, tmp_path):
-    """A quantized model saves in our format and loads back int8, not requantized; fast=False dequantizes it."""
-    fast = optimize(copy.deepcopy(model), weights="int8")
+def test_int4_packing():
+    """quantize_int4's layout, which the C kernels read: each 32 inputs of a row in 16 bytes, byte j holding input j
+    in its low nibble and input j + 16 in its high one, a nibble n standing for (n - 8) * its group's scale; a
+    group's largest magnitude is -8 steps exactly; every weight within half a step of its value (one step where
+    its sign is the other one and it is clipped at +7 steps)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 2 * INT4_GROUP, generator=g)
+    packed, scale = quantize_int4(weight)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, INT4_GROUP) and scale.shape == (3, 2)
+    nibbles = torch.stack([packed & 15, packed >> 4], -1).view(3, -1, 16, 2).transpose(2, 3).reshape(3, -1)
+    by_hand = (nibbles.float() - 8) * scale.repeat_interleave(INT4_GROUP, 1)
+    assert torch.equal(dequantize_int4(packed, scale), by_hand)
+    groups = weight.view(3, 2, INT4_GROUP)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.equal(scale * -8, extreme)
+    step = scale.abs().repeat_interleave(INT4_GROUP, 1)
+    assert ((by_hand - weight).abs() <= torch.where(nibbles == 15, step, step / 2) * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("in_features, out_features", [(64, 12), (768, 100), (192, 5)])
+def test_int4_linear_kernel(in_features, out_features):
+    """The int4 product against the dequantized weight: every batch size up to MAX_BATCH, slices above it, more
+    rows than the kernels take (torch's matmul on the dequantized weight); outputs that fill no tile."""
+    torch.manual_seed(in_features)
+    fast = KernelLinear(torch.nn.Linear(in_features, out_features, bias=False), torch.uint8)
+    assert _gemv_kernel(fast.weight) == "gemv_i4"
+    dense = fast.dense_weight()
+    for rows in (*range(1, 18), 35, MAX_DECODE_ROWS + 1):
+        x = torch.randn(rows, in_features)
+        assert_close(fast(x), x @ dense.T, 1e-6, f"{rows} rows")
+
+
+@pytest.mark.parametrize("weights", QUANTIZED)
+def test_quantized_saves_and_loads_as_it_is(model, tmp_path, weights):
+    """A quantized model saves in our format and loads back as it was (int8, or int4 packed), not requantized;
+    fast=False dequantizes it."""
+    dtype, weight_type, _, _ = QUANTIZED[weights]
+    fast = optimize(copy.deepcopy(model), weights=weights)
     path = rwkv_lm.save(fast, tmp_path / "q.safetensors")
     loaded = rwkv_lm.load(path)
     assert loaded.state_dict().keys() == fast.state_dict().keys()
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(loaded.state_dict().values(), fast.state_dict().values()))
-    assert all(type(block) is StepBlock and block.step_weight_type == 2 for block in loaded.blocks)
+    assert all(type(block) is StepBlock and block.step_weight_type == weight_type for block in loaded.blocks)
+    assert loaded.head.weight.dtype == dtype
     plain = rwkv_lm.load(path, fast=False)
     assert type(plain.head) is torch.nn.Linear and plain.state_dict().keys() == model.state_dict().keys()
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(3))
