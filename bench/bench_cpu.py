@@ -1,9 +1,9 @@
 """CPU inference speed of rwkv_lm against the official `rwkv` package (0.8.x, RWKV_V7_ON=1, 'cpu fp32'), at
-every instruction-set level of our kernels this CPU has, and the quality of bf16 and int8 weights.
+every instruction-set level of our kernels this CPU has, and the quality of bf16, int8 and int4 weights.
 
 Speed: the same random weights of the 0.1B shape (12 layers, width 768, vocab 65536) on both sides; ours saved
 with `rwkv_lm.save` and opened with `rwkv_lm.load` as it comes (fp32, the fused C step), the same model with
-`optimize(..., weights="bf16" | "int8")`, and with `RWKV_LM_CPU_ISA` capping the kernels at each lower level
+`optimize(..., weights="bf16" | "int8" | "int4")`, and with `RWKV_LM_CPU_ISA` capping the kernels at each lower level
 (what a CPU with only AVX2, say, runs). Each measurement runs every side in turn, several rounds interleaved,
 and keeps each side's best round (on a shared machine noise only ever adds time): every ratio compares
 numbers of this one run. The streaming-read bandwidth that bounds a decode step is measured in the same run.
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import rwkv_lm  # noqa: E402
 from rwkv_lm.cpu_kernels import ISA_ENV, LEVELS, cpu_level  # noqa: E402
 from rwkv_lm.fast import optimize  # noqa: E402
+from rwkv_lm.model import Block  # noqa: E402
 
 SECTION = "## CPU runtime: bench_cpu.py with {threads} thread{s} (issues 4 and 11)"  # one section per thread count
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -228,7 +229,7 @@ def machine() -> str:
 
 @torch.no_grad()
 def quality(windows_for_steps: int) -> list[str]:
-    """The demo's default RWKV-7 in fp32, bf16 and int8 on the held-out Shakespeare windows."""
+    """The demo's default RWKV-7 in fp32, bf16, int8 and int4 on the held-out Shakespeare windows."""
     from train.data import IGNORE, FixedWindows, TokenData
 
     data = TokenData(train=["shakespeare"], tokenizer=str(DEMO_MODEL), val_windows=10**6,
@@ -238,7 +239,7 @@ def quality(windows_for_steps: int) -> list[str]:
     xs = torch.stack([windows[i][0] for i in range(len(windows))])
     ys = torch.stack([windows[i][1] for i in range(len(windows))])
     models = {"fp32": rwkv_lm.load(DEMO_MODEL)}
-    for w in ("bf16", "int8"):
+    for w in ("bf16", "int8", "int4"):
         models[w] = optimize(copy.deepcopy(models["fp32"]), weights=w)
     results, top = {}, {}
     for name, model in models.items():
@@ -259,9 +260,9 @@ def quality(windows_for_steps: int) -> list[str]:
         lines.append(f"| {name} | {results[name]:.4f} | {100 * (results[name] / results['fp32'] - 1):+.2f}% "
                      f"| {100 * agree:.2f}% | {100 * steps:.2f}% |")
     lines += ["", f"({len(xs)} windows of {data.ctx_len} tokens, {data.val_bytes_per_token:.2f} bytes per token; "
-              "the prompt path runs the blocks in the C kernels in pieces of 64 rows with fp32 activations, but bf16 "
-              "through oneDNN, activations rounded to bf16; the head on the dequantized weights; the decode steps keep "
-              "activations in fp32.)"]
+              "the prompt path runs the blocks in the C kernels in pieces of 64 rows with fp32 activations; the head's "
+              "rows of every position in torch's matmul on the dequantized weights (bf16: oneDNN, activations rounded "
+              "to bf16); the decode steps keep activations in fp32 throughout.)"]
     return lines
 
 
@@ -289,8 +290,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     official = Official(rwkv_lm.export_official(plain, tmp / "bench.pth", dtype=torch.float32))
     loaded = rwkv_lm.load(rwkv_lm.save(plain, tmp / "bench.safetensors"))  # as it comes: fp32, fused steps
-    quantized = {"fp32": loaded, "bf16": optimize(copy.deepcopy(loaded), weights="bf16"),
-                 "int8": optimize(copy.deepcopy(loaded), weights="int8")}
+    quantized = {"fp32": loaded, **{w: optimize(copy.deepcopy(loaded), weights=w) for w in ("bf16", "int8", "int4")}}
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(1, cfg.vocab_size - 6, (max(args.prefill_tokens, args.agreement_tokens),), generator=g).tolist()
     P, D, B = args.prefill_tokens, args.decode_tokens, args.batch
@@ -301,6 +301,12 @@ def main():
                     "rwkv_lm plain fp32": lambda: Ours(plain, top).decode(tokens, D)}
     for w, model in quantized.items():
         prefill_sides[f"rwkv_lm {w}"] = lambda m=model: Ours(m, top).prefill(tokens[:P])
+    # what bf16 prompts ran before the kernels took them at every length for batch invariance: model.py's blocks,
+    # oneDNN's bf16 matmul past 64 rows
+    onednn = copy.deepcopy(quantized["bf16"])
+    for block in onednn.blocks:
+        block.__class__ = Block
+    prefill_sides["rwkv_lm bf16, model.py's blocks (oneDNN)"] = lambda: Ours(onednn, top).prefill(tokens[:P])
         for level in levels:
             decode_sides[f"{w} {level}"] = lambda m=model, lv=level: Ours(m, lv).decode(tokens, D)
         decode_sides[f"{w} {top} B={B}"] = lambda m=model: Ours(m, top).decode(tokens, D, B) / B
@@ -325,13 +331,14 @@ def main():
               f"% of read: the weight bytes a step reads times tokens/s, against the {bandwidth:.1f} GB/s the streaming "
               f"read loop gives with {args.threads} thread{'s' * (args.threads > 1)}:", "",
               "| level | fp32 tok/s | vs rwkv pip | % of read | bf16 tok/s | vs our fp32 | bf16 top token = fp32's "
-              "| int8 tok/s | vs our fp32 | int8 % of read |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| int8 tok/s | vs our fp32 | int8 % of read | int4 tok/s | vs our int8 | int4 % of read |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for level in levels:
-        f32, b16, i8 = (D / decode[f"{w} {level}"] for w in ("fp32", "bf16", "int8"))
+        f32, b16, i8, i4 = (D / decode[f"{w} {level}"] for w in ("fp32", "bf16", "int8", "int4"))
         lines.append(f"| {level} | {f32:.1f} | {f32 * ref_d / D:.2f}x | {100 * f32 * reads['fp32'] / 1e9 / bandwidth:.0f}% "
                      f"| {b16:.1f} | {b16 / f32:.2f}x | {100 * agree[level]:.1f}% | {i8:.1f} | {i8 / f32:.2f}x "
-                     f"| {100 * i8 * reads['int8'] / 1e9 / bandwidth:.0f}% |")
+                     f"| {100 * i8 * reads['int8'] / 1e9 / bandwidth:.0f}% | {i4:.1f} | {i4 / i8:.2f}x "
+                     f"| {100 * i4 * reads['int4'] / 1e9 / bandwidth:.0f}% |")
     batched = {w: D / decode[f"{w} {top} B={B}"] for w in quantized}
     lines += ["", f"Decode, a batch of {B} sequences ({top}): "
               + ", ".join(f"{w} {batched[w]:.1f} tok/s ({batched[w] / (D / decode[f'{w} {top}']):.1f}x its B=1)" for w in quantized)

@@ -65,6 +65,9 @@ const int int4_group = INT4_GROUP;
 #else
 #define BATCH_BLOCK 2
 #endif
+/* rows of x a tile of this weight type takes: int4 keeps each row's group scale in a register too, which 6 rows of
+ * x would leave no room for (AVX-512: spills, int4 products at a third of int8's speed) */
+#define batch_block(type) ((type) == I4 && BATCH_BLOCK > 4 ? 4 : BATCH_BLOCK)
 
 const int vector_width = VW; /* floats per register at the level this was built for */
 
@@ -164,18 +167,21 @@ INLINE vf widen_u4(const uint8_t *p, int high) {
 }
 /* the bytes of n weights of a type (int4: n even) */
 INLINE size_t weight_bytes(int64_t n, int type) { return type == F32 ? 4 * n : type == BF16 ? 2 * n : type == I8 ? n : n / 2; }
-/* VW weights from element i of w (a matrix of rows a multiple of INT4_GROUP long, for int4, whose group scales
- * start at group_scale), as fp32; int8 without its row's scale, int4 with its group's ((n - 8) * scale is exact
- * in fp32: the dequantized weight itself) */
-INLINE vf load_w(const void *w, int64_t i, int type, const float *group_scale) {
-    if (type == F32) return load((const float *)w + i);
-    if (type == BF16) return widen_bf16((const uint16_t *)w + i);
-    if (type == I8) return widen_i8((const int8_t *)w + i);
-    const int64_t in_block = i % INT4_BLOCK;
-    const uint8_t *p = (const uint8_t *)w + i / INT4_BLOCK * (INT4_BLOCK / 2) + in_block % (INT4_BLOCK / 2);
-    return (widen_u4(p, in_block >= INT4_BLOCK / 2) - 8.0f) * group_scale[i / INT4_GROUP];
+/* the elements a row is read in at a time: a whole int4 block, else a vector */
+INLINE int64_t load_block(int type) { return type == I4 ? INT4_BLOCK : VW; }
+/* VW weights of a row w from element i + k VW, as fp32, where i is a multiple of load_block(type) and k below
+ * load_block(type) / VW (constant, so an int4 vector's byte offset and nibble are known when compiled); int8
+ * without its row's scale, int4 times its group's from the row's scales ((n - 8) scale, exact in fp32 but for
+ * its one rounding: the dequantized weight itself) */
+INLINE vf load_w(const void *w, int64_t i, int k, int type, const float *group_scale) {
+    if (type == F32) return load((const float *)w + i + k * VW);
+    if (type == BF16) return widen_bf16((const uint16_t *)w + i + k * VW);
+    if (type == I8) return widen_i8((const int8_t *)w + i + k * VW);
+    const uint8_t *p = (const uint8_t *)w + i / 2 + k * VW % (INT4_BLOCK / 2);
+    return (widen_u4(p, k * VW >= INT4_BLOCK / 2) - 8.0f) * group_scale[i / INT4_GROUP];
 }
-INLINE float scalar_w(const void *w, int64_t i, int type, const float *group_scale) {
+/* element i of a row (int4 rows have no tail, being whole blocks) */
+INLINE float scalar_w(const void *w, int64_t i, int type) {
     if (type == F32) return ((const float *)w)[i];
     if (type == BF16) {
         uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
@@ -183,27 +189,21 @@ INLINE float scalar_w(const void *w, int64_t i, int type, const float *group_sca
         memcpy(&f, &bits, 4);
         return f;
     }
-    if (type == I8) return ((const int8_t *)w)[i];
-    const int64_t in_block = i % INT4_BLOCK;
-    const uint8_t byte = ((const uint8_t *)w)[i / INT4_BLOCK * (INT4_BLOCK / 2) + in_block % (INT4_BLOCK / 2)];
-    return ((in_block >= INT4_BLOCK / 2 ? byte >> 4 : byte & 15) - 8.0f) * group_scale[i / INT4_GROUP];
+    return ((const int8_t *)w)[i];
 }
 
-/* sum_i w[i] x[i] over one row: one stream per thread keeps the hardware prefetcher at full speed
- * (interleaving rows of W cost up to a third of the bandwidth); four chains hide the FMA latency */
-INLINE float dot(const void *w, const float *x, int64_t in, int type, const float *gs) {
+/* sum_i w[i] x[i] over n values (a multiple of VW): the recurrence's S a; four chains hide the FMA latency */
+INLINE float dot(const float *w, const float *x, int64_t n) {
     vf acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
     int64_t i = 0;
-    for (; i + 4 * VW <= in; i += 4 * VW) {
-        acc0 += load_w(w, i, type, gs) * load(x + i);
-        acc1 += load_w(w, i + VW, type, gs) * load(x + i + VW);
-        acc2 += load_w(w, i + 2 * VW, type, gs) * load(x + i + 2 * VW);
-        acc3 += load_w(w, i + 3 * VW, type, gs) * load(x + i + 3 * VW);
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        acc0 += load(w + i) * load(x + i);
+        acc1 += load(w + i + VW) * load(x + i + VW);
+        acc2 += load(w + i + 2 * VW) * load(x + i + 2 * VW);
+        acc3 += load(w + i + 3 * VW) * load(x + i + 3 * VW);
     }
-    for (; i + VW <= in; i += VW) acc0 += load_w(w, i, type, gs) * load(x + i);
-    float s = hsum((acc0 + acc1) + (acc2 + acc3));
-    for (; i < in; i++) s += scalar_w(w, i, type, gs) * x[i];
-    return s;
+    for (; i < n; i += VW) acc0 += load(w + i) * load(x + i);
+    return hsum((acc0 + acc1) + (acc2 + acc3));
 }
 
 /* y[0..3] = the sums of a0 .. a3: on AVX-512 a shuffle tree, a quarter of four full reductions' instructions
@@ -221,35 +221,65 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
 #endif
 }
 
-/* a tile is compute-bound: the hardware prefetcher alone falls behind on its four rows, so it prefetches the
+/* Every output y[b, o] is computed by the same operations in the same order, whatever the batch, the slice of
+ * it and the tile's place: a tile's one chain per (row of W, row of x) over the vectors of the input, its lanes
+ * summed by store_sum4, then the scalar tail and the row's scale. So a row of a batch gets the bits it gets
+ * alone (a seeded request samples the same text among any others), and a prompt read in pieces the bits of
+ * one read (the serving engine splits prompts where its budget and cache say).
+ *
+ * A tile is compute-bound: the hardware prefetcher alone falls behind on its four rows, so it prefetches the
  * next tile's rows into L1 and those L2_AHEAD tiles on into L2 itself (B=16 products from memory 56 -> ~80
- * GFLOP/s on one AVX-512 core, 111 when the weight is in cache) */
+ * GFLOP/s on one AVX-512 core, 111 when the weight is in cache). `rows` (up to ROWS) of W are used: the last
+ * tile of a W whose rows are no multiple of ROWS repeats its last row in the others and stores only its own. */
 #define L2_AHEAD 8
+#define LINE 64 /* bytes: one prefetch per row and cache line */
 INLINE void tile(const void *w, const float *x, float *y, const float *scale, const float *gs, int64_t in, int64_t out,
-                 int batch, int type) {
+                 int batch, int rows, int type) {
     const size_t row_bytes = weight_bytes(in, type);
+    const char *wr[ROWS]; /* each row's weights and int4 scales (the last row repeated past `rows`) */
+    const float *gr[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        const int64_t row = r < rows ? r : rows - 1;
+        wr[r] = (const char *)w + row * row_bytes, gr[r] = gs ? gs + row * (in / INT4_GROUP) : NULL;
+    }
     const char *next = (const char *)w + ROWS * row_bytes, *later = (const char *)w + L2_AHEAD * ROWS * row_bytes;
     vf acc[ROWS][BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
         for (int b = 0; b < batch; b++) acc[r][b] = splat(0);
+    /* a line of each row at a time, then the blocks left: the same sequence of vectors either way */
+    const int64_t block = load_block(type), per_line = LINE / weight_bytes(block, type) * block;
     int64_t i = 0;
-    for (; i + VW <= in; i += VW) {
+    for (; i + per_line <= in; i += per_line) {
         for (int r = 0; r < ROWS; r++) {
             __builtin_prefetch(next + r * row_bytes + weight_bytes(i, type), 0, 3);
             __builtin_prefetch(later + r * row_bytes + weight_bytes(i, type), 0, 2);
         }
-        vf xv[BATCH_BLOCK];
-        for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i);
-        for (int r = 0; r < ROWS; r++) {
-            vf wv = load_w(w, r * in + i, type, gs);
-            for (int b = 0; b < batch; b++) acc[r][b] += wv * xv[b];
-        }
+        for (int64_t j = 0; j < per_line; j += block)
+            for (int k = 0; k < block / VW; k++) {
+                vf xv[BATCH_BLOCK];
+                for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i + j + k * VW);
+                for (int r = 0; r < ROWS; r++) {
+                    vf wv = load_w(wr[r], i + j, k, type, gr[r]);
+                    for (int b = 0; b < batch; b++) acc[r][b] += wv * xv[b];
+                }
+            }
     }
-    for (int b = 0; b < batch; b++) store_sum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b], y + b * out);
+    for (; i + block <= in; i += block)
+        for (int k = 0; k < block / VW; k++) {
+            vf xv[BATCH_BLOCK];
+            for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i + k * VW);
+            for (int r = 0; r < ROWS; r++) {
+                vf wv = load_w(wr[r], i, k, type, gr[r]);
+                for (int b = 0; b < batch; b++) acc[r][b] += wv * xv[b];
+            }
+        }
+    float sums[BATCH_BLOCK][ROWS];
+    for (int b = 0; b < batch; b++) store_sum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b], sums[b]);
     for (int b = 0; b < batch; b++)
-        for (int r = 0; r < ROWS; r++) {
+        for (int r = 0; r < rows; r++) {
             float *yr = y + b * out + r;
-            for (int64_t j = i; j < in; j++) *yr += scalar_w(w, r * in + j, type, gs) * x[b * in + j]; /* the tail */
+            *yr = sums[b][r];
+            for (int64_t j = i; j < in; j++) *yr += scalar_w(wr[r], j, type) * x[b * in + j]; /* the tail */
             if (scale) *yr *= scale[r];
         }
 }
@@ -260,23 +290,18 @@ INLINE void gemv_rows(const void *W, const float *scale, const float *x, float *
                       int64_t batch, int64_t o, int type) {
     const char *w = (const char *)W + o * weight_bytes(in, type);
     const float *s = type == I8 ? scale + o : NULL, *gs = type == I4 ? scale + o * (in / INT4_GROUP) : NULL;
-    if (batch == 1 || o + ROWS > out) { /* one row of x, or the rows that fill no tile */
-        for (int64_t r = 0; r < ROWS && o + r < out; r++)
-            for (int64_t b = 0; b < batch; b++)
-                y[b * out + o + r] = dot(w + r * weight_bytes(in, type), x + b * in, in, type, gs ? gs + r * (in / INT4_GROUP) : NULL)
-                                     * (s ? s[r] : 1.0f);
-        return;
-    }
+    const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
     int64_t b = 0;
-    for (; b + BATCH_BLOCK <= batch; b += BATCH_BLOCK) tile(w, x + b * in, y + b * out + o, s, gs, in, out, BATCH_BLOCK, type);
+    for (; b + batch_block(type) <= batch; b += batch_block(type))
+        tile(w, x + b * in, y + b * out + o, s, gs, in, out, batch_block(type), rows, type);
     switch (batch - b) { /* constant block sizes, so the tile's loops unroll into registers */
 #if BATCH_BLOCK == 6
-        case 5: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 5, type); break;
-        case 4: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 4, type); break;
-        case 3: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 3, type); break;
-        case 2: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 2, type); break;
+        case 5: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 5, rows, type); break;
+        case 4: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 4, rows, type); break;
+        case 3: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 3, rows, type); break;
+        case 2: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 2, rows, type); break;
 #endif
-        case 1: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 1, type); break;
+        case 1: tile(w, x + b * in, y + b * out + o, s, gs, in, out, 1, rows, type); break;
     }
 }
 
@@ -302,8 +327,7 @@ GEMV(gemv_i4_rows, I4)
  * sides. To keep fp32 accuracy in x, each row of x is split here as x_hi + x_lo, both bf16 (x_lo holds the
  * bits x_hi drops), and both halves are applied: the result matches an fp32 product with the bf16 weight to
  * about 2^-16 of x's magnitude, at half the instructions of widening W. `in` a multiple of 64, at most MAX_IN
- * (else the widening kernel runs). One row of x: W row after row with a prefetch 2 KiB ahead; a batch: tiles. */
-#define PREFETCH 1024 /* elements ahead */
+ * (else the widening kernel runs). In tiles, as `tile`: each output by the same operations whatever the batch. */
 #define BF16_BATCH_BLOCK 4 /* both halves of x: 6 rows of them would not fit in the registers */
 #define MAX_IN 16384
 
@@ -320,8 +344,10 @@ static void split(const float *x, uint16_t *hi, uint16_t *lo, int64_t n) {
 }
 
 INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo, float *y, int64_t in, int64_t out,
-                      int batch) {
+                      int batch, int rows) {
     const uint16_t *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
+    int64_t first[ROWS]; /* each row's first element in w (the last one repeated past `rows`) */
+    for (int r = 0; r < ROWS; r++) first[r] = (r < rows ? r : rows - 1) * in;
     __m512 acc[ROWS][BF16_BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
         for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
@@ -336,48 +362,32 @@ INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x
             lo[b] = (__m512bh)_mm512_loadu_si512(x_lo + b * in + i);
         }
         for (int r = 0; r < ROWS; r++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * in + i);
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + first[r] + i);
             for (int b = 0; b < batch; b++) acc[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][b], wv, lo[b]), wv, hi[b]);
         }
     }
-    for (int b = 0; b < batch; b++) store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], y + b * out);
+    for (int b = 0; b < batch; b++) {
+        float sums[ROWS];
+        store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
+        memcpy(y + b * out, sums, rows * sizeof(float));
+    }
 }
 
 static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     uint16_t *x_hi = malloc(2 * batch * in * sizeof(uint16_t)), *x_lo = x_hi + batch * in;
     if (!x_hi) return 2;
     split(x, x_hi, x_lo, batch * in);
-    if (batch > 1 && out % ROWS == 0) {
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t o = 0; o < out; o += ROWS) {
-            const uint16_t *w = W + o * in;
-            int64_t b = 0;
-            for (; b + BF16_BATCH_BLOCK <= batch; b += BF16_BATCH_BLOCK)
-                tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, BF16_BATCH_BLOCK);
-            switch (batch - b) {
-                case 3: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 3); break;
-                case 2: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 2); break;
-                case 1: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 1); break;
-            }
-        }
-        free(x_hi);
-        return 0;
-    }
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < out; o++) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 1 << 16)
+    for (int64_t o = 0; o < out; o += ROWS) {
         const uint16_t *w = W + o * in;
-        for (int64_t b = 0; b < batch; b++) {
-            const uint16_t *hi = x_hi + b * in, *lo = x_lo + b * in;
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* two chains hide latency */
-            for (int64_t i = 0; i < in; i += 64) {
-                _mm_prefetch((const char *)(w + i + PREFETCH), _MM_HINT_T0);
-                __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + i + 32);
-                acc0 = _mm512_dpbf16_ps(acc0, w0, (__m512bh)_mm512_loadu_si512(lo + i));
-                acc1 = _mm512_dpbf16_ps(acc1, w1, (__m512bh)_mm512_loadu_si512(lo + i + 32));
-                acc0 = _mm512_dpbf16_ps(acc0, w0, (__m512bh)_mm512_loadu_si512(hi + i));
-                acc1 = _mm512_dpbf16_ps(acc1, w1, (__m512bh)_mm512_loadu_si512(hi + i + 32));
-            }
-            y[b * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
+        int64_t b = 0;
+        for (; b + BF16_BATCH_BLOCK <= batch; b += BF16_BATCH_BLOCK)
+            tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, BF16_BATCH_BLOCK, rows);
+        switch (batch - b) {
+            case 3: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 3, rows); break;
+            case 2: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 2, rows); break;
+            case 1: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 1, rows); break;
         }
     }
     free(x_hi);
@@ -448,7 +458,7 @@ static void wkv7_token(const float *S, float *S_new, const float *r, const float
     for (int64_t i = 0; i < n; i++) {
         const float *s = S + i * n;
         float *s_new = S_new + i * n;
-        vf sa = splat(dot(s, a, n, F32, NULL)), vi_ = splat(v[i]), acc = splat(0);
+        vf sa = splat(dot(s, a, n)), vi_ = splat(v[i]), acc = splat(0);
         for (int64_t j = 0; j < n; j += VW) {
             vf sj = load(s + j) * load(w + j) + sa * load(b + j) + vi_ * load(k + j);
             store_stream(s_new + j, sj, stream);

@@ -2,18 +2,22 @@
 
 One-token steps are matrix-vector products, bound by how fast the weights stream from memory, so the
 weights' width and the way they are read matter more than the model code. `optimize` swaps every bias-free
-Linear for a `KernelLinear` (same `weight` name) whose decode steps (up to MAX_DECODE_ROWS rows) run in small
-C kernels (`cpu_kernels.c`, compiled at first use for this CPU's instruction set) that stream each weight once
-per step; more rows go through torch's matmul. A one-token step of a block runs in one C call (`StepBlock`:
-norms, mixes, LoRAs, recurrence, products; batches wider than MAX_BATCH in slices), and so does a prompt (each
-token a row; a longer one in pieces of MAX_DECODE_ROWS rows, the state carried); anything under autograd runs
-model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
+Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small C kernels (`cpu_kernels.c`,
+compiled at first use for this CPU's instruction set) that stream each weight once per step; inputs of more
+than one token a row and more than MAX_DECODE_ROWS rows go through torch's matmul. A one-token step of a block
+runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products; batches wider than MAX_BATCH in
+slices), and so does a prompt (each token a row; a longer one in pieces of MAX_DECODE_ROWS rows, the state
+carried); anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
+
+Batch invariance: the kernels compute each row of a product by the same operations in the same order whatever
+the number of rows, so a decode step's logits for a sequence are bit for bit those it gets alone, in any batch,
+and a prompt read in pieces gives the bits of one read (the serving engine splits prompts by its budget and
+cache). The head's rows of one token each (steps, `last_only`) therefore take the kernels at any batch size.
 - fp32 (the default): the weights stay as they are;
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
   every activation stays fp32. A step widens the weights to fp32 in registers (with avx512_bf16: feeds them to
-  its dot product, fp32-accurate in the activations), as does a short prompt; a longer one runs model.py's
-  ops through oneDNN's bf16 matmul (activations rounded to bf16), faster there than the kernels.
+  its dot product, fp32-accurate in the activations), and so does a prompt.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
   fp32 in registers, prompts too; torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
@@ -113,7 +117,8 @@ class KernelLinear(nn.Linear):
         rows = x.numel() // self.in_features
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)  # (the kernels have no backward)
-        fits = self.weight.device.type == "cpu" and rows <= MAX_DECODE_ROWS and not wants_grad
+        one_token_rows = x.dim() <= 2 or x.shape[-2] == 1  # steps, last_only heads: the kernels at any batch (invariance)
+        fits = self.weight.device.type == "cpu" and (rows <= MAX_DECODE_ROWS or one_token_rows) and not wants_grad
         kernel = _gemv_kernel(self.weight) if fits else None
         quantized = kernel in ("gemv_i8", "gemv_i4")
         if kernel not in kernels() or quantized and self.scale.dtype != torch.float32:
@@ -131,8 +136,8 @@ class KernelLinear(nn.Linear):
 class StepBlock(Block):
     """Block whose one-token steps and prompts run in C calls (`block_step`): model.py's arithmetic without the
     ~130 small torch ops per layer that took a quarter of a batched step, a third of a one-row step and most of a
-    short prompt on a small model. Anything else (a bf16 prompt of more than MAX_DECODE_ROWS rows, autograd, or
-    a dtype that .to() changed since optimize()) runs Block.forward."""
+    short prompt on a small model. Anything else (autograd, or a dtype that .to() changed since optimize()) runs
+    Block.forward."""
 
     def forward(self, x, v_first, state: LayerState):
         fp32, (B, T, C) = torch.float32, x.shape
@@ -142,9 +147,7 @@ class StepBlock(Block):
         if current is None:  # a module replaced since optimize() (an adapter, say)
             return super().forward(x, v_first, state)
         params = self._step_params(current)
-        # a long prompt with bf16 weights: oneDNN's bf16 matmul beats the kernels past MAX_DECODE_ROWS rows
-        long_bf16 = B * T > MAX_DECODE_ROWS and T > 1 and self.step_weight_type == WEIGHT_TYPES["bfloat16"]
-        if (params is None or long_bf16 or x.dtype != fp32 or x.device.type != "cpu"
+        if (params is None or x.dtype != fp32 or x.device.type != "cpu"
                 or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current))
                 or "block_step" not in kernels()  # (the build failed for a level RWKV_LM_CPU_ISA set since)
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self.step_modules)  # the C would skip them
@@ -250,10 +253,10 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
     are, "bf16" stores them in bf16, "int8" in int8 with one fp32 scale per output row, "int4" in 4 bits with one
     fp32 scale per INT4_GROUP inputs of a row (the head included).
 
-    Decode steps and prompts run in the C kernels, activations in fp32 (prompts over MAX_DECODE_ROWS rows with
-    bf16 weights: oneDNN's bf16 matmul, activations rounded to bf16); anything under autograd runs the torch ops
-    (int8 and int4 weights dequantized for them). No parameter requires grad afterwards, so steps take the kernels with or
-    without torch.no_grad(); `model.requires_grad_()` makes it trainable (in torch ops)."""
+    Decode steps and prompts run in the C kernels, activations in fp32, each row's logits the same in any batch;
+    anything under autograd runs the torch ops (int8 and int4 weights dequantized for them). No parameter requires
+    grad afterwards, so steps take the kernels with or without torch.no_grad(); `model.requires_grad_()` makes it
+    trainable (in torch ops)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be None (keep the model's dtype), 'bf16', 'int8' or 'int4', got {weights!r}")
     if next(model.parameters()).device.type != "cpu":

@@ -1,5 +1,5 @@
 """bench/bench_cpu.py runs end to end (a tiny random model, one round): the official package beside ours, a row
-for every kernel level this CPU has, and the bf16 and int8 quality rows of the demo model. No timing is checked."""
+for every kernel level this CPU has, and the bf16, int8 and int4 quality rows of the demo model. No timing is checked."""
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +20,6 @@ def test_bench_cpu_quick_run_prints_every_row():
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("|")}
     levels = LEVELS[:LEVELS.index(cpu_level()) + 1]
     assert all(level in rows for level in levels), done.stdout
-    assert {"rwkv pip fp32", "rwkv_lm plain fp32", "rwkv_lm fp32", "rwkv_lm bf16", "rwkv_lm int8"} <= rows.keys()
-    assert {"fp32", "bf16", "int8"} <= rows.keys(), "the quality rows"
+    assert {"rwkv pip fp32", "rwkv_lm plain fp32", "rwkv_lm fp32", "rwkv_lm bf16", "rwkv_lm int8", "rwkv_lm int4"} <= rows.keys()
+    assert {"fp32", "bf16", "int8", "int4"} <= rows.keys(), "the quality rows"
     assert all("nan" not in line and "inf" not in line for line in rows.values()), done.stdout
