@@ -301,15 +301,15 @@ def main():
                     "rwkv_lm plain fp32": lambda: Ours(plain, top).decode(tokens, D)}
     for w, model in quantized.items():
         prefill_sides[f"rwkv_lm {w}"] = lambda m=model: Ours(m, top).prefill(tokens[:P])
+        for level in levels:
+            decode_sides[f"{w} {level}"] = lambda m=model, lv=level: Ours(m, lv).decode(tokens, D)
+        decode_sides[f"{w} {top} B={B}"] = lambda m=model: Ours(m, top).decode(tokens, D, B) / B
     # what bf16 prompts ran before the kernels took them at every length for batch invariance: model.py's blocks,
     # oneDNN's bf16 matmul past 64 rows
     onednn = copy.deepcopy(quantized["bf16"])
     for block in onednn.blocks:
         block.__class__ = Block
     prefill_sides["rwkv_lm bf16, model.py's blocks (oneDNN)"] = lambda: Ours(onednn, top).prefill(tokens[:P])
-        for level in levels:
-            decode_sides[f"{w} {level}"] = lambda m=model, lv=level: Ours(m, lv).decode(tokens, D)
-        decode_sides[f"{w} {top} B={B}"] = lambda m=model: Ours(m, top).decode(tokens, D, B) / B
     prefill = best_of(args.rounds, prefill_sides)
     print("prefill done", flush=True)
     decode = best_of(args.rounds, decode_sides)
