@@ -62,9 +62,9 @@ class KernelLinear(nn.Linear):
     adapts Linear layers (rwkv_lm.lora) adapts it too.
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None):
         nn.Module.__init__(self)
-        self.isa = isa  # the kernels' instruction-set level, chosen when the model was prepared
+        self.isa = isa_level(isa)  # the kernels' instruction-set level, chosen once, when the layer is made
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.dense_weight() if isinstance(linear, KernelLinear) else linear.weight.detach()
         if dtype == torch.int8:
