@@ -62,16 +62,21 @@ def save(model, path, *, tokenizer: str | None = None, metadata: dict | None = N
 
 
 def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "hf"  # a Hugging Face model folder
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:2] == b"PK":
         return "official"
+    if head[:4] == b"GGUF":
+        return "gguf"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    raise CheckpointError(f"{path}: not a model checkpoint (neither a safetensors file nor a PyTorch .pth zip); "
-                          "pass a file written by rwkv_lm.save or an official RWKV-7 .pth")
+    raise CheckpointError(f"{path}: not a model checkpoint (not a safetensors file, a PyTorch .pth zip or GGUF); "
+                          "pass a file written by rwkv_lm.save, an official RWKV-7 .pth, a GGUF file or a "
+                          "Hugging Face folder")
 
 
 def read_official(path) -> dict[str, torch.Tensor]:
@@ -91,9 +96,16 @@ def read_official(path) -> dict[str, torch.Tensor]:
 
 
 def read(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(tensors, config dict, metadata) of either format; the config of an official file comes from its shapes."""
-    path = Path(path)
-    if _kind(path) == "official":
+    """(tensors, config dict, metadata) of any format; the config of an official file comes from its shapes.
+    A hub name (hf:OWNER/REPO/FILE) is read from huggingface_hub's cache, downloaded there first if needed."""
+    from . import formats
+    from .formats.hub import is_hub_name, resolve
+
+    path = resolve(path) if is_hub_name(path) else Path(path)
+    kind = _kind(path)
+    if kind in ("gguf", "hf"):
+        return formats.read(kind, path)
+    if kind == "official":
         sd = read_official(path)
         for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.g1", "blocks.0.ffn.key.weight"):
             if key not in sd:
