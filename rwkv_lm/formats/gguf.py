@@ -207,17 +207,16 @@ def read_gguf(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(tensors under our names, config dict, metadata) of an RWKV-7 GGUF file, tensors dequantized to fp32."""
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = _Reader(path, "r")
+    except _CutShort as e:
+        raise CheckpointError(f"{path}: tensor {e.tensor!r} runs past the end of the file; it is truncated") from None
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot be read as GGUF; it is truncated or corrupt ({e})") from None
     arch = _field(reader, "general.architecture", path)
     if arch != ARCH:
         raise CheckpointError(f"{path}: a GGUF file of architecture {arch!r}; only RWKV-7 ({ARCH!r}) is read")
     tensors = {}
-    size = path.stat().st_size
     for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path}: tensor {t.name!r} runs past the end of the file; it is truncated")
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as e:
@@ -239,6 +238,24 @@ def read_gguf(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     if spec is not None:
         meta["tokenizer"] = spec
     return _our_tensors(tensors, config, path), config.to_dict(), meta
+
+
+class _CutShort(Exception):
+    def __init__(self, tensor: str):
+        self.tensor = tensor
+
+
+class _Reader(gguf.GGUFReader):
+    """gguf's reader, naming the first tensor a truncated file cuts short (the reader itself fails on a reshape
+    that names nothing)."""
+
+    def _build_tensors(self, start_offs, fields):
+        for field in fields:
+            _, name, _, dims, raw_dtype, offset = field.parts
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
+            if start_offs + int(offset[0]) + int(np.prod(dims)) * size // block > len(self.data):
+                raise _CutShort(bytes(name).decode("utf-8", errors="replace"))
+        super()._build_tensors(start_offs, fields)
 
 
 def _our_tensors(tensors: dict[str, torch.Tensor], cfg: RWKVConfig, path) -> dict[str, torch.Tensor]:

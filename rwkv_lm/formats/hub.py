@@ -37,17 +37,17 @@ def resolve(name: str) -> Path:
         if filename is None:
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=FOLDER_FILES))
         return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except errors.GatedRepoError:  # (before its base class, RepositoryNotFoundError)
+        raise CheckpointError(f"{name}: {repo_id} is gated; accept its terms on the Hub and set HF_TOKEN") from None
     except errors.RepositoryNotFoundError:
         raise CheckpointError(f"{name}: no repository {repo_id} on the Hub (or it is private: set HF_TOKEN)") from None
-    except errors.GatedRepoError:
-        raise CheckpointError(f"{name}: {repo_id} is gated; accept its terms on the Hub and set HF_TOKEN") from None
     except errors.RevisionNotFoundError:
         raise CheckpointError(f"{name}: {repo_id} has no revision {revision!r}") from None
-    except errors.EntryNotFoundError:
-        raise CheckpointError(f"{name}: {where} has no file {filename!r}") from None
-    except errors.LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:  # (before its base class, EntryNotFoundError)
         what = f"file {filename!r}" if filename else "snapshot"
         raise CheckpointError(f"{name}: the {what} of {where} is not in the Hugging Face cache and the Hub cannot be "
                               "reached (offline: HF_HUB_OFFLINE=1, or no network); download it once online") from None
+    except errors.EntryNotFoundError:
+        raise CheckpointError(f"{name}: {where} has no file {filename!r}") from None
     except (errors.HfHubHTTPError, errors.HFValidationError, OSError) as e:
         raise CheckpointError(f"{name}: cannot fetch from {where} ({' '.join(str(e).split())})") from None
