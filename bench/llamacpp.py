@@ -1,8 +1,10 @@
 """llama.cpp's CPU tools, built once from the source in the llama-cpp-python sdist and cached outside the repo.
 
-`build()` returns the folder holding llama-server, llama-bench and llama-simple (building them the first time,
-a few minutes on 2 cores); `built()` returns it only if they are already there. The tests and benches that run
-llama.cpp beside us both use these. `python bench/llamacpp.py` builds and prints the folder.
+`build()` returns the folder holding llama-bench and rwkv-greedy (our llamacpp_greedy.cpp linked against
+libllama), building them the first time: llama.cpp's library and llama-bench only, no server and no multimodal
+tools, which would triple the build. `built()` returns the folder only if they are already there; `greedy()`
+runs rwkv-greedy. The tests and benches that run llama.cpp beside us use these.
+`python bench/llamacpp.py` builds and prints the folder.
 """
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ from pathlib import Path
 
 # the sdist whose vendor/llama.cpp we build: pinned, so the cache key names one llama.cpp
 LLAMA_CPP_PYTHON = "0.3.36"
-TARGETS = ("llama-server", "llama-bench", "llama-simple")
+TARGETS = ("llama-bench", "rwkv-greedy")
+GREEDY_SOURCE = Path(__file__).with_name("llamacpp_greedy.cpp")
 CACHE = Path(os.environ.get("RWKV_LM_CACHE", Path.home() / ".cache" / "rwkv_lm")) / "llama.cpp" / LLAMA_CPP_PYTHON
 
-# Only the CPU backend and the tools we run; nothing that reaches the network (the server's prebuilt web UI
-# comes from a hub bucket), static binaries so the bin folder stands alone.
+# Only the CPU backend and the tools we run; nothing that reaches the network (a prebuilt web UI would come from
+# a hub bucket); static libraries, so the bin folder stands alone.
 CMAKE_OPTIONS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
 ]
 
@@ -43,11 +46,14 @@ def build(jobs: int | None = None, log=sys.stderr) -> Path:
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     jobs = jobs or os.cpu_count() or 2
     _run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_OPTIONS], log)
-    _run(["nice", "cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TARGETS], log)
-    # copy into a fresh folder and rename it into place: a half-copied bin folder never looks built
+    _run(["nice", "cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama", "llama-bench"], log)
+    # everything goes into a fresh folder renamed into place: a half-made bin folder never looks built
     staging = Path(tempfile.mkdtemp(dir=CACHE, prefix="bin."))
-    for target in TARGETS:
-        shutil.copy2(build_dir / "bin" / target, staging / target)
+    shutil.copy2(build_dir / "bin" / "llama-bench", staging / "llama-bench")
+    libs = [build_dir / "src" / "libllama.a"] + [build_dir / "ggml" / "src" / f"libggml{part}.a" for part in ("", "-cpu", "-base")]
+    _run(["nice", os.environ.get("CXX", "c++"), "-O2", "-std=c++17", str(GREEDY_SOURCE), "-I", str(src / "include"),
+          "-I", str(src / "ggml" / "include"), *map(str, libs), "-fopenmp", "-lpthread", "-ldl", "-lm",
+          "-o", str(staging / "rwkv-greedy")], log)
     shutil.rmtree(CACHE / "bin", ignore_errors=True)
     staging.rename(CACHE / "bin")
     return CACHE / "bin"
@@ -79,6 +85,17 @@ def _run(cmd: list[str], log) -> None:
     if done.returncode != 0:
         log.write(done.stdout[-4000:])
         raise RuntimeError(f"llama.cpp build step failed ({done.returncode}): {' '.join(cmd)}")
+
+
+def greedy(model: str | os.PathLike, prompt: list[int], n: int, *, threads: int = 1,
+           logits_out: str | os.PathLike | None = None) -> list[int]:
+    """The first `n` greedy token ids llama.cpp generates on `model` after the ids `prompt` (rwkv-greedy: never
+    stops at end of text); with logits_out, the logits of each step go there as n x n_vocab float32."""
+    done = subprocess.run([str(build() / "rwkv-greedy"), str(model), str(n), str(threads), str(logits_out or "-"),
+                           *map(str, prompt)], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"rwkv-greedy failed ({done.returncode}) on {model}: {done.stderr[-3000:]}")
+    return [int(t) for t in done.stdout.split()]
 
 
 if __name__ == "__main__":
