@@ -1,10 +1,10 @@
 """llama.cpp's CPU tools, built once from the source in the llama-cpp-python sdist and cached outside the repo.
 
-`build()` returns the folder holding llama-bench and rwkv-greedy (our llamacpp_greedy.cpp linked against
-libllama), building them the first time: llama.cpp's library and llama-bench only, no server and no multimodal
-tools, which would triple the build. `built()` returns the folder only if they are already there; `greedy()`
-runs rwkv-greedy. The tests and benches that run llama.cpp beside us use these.
-`python bench/llamacpp.py` builds and prints the folder.
+`build()` returns the folder holding rwkv-greedy (our llamacpp_greedy.cpp linked against libllama) and, when
+asked, llama-bench, building them the first time: llama.cpp's library and llama-bench only, no server and no
+multimodal tools, which would triple the build. `built()` returns the folder only if they are already there;
+`greedy()` runs rwkv-greedy. The tests and benches that run llama.cpp beside us use these.
+`python bench/llamacpp.py [--bench]` builds (rwkv-greedy; with --bench llama-bench too) and prints the folder.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 # the sdist whose vendor/llama.cpp we build: pinned, so the cache key names one llama.cpp
 LLAMA_CPP_PYTHON = "0.3.36"
-TARGETS = ("llama-bench", "rwkv-greedy")
+GREEDY, BENCH = ("rwkv-greedy",), ("rwkv-greedy", "llama-bench")  # what the tests need; what the bench needs
 GREEDY_SOURCE = Path(__file__).with_name("llamacpp_greedy.cpp")
 CACHE = Path(os.environ.get("RWKV_LM_CACHE", Path.home() / ".cache" / "rwkv_lm")) / "llama.cpp" / LLAMA_CPP_PYTHON
 
@@ -31,32 +31,39 @@ CMAKE_OPTIONS = [
 ]
 
 
-def built() -> Path | None:
-    """The bin folder if every target is built, else None (builds nothing)."""
+def built(targets=GREEDY) -> Path | None:
+    """The bin folder if every one of `targets` is built in it, else None (builds nothing)."""
     bin_dir = CACHE / "bin"
-    return bin_dir if all((bin_dir / t).is_file() for t in TARGETS) else None
+    return bin_dir if all((bin_dir / t).is_file() for t in targets) else None
 
 
-def build(jobs: int | None = None, log=sys.stderr) -> Path:
-    """Build the targets (under `nice`) unless cached; return the bin folder."""
-    if (bin_dir := built()) is not None:
+def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
+    """Build `targets` (under `nice`) unless cached; return the bin folder. rwkv-greedy needs llama.cpp's library
+    only (what `make test` builds); llama-bench adds its common library, about as much again."""
+    if (bin_dir := built(targets)) is not None:
         return bin_dir
     src = _source()
     build_dir = CACHE / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    jobs = jobs or os.cpu_count() or 2
+    jobs = str(jobs or os.cpu_count() or 2)
     _run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_OPTIONS], log)
-    _run(["nice", "cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama", "llama-bench"], log)
-    # everything goes into a fresh folder renamed into place: a half-made bin folder never looks built
-    staging = Path(tempfile.mkdtemp(dir=CACHE, prefix="bin."))
-    shutil.copy2(build_dir / "bin" / "llama-bench", staging / "llama-bench")
-    libs = [build_dir / "src" / "libllama.a"] + [build_dir / "ggml" / "src" / f"libggml{part}.a" for part in ("", "-cpu", "-base")]
-    _run(["nice", os.environ.get("CXX", "c++"), "-O2", "-std=c++17", str(GREEDY_SOURCE), "-I", str(src / "include"),
-          "-I", str(src / "ggml" / "include"), *map(str, libs), "-fopenmp", "-lpthread", "-ldl", "-lm",
-          "-o", str(staging / "rwkv-greedy")], log)
-    shutil.rmtree(CACHE / "bin", ignore_errors=True)
-    staging.rename(CACHE / "bin")
-    return CACHE / "bin"
+    bin_dir = CACHE / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for target in targets:
+        # each binary is made beside its place and renamed into it: a half-made one never looks built
+        tmp = bin_dir / f".{target}.tmp"
+        if target == "rwkv-greedy":
+            _run(["nice", "cmake", "--build", str(build_dir), "-j", jobs, "--target", "llama"], log)
+            libs = [build_dir / "src" / "libllama.a"] + [build_dir / "ggml" / "src" / f"libggml{part}.a"
+                                                         for part in ("", "-cpu", "-base")]
+            _run(["nice", os.environ.get("CXX", "c++"), "-O2", "-std=c++17", str(GREEDY_SOURCE),
+                  "-I", str(src / "include"), "-I", str(src / "ggml" / "include"), *map(str, libs),
+                  "-fopenmp", "-lpthread", "-ldl", "-lm", "-o", str(tmp)], log)
+        else:
+            _run(["nice", "cmake", "--build", str(build_dir), "-j", jobs, "--target", target], log)
+            shutil.copy2(build_dir / "bin" / target, tmp)
+        os.replace(tmp, bin_dir / target)
+    return bin_dir
 
 
 def _source() -> Path:
@@ -99,4 +106,4 @@ def greedy(model: str | os.PathLike, prompt: list[int], n: int, *, threads: int 
 
 
 if __name__ == "__main__":
-    print(build())
+    print(build(BENCH if "--bench" in sys.argv else GREEDY))

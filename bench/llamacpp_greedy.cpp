@@ -28,7 +28,9 @@ int main(int argc, char ** argv) {
     }
     llama_log_set(quiet, nullptr);
     llama_backend_init();
-    llama_model * model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    llama_model_params model_params = llama_model_default_params();
+    model_params.progress_callback = [](float, void *) { return true; };  // no progress dots on stdout
+    llama_model * model = llama_model_load_from_file(argv[1], model_params);
     if (model == nullptr) {
         fprintf(stderr, "cannot load %s\n", argv[1]);
         return 1;
