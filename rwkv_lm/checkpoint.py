@@ -62,8 +62,6 @@ def save(model, path, *, tokenizer: str | None = None, metadata: dict | None = N
 
 
 def _kind(path: Path) -> str:
-    if path.is_dir():
-        return "hf"  # a Hugging Face model folder
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     with open(path, "rb") as f:
@@ -102,7 +100,7 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     from .formats.hub import is_hub_name, resolve
 
     path = resolve(path) if is_hub_name(path) else Path(path)
-    kind = _kind(path)
+    kind = "hf" if path.is_dir() else _kind(path)  # a folder is a Hugging Face model
     if kind in ("gguf", "hf"):
         return formats.read(kind, path)
     if kind == "official":

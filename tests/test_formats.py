@@ -258,6 +258,12 @@ def test_hub_names_load_from_the_cache(offline_hub, default_model):
         model = rwkv_lm.load(name, fast=False)
         assert torch.equal(logits(model, 4096), expected), name
         assert model.tokenizer is not None
+    # argparse's type=Path (the demo) keeps the name; the trainer's data.tokenizer takes one too
+    assert torch.equal(logits(rwkv_lm.load(Path("hf:someone/tiny-rwkv/rwkv7.safetensors"), fast=False), 4096), expected)
+    from train.data import resolve_tokenizer
+
+    tokenizer = resolve_tokenizer("hf:someone/tiny-rwkv-hf", 0, offline_hub)
+    assert tokenizer.spec == default_model.tokenizer.spec
 
 
 def test_hub_name_errors_name_the_repo(offline_hub):

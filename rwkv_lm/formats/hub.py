@@ -4,6 +4,7 @@ or a saved login) and its offline mode (HF_HUB_OFFLINE=1 reads the cache only).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
@@ -14,11 +15,13 @@ FOLDER_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", 
 
 
 def is_hub_name(name) -> bool:
-    return isinstance(name, str) and name.startswith(PREFIX)
+    """Whether a model path is a hub name (a str or a Path made from one, as argparse's type=Path makes)."""
+    return isinstance(name, (str, os.PathLike)) and os.fspath(name).startswith(PREFIX)
 
 
-def parse(name: str) -> tuple[str, str | None, str | None]:
+def parse(name) -> tuple[str, str | None, str | None]:
     """"hf:OWNER/REPO[@REVISION][/FILE]" -> (repo id, revision or None, file or None)."""
+    name = os.fspath(name)
     parts = name[len(PREFIX):].split("/", 2)
     if len(parts) < 2 or not all(parts[:2]) or (len(parts) == 3 and not parts[2]):
         raise CheckpointError(f"{name}: a hub name is hf:OWNER/REPO/FILE, hf:OWNER/REPO@REVISION/FILE or hf:OWNER/REPO")
@@ -26,12 +29,13 @@ def parse(name: str) -> tuple[str, str | None, str | None]:
     return f"{parts[0]}/{repo}", revision or None, parts[2] if len(parts) == 3 else None
 
 
-def resolve(name: str) -> Path:
+def resolve(name) -> Path:
     """The local path of a hub name (a file, or a snapshot folder), downloading it into the cache if needed."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub import errors
 
     repo_id, revision, filename = parse(name)
+    name = os.fspath(name)
     where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
     try:
         if filename is None:
