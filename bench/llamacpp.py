@@ -105,5 +105,18 @@ def greedy(model: str | os.PathLike, prompt: list[int], n: int, *, threads: int 
     return [int(t) for t in done.stdout.split()]
 
 
+def ours_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The first `n` greedy token ids of one of our models after the ids `prompt` (the same loop as rwkv-greedy's)."""
+    import torch
+
+    tokens = []
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prompt]), last_only=True)
+        for _ in range(n):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits, state = model(torch.tensor([[tokens[-1]]]), state)
+    return tokens
+
+
 if __name__ == "__main__":
     print(build(BENCH if "--bench" in sys.argv else GREEDY))

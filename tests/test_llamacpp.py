@@ -39,16 +39,6 @@ print(json.dumps(tokens))
 """
 
 
-def ours_greedy(model, prompt: list[int], n: int) -> list[int]:
-    tokens = []
-    with torch.no_grad():
-        logits, state = model(torch.tensor([prompt]), last_only=True)
-        for _ in range(n):
-            tokens.append(int(logits[0, -1].argmax()))
-            logits, state = model(torch.tensor([[tokens[-1]]]), state)
-    return tokens
-
-
 def official_greedy(model, tmp_path, prompt: list[int], n: int) -> list[int]:
     pytest.importorskip("rwkv", reason="the official rwkv package (the oracle) is in the dev extra")
     pth = rwkv_lm.export_official(model, tmp_path / "m.pth", dtype=torch.float32)
@@ -60,7 +50,7 @@ def official_greedy(model, tmp_path, prompt: list[int], n: int) -> list[int]:
 
 def check_three_agree(model, tmp_path, prompt):
     path = rwkv_lm.export_gguf(model, tmp_path / "m.gguf", type="f32")
-    ours = ours_greedy(rwkv_lm.load(path), prompt, N)
+    ours = llamacpp.ours_greedy(rwkv_lm.load(path), prompt, N)
     theirs = llamacpp.greedy(path, prompt, N)
     official = official_greedy(model, tmp_path, prompt, N)
     assert theirs == ours, f"llama.cpp {theirs}\nours      {ours}"

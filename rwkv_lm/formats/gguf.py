@@ -144,7 +144,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     spec = tokenizer.spec
     w.add_string(TOKENIZER_KEY, spec)
     if spec == "world":
-        tokens, types = _world_tokens(vocab_size)
+        tokens, types = _world_tokens(tokenizer, vocab_size)
         w.add_tokenizer_model("rwkv")
         w.add_token_list(tokens)
         w.add_token_types(types)
@@ -164,18 +164,16 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     w.add_add_bos_token(False)
 
 
-def _world_tokens(vocab_size: int) -> tuple[list[bytes], list[int]]:
+def _world_tokens(world, vocab_size: int) -> tuple[list[bytes], list[int]]:
     """llama.cpp's `rwkv` vocabulary: id 0 a control token, then each World token as its bytes written the way
     Python writes a bytes literal's inside (llama.cpp unescapes them), then padding up to the model's vocab."""
-    from ..tokenizer.world import _vocab_bytes
-
-    table = _vocab_bytes()
-    if len(table) > vocab_size:
-        raise CheckpointError(f"the World vocabulary has {len(table)} tokens, more than the model's {vocab_size}")
-    tokens = [b"<s>"] + [repr(t)[2:-1].encode("utf-8") for t in table[1:]]
-    types = [gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (len(table) - 1)
-    tokens += [f"[PAD{i}]".encode() for i in range(len(table), vocab_size)]
-    types += [gguf.TokenType.UNUSED] * (vocab_size - len(table))
+    n = world.vocab_size
+    if n > vocab_size:
+        raise CheckpointError(f"the World vocabulary has {n} tokens, more than the model's {vocab_size}")
+    tokens = [b"<s>"] + [repr(world.token_bytes(i))[2:-1].encode("utf-8") for i in range(1, n)]
+    types = [gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (n - 1)
+    tokens += [f"[PAD{i}]".encode() for i in range(n, vocab_size)]
+    types += [gguf.TokenType.UNUSED] * (vocab_size - n)
     return tokens, types
 
 
