@@ -158,6 +158,15 @@ def test_bad_gguf_files_name_the_file_and_the_tensor(tmp_path):
         rwkv_lm.load(tmp_path / "holey.gguf")
 
 
+def test_int8_model_exports_its_dequantized_weights(tmp_path):
+    from rwkv_lm.fast import optimize
+
+    int8 = optimize(random_model(ODD["tiny"], seed=9), weights="int8")  # int8 weights with per-row scales
+    expected = logits(int8, 101)
+    for path in (rwkv_lm.export_gguf(int8, tmp_path / "m.gguf"), rwkv_lm.export_hf(int8, tmp_path / "hf")):
+        assert_close(logits(rwkv_lm.load(path, fast=False), 101), expected, 1e-5, str(path))
+
+
 # ---------------------------------------------------------------- Hugging Face folders
 
 @pytest.mark.parametrize("name", ODD)

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError, atomic_write, dequantize
 from ..model import RWKV, RWKVConfig
 
 ARCH = "rwkv7"
@@ -109,7 +109,7 @@ def export_gguf(model, path, *, type: str = "f32", tokenizer=None) -> Path:
 
 def _gguf_tensors(model) -> dict[str, np.ndarray]:
     """The model's tensors under llama.cpp's names and layouts, fp32 numpy."""
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().float().cpu() for k, v in dequantize(model.state_dict(), "the model").items()}
     cfg = model.config
     out = {gname: sd[ours].numpy() for ours, gname in _GLOBAL.items()}
     for i in range(cfg.n_layer):

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError, atomic_write, dequantize
 from ..model import RWKV, RWKVConfig
 
 WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
@@ -76,7 +76,7 @@ def export_hf(model, folder, *, dtype=torch.float32, tokenizer=None) -> Path:
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder}: exists and is not a folder; a Hugging Face model is a folder")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu") for k, v in dequantize(model.state_dict(), "the model").items()}
     tensors = {}
     for ours, fla, how in _names(model.config):
         t = sd[ours].to(dtype)
