@@ -69,7 +69,7 @@ def test_gguf_layout_is_llama_cpps(tmp_path):
     assert ne("blk.1.time_mix_lerp_fused.weight") == [C, 1, 1, 6]
     assert ne("blk.1.time_mix_w1.weight") == [C, 8] and ne("blk.1.time_mix_w2.weight") == [8, C]
     assert ne("blk.0.time_mix_v1.weight") == [C, 16], "layer 0's placeholder value LoRA has the iclr rank"
-    assert ne("blk.1.time_mix_r_k.weight") == [C] and ne("blk.1.channel_mix_lerp_k.weight") == [C, 1, 1]
+    assert ne("blk.1.time_mix_r_k.weight") == [C] and ne("blk.1.channel_mix_lerp_k.weight") == [C]
     assert ne("blk.1.channel_mix_key.weight") == [C, 200] and ne("token_embd.weight") == [C, 97]
     w1 = gguf.quants.dequantize(tensors["blk.1.time_mix_w1.weight"].data, tensors["blk.1.time_mix_w1.weight"].tensor_type)
     assert np.array_equal(w1, model.blocks[1].att.w1.detach().T.numpy()), "LoRA down stored [rank, C], in f32"

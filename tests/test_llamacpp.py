@@ -68,3 +68,32 @@ def test_world_model(tmp_path, world):
 def test_default_model_with_its_bpe_tokenizer(tmp_path):
     model = rwkv_lm.load(REPO / "demo" / "models" / "rwkv7.safetensors", fast=False)
     check_three_agree(model, tmp_path, model.tokenizer.encode("Once upon a time, in a small village,"))
+
+
+def test_llama_cpps_converter_on_our_hf_folder_writes_our_gguf(tmp_path, world):
+    """llama.cpp's own convert_hf_to_gguf.py, given the fla-hub folder we write, makes the tensors our GGUF writer
+    makes, bit for bit (layer 0's unused value-residual placeholders aside: it copies the iclr LoRA there, we
+    write zeros), and the same World vocabulary."""
+    pytest.importorskip("transformers", reason="llama.cpp's converter imports transformers")
+    import gguf
+    import numpy as np
+
+    cfg = RWKVConfig(vocab_size=65536, n_layer=2, n_embd=128, head_size=64, decay_lora=32, iclr_lora=32, value_lora=32,
+                     gate_lora=64)
+    model = random_model(cfg, seed=2)
+    folder = rwkv_lm.export_hf(model, tmp_path / "hf", tokenizer=world)
+    ours = gguf.GGUFReader(rwkv_lm.export_gguf(model, tmp_path / "ours.gguf", tokenizer=world, type="f32"))
+    done = subprocess.run([sys.executable, str(llamacpp.CACHE / "src" / "convert_hf_to_gguf.py"), str(folder),
+                           "--outfile", str(tmp_path / "theirs.gguf"), "--outtype", "f32"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = gguf.GGUFReader(tmp_path / "theirs.gguf")
+    a, b = {t.name: t for t in ours.tensors}, {t.name: t for t in theirs.tensors}
+    assert a.keys() == b.keys()
+    placeholders = {f"blk.0.time_mix_v{i}.weight" for i in range(3)}
+    for name in a.keys() - placeholders:
+        assert list(a[name].shape) == list(b[name].shape) and a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(a[name].data, b[name].data), name
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "rwkv7.wkv.head_size",
+                "rwkv7.attention.gate_lora_rank", "rwkv7.feed_forward_length", "rwkv7.attention.layer_norm_epsilon"):
+        assert ours.get_field(key).contents() == theirs.get_field(key).contents(), key

@@ -48,7 +48,7 @@ _LAYER = {
     "att.receptance.weight": ("time_mix_receptance.weight", "same"), "att.key.weight": ("time_mix_key.weight", "same"),
     "att.value.weight": ("time_mix_value.weight", "same"), "att.output.weight": ("time_mix_output.weight", "same"),
     "att.ln_x.weight": ("time_mix_ln.weight", "same"), "att.ln_x.bias": ("time_mix_ln.bias", "same"),
-    "ffn.x_k": ("channel_mix_lerp_k.weight", "same"),  # [1, 1, C] is the shape llama.cpp wants
+    "ffn.x_k": ("channel_mix_lerp_k.weight", "vec"),
     "ffn.key.weight": ("channel_mix_key.weight", "same"), "ffn.value.weight": ("channel_mix_value.weight", "same"),
 }
 _GLOBAL = {
