@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import DEMO_MODEL, RESULTS, SHAPES, Ours, best_of, machine, random_weights  # noqa: E402
 import llamacpp  # noqa: E402
 import rwkv_lm  # noqa: E402
-from rwkv_lm.cpu_kernels import cpu_level  # noqa: E402
-from rwkv_lm.fast import optimize  # noqa: E402
+from rwkv_lm.ops.cpu_kernels import cpu_level  # noqa: E402
+from rwkv_lm.runtime.cpu import optimize  # noqa: E402
 
-SECTION = "## llama.cpp beside rwkv_lm: bench_llamacpp.py (issues 20 and 21)"
+SECTION = "## llama.cpp beside rwkv_lm: bench_llamacpp.py"
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # our weights -> the GGUF type llama.cpp runs beside them
 N_AGREE = 16
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from .chat import ChatSession
-from .checkpoint import export_official, load, save
-from .formats import GGUF_TYPES, OUTPUT_FORMATS, export_gguf, export_hf, output_format
-from .fast import optimize
+from .checkpoint import export_gguf, export_hf, export_official, read_model, save
+from .formats import GGUF_TYPES, OUTPUT_FORMATS, output_format
+from .ops.cpu_kernels import LEVELS
+from .runtime import WEIGHTS, decode_step, load
 from .generate import generate
 from .sampling import SamplingParams
 from .statefile import load_state
@@ -40,11 +41,13 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="checkpoint: ours (.safetensors) or an official RWKV-7 .pth")
     p.add_argument("--tokenizer", help="'world' or a tokenizer.json path (default: the one the checkpoint names)")
-    p.add_argument("--dtype", choices=sorted(DTYPES) + ["int8"], default="fp32",
+    p.add_argument("--dtype", choices=WEIGHTS, default="fp32",
                    help="default fp32; bf16 halves the memory read per token (on a CPU the weights only, "
                         "activations stay fp32; on a GPU the whole model); int8 (CPU only) halves it again")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda where a GPU is visible)")
+    p.add_argument("--isa", choices=LEVELS, help="on a CPU, the highest instruction-set level of the kernels to use "
+                                                  "(default: the best this CPU has, or RWKV_LM_CPU_ISA)")
 
 
 def _add_sampling_args(p, defaults: SamplingParams):
@@ -78,21 +81,8 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def load_for_inference(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A checkpoint ready to generate with: on a CPU through the fast path (`rwkv_lm.fast.optimize`; bf16:
-    the weights only), on a GPU in `dtype`. `rwkv-lm` and the demo load their models with this."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return optimize(load(path), weights={torch.bfloat16: "bf16", torch.int8: "int8"}.get(dtype))
-    if dtype == torch.int8:
-        raise UsageError("--dtype int8 runs on the CPU only; use --device cpu, or --dtype bf16 on a GPU")
-    # the WKV kernels and cuBLAS take bf16 activations without loss of speed or much precision
-    return load(path, device=device, dtype=dtype)
-
-
 def _model_and_tokenizer(args):
-    dtype = torch.int8 if args.dtype == "int8" else DTYPES[args.dtype]
-    model = load_for_inference(args.model, _device(args.device), dtype)
+    model = load(args.model, device=_device(args.device), weights=args.dtype, isa=args.isa)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
         raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world or --tokenizer PATH/tokenizer.json")
@@ -159,7 +149,7 @@ def cmd_convert(args):
     fmt = output_format(args.output, args.format)
     dst = Path(args.output)
     dtype = DTYPES[args.dtype or ("fp32" if fmt == "hf" else "bf16")]
-    model = load(args.input, dtype=torch.float32 if fmt == "gguf" else dtype, fast=False)
+    model = read_model(args.input, dtype=torch.float32 if fmt == "gguf" else dtype)
     if fmt == "official":
         export_official(model, dst, dtype=dtype)
     elif fmt == "gguf":
@@ -187,7 +177,7 @@ def cmd_serve(args):
         raise UsageError("--state-cache-mb must be >= 0 (0 turns the cache off)")
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    cache=int(args.state_cache_mb * 2**20))
+                    cache=int(args.state_cache_mb * 2**20), step=decode_step(model, graphs=args.cuda_graphs))
     app = create_app(engine, model_name=args.model_name or Path(args.model).stem, api_key=args.api_key,
                      max_prompt_tokens=args.max_prompt_tokens)
     print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
@@ -229,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAM for cached prefix states, so repeated prompt beginnings are read once (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts get 413 (default: %(default)s)")
     p.add_argument("--model-name", help="the model id clients see (default: the checkpoint's file name)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="on a GPU, replay decode steps as CUDA graphs of the fused step (default: RWKV_LM_CUDA_GRAPHS=1; "
+                        "never run on a GPU yet)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("convert", help="convert between our .safetensors, official .pth, GGUF and Hugging Face folders")

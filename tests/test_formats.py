@@ -159,7 +159,7 @@ def test_bad_gguf_files_name_the_file_and_the_tensor(tmp_path):
 
 
 def test_int8_model_exports_its_dequantized_weights(tmp_path):
-    from rwkv_lm.fast import optimize
+    from rwkv_lm.runtime.cpu import optimize
 
     int8 = optimize(random_model(ODD["tiny"], seed=9), weights="int8")  # int8 weights with per-row scales
     expected = logits(int8, 101)

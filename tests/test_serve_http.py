@@ -159,7 +159,7 @@ def test_models_health_and_metrics(server, client):
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
     assert values["rwkv_lm_requests_total"] >= 3 and values["rwkv_lm_generated_tokens_total"] >= 6
     assert values["rwkv_lm_state_cache_hits_total"] >= 1 and values["rwkv_lm_state_cache_bytes"] > 0
-    assert "rwkv_lm_queue_length" in values and "rwkv_lm_batch_size" in values
+    assert "rwkv_lm_waiting" in values and "rwkv_lm_decoding" in values and "rwkv_lm_decode_steps_total" in values
     assert any(k.startswith('rwkv_lm_http_requests_total{path="/v1/completions",status="200"}') for k in values)
 
 

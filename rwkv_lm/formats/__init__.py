@@ -14,22 +14,6 @@ def read(kind: str, path):
     return read_hf(path)
 
 
-def export_gguf(model, path, *, type: str = "f32", tokenizer=None):
-    """Write an RWKV-7 as GGUF for llama.cpp (see rwkv_lm.formats.gguf)."""
-    from .gguf import export_gguf as write
-
-    return write(model, path, type=type, tokenizer=tokenizer)
-
-
-def export_hf(model, folder, *, dtype=None, tokenizer=None):
-    """Write an RWKV-7 as an fla-hub Hugging Face folder (see rwkv_lm.formats.hf)."""
-    import torch
-
-    from .hf import export_hf as write
-
-    return write(model, folder, dtype=dtype or torch.float32, tokenizer=tokenizer)
-
-
 # what `rwkv-lm convert` writes: ours (safetensors + config), the official .pth, GGUF, a Hugging Face folder
 OUTPUT_SUFFIXES = {".safetensors": "ours", ".pth": "official", ".gguf": "gguf"}
 OUTPUT_FORMATS = ("ours", "official", "gguf", "hf")
@@ -41,7 +25,7 @@ def output_format(path, fmt: str | None = None) -> str:
     "/", is a Hugging Face folder); an output no rule names is an error, not a guess."""
     from pathlib import Path
 
-    from ..checkpoint import CheckpointError
+    from ..files import CheckpointError
 
     if fmt is not None:
         if fmt not in OUTPUT_FORMATS:

@@ -21,8 +21,8 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write, dequantize
-from ..model import RWKV, RWKVConfig
+from ..files import CheckpointError, atomic_write
+from ..model import RWKVConfig
 
 ARCH = "rwkv7"
 TOKENIZER_KEY = "rwkv_lm.tokenizer"  # our tokenizer spec, verbatim
@@ -66,17 +66,13 @@ def _key(template: str) -> str:
 
 # ---------------------------------------------------------------- writing
 
-def export_gguf(model, path, *, type: str = "f32", tokenizer=None) -> Path:
-    """Write an RWKV-7 as a GGUF file llama.cpp runs. type: f32, f16, bf16, q8_0 or q4_0 (the big matrices;
-    vectors, norms and the decay LoRA stay f32). tokenizer: defaults to model.tokenizer."""
-    if not isinstance(model, RWKV):
-        raise CheckpointError(f"only RWKV-7 models can be written as GGUF, not {model.__class__.__name__}")
+def write_gguf(sd: dict[str, torch.Tensor], cfg: RWKVConfig, path, *, type: str = "f32", tokenizer=None) -> Path:
+    """Write an RWKV-7's floating-point tensors (our names) as a GGUF file llama.cpp runs. type: f32, f16, bf16,
+    q8_0 or q4_0 (the big matrices; vectors, norms and the decay LoRA stay f32)."""
     if type not in TYPES:
         raise CheckpointError(f"GGUF type {type!r} is not one of {', '.join(TYPES)}")
     file_type, matrix_type = TYPES[type]
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    cfg = model.config
-    tensors = _gguf_tensors(model)
+    tensors = _gguf_tensors(sd, cfg)
 
     def write(tmp):
         w = gguf.GGUFWriter(tmp, ARCH)
@@ -107,10 +103,9 @@ def export_gguf(model, path, *, type: str = "f32", tokenizer=None) -> Path:
     return atomic_write(path, write)
 
 
-def _gguf_tensors(model) -> dict[str, np.ndarray]:
-    """The model's tensors under llama.cpp's names and layouts, fp32 numpy."""
-    sd = {k: v.detach().float().cpu() for k, v in dequantize(model.state_dict(), "the model").items()}
-    cfg = model.config
+def _gguf_tensors(sd: dict[str, torch.Tensor], cfg: RWKVConfig) -> dict[str, np.ndarray]:
+    """The tensors under llama.cpp's names and layouts, fp32 numpy."""
+    sd = {k: v.detach().float().cpu() for k, v in sd.items()}
     out = {gname: sd[ours].numpy() for ours, gname in _GLOBAL.items()}
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, atomic_write, dequantize
-from ..model import RWKV, RWKVConfig
+from ..files import CheckpointError, atomic_write
+from ..model import RWKVConfig
 
 WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
 WORLD_VOCAB = "rwkv_vocab_v20230424.txt"
@@ -68,22 +68,19 @@ def _config_json(cfg: RWKVConfig, tokenizer) -> dict:
     }
 
 
-def export_hf(model, folder, *, dtype=torch.float32, tokenizer=None) -> Path:
-    """Write an RWKV-7 as a Hugging Face folder in the fla-hub layout (config.json, model.safetensors, tokenizer)."""
-    if not isinstance(model, RWKV):
-        raise CheckpointError(f"only RWKV-7 models have an fla-hub layout, not {model.__class__.__name__}")
+def write_hf(sd: dict[str, torch.Tensor], cfg: RWKVConfig, folder, *, dtype=torch.float32, tokenizer=None) -> Path:
+    """Write an RWKV-7's floating-point tensors (our names) as a Hugging Face folder in the fla-hub layout
+    (config.json, model.safetensors, the tokenizer)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder}: exists and is not a folder; a Hugging Face model is a folder")
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    sd = {k: v.detach().to("cpu") for k, v in dequantize(model.state_dict(), "the model").items()}
     tensors = {}
-    for ours, fla, how in _names(model.config):
-        t = sd[ours].to(dtype)
+    for ours, fla, how in _names(cfg):
+        t = sd[ours].detach().to("cpu", dtype)
         tensors[fla] = (t.T if how == "T" else t.reshape(-1) if how == "flat" else t).contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_text(folder / CONFIG, json.dumps(_config_json(model.config, tokenizer), indent=2))
+    _write_text(folder / CONFIG, json.dumps(_config_json(cfg, tokenizer), indent=2))
     if tokenizer is not None:
         if tokenizer.spec == "world":
             from ..tokenizer.world import VOCAB_FILE

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ..files import CheckpointError
 
 PREFIX = "hf:"
 # a whole folder: what reading an fla-hub model needs, not every file a repo holds

@@ -31,15 +31,16 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the chat API's newer name for max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    penalty_decay: float = Field(1.0, gt=0, le=1)
+    # the values' ranges are checked once, by SamplingParams (a SamplingError names the field: a 400)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # the chat API's newer name for max_tokens
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_decay: float = 1.0
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
@@ -63,7 +64,8 @@ class _Sampling(BaseModel):
         return stops
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+        given = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return SamplingParams(max_tokens=default_max_tokens if given is None else given,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               penalty_decay=self.penalty_decay, stop=tuple(self.stop or ()), seed=self.seed)

@@ -22,11 +22,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..chat import clean_message, render_prompt, reply_request
+from ..chat_template import render_prompt
 from ..sampling import SamplingError
 from .engine import Engine, EngineFull
 from .openai_api import ApiError, ChatRequest, CompletionRequest
-from .request import END_OF_TEXT, Request
+from ..tokenizer import END_OF_TEXT_ID
+from .request import Request
 
 MAX_PROMPT_TOKENS = 32_768
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -40,23 +41,23 @@ class EngineCollector:
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    COUNTERS = {"requests": "requests submitted", "prompt_tokens": "prompt tokens read by the model",
+                "cached_prompt_tokens": "prompt tokens taken from the state cache",
+                "generated_tokens": "tokens generated", "decode_steps": "batched decode steps",
+                "decode_step_rows": "rows summed over decode steps (/ decode_steps: the mean batch size)"}
+    GAUGES = {"waiting": "requests waiting for a row", "prefilling": "requests reading their prompt now",
+              "decoding": "rows in the decoding batch now"}
+
     def collect(self):
         s = self.engine.stats()
-        counters = [("requests", "requests submitted", s["requests"]),
-                    ("prompt_tokens", "prompt tokens read by the model", s["prompt_tokens"]),
-                    ("cached_prompt_tokens", "prompt tokens taken from the state cache", s["cached_tokens"]),
-                    ("generated_tokens", "tokens generated", s["generated_tokens"]),
-                    ("decode_steps", "batched decode steps", s["steps"]),
-                    ("decode_step_rows", "rows summed over decode steps (/ steps: mean batch size)", s["step_rows"])]
-        for name, doc, value in counters:
-            yield CounterMetricFamily(f"rwkv_lm_{name}", doc, value=value)
+        for name, doc in self.COUNTERS.items():
+            yield CounterMetricFamily(f"rwkv_lm_{name}", doc, value=s[name])
+        for name, doc in self.GAUGES.items():
+            yield GaugeMetricFamily(f"rwkv_lm_{name}", doc, value=s[name])
         finished = CounterMetricFamily("rwkv_lm_finished_requests", "requests ended, by reason", labels=["reason"])
         for reason, n in s["finished"].items():
             finished.add_metric([reason], n)
         yield finished
-        yield GaugeMetricFamily("rwkv_lm_batch_size", "rows in the decoding batch now", value=s["decoding"])
-        yield GaugeMetricFamily("rwkv_lm_prefilling", "requests reading their prompt now", value=s["prefilling"])
-        yield GaugeMetricFamily("rwkv_lm_queue_length", "requests waiting for a row", value=s["waiting"])
         cache = s["cache"] or {"hits": 0, "misses": 0, "bytes": 0, "entries": 0, "max_bytes": 0}
         yield CounterMetricFamily("rwkv_lm_state_cache_hits", "prompts that began with a cached prefix", value=cache["hits"])
         yield CounterMetricFamily("rwkv_lm_state_cache_misses", "prompts that did not", value=cache["misses"])
@@ -114,7 +115,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
         tokens = _encode(body.prompt)
-        stream = _submit(Request(tokens, _params(body, COMPLETION_MAX_TOKENS), end_tokens=() if body.ignore_eos else (END_OF_TEXT,)))
+        stream = _submit(Request(tokens, _params(body, COMPLETION_MAX_TOKENS), end_tokens=() if body.ignore_eos else (END_OF_TEXT_ID,)))
         reply = _Reply("cmpl", "text_completion", body, stream)
         if body.stream:
             return _sse(reply.chunks(lambda piece: {"text": piece}, first=None))
@@ -124,13 +125,10 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
         try:
-            messages = [m.as_dict() for m in body.messages]
-            for m in messages:
-                clean_message(m["content"], m["role"])
-            prompt = render_prompt(messages)
+            prompt = render_prompt([m.as_dict() for m in body.messages])
         except ValueError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        stream = _submit(reply_request(_encode(prompt), _params(body, CHAT_MAX_TOKENS)))
+        stream = _submit(Request.chat_reply(_encode(prompt), _params(body, CHAT_MAX_TOKENS)))
         reply = _Reply("chatcmpl", "chat.completion", body, stream)
         if body.stream:
             return _sse(reply.chunks(lambda piece: {"delta": {"content": piece}}, first={"delta": {"role": "assistant"}}))
