@@ -31,6 +31,7 @@ import llamacpp  # noqa: E402
 import rwkv_lm  # noqa: E402
 from rwkv_lm.ops.cpu_kernels import cpu_level  # noqa: E402
 from rwkv_lm.runtime.cpu import optimize  # noqa: E402
+from rwkv_lm.tokenizer import load_tokenizer  # noqa: E402
 
 SECTION = "## llama.cpp beside rwkv_lm: bench_llamacpp.py"
 PAIRS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # our weights -> the GGUF type llama.cpp runs beside them
@@ -80,6 +81,8 @@ def main():
 
     cfg = rwkv_lm.RWKVConfig(**SHAPES[args.shape])
     plain = random_weights(cfg)
+    if cfg.vocab_size == 65536:
+        plain.tokenizer = load_tokenizer("world")  # what a World model's GGUF carries (ids are what is compared)
     default = rwkv_lm.load(DEMO_MODEL)
     agree = agreement(default, default.tokenizer.encode("Once upon a time, in a small village,"), tmp, "default model")
     g = torch.Generator().manual_seed(1)

@@ -47,7 +47,8 @@ def test_gguf_round_trip_f32(tmp_path, name):
     model = random_model(ODD[name], seed=3)
     path = rwkv_lm.export_gguf(model, tmp_path / "m.gguf", type="f32")
     loaded = rwkv_lm.load(path, fast=False)
-    assert loaded.config == model.config and loaded.metadata["format"] == "gguf"
+    assert loaded.config == model.config and loaded.metadata["format"] == "gguf" and loaded.tokenizer is None
+    assert gguf.GGUFReader(path).get_field("tokenizer.ggml.model").contents() == "none", "llama.cpp runs it on ids"
     assert_close(logits(loaded, model.config.vocab_size), logits(model, model.config.vocab_size), 1e-5, "gguf f32")
     assert_close(logits(rwkv_lm.load(path), model.config.vocab_size), logits(model, model.config.vocab_size), 1e-5,
                  "gguf f32, the CPU runtime")

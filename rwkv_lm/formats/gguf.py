@@ -91,6 +91,9 @@ def write_gguf(sd: dict[str, torch.Tensor], cfg: RWKVConfig, path, *, type: str 
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if tokenizer is not None:
             _add_tokenizer(w, tokenizer, cfg.vocab_size)
+        else:
+            w.add_tokenizer_model("none")  # llama.cpp then runs the model on token ids, as many as vocab_size
+            w.add_vocab_size(cfg.vocab_size)
         for name, data in tensors.items():
             qtype = matrix_type if data.ndim == 2 and not name.endswith(_ALWAYS_F32) else F32
             encoded, raw_dtype = _encode(data, qtype)
