@@ -1,5 +1,6 @@
 """The model files other tools use, each in its own module: GGUF (llama.cpp), Hugging Face folders in the
-fla-hub layout, and names of models on the Hugging Face Hub. checkpoint.py's reader dispatches here."""
+fla-hub layout, and names of models on the Hugging Face Hub. checkpoint.py reads and writes models through
+these; they see plain tensors under our names and a config, never a model."""
 from __future__ import annotations
 
 
