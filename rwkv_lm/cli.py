@@ -2,7 +2,7 @@
 
     rwkv-lm generate --model M.pth --prompt "The Eiffel tower is" --max-tokens 50 --temperature 0
     rwkv-lm chat --model M.pth --system "You are a helpful assistant."
-    rwkv-lm convert M.pth M.safetensors        (or back: M.safetensors M.pth)
+    rwkv-lm convert M.pth M.safetensors        (or back: M.safetensors M.pth; M.gguf; DIR/ an HF folder)
     rwkv-lm serve --model M.pth --port 8000    (an OpenAI-compatible HTTP server)
 
 Bad input ends with one line on stderr and exit code 2.
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .chat import ChatSession
-from .checkpoint import export_official, read_model, save
+from .checkpoint import export_gguf, export_hf, export_official, read_model, save
+from .formats import GGUF_TYPES, OUTPUT_FORMATS, output_format
 from .ops.cpu_kernels import LEVELS
 from .runtime import WEIGHTS, decode_step, load
 from .generate import generate
@@ -145,10 +146,16 @@ def cmd_chat(args):
 
 
 def cmd_convert(args):
+    fmt = output_format(args.output, args.format)
     dst = Path(args.output)
-    model = read_model(args.input, dtype=DTYPES[args.dtype])
-    if dst.suffix == ".pth":
-        export_official(model, dst, dtype=DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype or ("fp32" if fmt == "hf" else "bf16")]
+    model = read_model(args.input, dtype=torch.float32 if fmt == "gguf" else dtype)
+    if fmt == "official":
+        export_official(model, dst, dtype=dtype)
+    elif fmt == "gguf":
+        export_gguf(model, dst, type=args.type)
+    elif fmt == "hf":
+        export_hf(model, dst, dtype=dtype)
     else:
         save(model, dst, tokenizer=None if model.tokenizer is None else model.tokenizer.spec)
     print(f"wrote {dst}")
@@ -217,10 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "never run on a GPU yet)")
     p.set_defaults(run=cmd_serve)
 
-    p = sub.add_parser("convert", help="convert between official .pth and our .safetensors (by the output suffix)")
-    p.add_argument("input")
-    p.add_argument("output", help="*.pth: the official layout; anything else: our safetensors format")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype (default bf16, as official files)")
+    p = sub.add_parser("convert", help="convert between our .safetensors, official .pth, GGUF and Hugging Face folders")
+    p.add_argument("input", help="any model file, a Hugging Face folder, or hf:OWNER/REPO/FILE")
+    p.add_argument("output", help="*.safetensors: ours; *.pth: the official layout; *.gguf: llama.cpp; DIR/: an fla-hub "
+                                  "Hugging Face folder")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, help="the output format, when the name does not say it")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="stored dtype of ours, .pth and HF folders (default bf16, as official files; HF folders fp32)")
+    p.add_argument("--type", choices=GGUF_TYPES, default="f16",
+                   help="GGUF: the type of the big matrices (default %(default)s; vectors and norms stay f32)")
     p.set_defaults(run=cmd_convert)
     return parser
 
