@@ -101,7 +101,8 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
                            allow_headers=["Authorization", "Content-Type"])
     errors.install(app)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     async def health():
         problem = engine.health(limits.stall_s)
         if problem is not None:
