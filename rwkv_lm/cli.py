@@ -180,8 +180,8 @@ def cmd_serve(args):
     for flag in LIMIT_FLAGS.values():
         if not getattr(args, flag) > 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be > 0")
-    limits = Limits(**{field: getattr(args, flag) for field, flag in LIMIT_FLAGS.items()})
-    limits = dataclasses.replace(limits, max_body_bytes=int(args.max_body_mb * 2**20))
+    values = {field: getattr(args, flag) for field, flag in LIMIT_FLAGS.items()}
+    limits = Limits(**{**values, "max_body_bytes": int(args.max_body_mb * 2**20)})
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache=int(args.state_cache_mb * 2**20), step=decode_step(model, graphs=args.cuda_graphs))

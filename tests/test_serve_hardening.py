@@ -492,3 +492,10 @@ def test_metrics_and_docs_need_the_key_unless_metrics_are_public(fresh_engine, s
         assert httpx.get(public.url + "/docs").status_code == 401
     finally:
         public.stop()
+
+
+@pytest.mark.parametrize("flag", ["--max-tokens-limit", "--max-body-mb", "--shutdown-timeout", "--max-connections"])
+def test_serve_rejects_a_limit_that_is_not_positive(tmp_path, flag):
+    proc = subprocess.run([sys.executable, "-m", "rwkv_lm.cli", "serve", "--model", str(tmp_path / "nope.pth"), flag, "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"{flag} must be > 0" in proc.stderr
