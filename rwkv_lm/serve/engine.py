@@ -202,10 +202,11 @@ class Engine:
         with self._queue_lock:
             self._stopping = True
             self._wakeup.notify()
+        self._end_all("cancelled")  # (before the join: a reader never sees the loop gone and its stream open)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._end_all("cancelled")
+        self._end_all("cancelled")  # any submitted meanwhile
 
     def _end_all(self, reason: str, error: BaseException | None = None) -> None:
         with self._step_lock:
