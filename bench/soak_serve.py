@@ -218,6 +218,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per normal request")
     parser.add_argument("--header-timeout", type=float, default=5, help="the server's --header-timeout")
     parser.add_argument("--body-timeout", type=float, default=5, help="the server's --body-timeout")
+    parser.add_argument("--state-cache-mb", type=float, default=512, help="the server's --state-cache-mb")
     args = parser.parse_args()
     command = "python bench/soak_serve.py " + " ".join(sys.argv[1:])
 
@@ -228,7 +229,8 @@ def main():
         with open(log, "w") as out:
             server = subprocess.Popen([sys.executable, "-m", "rwkv_lm.cli", "serve", "--model", args.model,
                                        "--port", str(port), "--api-key", KEY, "--header-timeout", str(args.header_timeout),
-                                       "--body-timeout", str(args.body_timeout), "--shutdown-timeout", "5"],
+                                       "--body-timeout", str(args.body_timeout), "--shutdown-timeout", "5",
+                                       "--state-cache-mb", str(args.state_cache_mb)],
                                       cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                       env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
