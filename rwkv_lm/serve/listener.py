@@ -73,7 +73,8 @@ class _GuardedProtocol(_UvicornProtocol):
         self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
                              b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         # the client reads the answer, then the end; closing at once could reset the connection under it
-        self.transport.write_eof()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
         self.loop.call_later(self.limits.header_timeout_s, self.transport.close)
 
 
