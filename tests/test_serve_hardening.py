@@ -452,6 +452,12 @@ def test_an_idle_keep_alive_connection_is_closed(server):
         assert closed_within(s, 20)
 
 
+def test_a_request_that_is_no_http_is_400_json(server):
+    answer = raw_exchange(server.port, b"HELLO THERE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert "not valid HTTP" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+
+
 def test_a_slow_body_is_408(server):
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()

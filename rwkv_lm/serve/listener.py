@@ -3,8 +3,9 @@
 uvicorn closes an idle keep-alive connection (`timeout_keep_alive`) but waits forever for the head of a request
 and takes any number of connections; its connection limit (`limit_concurrency`) answers in plain text. The
 protocol here (uvicorn's own, with a `Config(http=...)` class) closes a connection whose request head is not in
-within `header_timeout_s`, and answers a connection beyond `max_connections` with OpenAI's 503 JSON. (The body's
-deadline and size are the app's: `limits.BodyLimit`.)
+within `header_timeout_s`, answers a connection beyond `max_connections` with OpenAI's 503 JSON, and a request
+HTTP cannot parse with OpenAI's 400 JSON (uvicorn's is plain text). (The body's deadline and size are the
+app's: `guards.BodyLimit`.)
 
 Shutdown (`Server`): the first SIGTERM or SIGINT stops taking connections; running requests go on for
 `shutdown_timeout_s`, then the engine ends them (a stream's last chunk has finish_reason "abort", then
@@ -33,14 +34,14 @@ class _GuardedProtocol(_UvicornProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._head_timer = None
-        self._turned_away = len(self.connections) > self.limits.max_connections
-        if self._turned_away:
+        self._not_reading = len(self.connections) > self.limits.max_connections
+        if self._not_reading:
             self._turn_away()
         else:
             self._await_head()
 
     def data_received(self, data: bytes) -> None:
-        if not self._turned_away:
+        if not self._not_reading:
             super().data_received(data)
 
     def on_response_complete(self) -> None:
@@ -66,13 +67,21 @@ class _GuardedProtocol(_UvicornProtocol):
         if self._waiting_for_head() and not self.transport.is_closing():
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:  # (uvicorn's hook for a request its parser refuses)
+        self._answer_and_close(ApiError(400, f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"))
+
     def _turn_away(self) -> None:
-        error = ApiError(503, f"the server has {self.limits.max_connections:,} connections open, the most it takes; "
-                              "retry in a moment", code="too_many_connections")
+        self._answer_and_close(ApiError(503, f"the server has {self.limits.max_connections:,} connections open, the "
+                                             "most it takes; retry in a moment", code="too_many_connections"))
+
+    def _answer_and_close(self, error: ApiError) -> None:
         body = json.dumps(error.body()).encode()
-        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        reason = {400: b"Bad Request", 503: b"Service Unavailable"}[error.status]
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n%sconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (error.status, reason,
+                             b"retry-after: 1\r\n" if error.status == 503 else b"", len(body), body))
         # the client reads the answer, then the end; closing at once could reset the connection under it
+        self._not_reading = True  # anything more the client sends is dropped
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(self.limits.header_timeout_s, self.transport.close)
