@@ -38,11 +38,11 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import rwkv_lm  # noqa: E402
-from rwkv_lm.cpu_kernels import ISA_ENV, LEVELS, cpu_level  # noqa: E402
-from rwkv_lm.fast import optimize  # noqa: E402
 from rwkv_lm.model import Block  # noqa: E402
+from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, cpu_level  # noqa: E402
+from rwkv_lm.runtime.cpu import optimize  # noqa: E402
 
-SECTION = "## CPU runtime: bench_cpu.py with {threads} thread{s} (issues 4 and 11)"  # one section per thread count
+SECTION = "## CPU runtime: bench_cpu.py with {threads} thread{s}"  # one section per thread count
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DEMO_MODEL = ROOT / "demo" / "models" / "rwkv7.safetensors"
 SHAPES = {"0.1B": dict(vocab_size=65536, n_layer=12, n_embd=768),  # what the tables in RESULTS.md use

@@ -120,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import rwkv_lm
-    from rwkv_lm.chat import REPLY_CUE, turn_text
+    from rwkv_lm.chat_template import REPLY_CUE, turn_text
 
     tokenizer = rwkv_lm.load(MODEL).tokenizer
     messages = [f"Tell me a story, user {i} is listening." for i in range(args.users)]

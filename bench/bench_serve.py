@@ -1,7 +1,7 @@
 """Serving speed of rwkv_lm.serve (issue 10): many concurrent streams through one Engine, over the Python API
 and over HTTP, against the same requests run one after another; and the prefix state cache, hit against miss.
 
-Random weights of the 0.1B shape (12 layers, width 768, vocab 65536), fp32, CPU, through rwkv_lm.fast.optimize
+Random weights of the 0.1B shape (12 layers, width 768, vocab 65536), fp32, CPU, through rwkv_lm.runtime.cpu.optimize
 (what `rwkv-lm serve` runs), the World tokenizer. One run gives every number and prints them with the command;
 it writes nothing (the checkpoint the server loads lives in a temporary directory).
 
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_cpu import machine  # noqa: E402
 
 from rwkv_lm import RWKVConfig, SamplingParams, save  # noqa: E402
-from rwkv_lm.fast import optimize  # noqa: E402
+from rwkv_lm.runtime.cpu import optimize  # noqa: E402
 from rwkv_lm.sampling import RowSampler, sample  # noqa: E402
 from rwkv_lm.serve import Engine, Request, StateCache  # noqa: E402
 from rwkv_lm.testing import random_model  # noqa: E402
@@ -134,12 +134,12 @@ def run_api(engine: Engine, tokenizer, texts: list[str], clients: int, max_token
                 ttft.append(first if first is not None else float("nan"))
                 tokens[0] += stream.completion_tokens
 
-    steps, rows = engine.counters.steps, engine.counters.step_rows
+    steps, rows = engine.counters.decode_steps, engine.counters.decode_step_rows
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, [texts[c::clients] for c in range(clients)]))
     wall = time.perf_counter() - start
-    steps, rows = engine.counters.steps - steps, engine.counters.step_rows - rows
+    steps, rows = engine.counters.decode_steps - steps, engine.counters.decode_step_rows - rows
     return Run(wall, tokens[0], ttft, rows / max(steps, 1))
 
 
@@ -171,8 +171,8 @@ async def _run_http(base_url: str, texts: list[str], clients: int, max_tokens: i
             await asyncio.gather(*(run_client(texts[c::clients]) for c in range(clients)))
             wall = time.perf_counter() - start
             after = (await raw.get("/health")).json()
-    steps = after["steps"] - before["steps"]
-    return Run(wall, tokens[0], ttft, (after["step_rows"] - before["step_rows"]) / max(steps, 1))
+    steps = after["decode_steps"] - before["decode_steps"]
+    return Run(wall, tokens[0], ttft, (after["decode_step_rows"] - before["decode_step_rows"]) / max(steps, 1))
 
 
 def run_http(base_url, texts, clients, max_tokens) -> Run:

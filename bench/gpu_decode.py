@@ -1,4 +1,4 @@
-"""Decoding on a GPU: the fused step (rwkv_lm/cuda_step.py) and its CUDA graphs (rwkv_lm/cuda_graphs.py)
+"""Decoding on a GPU: the fused step (rwkv_lm/runtime/cuda_step.py) and its CUDA graphs (rwkv_lm/runtime/cuda_graphs.py)
 checked against the eager model, greedy tokens against the official `rwkv` package, then tokens/s.
 
     PYTHONPATH=. python3 bench/gpu_decode.py            # a CUDA GPU and CuPy; the rwkv package optional
@@ -28,8 +28,9 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from rwkv_lm import RWKVConfig, cuda_graphs, cuda_step, export_official  # noqa: E402
-from rwkv_lm.generate import prefill  # noqa: E402
+from rwkv_lm import RWKVConfig, export_official  # noqa: E402
+from rwkv_lm.runtime import cuda_graphs, cuda_step  # noqa: E402
+from rwkv_lm.serve import prefill  # noqa: E402
 from rwkv_lm.ops import cuda_kernels  # noqa: E402
 from rwkv_lm.testing import random_model, rel_err  # noqa: E402
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rwkv_lm import RWKVConfig, export_official  # noqa: E402
-from rwkv_lm.generate import prefill  # noqa: E402
+from rwkv_lm.serve import prefill  # noqa: E402
 from rwkv_lm.ops.wkv7 import cuda  # noqa: E402
 from rwkv_lm.testing import random_model, rel_err  # noqa: E402
 

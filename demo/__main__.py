@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from rwkv_lm.cli import load_for_inference
+import rwkv_lm
 from rwkv_lm.statefile import load_state
 from rwkv_lm.tokenizer import load_tokenizer
 
@@ -15,7 +15,7 @@ DEFAULT_RWKV = MODELS / "rwkv7.safetensors"
 DEFAULT_BASELINE = MODELS / "gpt.safetensors"
 HOW_TO_MAKE_DEFAULTS = ("Make them with the commands in train/README.md (\"The demo's default models\"), "
                         "or pass your own: --rwkv PATH --baseline PATH.")
-MAX_BATCH = 16  # rows one batched step decodes: the CPU's fused step kernels take up to 16
+MAX_BATCH = 16  # rows one batched step decodes: the CPU kernels take 16 per pass over the weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def load_model(path: Path, tokenizer_spec: str | None):
     """A checkpoint with a tokenizer, on the fast path `rwkv-lm` runs, or SystemExit with a message that says
     what to do."""
     try:
-        model = load_for_inference(path)
+        model = rwkv_lm.load(path)
         if model.tokenizer is None and tokenizer_spec is not None:
             model.tokenizer = load_tokenizer(tokenizer_spec)
     except ValueError as e:  # CheckpointError is a ValueError, as are tokenizer errors

@@ -18,9 +18,8 @@ import torch
 
 from rwkv_lm import RWKV
 from rwkv_lm.chat import ChatSession
-from rwkv_lm.generate import PREFILL_CHUNK, prefill
 from rwkv_lm.sampling import SamplingParams
-from rwkv_lm.serve import Engine, Stream
+from rwkv_lm.serve import PREFILL_TOKENS, Engine, Stream, prefill
 
 
 def format_bytes(n: int) -> str:
@@ -164,9 +163,9 @@ def sweep(models: dict[str, object], lengths: list[int], device_lock: threading.
     for length in lengths:
         for name, model in models.items():
             tokens = torch.randint(model.config.vocab_size, (length - done[name],), generator=generator)
-            for start in range(0, len(tokens), PREFILL_CHUNK):
+            for start in range(0, len(tokens), PREFILL_TOKENS):
                 with device_lock:
-                    _, states[name] = prefill(model, tokens[start:start + PREFILL_CHUNK], states[name])
+                    _, states[name] = prefill(model, tokens[start:start + PREFILL_TOKENS], states[name])
             done[name] = length
             token, state = tokens[-1:], states[name]
             with device_lock:

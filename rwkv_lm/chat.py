@@ -1,6 +1,4 @@
-"""Chat sessions with the RWKV World / G1 template, the model state carried from turn to turn.
-
-    System: {system}\\n\\nUser: {message}\\n\\nAssistant: {reply}\\n\\nUser: ...
+"""Chat sessions in the RWKV World / G1 template (`chat_template.py`), the model state carried from turn to turn.
 
 A turn feeds only its own new tokens: the state already holds the conversation. A session can be forked
 (a long system prompt is read once, then shared) and saved to / loaded from a safetensors file. Replies run
@@ -10,72 +8,19 @@ where many sessions' replies share batched steps.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write
-from .generate import prefill
+from .chat_template import REPLY_CUE, TURN_END, clean_message, turn_text
+from .files import atomic_write
 from .sampling import SamplingParams, resolve
-from .serve import END_OF_TEXT, Engine, Request, check_tokenizer, engine_for
+from .serve import Engine, Request, check_tokenizer, engine_for, prefill
 from .statefile import load_state
 
-TURN_END = "\n\n"  # a reply ends here; the template uses it between all parts
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 FORMAT = "rwkv_lm.chat"
-
-
-def clean_message(text: str, role: str) -> str:
-    """Strip a message and collapse runs of newlines: a blank line would end the turn early."""
-    if not isinstance(text, str):
-        raise ValueError(f"{role} message must be a str, got {type(text).__name__}")
-    text = re.sub(r"\n+", "\n", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
-    if not text:
-        raise ValueError(f"{role} message is empty; write something to send")
-    return text
-
-
-def turn_text(role: str, text: str) -> str:
-    """One finished turn of the template: "User: …\\n\\n"."""
-    return f"{ROLES[role]}: {text}{TURN_END}"
-
-
-REPLY_CUE = f"{ROLES['assistant']}:"  # what the model continues from; encoded with the turn before it
-
-
-def render_chat(messages: list[dict]) -> list[tuple[str, bool]]:
-    """A whole conversation in the template, as (text, is assistant reply) pieces (for fine-tuning).
-
-    Each reply piece (" …\\n\\n") is exactly what the model generates after the cue, its end marker
-    included; the cue joins the turn before it, as `ChatSession` encodes them together.
-    """
-    pieces = []
-    for m in messages:
-        text = clean_message(m["content"], m["role"])
-        if m["role"] != "assistant":
-            pieces.append((turn_text(m["role"], text), False))
-            continue
-        if pieces and not pieces[-1][1]:
-            pieces[-1] = (pieces[-1][0] + REPLY_CUE, False)
-        else:
-            pieces.append((REPLY_CUE, False))
-        pieces.append((f" {text}{TURN_END}", True))
-    return pieces
-
-
-def reply_request(tokens: list[int], params: SamplingParams, state=None, *, keep_state: bool = False) -> Request:
-    """The engine request for an assistant's reply after `tokens` (which end with the cue): it ends at the
-    blank line that closes a turn, never draws token 0, and drops the space the template puts after the cue."""
-    return Request(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT,), keep_state=keep_state,
-                   lstrip=" ")
-
-
-def render_prompt(messages: list[dict]) -> str:
-    """A conversation (OpenAI-style messages: role, content) as the text the model continues with a reply."""
-    return "".join(text for text, _ in render_chat(messages)) + REPLY_CUE
 
 
 class ChatSession:
@@ -95,7 +40,7 @@ class ChatSession:
         self.system = None if system is None else clean_message(system, "system")
         if state is not None and not hasattr(state, "clone"):
             state = load_state(state, model)
-        self._start = None if state is None else model._check_state(state, 1)
+        self._start = None if state is None else model.check_state(state, 1)
         self._base = None
         self.last_reply = None  # the Stream of the latest reply: its counts (tokens, timings, state bytes)
         self._live = False  # a reply is streaming
@@ -136,7 +81,7 @@ class ChatSession:
         # the last reply's final token (counted already) goes in with the new ones, in one pass
         before = (self._state, self._pending, self.num_tokens, self._open_reply)
         engine = engine_for(self.model, self.tokenizer, self.engine)
-        stream = engine.submit(reply_request(self._pending + tokens, params, self._state, keep_state=True))
+        stream = engine.submit(Request.chat_reply(self._pending + tokens, params, self._state, keep_state=True))
         self.last_reply, self._live, self._pending = stream, True, []
         self.num_tokens += len(tokens)
         self._open_reply = True
@@ -197,7 +142,7 @@ class ChatSession:
         device = next(model.parameters()).device
         state = type(empty).from_tensors({k: v.to(device, template[k].dtype) for k, v in tensors.items()})
         try:
-            state = model._check_state(state, 1)
+            state = model.check_state(state, 1)
         except ValueError as e:
             raise ValueError(f"{path}: the saved state does not fit this model: {e}") from None
         check_tokenizer(model, tokenizer)

@@ -5,48 +5,19 @@ what is wrong with it; files are written atomically, so a crash never leaves hal
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .cpu_kernels import INT4_GROUP
-from .fast import dequantize_int4, optimize
+from .files import CheckpointError, atomic_write, file_kind, read_pth, read_tagged
+from .ops.cpu_kernels import INT4_GROUP, dequantize_int4
 from .gpt import GPT, GPTConfig
 from .model import RWKV, RWKVConfig
 
 FORMAT = "rwkv_lm"
 # arch name -> (model class, config class); other architectures register themselves here.
 ARCHITECTURES: dict[str, tuple[type, type]] = {"rwkv7": (RWKV, RWKVConfig), "gpt": (GPT, GPTConfig)}
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as a model, with the reason."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path), then move the finished file over `path` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) make it private; give the usual mode
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def save(model, path, *, tokenizer: str | None = None, metadata: dict | None = None) -> Path:
@@ -62,70 +33,30 @@ def save(model, path, *, tokenizer: str | None = None, metadata: dict | None = N
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _kind(path: Path) -> str:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:2] == b"PK":
-        return "official"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    raise CheckpointError(f"{path}: not a model checkpoint (neither a safetensors file nor a PyTorch .pth zip); "
-                          "pass a file written by rwkv_lm.save or an official RWKV-7 .pth")
-
-
-def read_official(path) -> dict[str, torch.Tensor]:
-    """The tensors of an official `.pth`, opened with weights_only=True (no code in the file runs)."""
-    path = Path(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: the file holds pickled objects other than tensors, which could "
-                              f"run code. Only plain state dicts are accepted ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint; it is truncated or corrupt "
-                              f"({str(e).splitlines()[0]})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
-    return sd
-
-
 def read(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(tensors, config dict, metadata) of either format; the config of an official file comes from its shapes."""
-    path = Path(path)
-    if _kind(path) == "official":
-        sd = read_official(path)
+    """(tensors, config dict, metadata) of any format; the config of an official file comes from its shapes.
+    A hub name (hf:OWNER/REPO/FILE) is read from huggingface_hub's cache, downloaded there first if needed."""
+    from . import formats
+    from .formats.hub import is_hub_name, resolve
+
+    path = resolve(path) if is_hub_name(path) else Path(path)
+    kind = "hf" if path.is_dir() else file_kind(path)  # a folder is a Hugging Face model
+    if kind in ("gguf", "hf"):
+        return formats.read(kind, path)
+    if kind == "pth":
+        sd = read_pth(path)
         for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.g1", "blocks.0.ffn.key.weight"):
             if key not in sd:
                 raise CheckpointError(f"{path}: missing tensor {key!r}; is this an RWKV-7 (x070) checkpoint?")
         # layer 0 has no value residual: official files carry unused (or no) v0/v1/v2 there
         sd = {k: v for k, v in sd.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")}
         return sd, RWKVConfig.from_state_dict(sd).to_dict(), {"format": "official"}
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors; it is truncated or corrupt ({e})") from None
-    if meta.get("format") != FORMAT or "config" not in meta:
+    sd, meta = read_tagged(path, FORMAT, "a model checkpoint: a safetensors file without an rwkv_lm config in its "
+                                         "metadata; write checkpoints with rwkv_lm.save")
+    if "config" not in meta:
         raise CheckpointError(f"{path}: a safetensors file without an rwkv_lm config in its metadata; "
                               "write checkpoints with rwkv_lm.save")
     return sd, json.loads(meta["config"]), meta
-
-
-def read_tagged(path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a safetensors file whose metadata says format `fmt`; else a CheckpointError
-    saying the file is not `what` (e.g. "a state file; write one with ...")."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors; it is truncated or corrupt ({e})") from None
-    if meta.get("format") != fmt:
-        raise CheckpointError(f"{path}: not {what}")
-    return tensors, meta
 
 
 def build(config: dict):
@@ -158,39 +89,31 @@ def copy_tensors(model, sd: dict[str, torch.Tensor], source) -> None:
     model.load_state_dict(sd)
 
 
-def load(path, *, device="cpu", dtype=torch.float32, fast=True):
-    """Load a model from our format or an official RWKV-7 `.pth`; the model is in eval mode.
-
-    `model.tokenizer` is the tokenizer the file names (World for official 65536-token files) or None.
-    fast: an fp32 RWKV-7 on the CPU comes prepared for inference by `rwkv_lm.fast.optimize` (decode steps in
-    the C kernels, no parameter requiring grad; int8 and int4 weights saved from `optimize(model, weights="int8"
-    | "int4")` load as they are); fast=False gives model.py's modules as they are (weights dequantized), for training.
-    """
+def open_model(path):
+    """(an empty model for the file's config, with `model.tokenizer` and `model.metadata` set; the file's
+    tensors), for a caller that prepares the model before the tensors go in (`rwkv_lm.load`)."""
     sd, config, meta = read(path)
     try:
         model = build(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from None
-    fast = fast and isinstance(model, RWKV) and torch.device(device).type == "cpu" and dtype == torch.float32
-    quantized = {v.dtype for v in sd.values()} & {torch.int8, torch.uint8}
-    if quantized:
-        if fast:
-            if len(quantized) > 1:
-                raise CheckpointError(f"{path}: holds both int8 and int4 (uint8) weights; a model has one kind")
-            optimize(model, weights="int8" if torch.int8 in quantized else "int4")  # the layers the tensors go into
-        else:
-            sd = dequantize(sd, path)
-    copy_tensors(model, sd, path)
     model.metadata = meta
     model.tokenizer = _tokenizer(meta, config, path)
-    model = model.to(device=device, dtype=dtype).eval()
-    return optimize(model) if fast else model
+    return model, sd
+
+
+def read_model(path, *, device="cpu", dtype=torch.float32):
+    """The model in a file as model.py's modules (int8 weights dequantized), in eval mode: what the trainer and
+    bit-exact tests take. `rwkv_lm.load` gives it prepared for fast inference."""
+    model, sd = open_model(path)
+    copy_tensors(model, dequantize(sd, path), path)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def dequantize(sd: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
     """The tensors with each int8 weight times its per-row scale and each int4 one (packed in uint8) times its
-    group scales (as `optimize(weights="int8" | "int4")` saves them) as one fp32 weight, what model.py's Linear
-    layers take."""
+    group scales (as models prepared with weights "int8" or "int4" save them) as one fp32 weight, what
+    model.py's Linear layers take."""
     quantized = (torch.int8, torch.uint8)
     scales = {k.removesuffix("weight") + "scale" for k, v in sd.items() if v.dtype in quantized}
     out = {k: v for k, v in sd.items() if k not in scales}
@@ -201,7 +124,8 @@ def dequantize(sd: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
             shape = v.shape[:1] if kind == "int8" else (v.shape[0], 2 * v.shape[1] // INT4_GROUP)
             if not k.endswith(".weight") or scale is None or scale.shape != shape:
                 raise CheckpointError(f"{source}: {kind} tensor {k!r} has no scale of shape {tuple(shape)} beside it; "
-                                      f"write quantized models with rwkv_lm.save(optimize(model, weights='{kind}'), path)")
+                                      f"write quantized models with rwkv_lm.save(rwkv_lm.runtime.prepare(model, "
+                                      f"weights='{kind}'), path)")
             out[k] = v.float() * scale.float()[:, None] if kind == "int8" else dequantize_int4(v, scale)
     return out
 
@@ -230,3 +154,30 @@ def export_official(model, path, *, dtype=torch.bfloat16) -> Path:
     sd["blocks.0.att.v1"] = torch.zeros(cfg.n_embd, cfg.value_lora, dtype=dtype)
     sd["blocks.0.att.v2"] = torch.zeros(cfg.value_lora, cfg.n_embd, dtype=dtype)
     return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+
+
+def export_gguf(model, path, *, type: str = "f32", tokenizer=None) -> Path:
+    """Write an RWKV-7 as GGUF for llama.cpp (rwkv_lm/formats/gguf.py). type: the big matrices' type, f32, f16,
+    bf16, q8_0 or q4_0; tokenizer: defaults to model.tokenizer."""
+    from .formats.gguf import write_gguf
+
+    return write_gguf(_float_tensors(model, "GGUF"), model.config, path, type=type, tokenizer=_tokenizer_of(model, tokenizer))
+
+
+def export_hf(model, folder, *, dtype=torch.float32, tokenizer=None) -> Path:
+    """Write an RWKV-7 as a Hugging Face folder in the fla-hub layout (rwkv_lm/formats/hf.py)."""
+    from .formats.hf import write_hf
+
+    return write_hf(_float_tensors(model, "a Hugging Face folder"), model.config, folder, dtype=dtype,
+                    tokenizer=_tokenizer_of(model, tokenizer))
+
+
+def _float_tensors(model, what: str) -> dict[str, torch.Tensor]:
+    """An RWKV-7's tensors, int8 weights dequantized (an optimize(weights="int8") model exports what it computes)."""
+    if not isinstance(model, RWKV):
+        raise CheckpointError(f"only RWKV-7 models can be written as {what}, not {model.__class__.__name__}")
+    return dequantize(model.state_dict(), "the model")
+
+
+def _tokenizer_of(model, tokenizer):
+    return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)

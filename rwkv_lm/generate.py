@@ -9,28 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
 from .sampling import SamplingParams, resolve
 from .serve import Engine, Request, Stream, check_tokenizer, engine_for
-
-PREFILL_CHUNK = 512  # tokens per parallel-mode call in `prefill`: memory for one chunk, not for all
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def prefill(model, tokens: Sequence[int], state=None, chunk_len: int = PREFILL_CHUNK):
-    """Feed one row of tokens in parallel mode, chunk by chunk -> (logits [1, V] after the last token, state)."""
-    if len(tokens) == 0:
-        raise ValueError("nothing to feed: the prompt encodes to no tokens")
-    ids = torch.as_tensor(tokens, dtype=torch.long, device=_device(model)).view(1, -1)
-    with torch.no_grad():
-        for start in range(0, ids.shape[1], chunk_len):
-            logits, state = model(ids[:, start:start + chunk_len], state, last_only=True)
-    return logits[:, -1], state
-
 
 def generate(model, tokenizer, prompt: str, params: SamplingParams | None = None, *, engine: Engine | None = None,
              state=None, **overrides) -> Stream:

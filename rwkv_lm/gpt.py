@@ -159,8 +159,8 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: GPTState | None = None, *, last_only: bool = False):
         """tokens [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), the cache with these tokens added)."""
-        B, T = self._check_tokens(tokens, 2)
-        state = self._check_state(state, B)
+        B, T = self.check_tokens(tokens, 2)
+        state = self.check_state(state, B)
         S = state.k[0].shape[2]
         pos = state.pos[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
         mask = None  # a fresh sequence needs only the causal mask SDPA builds itself
@@ -182,13 +182,13 @@ class GPT(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: GPTState | None = None):
         """One token per row. tokens [B] -> (logits [B, V], new state)."""
-        self._check_tokens(tokens, 1)
+        self.check_tokens(tokens, 1)
         logits, state = self(tokens.unsqueeze(1), state)
         return logits[:, 0], state
 
-    _check_tokens = RWKV._check_tokens  # the same checks and messages as RWKV-7
+    check_tokens = RWKV.check_tokens  # the same checks and messages as RWKV-7
 
-    def _check_state(self, state, batch_size):
+    def check_state(self, state, batch_size):
         if state is None:
             return self.init_state(batch_size)
         cfg = self.config

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, atomic_write, read_tagged
+from .files import CheckpointError, atomic_write, read_tagged
 
 FORMAT = "rwkv_lm.lora"
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")

@@ -188,8 +188,8 @@ class RWKV(nn.Module):
 
         Starts from `state` (zeros when None), so a long prompt can be fed in pieces.
         """
-        B, T = self._check_tokens(tokens, 2)
-        state = self._check_state(state, B)
+        B, T = self.check_tokens(tokens, 2)
+        state = self.check_state(state, B)
         x = self.emb(tokens)
         v_first, layers = None, []
         for block, layer_state in zip(self.blocks, state.layers):
@@ -201,24 +201,29 @@ class RWKV(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: RWKVState | None = None):
         """RNN mode: one token per row. tokens [B] -> (logits [B, V], new state)."""
-        self._check_tokens(tokens, 1)
+        self.check_tokens(tokens, 1)
         logits, state = self(tokens.unsqueeze(1), state)
         return logits[:, 0], state
 
-    def _check_tokens(self, tokens, dims):
+    def check_tokens(self, tokens, dims):
+        """The shape of `tokens` ([B, T] for dims=2, [B] for 1), or a ValueError saying what does not fit. Ids are
+        range-checked on the CPU only: on a GPU that would wait for the device at every step (an id out of range
+        fails in the embedding there)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != dims or tokens.is_floating_point():
             shape = "[B, T]" if dims == 2 else "[B]"
             raise ValueError(f"tokens must be an integer tensor of shape {shape}, got {getattr(tokens, 'shape', type(tokens))}")
         if tokens.numel() == 0:
             raise ValueError("tokens is empty: give at least one token")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = hi if hi >= self.config.vocab_size else lo
-            raise ValueError(f"token id {bad} is outside this model's vocabulary [0, {self.config.vocab_size}); "
-                             "was the text encoded with another tokenizer?")
+        if tokens.device.type == "cpu":
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = hi if hi >= self.config.vocab_size else lo
+                raise ValueError(f"token id {bad} is outside this model's vocabulary [0, {self.config.vocab_size}); "
+                                 "was the text encoded with another tokenizer?")
         return tokens.shape
 
-    def _check_state(self, state, batch_size):
+    def check_state(self, state, batch_size):
+        """`state` (zeros for None) if it fits this model and batch size, else a ValueError saying what does not."""
         if state is None:
             return self.init_state(batch_size)
         cfg = self.config

@@ -78,6 +78,15 @@ class RWKVState(ModelState):
     def batch_size(self) -> int:
         return self.layers[0].wkv.shape[0]
 
+    def with_wkv(self, wkv) -> "RWKVState":
+        """This state with each layer's WKV matrix replaced by `wkv[i]` ([B, H, N, N], or [H, N, N] / [1, H, N, N]
+        for every row), in this state's dtype and device, token shifts kept: a tuned state as a starting state
+        (gradients flow back into `wkv`)."""
+        if len(wkv) != len(self.layers):
+            raise ValueError(f"{len(wkv)} WKV states for a state of {len(self.layers)} layers")
+        return RWKVState([LayerState(layer.att_shift, w.to(layer.wkv).expand(layer.wkv.shape), layer.ffn_shift)
+                          for layer, w in zip(self.layers, wkv)])
+
     def select(self, rows) -> "RWKVState":
         """The states of some batch rows (a list, slice or index tensor)."""
         return self.map(lambda t: t[rows])

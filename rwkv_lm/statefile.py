@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, _kind, atomic_write, read_official, read_tagged
-from .state import LayerState, RWKVState
+from .files import CheckpointError, atomic_write, file_kind, read_pth, read_tagged
+from .state import RWKVState
 
 FORMAT = "rwkv_lm.state"
 
@@ -40,8 +40,8 @@ def save_state(wkv: list[torch.Tensor], path, *, config: dict | None = None) -> 
 def read_state(path) -> tuple[list[torch.Tensor], dict]:
     """(per-layer WKV states [H, N, N] fp32, the model config the file names or {}) of either container."""
     path = Path(path)
-    if _kind(path) == "official":
-        sd, config = read_official(path), {}
+    if file_kind(path) == "pth":
+        sd, config = read_pth(path), {}
     else:
         sd, meta = read_tagged(path, FORMAT, f"a state file (no format {FORMAT!r} in its metadata); write one with "
                                              "`python -m train export` from a state-tuned run or rwkv_lm.save_state")
@@ -67,8 +67,7 @@ def load_state(path, model=None) -> RWKVState:
     wkv, config = read_state(path)
     H, N = wkv[0].shape[:2]
     if model is None:
-        shift = torch.zeros(1, H * N)
-        return RWKVState([LayerState(shift, s.unsqueeze(0), shift) for s in wkv])
+        return RWKVState.zeros(len(wkv), 1, H * N, H, N).with_wkv(wkv)
     empty = model.init_state(1)
     if not isinstance(empty, RWKVState):
         raise CheckpointError(f"{path}: a WKV state file is for RWKV-7 models, not {type(model).__name__}")
@@ -78,5 +77,4 @@ def load_state(path, model=None) -> RWKVState:
                 if {"n_layer", "n_embd", "head_size"} <= set(config) else f"{len(wkv)} layers of {H} heads of size {N}")
         raise CheckpointError(f"{path}: the state was made for another model shape ({made}); this model has "
                               f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, head_size={cfg.head_size}")
-    return RWKVState([LayerState(layer.att_shift, s.unsqueeze(0).to(layer.wkv), layer.ffn_shift)
-                      for layer, s in zip(empty.layers, wkv)])
+    return empty.with_wkv(wkv)

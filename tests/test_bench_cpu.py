@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_lm.cpu_kernels import LEVELS, cpu_level
+from rwkv_lm.ops.cpu_kernels import LEVELS, cpu_level
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rwkv_lm import ChatSession, RWKVConfig
-from rwkv_lm.generate import prefill
+from rwkv_lm.serve import prefill
 from rwkv_lm.testing import random_model
 
 from conftest import assert_close

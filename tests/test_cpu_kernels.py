@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from rwkv_lm.cpu_kernels import ISA_ENV, LEVELS, SOURCE, cpu_level, isa_level, kernels
+from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, SOURCE, cpu_level, isa_level, kernels
 
 
 def test_isa_cap(monkeypatch):

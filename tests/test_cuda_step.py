@@ -1,5 +1,5 @@
-"""The fused GPU decode step (rwkv_lm/cuda_step.py, cuda/rwkv7_step.cu) and its CUDA graphs
-(rwkv_lm/cuda_graphs.py) without a GPU: NVRTC compiles the kernels for sm_80 and sm_90, and g++ runs the same
+"""The fused GPU decode step (rwkv_lm/runtime/cuda_step.py, cuda/rwkv7_step.cu) and its CUDA graphs
+(rwkv_lm/runtime/cuda_graphs.py) without a GPU: NVRTC compiles the kernels for sm_80 and sm_90, and g++ runs the same
 source on the CPU (tests/cuda_emu) through the step's own glue and argument packing, against model.py's step
 on fresh random weights and states; the graph runner's buckets, static buffers, padding rows and fallbacks
 run with a capture that replays eagerly."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cuda_emu.emu import EmuKernels, build, eager_capture
-from rwkv_lm import cuda_graphs, cuda_step
+from rwkv_lm.runtime import cuda_graphs, cuda_step
 from rwkv_lm.model import RWKVConfig
 from rwkv_lm.ops import cuda_kernels
 from rwkv_lm.testing import random_model, rel_err

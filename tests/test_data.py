@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_lm.chat import render_chat
+from rwkv_lm.chat_template import render_chat
 from rwkv_lm.tokenizer import train_bpe
 from train import corpus
 from train.data import (DOC_END, IGNORE, DataError, RandomWindows, TokenData, encode_conversations, encode_texts,

@@ -208,7 +208,7 @@ def test_eight_clients_at_once_share_batched_steps_and_each_keep_their_own_conve
         gate.set()
         results = list(results)
     after = engine.stats()
-    steps, rows = after["steps"] - before["steps"], after["step_rows"] - before["step_rows"]
+    steps, rows = after["decode_steps"] - before["decode_steps"], after["decode_step_rows"] - before["decode_step_rows"]
     assert after["requests"] - before["requests"] == 16 and after["active"] == 0
     assert rows / steps > 2, f"{rows} rows in {steps} steps: the replies did not share batched steps"
     monkeypatch.undo()

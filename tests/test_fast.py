@@ -11,13 +11,12 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig
-from rwkv_lm.cpu_kernels import ISA_ENV, LEVELS, isa_level, kernels
-from rwkv_lm import fast as fast_module
+from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, isa_level, kernels
+from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import Block
-from rwkv_lm.cpu_kernels import INT4_GROUP
-from rwkv_lm.fast import (MAX_DECODE_ROWS, KernelLinear, StepBlock, _gemv_kernel, dequantize_int4, optimize,
-                           quantize_int4)
+from rwkv_lm.ops.cpu_kernels import INT4_GROUP, dequantize_int4
+from rwkv_lm.runtime.cpu import MAX_DECODE_ROWS, KernelLinear, StepBlock, _gemv_kernel, optimize, quantize_int4
 from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
@@ -97,7 +96,7 @@ def _steps(model, tokens):
 @pytest.mark.parametrize("batch", [1, 5, 16, 35])
 def test_fp32_steps_match_the_plain_model(batch, lora):
     """Decode steps in the fused C step, LoRA ranks of any size (5: no multiple of any vector width), batch sizes
-    over every tile of the kernel and above MAX_BATCH (run in slices: 17, 35)."""
+    over every tile of the kernel and above ROWS_PER_PASS (run in slices: 17, 35)."""
     cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=lora, iclr_lora=lora,
                      value_lora=lora, gate_lora=2 * lora)
     model = random_model(cfg, seed=lora)
@@ -224,7 +223,7 @@ def test_optimized_model_moved_to_another_dtype(model, dtype):
 
 @pytest.mark.parametrize("in_features, out_features", [(48, 12), (768, 100), (64, 6), (37, 5)])
 def test_fp32_linear_kernel(in_features, out_features):
-    """Every batch size up to MAX_BATCH, slices above it, and a prompt's rows (the matmul); inputs no multiple of
+    """Every batch size up to ROWS_PER_PASS, slices above it, and a prompt's rows (the matmul); inputs no multiple of
     the vector width or of its four chains, outputs that leave rows outside the kernel's tiles."""
     torch.manual_seed(in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=False)
@@ -384,7 +383,7 @@ def _counting(monkeypatch, name):
     """Count the calls of one kernel from here on."""
     calls, real = [], kernels()
     counted = {**real, name: lambda *args: calls.append(name) or real[name](*args)}
-    monkeypatch.setattr(fast_module, "kernels", lambda: counted)
+    monkeypatch.setattr(fast_module, "kernels", lambda level=None: counted)
     return calls
 
 

@@ -5,7 +5,7 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig, SamplingParams, complete, generate, generate_batch
-from rwkv_lm.generate import PREFILL_CHUNK, prefill
+from rwkv_lm.serve import PREFILL_TOKENS, prefill
 from rwkv_lm.serve import TextStream
 from rwkv_lm.testing import random_model
 
@@ -58,7 +58,7 @@ def test_long_prompt_bounded_state_and_chunks(tiny_config, monkeypatch):
     short = prefill(model, list(range(1, 11)))[1]
     long = prefill(model, [1 + i % 100 for i in range(100_000)])[1]
     assert short.nbytes == long.nbytes
-    assert max(widest) == PREFILL_CHUNK, "the model never sees more than one chunk at a time"
+    assert max(widest) == PREFILL_TOKENS, "the model never sees more than one chunk at a time"
 
 
 def test_hundred_thousand_character_prompt(world_model, world):

@@ -112,7 +112,7 @@ def official_state_from_file(pth_path, n_embd):
 
 
 def test_exported_state_file_starts_rwkv_pip_as_it_starts_our_chat_session(tmp_path, official_rwkv, world):
-    from rwkv_lm.generate import prefill
+    from rwkv_lm.serve import prefill
 
     cfg = rwkv_lm.RWKVConfig(vocab_size=65536, n_layer=2, n_embd=64, head_size=32, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
     model = random_model(cfg, seed=11)

@@ -20,7 +20,7 @@ def rwkv():
 @pytest.fixture(scope="module")
 def rwkv_fast():
     """On the CPU fast path: batched decode steps in the fused C kernels (shapes they take)."""
-    from rwkv_lm.fast import optimize
+    from rwkv_lm.runtime.cpu import optimize
 
     cfg = RWKVConfig(vocab_size=65536, n_layer=2, n_embd=64, head_size=16, decay_lora=16, iclr_lora=16, value_lora=16, gate_lora=16)
     return optimize(random_model(cfg, seed=13))
@@ -54,7 +54,7 @@ def test_eight_concurrent_requests_each_equal_the_request_alone(arch, rwkv, rwkv
     with Engine(model, world, max_batch=8, prefill_tokens=16) as engine:
         streams = [engine.submit(Request(world.encode(p), s)) for p, s in zip(PROMPTS, SETTINGS)]
         got = [s.text() for s in streams]
-        assert engine.counters.step_rows / engine.counters.steps > 2, "the requests were decoded together"
+        assert engine.counters.decode_step_rows / engine.counters.decode_steps > 2, "the requests were decoded together"
     for (text, ref), stream, out in zip(expected, streams, got):
         if not stream.request.params.greedy:  # a draw may flip on the last bits of a batched product
             assert 0 < stream.completion_tokens <= stream.request.params.max_tokens
@@ -132,21 +132,21 @@ def test_shared_beginnings_share_only_their_state(rwkv, world):
 
 
 def test_a_conversation_sent_again_reads_only_its_new_message(rwkv, world):
-    from rwkv_lm.chat import render_prompt, reply_request
+    from rwkv_lm.chat_template import render_prompt
 
     cache = StateCache(64 << 20)
     engine = Engine(rwkv, world, cache=cache)
     params = SamplingParams(max_tokens=12, temperature=0)
     prompt = world.encode(render_prompt([{"role": "user", "content": "Tell me about the sea."}]))
-    first = engine.submit(reply_request(prompt, params))
+    first = engine.submit(Request.chat_reply(prompt, params))
     first.text()
     # the conversation as the client sends it back: the reply's tokens, then the next message
     followup = prompt + first.tokens + world.encode("\n\nUser: And the sky?\n\nAssistant:")
-    second = engine.submit(reply_request(followup, params))
+    second = engine.submit(Request.chat_reply(followup, params))
     second.text()
     assert second.cached_tokens == len(prompt) + len(first.tokens) - 1, "all but the reply's last token, never fed"
-    again = engine.submit(reply_request(followup, params))
-    assert again.text() == Engine(rwkv, world).submit(reply_request(followup, params)).text()
+    again = engine.submit(Request.chat_reply(followup, params))
+    assert again.text() == Engine(rwkv, world).submit(Request.chat_reply(followup, params)).text()
     assert again.cached_tokens == len(followup), "the same prompt again: the state and logits after it are cached"
 
 
@@ -183,7 +183,7 @@ def test_closing_a_stream_frees_its_row_within_one_iteration(rwkv, world):
         gone = engine.submit(Request(world.encode("Leave"), SamplingParams(max_tokens=10_000, temperature=0),
                                      end_tokens=()))
         next(iter(gone))
-        steps = engine.counters.steps
+        steps = engine.counters.decode_steps
         gone.close()
         # the step under way when it was closed, and the next one, which drops it first
         assert gone.finish_reason == "cancelled" and gone.completion_tokens <= steps + 3
@@ -209,9 +209,14 @@ def test_async_streams(rwkv, world):
 
 def test_a_full_queue_refuses_and_bad_prompts_are_clear(rwkv, world):
     engine = Engine(rwkv, world, max_batch=1, max_queue=1)
-    engine.submit(Request([1, 2], SamplingParams(max_tokens=2)))
+    for _ in range(2):  # one for the row, one waiting
+        engine.submit(Request([1, 2], SamplingParams(max_tokens=2)))
     with pytest.raises(EngineFull, match="waiting"):
         engine.submit(Request([1, 2], SamplingParams(max_tokens=2)))
+    no_queue = Engine(rwkv, world, max_batch=1, max_queue=0)  # 0: a request only while a row is free
+    no_queue.submit(Request([1, 2], SamplingParams(max_tokens=2)))
+    with pytest.raises(EngineFull, match="every row is taken"):
+        no_queue.submit(Request([1, 2], SamplingParams(max_tokens=2)))
     with pytest.raises(ValueError, match="no tokens"):
         engine.submit(Request([], SamplingParams()))
     with pytest.raises(ValueError, match=r"lie in \[0, 65536\)"):

@@ -59,7 +59,7 @@ def test_state_tuning_trains_the_initial_state_only_and_exports_it(tmp_path, cac
     assert "tune state: 4,096 trainable parameters" in capsys.readouterr().out  # 2 layers x 2 heads x 32 x 32
     assert val_loss(tmp_path / "run") < val_loss(tmp_path / "before") - 0.01
     ckpt = tmp_path / "run/checkpoints/last.ckpt"
-    time_state = frozen_weights_unchanged(ckpt, base)["time_state"]
+    time_state = frozen_weights_unchanged(ckpt, base)["tuning.time_state"]
     assert time_state.shape == (2, 2, 32, 32) and time_state.abs().max() > 0
 
     for name in ("tuned.pth", "tuned.safetensors"):

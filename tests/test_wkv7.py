@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rwkv_lm.cpu_kernels import kernels
+from rwkv_lm.ops.cpu_kernels import kernels
 from rwkv_lm.ops.wkv7 import cpu, wkv7, wkv7_chunked, wkv7_naive, wkv7_one, wkv7_step
 from rwkv_lm.testing import random_inputs
 

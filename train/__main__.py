@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from rwkv_lm.checkpoint import CheckpointError
+from rwkv_lm.files import CheckpointError
 
 from .corpus import CorpusMissing
 from .data import DataError

@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from rwkv_lm.checkpoint import atomic_write
+from rwkv_lm.files import atomic_write
 
 from .data import TokenData
 from .module import LanguageModel

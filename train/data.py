@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from rwkv_lm.chat import ROLES, render_chat
-from rwkv_lm.checkpoint import atomic_write
+from rwkv_lm.chat_template import ROLES, render_chat
+from rwkv_lm.files import atomic_write
 from rwkv_lm.tokenizer import load_tokenizer, train_bpe
 
 from . import corpus
@@ -177,14 +177,14 @@ def embedded_tokenizer(vocab_size: int, cache_dir: Path):
 
 
 def resolve_tokenizer(spec: str, vocab_size: int, cache_dir: Path):
-    """"embedded" (BPE of `vocab_size` on the embedded corpora), "world", a tokenizer.json, or a
-    `.safetensors` checkpoint whose tokenizer is used (fine-tuning keeps the base model's tokenizer)."""
+    """"embedded" (BPE of `vocab_size` on the embedded corpora), "world", a tokenizer.json, or a model
+    (file, Hugging Face folder or hub name) whose tokenizer is used (fine-tuning keeps the base model's tokenizer)."""
     if spec == "embedded":
         return embedded_tokenizer(vocab_size, cache_dir)
-    if spec.endswith(".safetensors"):
-        from rwkv_lm import load
+    if spec.endswith((".safetensors", ".pth", ".gguf")) or spec.startswith("hf:") or Path(spec).is_dir():
+        from rwkv_lm.checkpoint import open_model
 
-        tokenizer = load(spec, fast=False).tokenizer
+        tokenizer = open_model(spec)[0].tokenizer
         if tokenizer is None:
             raise DataError(f"{spec}: the checkpoint carries no tokenizer; pass data.tokenizer explicitly")
         return tokenizer

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import torch
 
-from rwkv_lm.checkpoint import CheckpointError, build, copy_tensors, export_official, save
-from rwkv_lm.lora import LoRA, save_adapter
-from rwkv_lm.statefile import save_state
+from rwkv_lm.checkpoint import build, copy_tensors
+from rwkv_lm.files import CheckpointError
+
+from .tuning import Tuning, from_checkpoint
 
 
-def read_trainer_checkpoint(path) -> tuple[torch.nn.Module, str | None, dict]:
-    """(model, tokenizer spec, training metadata) from a Lightning checkpoint written by this trainer.
-
-    The metadata holds "step", "tune", and the tuned parts: "time_state" [n_layer, H, N, N] (tune state)
-    or "lora" (a LoRA attached to the model, unmerged; tune lora)."""
+def read_trainer_checkpoint(path) -> tuple[torch.nn.Module, str | None, Tuning, int]:
+    """(model, tokenizer spec, the run's tuning with its trained parameters, step) from a Lightning checkpoint
+    written by this trainer."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass a .ckpt from <default_root_dir>/checkpoints")
@@ -36,29 +35,16 @@ def read_trainer_checkpoint(path) -> tuple[torch.nn.Module, str | None, dict]:
     info, sd = ckpt["rwkv_lm"], ckpt["state_dict"]
     model = build(info["config"])
     copy_tensors(model, {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}, path)
-    meta = {"step": ckpt.get("global_step", 0), "tune": info.get("tune", "full")}
-    if meta["tune"] == "state":
-        meta["time_state"] = sd["time_state"]
-    elif meta["tune"] == "lora":
-        lora = LoRA(model, info["lora"]["rank"], info["lora"]["alpha"])
-        lora.load_state_dict({k.removeprefix("lora."): v for k, v in sd.items() if k.startswith("lora.")})
-        meta["lora"] = lora
-    return model.eval(), info["tokenizer"], meta
+    tuning = from_checkpoint(info, model, sd, path)
+    return model.eval(), info["tokenizer"], tuning, ckpt.get("global_step", 0)
 
 
 def export(ckpt, out, *, adapter: bool = False) -> Path:
-    model, tokenizer, meta = read_trainer_checkpoint(ckpt)
-    if adapter and meta["tune"] != "lora":
-        raise CheckpointError(f"{ckpt}: --adapter needs a run with model.tune lora; this one tuned {meta['tune']!r}")
-    if meta["tune"] == "state":
-        return save_state(list(meta["time_state"]), out, config=model.config.to_dict())
-    if meta["tune"] == "lora":
-        if adapter:
-            return save_adapter(meta["lora"], out, config=model.config.to_dict())
-        meta["lora"].merge()
-    if str(out).endswith(".pth"):
-        return export_official(model, out)
-    return save(model, out, tokenizer=tokenizer, metadata={"trained_steps": meta["step"]})
+    model, tokenizer, tuning, step = read_trainer_checkpoint(ckpt)
+    try:
+        return tuning.export(model, out, tokenizer=tokenizer, step=step, adapter=adapter)
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt}: {e}") from None
 
 
 def main(argv: list[str]) -> None:

@@ -15,16 +15,15 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkv_lm.checkpoint import build, load
-from rwkv_lm.lora import LoRA
+from rwkv_lm.checkpoint import build, read_model
 from rwkv_lm.model import RWKV
-from rwkv_lm.state import LayerState, RWKVState
+from rwkv_lm.state import RWKVState
 
 from .data import IGNORE
+from .tuning import MODES
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training sees ~20 tokens per parameter
 
@@ -112,7 +111,7 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if init_from:
-            self.model = load(init_from, fast=False).train()
+            self.model = read_model(init_from).train()
             if self.model.config.vocab_size != vocab_size:
                 raise ConfigError(f"{init_from}: the model has a vocabulary of {self.model.config.vocab_size}, the data's "
                                  f"tokenizer {vocab_size}; set data.tokenizer to {init_from} to use its tokenizer")
@@ -127,17 +126,10 @@ class LanguageModel(L.LightningModule):
                               "use model.tune full and model.window 0")
         if window < 0:
             raise ConfigError(f"model.window is {window}; give the tokens per pass (> 0), or 0 for the whole window")
-        self.time_state, self.lora = None, None
-        if tune != "full":
-            self.model.requires_grad_(False)
-        if tune == "state":
-            cfg = self.model.config
-            self.time_state = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size))
-        elif tune == "lora":
-            try:
-                self.lora = LoRA(self.model, lora_rank, lora_alpha, lora_dropout)
-            except ValueError as e:
-                raise ConfigError(f"model.lora_*: {e}") from None
+        try:
+            self.tuning = MODES[tune](self.model, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        except ValueError as e:
+            raise ConfigError(f"model.lora_*: {e}") from None
         self._last_step_time = None
 
     def forward(self, tokens):
@@ -145,11 +137,7 @@ class LanguageModel(L.LightningModule):
 
     def start_state(self, batch_size: int) -> RWKVState | None:
         """The state every sequence starts from: the tuned one (tune "state"), else zeros (None)."""
-        if self.time_state is None:
-            return None
-        empty = self.model.init_state(batch_size)
-        return RWKVState([LayerState(layer.att_shift, s.expand(batch_size, -1, -1, -1), layer.ffn_shift)
-                          for layer, s in zip(empty.layers, self.time_state)])
+        return self.tuning.start_state(self.model, batch_size)
 
     def _loss(self, batch, l2wrap: bool = False):
         """Mean loss over the loss-carrying tokens; with l2wrap, L2Wrap rides on it (training)."""
@@ -225,8 +213,8 @@ class LanguageModel(L.LightningModule):
         print(f"{type(self.model).__name__}: {n / 1e6:.2f} M parameters; compute-optimal budget (Chinchilla, "
               f"{CHINCHILLA_TOKENS_PER_PARAM} tokens/param): {optimal / 1e6:.1f} M tokens; planned: "
               f"{planned / 1e6:.2f} M tokens ({planned / optimal:.1%} of it)", flush=True)
-        if self.hparams.tune != "full":
-            print(f"tune {self.hparams.tune}: {self.num_trainable():,} trainable parameters, the model's weights frozen", flush=True)
+        if self.tuning.name != "full":
+            print(f"tune {self.tuning.name}: {self.num_trainable():,} trainable parameters, the model's weights frozen", flush=True)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -237,4 +225,4 @@ class LanguageModel(L.LightningModule):
         hp = self.hparams
         checkpoint["rwkv_lm"] = {"config": self.model.config.to_dict(),
                                  "tokenizer": dm.tokenizer.spec if dm is not None else None,
-                                 "tune": hp.tune, "lora": {"rank": hp.lora_rank, "alpha": hp.lora_alpha}}
+                                 "tune": self.tuning.name, "tuning": self.tuning.checkpoint_info()}

@@ -3,8 +3,8 @@
 Each iteration (`step`):
 1. drops cancelled requests and admits waiting ones, up to `max_batch` rows; a request that starts from the
    zero state first looks up the longest prefix of its prompt in the state cache;
-2. runs ONE batched decode step for every row that is generating (`model.step(tokens [B], state)`; on a GPU
-   `rwkv_lm.cuda_graphs.decode_step`: the fused CUDA step, as CUDA graphs where RWKV_LM_CUDA_GRAPHS=1);
+2. runs ONE batched decode step for every row that is generating (the `step` it was given:
+   `rwkv_lm.runtime.decode_step(model, graphs=...)`, or model.step by default);
 3. reads up to `prefill_tokens` prompt tokens of newly admitted requests (parallel mode, one request at a
    time), so a long prompt never holds up the rows already streaming for more than one chunk;
 4. samples every row that has new logits, each by its own request's settings, and streams its text;
@@ -17,14 +17,16 @@ fixed-size state per row) and the GPT baseline (its KV cache is its state), on a
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..cuda_graphs import decode_step
 from ..sampling import RowSampler, sample
 from .cache import StateCache, prefix_hashes
 from .request import Request, Stream
@@ -32,6 +34,18 @@ from .text import TextStream
 
 PREFILL_TOKENS = 512  # prompt tokens read per iteration: a long prompt costs the streaming rows one chunk's wait
 CACHE_EVERY = 256  # prefix states are kept at multiples of this many tokens (and where prompts branch)
+
+
+def prefill(model, tokens: Sequence[int], state=None, chunk_len: int = PREFILL_TOKENS):
+    """Feed one row of tokens in parallel mode, `chunk_len` at a time (memory for one chunk, not for all)
+    -> (logits [1, V] after the last token, state)."""
+    if len(tokens) == 0:
+        raise ValueError("nothing to feed: the prompt encodes to no tokens")
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=next(model.parameters()).device).view(1, -1)
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk_len):
+            logits, state = model(ids[:, start:start + chunk_len], state, last_only=True)
+    return logits[:, -1], state
 
 
 def engine_for(model, tokenizer, engine: "Engine | None" = None, rows: int = 1) -> "Engine":
@@ -58,9 +72,18 @@ def check_tokenizer(model, tokenizer) -> None:
                          "use the tokenizer the model was trained with (for official RWKV World models: 'world')")
 
 
+class Phase(enum.Enum):
+    """Where a request is in the engine; it only moves forward."""
+
+    WAITING = "waiting"  # queued for a row
+    PREFILLING = "prefilling"  # its prompt is being read (after a prefix cache lookup)
+    DECODING = "decoding"  # in the batch, one token per step
+    DONE = "done"  # finished or cancelled; its stream is ended (or ends this iteration)
+
+
 @dataclass(eq=False)
 class _Row:
-    """A request inside the engine: how far its prompt is read, its state while it is read, its sampler."""
+    """A request inside the engine: its phase, how far its prompt is read, its state while it is read, its sampler."""
 
     stream: Stream
     sampler: RowSampler | None
@@ -70,7 +93,7 @@ class _Row:
     logits: torch.Tensor | None = None  # [1, V] after the prompt, until its first token is drawn
     hashes: list[int] | None = None  # prefix hashes of the prompt, for requests that use the cache
     branch: int | None = None  # where this prompt leaves one read before: its state is worth keeping
-    done: bool = False
+    phase: Phase = Phase.WAITING
     reason: str | None = None  # why it is done
     started: bool = False  # some text has been streamed
     step_s: float = 0.0  # time of the work that makes its next token
@@ -79,29 +102,38 @@ class _Row:
     def request(self) -> Request:
         return self.stream.request
 
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
 
 @dataclass
 class Counters:
-    requests: int = 0
-    finished: dict = field(default_factory=dict)  # finish reason -> count
+    """Totals since the engine started; `stats()` and the server's /metrics use these names."""
+
+    requests: int = 0  # submitted
+    finished: dict = field(default_factory=dict)  # finish reason -> requests ended so
     prompt_tokens: int = 0  # read by the model (cache hits not included)
-    cached_tokens: int = 0
+    cached_prompt_tokens: int = 0  # taken from the prefix state cache instead
     generated_tokens: int = 0
-    steps: int = 0  # batched decode steps
-    step_rows: int = 0  # sum of their batch sizes
+    decode_steps: int = 0  # batched decode steps
+    decode_step_rows: int = 0  # their batch sizes summed (/ decode_steps: the mean batch size)
 
 
 class Engine:
     """Continuous batching over one model. `submit(Request) -> Stream`; `start()` for a loop thread.
 
-    max_batch: rows decoded together; max_queue: requests that may wait beyond those (None: no limit),
-    after which `submit` raises EngineFull; cache: a StateCache, or its budget in bytes (0: none);
-    device_lock: a lock held during each iteration, for engines that must take turns on one device.
+    max_batch: rows decoded together; max_queue: requests that may wait beyond those (None: no limit; 0: none
+    wait, a request is taken only while a row is free), after which `submit` raises EngineFull; cache: a
+    StateCache, or its budget in bytes (0: none); device_lock: a lock held during each iteration, for engines
+    that must take turns on one device; step: the batched decode step, `step(tokens [B], state) -> (logits [B, V],
+    state)` (default: model.step; on a GPU, `rwkv_lm.runtime.decode_step(model, graphs=True)` replays it as CUDA
+    graphs).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int | None = None,
                  cache: StateCache | int = 0, prefill_tokens: int = PREFILL_TOKENS,
-                 device_lock: threading.Lock | None = None):
+                 device_lock: threading.Lock | None = None, step=None):
         check_tokenizer(model, tokenizer)
         if max_batch < 1 or prefill_tokens < 1 or (max_queue is not None and max_queue < 0):
             raise ValueError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
@@ -110,8 +142,7 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.cache = cache if isinstance(cache, StateCache) else (StateCache(cache) if cache else None)
         self.device = next(model.parameters()).device
-        # on a GPU the batched step is the fused CUDA step, replayed as CUDA graphs where RWKV_LM_CUDA_GRAPHS=1
-        self._gpu_step = decode_step(model) if self.device.type == "cuda" else None
+        self._decode_step = step or model.step
         self.counters = Counters()
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []
@@ -124,6 +155,7 @@ class Engine:
         self._wakeup = threading.Condition(self._queue_lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._beat = time.monotonic()  # when the loop thread last began an iteration or went idle
 
     # -- submitting -----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Stream:
@@ -137,8 +169,10 @@ class Engine:
         sampler = RowSampler(request.params, banned=request.banned, device=self.device)
         row = _Row(stream, sampler, TextStream(self.tokenizer, (*request.params.stop, *request.stop)))
         with self._queue_lock:
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
-                raise EngineFull(f"{len(self._waiting)} requests are already waiting (the most this engine queues)")
+            held = len(self._waiting) + len(self._prefilling) + len(self._decoding)
+            if self.max_queue is not None and held >= self.max_batch + self.max_queue:
+                raise EngineFull(f"every row is taken and {len(self._waiting)} requests are already waiting "
+                                 f"(the most this engine queues: {self.max_queue})")
             self._waiting.append(row)
             self.counters.requests += 1
             self._wakeup.notify()
@@ -168,12 +202,16 @@ class Engine:
         with self._queue_lock:
             self._stopping = True
             self._wakeup.notify()
+        self._end_all("cancelled")  # (before the join: a reader never sees the loop gone and its stream open)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._end_all("cancelled")  # any submitted meanwhile
+
+    def _end_all(self, reason: str, error: BaseException | None = None) -> None:
         with self._step_lock:
             for row in [*self._waiting, *self._prefilling, *self._decoding]:
-                row.stream._finish("cancelled")
+                row.stream.end(reason, error)
             self._waiting.clear()
             self._prefilling, self._decoding, self._batch_state = [], [], None
 
@@ -184,13 +222,30 @@ class Engine:
         self.stop()
 
     def _loop(self) -> None:
-        while True:
-            with self._queue_lock:
-                while not self._stopping and not self._has_work():
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._queue_lock:
+                    while not self._stopping and not self._has_work():
+                        self._beat = time.monotonic()
+                        self._wakeup.wait()
+                    if self._stopping:
+                        return
+                self._beat = time.monotonic()
+                self.step()
+        except BaseException as e:  # the loop is dead: no request may wait for it
+            self._end_all("error", e)
+            raise
+
+    def health(self, stall_s: float) -> str | None:
+        """None while the loop thread runs and no iteration has taken `stall_s` seconds; else what is wrong."""
+        if not self.running:
+            return "the engine loop is not running"
+        busy_s = time.monotonic() - self._beat
+        with self._queue_lock:
+            working = self._has_work()
+        if working and busy_s > stall_s:
+            return f"the engine loop has been in one iteration for {busy_s:.0f} s (more than {stall_s:g} s)"
+        return None
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._decoding or self._cancelled)
@@ -234,7 +289,7 @@ class Engine:
             self._end(row, "cancelled")
         self._leave([i for i, r in enumerate(self._decoding) if r.stream in cancelled], "cancelled")
         for stream in cancelled:
-            stream._finish("cancelled")  # a request cancelled while it waited
+            stream.end("cancelled")  # a request cancelled while it waited
 
     def _admit(self) -> None:
         with self._queue_lock:
@@ -242,11 +297,12 @@ class Engine:
                 row = self._waiting.popleft()
                 self._prefilling.append(row)
         for row in self._prefilling:
-            if row.fed == 0 and row.state is None and row.logits is None:
+            if row.phase is Phase.WAITING:
                 self._start_prefill(row)
 
     def _start_prefill(self, row: _Row) -> None:
         request = row.request
+        row.phase = Phase.PREFILLING
         row.state = request.state
         if request.state is not None or self.cache is None:
             if row.state is None:
@@ -257,7 +313,7 @@ class Engine:
         if hit is not None:
             row.fed, row.state = len(hit.tokens), hit.state
             row.stream.cached_tokens = row.fed
-            self.counters.cached_tokens += row.fed
+            self.counters.cached_prompt_tokens += row.fed
             if row.fed == len(request.prompt):
                 row.logits = hit.logits
         else:
@@ -270,10 +326,10 @@ class Engine:
         if self._decoding:
             tokens = torch.tensor([r.stream.tokens[-1] for r in self._decoding], device=self.device)
             start = time.perf_counter()
-            step_logits, self._batch_state = (self._gpu_step or self.model.step)(tokens, self._batch_state)
+            step_logits, self._batch_state = self._decode_step(tokens, self._batch_state)
             elapsed = time.perf_counter() - start
-            self.counters.steps += 1
-            self.counters.step_rows += len(self._decoding)
+            self.counters.decode_steps += 1
+            self.counters.decode_step_rows += len(self._decoding)
             row_bytes = _row_nbytes(self._batch_state, len(self._decoding))
             for row, nbytes in zip(self._decoding, row_bytes):
                 row.stream.state_bytes = nbytes
@@ -307,7 +363,7 @@ class Engine:
             self._batch_state = states[0] if len(states) == 1 else type(states[0]).cat(states)
             self._decoding += joining
             for row in joining:
-                row.state, row.logits = None, None
+                row.state, row.logits, row.phase = None, None, Phase.DECODING
 
     def _prefill_some(self, row: _Row, budget: int) -> int:
         """Read up to `budget` tokens of a row's prompt (stopping where a state is worth caching); the count read."""
@@ -318,13 +374,12 @@ class Engine:
             if row.branch is not None and row.branch > start:
                 end = min(end, row.branch)
         began = time.perf_counter()
-        ids = torch.tensor([list(prompt[start:end])], device=self.device)
-        step_logits, row.state = self.model(ids, row.state, last_only=True)
+        logits, row.state = prefill(self.model, prompt[start:end], row.state)
         row.fed = end
         self.counters.prompt_tokens += end - start
         row.step_s += time.perf_counter() - began  # the first token costs the whole prompt
         if end == len(prompt):
-            row.logits = step_logits[:, -1]
+            row.logits = logits
         if row.hashes is not None:
             self.cache.insert(prompt[:end], row.state, row.logits if end == len(prompt) else None, row.hashes)
         return end - start
@@ -355,11 +410,11 @@ class Engine:
             piece = piece.lstrip(row.request.lstrip)
             row.started = bool(piece)
         if piece:
-            row.stream._put(piece)
+            row.stream.deliver(piece)
 
     def _finish_text(self, row: _Row, reason: str) -> None:
         self._put(row, row.text.finish())
-        row.done = True
+        row.phase = Phase.DONE
         row.reason = reason
         if row.state is not None:  # finished at its first token: the state is the prompt's
             self._end(row, reason, state=row.state)
@@ -381,14 +436,14 @@ class Engine:
 
     def _end(self, row: _Row, reason: str, error: BaseException | None = None, state=None) -> None:
         stream = row.stream
-        row.done = True
+        row.phase = Phase.DONE
         if state is not None and row.hashes is not None and stream.tokens and reason != "error":
             # the state after the prompt and every drawn token but the last (which is never fed)
             self.cache.insert([*row.request.prompt, *stream.tokens[:-1]], state)
         if row.request.keep_state:
             stream.state = state
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
-        stream._finish(reason, error)
+        stream.end(reason, error)
 
     def snapshot(self, stream: Stream):
         """(state, last token drawn) of a running request; its final ones once it has ended."""
@@ -403,14 +458,12 @@ class Engine:
 
     # -- reading --------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Rows and queue now, counters since the start, and the cache's numbers."""
+        """Rows now (waiting for a row, prefilling, decoding; active = the last two), the `Counters`, and the
+        cache's numbers."""
         with self._queue_lock:
             waiting = len(self._waiting)
-        c = self.counters
         return {"waiting": waiting, "prefilling": len(self._prefilling), "decoding": len(self._decoding),
-                "active": len(self._prefilling) + len(self._decoding), "requests": c.requests,
-                "finished": dict(c.finished), "prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens,
-                "generated_tokens": c.generated_tokens, "steps": c.steps, "step_rows": c.step_rows,
+                "active": len(self._prefilling) + len(self._decoding), **dataclasses.asdict(self.counters),
                 "cache": None if self.cache is None else self.cache.stats()}
 
 

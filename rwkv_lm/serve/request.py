@@ -9,9 +9,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..chat_template import TURN_END
 from ..sampling import SamplingParams
+from ..tokenizer import END_OF_TEXT_ID
 
-END_OF_TEXT = 0  # the token that ends a document in RWKV vocabularies
 _WAIT, _END = object(), object()  # no piece yet; no piece ever again
 
 
@@ -32,9 +33,17 @@ class Request:
     state: object | None = None
     stop: tuple[str, ...] = ()
     banned: tuple[int, ...] = ()
-    end_tokens: tuple[int, ...] = (END_OF_TEXT,)
+    end_tokens: tuple[int, ...] = (END_OF_TEXT_ID,)
     keep_state: bool = False
     lstrip: str = ""
+
+    @classmethod
+    def chat_reply(cls, tokens: Sequence[int], params: SamplingParams, state=None, *, keep_state: bool = False) -> "Request":
+        """An assistant's reply after `tokens` (a conversation in the chat template, ending with its cue): it ends
+        at the blank line that closes a turn, never draws the end-of-text token, and drops the space the
+        template puts after the cue."""
+        return cls(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT_ID,), keep_state=keep_state,
+                   lstrip=" ")
 
 
 class Stream:
@@ -65,13 +74,15 @@ class Stream:
         self._wakeup = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
-    # -- the engine's side --------------------------------------------------------------------------------
-    def _put(self, piece: str) -> None:
+    # -- the engine's side: it calls only these two ---------------------------------------------------------
+    def deliver(self, piece: str) -> None:
+        """A piece of text for the reader (called by the engine)."""
         with self._wakeup:
             self._pieces.append(piece)
             self._notify()
 
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+    def end(self, reason: str, error: BaseException | None = None) -> None:
+        """The request is over, for `reason` (called by the engine; the first reason given stays)."""
         with self._wakeup:
             if self.finish_reason is None:
                 self.finish_reason, self.error = reason, error
@@ -112,7 +123,7 @@ class Stream:
         return self
 
     async def __anext__(self) -> str:
-        if not self._engine.running:
+        if not (self._engine.running or self.done):  # (a stream ended by Engine.stop can still be read to its end)
             raise RuntimeError("async iteration needs a running engine (Engine.start())")
         event = asyncio.Event()
         while (piece := self._next_piece(event)) is _WAIT:

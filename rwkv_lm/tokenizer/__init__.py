@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bpe import END_OF_TEXT, BPETokenizer, train_bpe
+from .bpe import END_OF_TEXT, END_OF_TEXT_ID, BPETokenizer, train_bpe
 
 
 def load_tokenizer(spec: str | Path):
@@ -25,4 +25,4 @@ def load_tokenizer(spec: str | Path):
         raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
 
 
-__all__ = ["BPETokenizer", "END_OF_TEXT", "load_tokenizer", "train_bpe"]
+__all__ = ["BPETokenizer", "END_OF_TEXT", "END_OF_TEXT_ID", "load_tokenizer", "train_bpe"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-END_OF_TEXT = "<|endoftext|>"  # id 0: ends a document, as token 0 does in RWKV's vocabularies
+END_OF_TEXT_ID = 0  # the token that ends a document, in RWKV's vocabularies and in ours
+END_OF_TEXT = "<|endoftext|>"  # its text in our BPE vocabularies (trained with it as the first special token)
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -42,7 +42,7 @@ class EmuKernels(cuda_kernels.Kernels):
 
 
 def eager_capture(captured: list):
-    """A stand-in for rwkv_lm.cuda_graphs.capture_cuda_graph on the CPU: the outputs of one run are the static
+    """A stand-in for rwkv_lm.runtime.cuda_graphs.capture_cuda_graph on the CPU: the outputs of one run are the static
     outputs, and a replay runs the step again into them, as a graph would. Appends each capture's bucket (the
     logits' rows) to `captured`."""
 

@@ -1,5 +1,5 @@
 """WKV-7 on the CPU for inference: the recurrence token by token in one C pass per head (`wkv7_f32` in
-rwkv_lm/cpu_kernels.c), each head's state staying in cache.
+rwkv_lm/ops/cpu_kernels.c), each head's state staying in cache.
 
 It computes what `naive.py` computes, in fp32, about 7x faster than the chunked torch op on a 512-token
 prompt (12 heads of 64, 2 threads, AVX-512), and a decode step is the same kernel with one token. It has no
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...cpu_kernels import kernels
+from ..cpu_kernels import kernels
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in fp32; fp64 stays with torch
 

@@ -6,17 +6,17 @@ token-shift mixes; the LoRA nonlinearities; decay, a, kk, value residual, the WK
 gate; ln2 and the channel mix's shift; the squared ReLU), the products through cuBLAS, the two residual
 adds inside them (addmm). Same arithmetic as model.py, in fp32 inside each kernel (each output rounded
 once to the model's dtype); tests/test_cuda_step.py runs the kernels through the CPU emulation against
-model.py. `rwkv_lm.cuda_graphs` replays whole steps of this as CUDA graphs.
+model.py. `rwkv_lm.runtime.cuda_graphs` replays whole steps of this as CUDA graphs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .model import DECAY_SCALE, RWKV, Block, ChannelMix, TimeMix
-from .ops import cuda_kernels
-from .ops.wkv7.cuda import KERNEL_DTYPES
-from .state import LayerState, RWKVState
+from ..model import DECAY_SCALE, RWKV, Block, ChannelMix, TimeMix
+from ..ops import cuda_kernels
+from ..ops.wkv7.cuda import KERNEL_DTYPES
+from ..state import LayerState, RWKVState
 
 SOURCE = cuda_kernels.source("rwkv7_step.cu")
 ROW_THREADS = 256  # step_mix and step_ffn_mix: one block per row
@@ -82,8 +82,8 @@ def fused_step(model: RWKV, tokens: torch.Tensor, state: RWKVState | None = None
     """model.step (tokens [B] -> (logits [B, V], new state)) through the fused kernels, inference only (it
     records no gradient). Where they cannot serve the model (see `unusable_reason`) it runs model.step with
     one warning. The given state is left as it is. kernels: for tests (the CPU emulation)."""
-    model._check_tokens(tokens, 1)
-    state = model._check_state(state, tokens.shape[0])
+    model.check_tokens(tokens, 1)
+    state = model.check_state(state, tokens.shape[0])
     reason = unusable_reason(model, state, kernels)
     if reason:
         cuda_kernels.warn_once(f"cuda_step: {reason}; using model.step")

@@ -1,10 +1,10 @@
-"""Decode steps on a GPU as CUDA graphs: a whole model step (the fused step of `rwkv_lm.cuda_step`) captured
+"""Decode steps on a GPU as CUDA graphs: a whole model step (the fused step of `rwkv_lm.runtime.cuda_step`) captured
 once per batch-size bucket (1, 2, 4, ..., 256) and replayed for every token. Opt-in, off by default: nothing
 of it has run on a GPU yet (bench/RESULTS.md).
 
 How a serving loop calls it:
 
-    from rwkv_lm.cuda_graphs import decode_step
+    from rwkv_lm.runtime.cuda_graphs import decode_step
     step = decode_step(model)            # once per model, kept: it holds the graphs. CUDAGraphStep(model) when
                                          # RWKV_LM_CUDA_GRAPHS=1 (or graphs=True) and the model is on a GPU,
                                          # else model.step under torch.no_grad()
@@ -29,15 +29,15 @@ import os
 import torch
 
 from . import cuda_step
-from .ops.cuda_kernels import warn_once
-from .state import LayerState, RWKVState
+from ..ops.cuda_kernels import warn_once
+from ..state import LayerState, RWKVState
 
 ENV = "RWKV_LM_CUDA_GRAPHS"  # "1": decode_step uses graphs on a GPU
-MAX_BATCH = 256
+MAX_GRAPH_BATCH = 256  # the largest batch replayed as a graph (bucket); wider steps run eagerly
 WARMUP_STEPS = 2  # eager runs on a side stream before a capture (compiles, cuBLAS handles and workspaces)
 
 
-def bucket_size(batch_size: int, max_batch: int = MAX_BATCH) -> int | None:
+def bucket_size(batch_size: int, max_batch: int = MAX_GRAPH_BATCH) -> int | None:
     """The smallest power of two holding batch_size rows; None above max_batch (those steps run eagerly)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -50,7 +50,7 @@ def graphs_enabled(graphs: bool | None = None) -> bool:
     return os.environ.get(ENV, "0") == "1" if graphs is None else graphs
 
 
-def decode_step(model, graphs: bool | None = None, max_batch: int = MAX_BATCH):
+def decode_step(model, graphs: bool | None = None, max_batch: int = MAX_GRAPH_BATCH):
     """The step function for a decode loop: `step(tokens [B], state) -> (logits [B, V], new state)` (see the
     module docstring). A CUDAGraphStep where graphs are enabled and the model is on a GPU, else model.step
     without gradients."""
@@ -105,7 +105,7 @@ class CUDAGraphStep:
     """model.step for inference on a GPU through CUDA graphs of the fused step, one per batch-size bucket
     (module docstring). kernels and capture: for tests (the CPU emulation, and a capture that replays eagerly)."""
 
-    def __init__(self, model, max_batch: int = MAX_BATCH, *, kernels=None, capture=None):
+    def __init__(self, model, max_batch: int = MAX_GRAPH_BATCH, *, kernels=None, capture=None):
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise ValueError(f"max_batch must be a power of two, got {max_batch}")
         self.model, self.max_batch = model, max_batch
@@ -125,8 +125,8 @@ class CUDAGraphStep:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, state: RWKVState | None = None):
         model = self.model
-        model._check_tokens(tokens, 1)
-        state = model._check_state(state, tokens.shape[0])
+        model.check_tokens(tokens, 1)
+        state = model.check_state(state, tokens.shape[0])
         if self._parameter_pointers() != self._pointers:  # moved or converted since the graphs were made
             self.reset()
         bucket = bucket_size(tokens.shape[0], self.max_batch)

@@ -1,13 +1,14 @@
-"""Make a model fast for inference on a CPU without changing its parameter names or what it computes.
+"""The CPU path of `rwkv_lm.runtime.prepare`: a model made fast for inference on a CPU without changing its
+parameter names or what it computes.
 
 One-token steps are matrix-vector products, bound by how fast the weights stream from memory, so the
 weights' width and the way they are read matter more than the model code. `optimize` swaps every bias-free
-Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small C kernels (`cpu_kernels.c`,
-compiled at first use for this CPU's instruction set) that stream each weight once per step; inputs of more
-than one token a row and more than MAX_DECODE_ROWS rows go through torch's matmul. A one-token step of a block
-runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products; batches wider than MAX_BATCH in
-slices), and so does a prompt (each token a row; a longer one in pieces of MAX_DECODE_ROWS rows, the state
-carried); anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
+Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small C kernels
+(`rwkv_lm/ops/cpu_kernels.c`, compiled at first use for the instruction-set level chosen here) that stream each
+weight once per step; inputs of more than one token a row and more than MAX_DECODE_ROWS rows go through torch's
+matmul. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
+batches wider than ROWS_PER_PASS in slices), and so does a prompt (each token a row; a longer one in pieces of
+MAX_DECODE_ROWS rows, the state carried); anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
 
 Batch invariance: the kernels compute each row of a product by the same operations in the same order whatever
@@ -34,18 +35,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_kernels import BLOCK_STEP_PARAMS, INT4_GROUP, MAX_BATCH, WEIGHT_TYPES, kernels
-from .model import DECAY_SCALE, Block
-from .state import LayerState
+from ..model import DECAY_SCALE, Block
+from ..ops.cpu_kernels import (BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES, dequantize_int4,
+                               isa_level, kernels)
+from ..state import LayerState
 
-# rows a KernelLinear (and a StepBlock) takes in the C kernels (in slices of MAX_BATCH): a decode step of up to
+# rows a KernelLinear (and a StepBlock) takes in the C kernels (in slices of ROWS_PER_PASS): a decode step of up to
 # this many sequences, or a prompt of up to this many tokens; beyond, torch's matmul is as fast (measured)
-MAX_DECODE_ROWS = 4 * MAX_BATCH
+MAX_DECODE_ROWS = 4 * ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
 WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
-INT4_BLOCK = 32  # inputs packed into 16 bytes: byte j holds input j (low nibble) and input j + 16 (high nibble)
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
@@ -78,13 +79,6 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (nibbles[:, :, 0] | nibbles[:, :, 1] << 4).reshape(out, in_features // 2), scale.squeeze(-1)
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """quantize_int4's (packed [out, in / 2], scale [out, in / INT4_GROUP]) -> the fp32 weight [out, in] they stand for."""
-    out = packed.shape[0]
-    blocks = packed.reshape(out, -1, 1, INT4_BLOCK // 2)
-    nibbles = torch.cat([blocks & 15, blocks >> 4], 2).reshape(out, -1, INT4_GROUP).float() - 8
-    return (nibbles * scale.float()[..., None]).reshape(out, -1)
-
 
 class KernelLinear(nn.Linear):
     """A bias-free Linear (fp32, bf16, int8 or int4 weight, fp32 activations) whose decode steps run in a C kernel.
@@ -95,8 +89,9 @@ class KernelLinear(nn.Linear):
     layers (rwkv_lm.lora) adapts it too.
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None):
         nn.Module.__init__(self)
+        self.isa = isa_level(isa)  # the kernels' instruction-set level, chosen once, when the layer is made
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.dense_weight() if isinstance(linear, KernelLinear) else linear.weight.detach()
         if dtype in (torch.int8, torch.uint8):
@@ -121,13 +116,13 @@ class KernelLinear(nn.Linear):
         fits = self.weight.device.type == "cpu" and (rows <= MAX_DECODE_ROWS or one_token_rows) and not wants_grad
         kernel = _gemv_kernel(self.weight) if fits else None
         quantized = kernel in ("gemv_i8", "gemv_i4")
-        if kernel not in kernels() or quantized and self.scale.dtype != torch.float32:
+        if kernel not in kernels(self.isa) or quantized and self.scale.dtype != torch.float32:
             weight = self.dense_weight()  # a prompt's rows: torch's matmul, int8 and int4 weights dequantized for it
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         x_rows = x.reshape(rows, self.in_features).float().contiguous()
         y = torch.empty(rows, self.out_features)
         scale = (self.scale.data_ptr(),) if quantized else ()
-        if kernels()[kernel](self.weight.data_ptr(), *scale, x_rows.data_ptr(), y.data_ptr(), self.out_features,
+        if kernels(self.isa)[kernel](self.weight.data_ptr(), *scale, x_rows.data_ptr(), y.data_ptr(), self.out_features,
                              self.in_features, rows, torch.get_num_threads()):
             raise RuntimeError(f"{kernel} could not allocate its buffer for a [{rows}, {self.in_features}] input")
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -149,7 +144,7 @@ class StepBlock(Block):
         params = self._step_params(current)
         if (params is None or x.dtype != fp32 or x.device.type != "cpu"
                 or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current))
-                or "block_step" not in kernels()  # (the build failed for a level RWKV_LM_CPU_ISA set since)
+                or "block_step" not in kernels(self.step_isa)
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self.step_modules)  # the C would skip them
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                 or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
@@ -173,7 +168,7 @@ class StepBlock(Block):
                                             torch.empty(B, att.n_head, att.head_size, att.head_size))
         v_first = torch.empty(B, T, C) if v_first is None else v_first.contiguous()
         inputs = (x.contiguous(), state.att_shift.contiguous(), state.wkv.contiguous(), state.ffn_shift.contiguous())
-        if kernels()["block_step"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
+        if kernels(self.step_isa)["block_step"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
                                    *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
                                    ffn_shift.data_ptr(), B, T, *self.step_sizes, self.ln1.eps, att.ln_x.eps, DECAY_SCALE,
                                    self.step_weight_type, torch.get_num_threads()):
@@ -213,12 +208,12 @@ class StepBlock(Block):
         return self.step_params
 
 
-def _fused_steps(block: Block):
+def _fused_steps(block: Block, isa: str):
     """Turn a Block into a StepBlock in place (or prepare a StepBlock again) where the C step fits its shapes;
     its LoRA matrices are stored transposed (the kernel's [out, in] row-major), the values and names untouched."""
     att, ffn = block.att, block.ffn
     linears = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
-    if (type(block) not in (Block, StepBlock) or "block_step" not in kernels() or att.head_size % 16 or att.x_r.dtype != torch.float32
+    if (type(block) not in (Block, StepBlock) or "block_step" not in kernels(isa) or att.head_size % 16 or att.x_r.dtype != torch.float32
             or not all(isinstance(m, KernelLinear) and _gemv_kernel(m.weight) for m in linears)
             or len({m.weight.dtype for m in linears}) != 1
             or any(m.eps != block.ln1.eps for m in block.modules() if isinstance(m, nn.LayerNorm))):
@@ -228,6 +223,7 @@ def _fused_steps(block: Block):
             p = getattr(att, name)
             p.data = p.data.t().contiguous().t()
     block.__class__ = StepBlock
+    block.step_isa = isa
     names = dict(block.named_parameters()) | dict(block.named_buffers())
     block.step_slots = [i for i, name in enumerate(BLOCK_STEP_PARAMS) if name in names]
     present = [BLOCK_STEP_PARAMS[i] for i in block.step_slots]
@@ -248,10 +244,12 @@ def _fused_steps(block: Block):
 
 
 @torch.no_grad()
-def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
+def optimize(model: nn.Module, weights: str | None = None, isa: str | None = None) -> nn.Module:
     """Prepare a CPU model for inference (in place; returns it). weights: None keeps the Linear weights as they
     are, "bf16" stores them in bf16, "int8" in int8 with one fp32 scale per output row, "int4" in 4 bits with one
     fp32 scale per INT4_GROUP inputs of a row (the head included).
+    isa: the highest instruction-set level of the kernels to use (`rwkv_lm.ops.cpu_kernels.LEVELS`); None: the
+    best this CPU has (or the cap RWKV_LM_CPU_ISA sets).
 
     Decode steps and prompts run in the C kernels, activations in fp32, each row's logits the same in any batch;
     anything under autograd runs the torch ops (int8 and int4 weights dequantized for them). No parameter requires
@@ -261,20 +259,20 @@ def optimize(model: nn.Module, weights: str | None = None) -> nn.Module:
         raise ValueError(f"weights must be None (keep the model's dtype), 'bf16', 'int8' or 'int4', got {weights!r}")
     if next(model.parameters()).device.type != "cpu":
         return model
-    dtype = WEIGHTS[weights]
+    dtype, isa = WEIGHTS[weights], isa_level(isa)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None:
                 continue
             if dtype is not None:
                 if child.weight.dtype != dtype or type(child) is not KernelLinear:
-                    setattr(parent, name, KernelLinear(child, dtype))
+                    setattr(parent, name, KernelLinear(child, dtype, isa))
             elif type(child) is nn.Linear and child.weight.dtype == torch.float32:
-                if "gemv_f32" in kernels():
-                    setattr(parent, name, KernelLinear(child, torch.float32))
+                if "gemv_f32" in kernels(isa):
+                    setattr(parent, name, KernelLinear(child, torch.float32, isa))
                 else:
                     child.weight.data = child.weight.data.t().contiguous().t()
     for module in model.modules():
         if isinstance(module, Block):
-            _fused_steps(module)
+            _fused_steps(module, isa)
     return model.requires_grad_(False).eval()

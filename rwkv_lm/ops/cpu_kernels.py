@@ -1,9 +1,9 @@
 """The C kernels of `cpu_kernels.c`, compiled at first use for the instruction sets this CPU reports.
 
-Used by `rwkv_lm.fast` (matrix-vector products and whole decode steps of a block) and `rwkv_lm.ops.wkv7.cpu`
-(the recurrence). The level they are built for is the best this CPU has (`cpu_level`), capped by the
-environment variable RWKV_LM_CPU_ISA (one of LEVELS), read at each call, so one machine can run and test
-every level below its own. Where the build fails (no C compiler: one warning), `kernels()` is empty and
+Used by `rwkv_lm.runtime.cpu` (matrix-vector products and whole steps of a block, at the level chosen when a
+model is prepared) and `rwkv_lm.ops.wkv7.cpu` (the recurrence). The level is the best this CPU has
+(`cpu_level`), capped by an argument or, where none is given, by the environment variable RWKV_LM_CPU_ISA
+(one of LEVELS), so one machine can run and test every level below its own. Where the build fails (no C compiler: one warning), `kernels()` is empty and
 callers use torch.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import subprocess
 import warnings
 from functools import cache
 from pathlib import Path
+
+import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 ISA_ENV = "RWKV_LM_CPU_ISA"
@@ -33,8 +35,9 @@ else:
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
 # checked against when it loads (cpu_kernels.c's max_batch, int4_group and block_step_params)
-MAX_BATCH = 16  # rows per pass over the weights; wider batches run in slices of this many
+ROWS_PER_PASS = 16  # rows per pass over the weights; wider batches run in slices of this many
 INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
+INT4_BLOCK = 32  # inputs packed into 16 bytes: byte j holds input j (low nibble) and input j + 16 (high nibble)
 # the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8
 WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3}
 # the pointers block_step takes, in this order; a name the block lacks (ln0, v0 ... after the first, the int8
@@ -71,13 +74,16 @@ def cpu_level() -> str:
     return level
 
 
-def isa_level() -> str:
-    """The level the kernels are built for now: this CPU's, or the cap RWKV_LM_CPU_ISA sets if it is lower."""
-    cap = os.environ.get(ISA_ENV, "").strip().lower()
+def isa_level(cap: str | None = None) -> str:
+    """The level to build the kernels for: this CPU's, or `cap` if it is lower; without a cap, the one the
+    environment variable RWKV_LM_CPU_ISA sets (the only place it is read)."""
+    given = cap is not None
+    cap = (cap if given else os.environ.get(ISA_ENV, "")).strip().lower()
     if not cap:
         return cpu_level()
     if cap not in LEVELS:
-        raise ValueError(f"{ISA_ENV}={cap!r} is not a level of the CPU kernels: use one of {', '.join(LEVELS)} "
+        source = f"isa={cap!r}" if given else f"{ISA_ENV}={cap!r}"
+        raise ValueError(f"{source} is not a level of the CPU kernels: use one of {', '.join(LEVELS)} "
                          "(or leave it unset for the best this CPU has)")
     return min(cap, cpu_level(), key=LEVELS.index)
 
@@ -90,10 +96,10 @@ class Kernels(dict):
         self.level, self.vector_width = level, vector_width
 
 
-def kernels() -> dict:
-    """The compiled C kernels by name at the current `isa_level()` (a `Kernels`): none where the build fails
-    (with one warning)."""
-    return _build(isa_level())
+def kernels(level: str | None = None) -> dict:
+    """The compiled C kernels by name at `level` (default: `isa_level()`), as a `Kernels`: none where the build
+    fails (with one warning)."""
+    return _build(level or isa_level())
 
 
 @cache
@@ -127,7 +133,15 @@ def _check_interface(library):
     names = ctypes.cast(ctypes.addressof(ctypes.c_char.in_dll(library, "block_step_params")), ctypes.c_char_p).value
     max_batch = ctypes.c_int.in_dll(library, "max_batch").value
     int4_group = ctypes.c_int.in_dll(library, "int4_group").value
-    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or (max_batch, int4_group) != (MAX_BATCH, INT4_GROUP):
+    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or (max_batch, int4_group) != (ROWS_PER_PASS, INT4_GROUP):
         raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
-                           f"MAX_BATCH ({max_batch} in C, {MAX_BATCH} here) or INT4_GROUP ({int4_group} in C, "
+                           f"ROWS_PER_PASS ({max_batch} in C, {ROWS_PER_PASS} here) or INT4_GROUP ({int4_group} in C, "
                            f"{INT4_GROUP} here): change both together")
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """quantize_int4's (packed [out, in / 2], scale [out, in / INT4_GROUP]) -> the fp32 weight [out, in] they stand for."""
+    out = packed.shape[0]
+    blocks = packed.reshape(out, -1, 1, INT4_BLOCK // 2)
+    nibbles = torch.cat([blocks & 15, blocks >> 4], 2).reshape(out, -1, INT4_GROUP).float() - 8
+    return (nibbles * scale.float()[..., None]).reshape(out, -1)

@@ -1,0 +1,75 @@
+"""Making a model ready for inference where it runs: the one seam between the model (model.py, the reference
+every backend is tested against) and the fast paths.
+
+    model = rwkv_lm.load(path, device="cpu", weights="int8")   # read the file, then prepare
+    model = prepare(plain_model, device="cuda", weights="bf16")
+    step = decode_step(model, graphs=True)                     # what an Engine steps its batch with
+
+- CPU (`cpu.py`): bias-free Linear layers become `KernelLinear` (fp32, bf16, int8 or int4 weights streamed by the C
+  kernels of `rwkv_lm/ops/cpu_kernels.c`) and each block a `StepBlock` (a decode step or a short prompt of a
+  block in one C call); `isa` caps the kernels' instruction-set level.
+- GPU: the model in `weights`' dtype (fp32 or bf16); its batched decode step is model.step, or with
+  `graphs=True` the fused CUDA step (`cuda_step.py`) replayed as CUDA graphs (`cuda_graphs.py`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import copy_tensors, dequantize, open_model, read_model
+from ..files import CheckpointError
+from ..model import RWKV
+from .cpu import optimize
+from .cuda_graphs import decode_step
+
+WEIGHTS = ("fp32", "bf16", "int8", "int4")  # how the Linear weights are stored
+QUANTIZED = {torch.int8: "int8", torch.uint8: "int4"}  # CPU-only weights, by their stored dtype (int4: packed in uint8)
+GPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+__all__ = ["WEIGHTS", "decode_step", "load", "prepare"]
+
+
+def _check(device, weights) -> torch.device:
+    device = torch.device(device)
+    if weights not in (None, *WEIGHTS):
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or None: as stored), got {weights!r}")
+    if device.type == "cuda" and weights in QUANTIZED.values():
+        raise ValueError(f"{weights} weights run on the CPU only; use device='cpu', or weights='bf16' on a GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device}: only cpu and cuda are supported")
+    return device
+
+
+def prepare(model, *, device="cpu", weights: str | None = None, isa: str | None = None):
+    """`model` ready for inference on `device` (in place where it can be; returns it), in eval mode, no
+    parameter requiring grad. weights: "fp32", "bf16", "int8" or "int4" (CPU only); None keeps them as they are (on a GPU:
+    fp32). isa: on a CPU, the highest kernel level to use (`rwkv_lm.ops.cpu_kernels.LEVELS`; default: the
+    best this CPU has, or the cap RWKV_LM_CPU_ISA sets)."""
+    device = _check(device, weights)
+    if device.type == "cuda":
+        return model.to(device=device, dtype=GPU_DTYPES[weights or "fp32"]).requires_grad_(False).eval()
+    return optimize(model.to("cpu"), weights=None if weights == "fp32" else weights, isa=isa)
+
+
+def load(path, *, device="cpu", weights: str | None = None, dtype: torch.dtype = torch.float32, fast: bool = True,
+         isa: str | None = None):
+    """A model from a file (ours, an official RWKV-7 `.pth`), in eval mode, with `model.tokenizer` (the one the
+    file names; World for official 65,536-token files; else None).
+
+    fast (the default): prepared for inference by `prepare(device, weights, isa)`; int8 and int4 weights in the
+    file stay as they are (unless `weights` says otherwise). fast=False: model.py's modules as they are, in `dtype`
+    (int8 and int4 weights dequantized), for training and bit-exact comparisons."""
+    if not fast:
+        return read_model(path, device=device, dtype=dtype)
+    device = _check(device, weights)
+    model, sd = open_model(path)
+    stored = {QUANTIZED[v.dtype] for v in sd.values() if v.dtype in QUANTIZED}
+    if len(stored) > 1:
+        raise CheckpointError(f"{path}: holds both int8 and int4 (uint8) weights; a model has one kind")
+    if stored and device.type == "cpu" and isinstance(model, RWKV) and weights in (None, *stored):
+        optimize(model, weights=stored.pop(), isa=isa)  # the quantized layers the file's tensors go into
+    else:
+        sd = dequantize(sd, path)
+    copy_tensors(model, sd, path)
+    if device.type == "cpu" and dtype != torch.float32:  # a plain model in another dtype: nothing to prepare
+        return model.to(dtype=dtype).requires_grad_(False).eval()
+    return prepare(model, device=device, weights=weights, isa=isa)
