@@ -88,7 +88,7 @@ def test_generate_with_sampling_options(official_pth, capsys, dtype):
     (["fly"], "invalid choice: 'fly'"),
     (["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "gpu0"], "is not a device; use cpu or cuda"),
     (["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "mps"], "only cpu and cuda are supported"),
-    (["generate", "--model", "{pth}", "--prompt", "Hi", "--dtype", "int4"], "invalid choice: 'int4'"),
+    (["generate", "--model", "{pth}", "--prompt", "Hi", "--dtype", "int2"], "invalid choice: 'int2'"),
     pytest.param(["generate", "--model", "{pth}", "--prompt", "Hi", "--device", "cuda"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
 ])
