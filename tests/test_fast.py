@@ -451,7 +451,7 @@ def test_optimize_again_with_bf16_weights(model, tmp_path):
 def test_without_a_c_compiler(model, monkeypatch):
     """Where the kernels cannot be built, optimize() keeps the plain blocks, stores fp32 weights column-major for
     BLAS, and the model computes what it did."""
-    monkeypatch.setattr(fast_module, "kernels", lambda: {})
+    monkeypatch.setattr(fast_module, "kernels", lambda isa=None: {})
     fast = optimize(copy.deepcopy(model))
     assert not any(isinstance(m, (KernelLinear, StepBlock)) for m in fast.modules())
     assert not fast.head.weight.is_contiguous(), "stored column-major for BLAS"
