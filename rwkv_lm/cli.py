@@ -163,11 +163,15 @@ def cmd_serve(args):
         raise UsageError(f"rwkv-lm serve needs the server packages ({e.name} is missing): pip install 'rwkv-lm[serve]'") from None
     from .serve import Engine
 
-    for name in ("max_batch", "max_queue", "max_prompt_tokens", "port"):
+    for name in ("max_batch", "max_queue", "max_prompt_tokens", "port", "replicas"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
     if args.state_cache_mb < 0:
         raise UsageError("--state-cache-mb must be >= 0 (0 turns the cache off)")
+    if args.replicas > 1:
+        return _serve_replicas(args)
+    if (args.replica_cpus, args.replica_gpus, args.ray_address) != (None, None, None):
+        raise UsageError("--replica-cpus, --replica-gpus and --ray-address go with --replicas 2 or more")
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache=int(args.state_cache_mb * 2**20), step=decode_step(model, graphs=args.cuda_graphs))
@@ -176,6 +180,30 @@ def cmd_serve(args):
     print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"state cache {args.state_cache_mb:g} MB)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _serve_replicas(args):
+    try:
+        from .serve.cluster import ClusterOptions, run
+    except ImportError as e:
+        raise UsageError(f"--replicas needs Ray Serve ({e.name} is missing): pip install 'rwkv-lm[cluster]'") from None
+    from pydantic import ValidationError
+
+    if not args.ray_address and not Path(args.model).is_file():
+        raise UsageError(f"--model {args.model}: no such file")
+    try:
+        options = ClusterOptions(
+            model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype,
+            replicas=args.replicas, replica_cpus=args.replica_cpus or 1, replica_gpus=args.replica_gpus or 0,
+            max_batch=args.max_batch, max_queue=args.max_queue, state_cache_mb=args.state_cache_mb,
+            max_prompt_tokens=args.max_prompt_tokens, model_name=args.model_name or Path(args.model).stem,
+            api_key=args.api_key)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UsageError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 with {args.replicas} replicas on "
+          f"Ray Serve ({args.ray_address or 'a local Ray cluster'})", file=sys.stderr)
+    run(options, host=args.host, port=args.port, ray_address=args.ray_address)
 
 
 STATE_HELP = "a tuned-state file to start from (python -m train export of a model.tune state run; .pth or ours)"
@@ -215,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="on a GPU, replay decode steps as CUDA graphs of the fused step (default: RWKV_LM_CUDA_GRAPHS=1; "
                         "never run on a GPU yet)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engines behind the endpoint; 2 or more run on Ray Serve (pip install 'rwkv-lm[cluster]'), "
+                        "each conversation kept on one replica (default: %(default)s)")
+    p.add_argument("--replica-cpus", type=float, help="CPUs (and torch threads) per replica (default: 1)")
+    p.add_argument("--replica-gpus", type=float, help="GPUs per replica (default: 0); replicas with GPUs run on cuda, the others on cpu")
+    p.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local one")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("convert", help="convert between official .pth and our .safetensors (by the output suffix)")

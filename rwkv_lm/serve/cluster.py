@@ -179,11 +179,15 @@ class Gateway:
             start = await call.__anext__()
             return start["replica"], start["status"], b"".join([chunk async for chunk in call])
 
-        answers = await asyncio.gather(*(ask(rank) for rank in range(self.replicas)), return_exceptions=True)
+        # one after another: calls made while handling one request share its id, and Ray's router loses all
+        # but one of those that wait for a replica at the same time (Ray 2.60)
         found = {}
-        for answer in answers:
-            if not isinstance(answer, BaseException):
-                found.setdefault(answer[0]["rank"], answer)  # a rank restarting was answered by another
+        for rank in range(self.replicas):
+            try:
+                answer = await ask(rank)
+            except Exception:  # the replica died meanwhile: it is left out
+                continue
+            found.setdefault(answer[0]["rank"], answer)  # a rank restarting was answered by another
         return [found[rank] for rank in sorted(found)]
 
     async def _health(self):
