@@ -194,7 +194,8 @@ def _serve_replicas(args):
     try:
         options = ClusterOptions(
             model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype,
-            replicas=args.replicas, replica_cpus=args.replica_cpus or 1, replica_gpus=args.replica_gpus or 0,
+            replicas=args.replicas, replica_cpus=1 if args.replica_cpus is None else args.replica_cpus,
+            replica_gpus=args.replica_gpus or 0,
             max_batch=args.max_batch, max_queue=args.max_queue, state_cache_mb=args.state_cache_mb,
             max_prompt_tokens=args.max_prompt_tokens, model_name=args.model_name or Path(args.model).stem,
             api_key=args.api_key)

@@ -1,9 +1,12 @@
 """The replica choice of `rwkv-lm serve --replicas N` (rwkv_lm.serve.routing), without Ray: which key a request
 gets, that a conversation's turns share it, that keys spread and stay put when another replica goes, and the
-fall back to the least loaded replica over the queue threshold."""
+fall back to the least loaded replica over the queue threshold; and the flags of `rwkv-lm serve --replicas`."""
 import json
 from collections import Counter
 
+import pytest
+
+from rwkv_lm.cli import main
 from rwkv_lm.serve.routing import Route, affinity_key, choose, rendezvous
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -65,3 +68,17 @@ def test_choose_keeps_affinity_until_the_queue_threshold():
 def test_choose_answers_a_rank_asked_for_or_any_when_it_is_gone():
     assert choose(Route(rank=1), {0: 9, 1: 0}, queue_threshold=4) == [[1]]
     assert choose(Route(rank=2), {0: 9, 1: 0}, queue_threshold=4) == [[0, 1]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replica-cpus", "2"], "go with --replicas 2 or more"),
+    (["--ray-address", "auto"], "go with --replicas 2 or more"),
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--replicas", "2", "--replica-cpus", "0"], "--replica-cpus"),
+], ids=["cpus-without-replicas", "address-without-replicas", "no-replicas", "zero-cpus"])
+def test_replica_flags_are_checked_before_anything_starts(tmp_path, capsys, argv, message):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")  # never read: the flags are refused first
+    assert main(["serve", "--model", str(model), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err

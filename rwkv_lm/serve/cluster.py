@@ -255,11 +255,19 @@ def build_app(args: ClusterOptions) -> serve.Application:
 
 
 def run(options: ClusterOptions, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None) -> None:
-    """Serve until interrupted: on the Ray cluster at `ray_address`, else on a local one started for the run."""
+    """Serve until interrupted: on the Ray cluster at `ray_address`, else on a local one started for the run.
+    A ValueError if the replicas cannot start."""
     if ray_address:
         ray.init(address=ray_address)
     else:  # enough logical CPUs for the replicas even where the machine has fewer cores
         ray.init(num_cpus=max(os.cpu_count() or 1, int(options.replicas * options.replica_cpus + 0.999)),
                  include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=True)
+    except RuntimeError as e:  # a replica that cannot start (a bad model file, too little memory): Ray gave up
+        raise ValueError(f"the replicas did not start: {e} (their logs: the Ray session's logs/serve/)") from None
+    finally:  # the app lives as long as this command: `serve deploy` is the way to leave it running
+        if ray_address:
+            serve.delete(APP_NAME)
+        ray.shutdown()
