@@ -184,3 +184,16 @@ def test_a_replica_killed_mid_stream(client, cluster):
     raw = client.completions.with_raw_response.create(model="tiny", prompt="Later", max_tokens=5,
                                                       extra_headers={"x-session-id": session})
     assert raw.headers["x-rwkv-lm-replica"] == str(victim) and raw.parse().usage.completion_tokens == 5
+
+
+def test_the_kuberay_manifest_carries_a_valid_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    local = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    assert config.applications[0].import_path == local["applications"][0]["import_path"]
+    from rwkv_lm.serve.cluster import ClusterOptions
+
+    ClusterOptions.model_validate(config.applications[0].args)
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
