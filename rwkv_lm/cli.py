@@ -193,7 +193,8 @@ def _serve_replicas(args):
         raise UsageError(f"--model {args.model}: no such file")
     try:
         options = ClusterOptions(
-            model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype,
+            model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype, isa=args.isa,
+            cuda_graphs=args.cuda_graphs,
             replicas=args.replicas, replica_cpus=1 if args.replica_cpus is None else args.replica_cpus,
             replica_gpus=args.replica_gpus or 0,
             max_batch=args.max_batch, max_queue=args.max_queue, state_cache_mb=args.state_cache_mb,

@@ -23,7 +23,7 @@ serve = pytest.importorskip("ray.serve", reason="the cluster tests need Ray Serv
 from test_serve_http import Server, free_port  # noqa: E402
 
 from rwkv_lm import RWKVConfig, save  # noqa: E402
-from rwkv_lm.cli import load_for_inference  # noqa: E402
+from rwkv_lm.runtime import decode_step, load  # noqa: E402
 from rwkv_lm.serve import Engine  # noqa: E402
 from rwkv_lm.serve.routing import rendezvous  # noqa: E402
 from rwkv_lm.serve.server import create_app  # noqa: E402
@@ -67,8 +67,9 @@ def client(cluster):
 @pytest.fixture(scope="module")
 def single(model_path):
     """A single `rwkv-lm serve` of the same file (what the replicas load, loaded the same way)."""
-    model = load_for_inference(model_path)
-    server = Server(create_app(Engine(model, model.tokenizer, max_batch=8, cache=64 << 20), model_name="tiny"))
+    model = load(model_path)
+    engine = Engine(model, model.tokenizer, max_batch=8, cache=64 << 20, step=decode_step(model))
+    server = Server(create_app(engine, model_name="tiny"))
     yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     server.stop()
 
@@ -140,7 +141,7 @@ def test_a_bad_request_disturbs_no_other(client, cluster, single):
     with ThreadPoolExecutor(4) as pool:
         texts = pool.map(good, prompts)
         with pytest.raises(openai.BadRequestError) as bad:
-            client.completions.create(model="tiny", prompt="Hi", max_tokens=40, temperature=7)
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=40, temperature=-1)
         raw = httpx.post(cluster + "/v1/completions", content=b"{not json", timeout=60,
                          headers={"content-type": "application/json"})
         assert list(texts) == expected

@@ -47,6 +47,8 @@ class ClusterOptions(BaseModel):
     tokenizer: str | None = None
     dtype: str = "fp32"
     device: str | None = Field(None, description="default: cuda with replica_gpus > 0, else cpu")
+    isa: str | None = None
+    cuda_graphs: bool | None = None
     replicas: int = Field(2, ge=1)
     replica_cpus: float = Field(1, gt=0, description="CPUs per replica; also its torch threads")
     replica_gpus: float = Field(0, ge=0)
@@ -83,18 +85,19 @@ class EngineReplica:
     def __init__(self, options: ClusterOptions):
         import torch
 
-        from ..cli import load_for_inference
+        from ..runtime import decode_step, load
         from ..tokenizer import load_tokenizer
         from .engine import Engine
         from .server import create_app
 
         torch.set_num_threads(max(1, int(options.replica_cpus)))
         device = options.device or ("cuda" if options.replica_gpus > 0 else "cpu")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[options.dtype]
-        model = load_for_inference(options.model, device, dtype)
+        # what `rwkv-lm serve` builds from the same options
+        model = load(options.model, device=device, weights=options.dtype, isa=options.isa)
         tokenizer = load_tokenizer(options.tokenizer) if options.tokenizer else model.tokenizer
         self.engine = Engine(model, tokenizer, max_batch=options.max_batch, max_queue=options.max_queue,
-                             cache=int(options.state_cache_mb * 2**20))
+                             cache=int(options.state_cache_mb * 2**20),
+                             step=decode_step(model, graphs=options.cuda_graphs))
         self.app = create_app(self.engine, model_name=options.model_name or Path(options.model).stem,
                               api_key=options.api_key, max_prompt_tokens=options.max_prompt_tokens)
         self.engine.start()  # what the app's lifespan does under uvicorn

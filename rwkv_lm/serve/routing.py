@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from ..chat import render_prompt
+from ..chat_template import render_prompt
 
 SESSION_HEADER = "x-session-id"
 COMPLETION_KEY_CHARS = 256  # a completions conversation whose first prompt is shorter should name a session
