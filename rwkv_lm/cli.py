@@ -168,6 +168,8 @@ def cmd_serve(args):
             raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
     if args.state_cache_mb < 0:
         raise UsageError("--state-cache-mb must be >= 0 (0 turns the cache off)")
+    if (args.replica_cpus is not None and args.replica_cpus <= 0) or (args.replica_gpus or 0) < 0:
+        raise UsageError("--replica-cpus must be > 0 and --replica-gpus >= 0")
     if args.replicas > 1:
         return _serve_replicas(args)
     if (args.replica_cpus, args.replica_gpus, args.ray_address) != (None, None, None):
@@ -187,22 +189,14 @@ def _serve_replicas(args):
         from .serve.cluster import ClusterOptions, run
     except ImportError as e:
         raise UsageError(f"--replicas needs Ray Serve ({e.name} is missing): pip install 'rwkv-lm[cluster]'") from None
-    from pydantic import ValidationError
-
     if not args.ray_address and not Path(args.model).is_file():
         raise UsageError(f"--model {args.model}: no such file")
-    try:
-        options = ClusterOptions(
-            model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype, isa=args.isa,
-            cuda_graphs=args.cuda_graphs,
-            replicas=args.replicas, replica_cpus=1 if args.replica_cpus is None else args.replica_cpus,
-            replica_gpus=args.replica_gpus or 0,
-            max_batch=args.max_batch, max_queue=args.max_queue, state_cache_mb=args.state_cache_mb,
-            max_prompt_tokens=args.max_prompt_tokens, model_name=args.model_name or Path(args.model).stem,
-            api_key=args.api_key)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise UsageError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    options = ClusterOptions(
+        model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype, isa=args.isa,
+        cuda_graphs=args.cuda_graphs, replicas=args.replicas, replica_cpus=args.replica_cpus or 1,
+        replica_gpus=args.replica_gpus or 0, max_batch=args.max_batch, max_queue=args.max_queue,
+        state_cache_mb=args.state_cache_mb, max_prompt_tokens=args.max_prompt_tokens,
+        model_name=args.model_name or Path(args.model).stem, api_key=args.api_key)
     print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 with {args.replicas} replicas on "
           f"Ray Serve ({args.ray_address or 'a local Ray cluster'})", file=sys.stderr)
     run(options, host=args.host, port=args.port, ray_address=args.ray_address)

@@ -74,7 +74,7 @@ def test_choose_answers_a_rank_asked_for_or_any_when_it_is_gone():
     (["--replica-cpus", "2"], "go with --replicas 2 or more"),
     (["--ray-address", "auto"], "go with --replicas 2 or more"),
     (["--replicas", "0"], "--replicas must be >= 1"),
-    (["--replicas", "2", "--replica-cpus", "0"], "--replica-cpus"),
+    (["--replicas", "2", "--replica-cpus", "0"], "--replica-cpus must be > 0"),
 ], ids=["cpus-without-replicas", "address-without-replicas", "no-replicas", "zero-cpus"])
 def test_replica_flags_are_checked_before_anything_starts(tmp_path, capsys, argv, message):
     model = tmp_path / "m.safetensors"
