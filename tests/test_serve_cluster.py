@@ -4,7 +4,6 @@ conversation is read from its replica's prefix cache; greedy replies equal a sin
 mid-stream ends that stream with an error event while the other streams go on, and Ray brings it back; a bad
 request disturbs no other."""
 import importlib
-import json
 import os
 import signal
 import threading

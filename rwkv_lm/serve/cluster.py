@@ -37,7 +37,6 @@ from .openai_api import ApiError
 from .routing import Route, affinity_key, choose
 
 APP_NAME = "rwkv_lm"
-ROUTING_STATS_PERIOD_S = 1.0
 
 
 class ClusterOptions(BaseModel):
@@ -247,8 +246,7 @@ def build_app(args: ClusterOptions) -> serve.Application:
     options = args if isinstance(args, ClusterOptions) else ClusterOptions.model_validate(args)
     per_replica = options.max_batch + options.max_queue  # the engine queues; Ray's router queues beyond
     router = RequestRouterConfig(request_router_class=AffinityRouter,
-                                 request_router_kwargs={"queue_threshold": options.queue_threshold or options.max_batch},
-                                 request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
+                                 request_router_kwargs={"queue_threshold": options.queue_threshold or options.max_batch})
     engines = serve.deployment(EngineReplica).options(
         num_replicas=options.replicas, max_ongoing_requests=per_replica, request_router_config=router,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus})
