@@ -2,7 +2,8 @@
 against one replica with two threads and one with one thread, on the same 2-core machine; and, on the two
 replicas, follow-up turns routed by conversation (affinity) against routed at random.
 
-Random weights of the 0.1B shape (12 layers, width 768, vocab 65536), fp32, CPU, the World tokenizer; the
+Random weights of the 0.1B shape (12 layers, width 768, vocab 65536; `--shape small`: 6 layers, width 512),
+fp32, CPU, the World tokenizer; the
 checkpoint lives in a temporary directory. Each run: `--conversations` concurrent chats of `--turns` turns
 through the official `openai` client (async, streaming), each turn waiting for the one before; the first user
 message has ~`--first-tokens` tokens, later ones ~40, replies `--max-tokens` tokens (greedy, the chat template's
@@ -39,8 +40,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_cpu import machine  # noqa: E402
 from bench_serve import SHAPES, WORDS  # noqa: E402
 
-from rwkv_lm import save  # noqa: E402
+from rwkv_lm import RWKVConfig, save  # noqa: E402
 from rwkv_lm.testing import random_model  # noqa: E402
+
+# "small": a quarter of the 0.1B shape's work per token, for a machine too busy to run the 0.1B in time
+SHAPES = {**SHAPES, "small": RWKVConfig(vocab_size=65536, n_layer=6, n_embd=512)}
 
 
 @dataclass
@@ -189,9 +193,10 @@ def main():
     p.add_argument("--first-tokens", type=int, default=700, help="words in the first user message (~1 token each)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="0.1B")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    shape = "0.1B"
+    shape = args.shape
     if args.quick:
         shape, args.conversations, args.turns, args.first_tokens, args.max_tokens = "tiny", 4, 2, 100, 8
 
