@@ -195,6 +195,7 @@ def main():
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--shape", choices=sorted(SHAPES), default="0.1B")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--routing-only", action="store_true", help="only the two replicas, affinity against random")
     args = p.parse_args()
     shape = args.shape
     if args.quick:
@@ -205,12 +206,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = save(random_model(SHAPES[shape], seed=0), Path(tmp) / "bench.safetensors", tokenizer="world")
         replicas = two_replicas(model, args, tags)
-        one_by_two = single_server(model, 2, args, tags)
-        one_by_one = single_server(model, 1, args, tags)
-
-    rows = [("2 replicas x 1 thread, affinity", [a for a, _ in replicas]),
-            ("2 replicas x 1 thread, random routing", [r for _, r in replicas]),
-            ("1 replica x 2 threads", one_by_two), ("1 replica x 1 thread", one_by_one)]
+        rows = [("2 replicas x 1 thread, affinity", [a for a, _ in replicas]),
+                ("2 replicas x 1 thread, random routing", [r for _, r in replicas])]
+        if not args.routing_only:
+            rows += [("1 replica x 2 threads", single_server(model, 2, args, tags)),
+                     ("1 replica x 1 thread", single_server(model, 1, args, tags))]
     print(f"\n{args.conversations} conversations x {args.turns} turns, first message ~{args.first_tokens} tokens, "
           f"replies <= {args.max_tokens} tokens, {shape} fp32; best round by tokens/s, TTFT over all rounds\n")
     print("| setup | tokens/s | TTFT turn 1 median | follow-up TTFT median | follow-up TTFT p90 | follow-up prompt tokens cached |")
