@@ -171,8 +171,6 @@ LIMIT_FLAGS = {"max_prompt_tokens": "max_prompt_tokens", "max_tokens": "max_toke
 
 def cmd_serve(args):
     try:
-        import uvicorn
-
         from .serve import listener
         from .serve.server import create_app
     except ImportError as e:
