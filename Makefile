@@ -22,6 +22,9 @@ setup-test: setup
 	@# the aarch64 cross compiler and qemu-user: the CPU kernels' source is built for ARM in the tests, and run
 	@command -v aarch64-linux-gnu-gcc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null)
 	@command -v qemu-aarch64 >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null)
+	@# llama.cpp's CPU tools, built once into ~/.cache/rwkv_lm (a few minutes): the tests run our GGUF files in them
+	@command -v cmake >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake ninja-build >/dev/null)
+	$(PY) bench/llamacpp.py
 
 demo: setup
 	$(PY) -m demo

@@ -33,9 +33,16 @@ def save(model, path, *, tokenizer: str | None = None, metadata: dict | None = N
 
 
 def read(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(tensors, config dict, metadata) of either format; the config of an official file comes from its shapes."""
-    path = Path(path)
-    if file_kind(path) == "pth":
+    """(tensors, config dict, metadata) of any format; the config of an official file comes from its shapes.
+    A hub name (hf:OWNER/REPO/FILE) is read from huggingface_hub's cache, downloaded there first if needed."""
+    from . import formats
+    from .formats.hub import is_hub_name, resolve
+
+    path = resolve(path) if is_hub_name(path) else Path(path)
+    kind = "hf" if path.is_dir() else file_kind(path)  # a folder is a Hugging Face model
+    if kind in ("gguf", "hf"):
+        return formats.read(kind, path)
+    if kind == "pth":
         sd = read_pth(path)
         for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.g1", "blocks.0.ffn.key.weight"):
             if key not in sd:
@@ -141,3 +148,30 @@ def export_official(model, path, *, dtype=torch.bfloat16) -> Path:
     sd["blocks.0.att.v1"] = torch.zeros(cfg.n_embd, cfg.value_lora, dtype=dtype)
     sd["blocks.0.att.v2"] = torch.zeros(cfg.value_lora, cfg.n_embd, dtype=dtype)
     return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+
+
+def export_gguf(model, path, *, type: str = "f32", tokenizer=None) -> Path:
+    """Write an RWKV-7 as GGUF for llama.cpp (rwkv_lm/formats/gguf.py). type: the big matrices' type, f32, f16,
+    bf16, q8_0 or q4_0; tokenizer: defaults to model.tokenizer."""
+    from .formats.gguf import write_gguf
+
+    return write_gguf(_float_tensors(model, "GGUF"), model.config, path, type=type, tokenizer=_tokenizer_of(model, tokenizer))
+
+
+def export_hf(model, folder, *, dtype=torch.float32, tokenizer=None) -> Path:
+    """Write an RWKV-7 as a Hugging Face folder in the fla-hub layout (rwkv_lm/formats/hf.py)."""
+    from .formats.hf import write_hf
+
+    return write_hf(_float_tensors(model, "a Hugging Face folder"), model.config, folder, dtype=dtype,
+                    tokenizer=_tokenizer_of(model, tokenizer))
+
+
+def _float_tensors(model, what: str) -> dict[str, torch.Tensor]:
+    """An RWKV-7's tensors, int8 weights dequantized (an optimize(weights="int8") model exports what it computes)."""
+    if not isinstance(model, RWKV):
+        raise CheckpointError(f"only RWKV-7 models can be written as {what}, not {model.__class__.__name__}")
+    return dequantize(model.state_dict(), "the model")
+
+
+def _tokenizer_of(model, tokenizer):
+    return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)

@@ -2,7 +2,7 @@
 
     rwkv-lm generate --model M.pth --prompt "The Eiffel tower is" --max-tokens 50 --temperature 0
     rwkv-lm chat --model M.pth --system "You are a helpful assistant."
-    rwkv-lm convert M.pth M.safetensors        (or back: M.safetensors M.pth)
+    rwkv-lm convert M.pth M.safetensors        (or back: M.safetensors M.pth; M.gguf; DIR/ an HF folder)
     rwkv-lm serve --model M.pth --port 8000    (an OpenAI-compatible HTTP server)
 
 Bad input ends with one line on stderr and exit code 2.
@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from .chat import ChatSession
-from .checkpoint import export_official, read_model, save
+from .checkpoint import export_gguf, export_hf, export_official, read_model, save
+from .formats import GGUF_TYPES, OUTPUT_FORMATS, output_format
 from .ops.cpu_kernels import LEVELS
 from .runtime import WEIGHTS, decode_step, load
 from .generate import generate
 from .sampling import SamplingParams
+from .serve.limits import Limits
 from .statefile import load_state
 from .tokenizer import load_tokenizer
 
@@ -145,46 +147,64 @@ def cmd_chat(args):
 
 
 def cmd_convert(args):
+    fmt = output_format(args.output, args.format)
     dst = Path(args.output)
-    model = read_model(args.input, dtype=DTYPES[args.dtype])
-    if dst.suffix == ".pth":
-        export_official(model, dst, dtype=DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype or ("fp32" if fmt == "hf" else "bf16")]
+    model = read_model(args.input, dtype=torch.float32 if fmt == "gguf" else dtype)
+    if fmt == "official":
+        export_official(model, dst, dtype=dtype)
+    elif fmt == "gguf":
+        export_gguf(model, dst, type=args.type)
+    elif fmt == "hf":
+        export_hf(model, dst, dtype=dtype)
     else:
         save(model, dst, tokenizer=None if model.tokenizer is None else model.tokenizer.spec)
     print(f"wrote {dst}")
 
 
+LIMIT_FLAGS = {"max_prompt_tokens": "max_prompt_tokens", "max_tokens": "max_tokens_limit",  # Limits field: flag
+               "max_stop_chars": "max_stop_chars", "max_body_bytes": "max_body_mb", "body_timeout_s": "body_timeout",
+               "header_timeout_s": "header_timeout", "keep_alive_s": "keep_alive",
+               "max_connections": "max_connections", "shutdown_timeout_s": "shutdown_timeout",
+               "stall_s": "health_stall"}
+
+
 def cmd_serve(args):
     try:
-        import uvicorn
-
+        from .serve import listener
         from .serve.server import create_app
     except ImportError as e:
         raise UsageError(f"rwkv-lm serve needs the server packages ({e.name} is missing): pip install 'rwkv-lm[serve]'") from None
     from .serve import Engine
 
-    for name in ("max_batch", "max_queue", "max_prompt_tokens", "port", "replicas"):
+    for name in ("max_batch", "max_queue", "port", "replicas"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
     if args.state_cache_mb < 0:
         raise UsageError("--state-cache-mb must be >= 0 (0 turns the cache off)")
+    for flag in LIMIT_FLAGS.values():
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be > 0")
+    values = {field: getattr(args, flag) for field, flag in LIMIT_FLAGS.items()}
+    limits = Limits(**{**values, "max_body_bytes": int(args.max_body_mb * 2**20)})
     if (args.replica_cpus is not None and args.replica_cpus <= 0) or (args.replica_gpus or 0) < 0:
         raise UsageError("--replica-cpus must be > 0 and --replica-gpus >= 0")
     if args.replicas > 1:
-        return _serve_replicas(args)
+        return _serve_replicas(args, limits)
     if (args.replica_cpus, args.replica_gpus, args.ray_address) != (None, None, None):
         raise UsageError("--replica-cpus, --replica-gpus and --ray-address go with --replicas 2 or more")
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache=int(args.state_cache_mb * 2**20), step=decode_step(model, graphs=args.cuda_graphs))
-    app = create_app(engine, model_name=args.model_name or Path(args.model).stem, api_key=args.api_key,
-                     max_prompt_tokens=args.max_prompt_tokens)
+    app = create_app(engine, model_name=args.model_name or Path(args.model).stem, api_key=args.api_key, limits=limits,
+                     allowed_origins=tuple(args.allowed_origins), metrics_public=args.metrics_public)
     print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"state cache {args.state_cache_mb:g} MB)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = listener.config(app, args.host, args.port, limits, log_level="warning")
+    listener.Server(config, engine, limits.shutdown_timeout_s).run()
 
 
-def _serve_replicas(args):
+def _serve_replicas(args, limits: Limits):
     try:
         from .serve.cluster import ClusterOptions, run
     except ImportError as e:
@@ -195,8 +215,9 @@ def _serve_replicas(args):
         model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype, isa=args.isa,
         cuda_graphs=args.cuda_graphs, replicas=args.replicas, replica_cpus=args.replica_cpus or 1,
         replica_gpus=args.replica_gpus or 0, max_batch=args.max_batch, max_queue=args.max_queue,
-        state_cache_mb=args.state_cache_mb, max_prompt_tokens=args.max_prompt_tokens,
-        model_name=args.model_name or Path(args.model).stem, api_key=args.api_key)
+        state_cache_mb=args.state_cache_mb, limits=dataclasses.asdict(limits), model_name=args.model_name or
+        Path(args.model).stem, api_key=args.api_key, allowed_origins=args.allowed_origins,
+        metrics_public=args.metrics_public)
     print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 with {args.replicas} replicas on "
           f"Ray Serve ({args.ray_address or 'a local Ray cluster'})", file=sys.stderr)
     run(options, host=args.host, port=args.port, ray_address=args.ray_address)
@@ -234,11 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a row; past that the server answers 503 (default: %(default)s)")
     p.add_argument("--state-cache-mb", type=float, default=512,
                    help="RAM for cached prefix states, so repeated prompt beginnings are read once (default: %(default)s)")
-    p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts get 413 (default: %(default)s)")
     p.add_argument("--model-name", help="the model id clients see (default: the checkpoint's file name)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="on a GPU, replay decode steps as CUDA graphs of the fused step (default: RWKV_LM_CUDA_GRAPHS=1; "
                         "never run on a GPU yet)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin allowed to call the API (CORS; repeatable; '*' for any; default: none)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the API key (/health never needs it)")
+    limits = Limits()
+    p.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
+                   help="longer prompts get 413 (default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens,
+                   help="a request's max_tokens may be at most this, else 400 (default: %(default)s)")
+    p.add_argument("--max-stop-chars", type=int, default=limits.max_stop_chars,
+                   help="a stop string may have at most this many characters, else 400 (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2**20,
+                   help="larger request bodies get 413 before they are read (default: %(default)g)")
+    p.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
+                   help="seconds for a request body to arrive, else 408 (default: %(default)g)")
+    p.add_argument("--header-timeout", type=float, default=limits.header_timeout_s,
+                   help="seconds for a request's head to arrive, else the connection is closed (default: %(default)g)")
+    p.add_argument("--keep-alive", type=float, default=limits.keep_alive_s,
+                   help="seconds an idle keep-alive connection is kept (default: %(default)g)")
+    p.add_argument("--max-connections", type=int, default=limits.max_connections,
+                   help="open connections beyond this get 503 (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=limits.shutdown_timeout_s,
+                   help="seconds requests run on after SIGTERM/SIGINT before they are ended with finish_reason "
+                        "'abort'; a second signal exits at once (default: %(default)g)")
+    p.add_argument("--health-stall", type=float, default=limits.stall_s,
+                   help="/health answers 503 once one engine iteration has run this many seconds (default: %(default)g)")
     p.add_argument("--replicas", type=int, default=1,
                    help="engines behind the endpoint; 2 or more run on Ray Serve (pip install 'rwkv-lm[cluster]'), "
                         "each conversation kept on one replica (default: %(default)s)")
@@ -247,10 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local one")
     p.set_defaults(run=cmd_serve)
 
-    p = sub.add_parser("convert", help="convert between official .pth and our .safetensors (by the output suffix)")
-    p.add_argument("input")
-    p.add_argument("output", help="*.pth: the official layout; anything else: our safetensors format")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype (default bf16, as official files)")
+    p = sub.add_parser("convert", help="convert between our .safetensors, official .pth, GGUF and Hugging Face folders")
+    p.add_argument("input", help="any model file, a Hugging Face folder, or hf:OWNER/REPO/FILE")
+    p.add_argument("output", help="*.safetensors: ours; *.pth: the official layout; *.gguf: llama.cpp; DIR/: an fla-hub "
+                                  "Hugging Face folder")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, help="the output format, when the name does not say it")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="stored dtype of ours, .pth and HF folders (default bf16, as official files; HF folders fp32)")
+    p.add_argument("--type", choices=GGUF_TYPES, default="f16",
+                   help="GGUF: the type of the big matrices (default %(default)s; vectors and norms stay f32)")
     p.set_defaults(run=cmd_convert)
     return parser
 

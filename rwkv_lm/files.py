@@ -38,17 +38,20 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 def file_kind(path: Path) -> str:
-    """"pth" (a PyTorch zip) or "safetensors", from the first bytes; else a CheckpointError."""
+    """"pth" (a PyTorch zip), "gguf" or "safetensors", from the first bytes; else a CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:2] == b"PK":
         return "pth"
+    if head[:4] == b"GGUF":
+        return "gguf"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    raise CheckpointError(f"{path}: not a model checkpoint (neither a safetensors file nor a PyTorch .pth zip); "
-                          "pass a file written by rwkv_lm.save or an official RWKV-7 .pth")
+    raise CheckpointError(f"{path}: not a model checkpoint (not a safetensors file, a PyTorch .pth zip or GGUF); "
+                          "pass a file written by rwkv_lm.save, an official RWKV-7 .pth, a GGUF file or a "
+                          "Hugging Face folder")
 
 
 def read_pth(path) -> dict[str, torch.Tensor]:

@@ -177,11 +177,11 @@ def embedded_tokenizer(vocab_size: int, cache_dir: Path):
 
 
 def resolve_tokenizer(spec: str, vocab_size: int, cache_dir: Path):
-    """"embedded" (BPE of `vocab_size` on the embedded corpora), "world", a tokenizer.json, or a
-    `.safetensors` checkpoint whose tokenizer is used (fine-tuning keeps the base model's tokenizer)."""
+    """"embedded" (BPE of `vocab_size` on the embedded corpora), "world", a tokenizer.json, or a model
+    (file, Hugging Face folder or hub name) whose tokenizer is used (fine-tuning keeps the base model's tokenizer)."""
     if spec == "embedded":
         return embedded_tokenizer(vocab_size, cache_dir)
-    if spec.endswith(".safetensors"):
+    if spec.endswith((".safetensors", ".pth", ".gguf")) or spec.startswith("hf:") or Path(spec).is_dir():
         from rwkv_lm.checkpoint import open_model
 
         tokenizer = open_model(spec)[0].tokenizer

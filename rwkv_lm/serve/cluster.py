@@ -31,8 +31,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from .errors import error_response
 from .openai_api import ApiError
 from .routing import Route, affinity_key, choose
 
@@ -54,9 +55,12 @@ class ClusterOptions(BaseModel):
     max_batch: int = Field(32, ge=1)
     max_queue: int = Field(256, ge=0)
     state_cache_mb: float = Field(512, ge=0)
-    max_prompt_tokens: int = Field(32768, ge=1)
+    limits: dict = Field(default_factory=dict, description="rwkv_lm.serve.limits.Limits fields; those of a "
+                         "connection (body size and timeouts, connections, shutdown) are Ray's proxy's here")
     model_name: str | None = None
     api_key: str | None = None
+    allowed_origins: list[str] = []
+    metrics_public: bool = False
     queue_threshold: int | None = Field(None, ge=1, description="requests in flight at a conversation's replica "
                                         "past which it goes to the least loaded one (default: max_batch)")
 
@@ -87,6 +91,7 @@ class EngineReplica:
         from ..runtime import decode_step, load
         from ..tokenizer import load_tokenizer
         from .engine import Engine
+        from .limits import Limits
         from .server import create_app
 
         torch.set_num_threads(max(1, int(options.replica_cpus)))
@@ -98,7 +103,8 @@ class EngineReplica:
                              cache=int(options.state_cache_mb * 2**20),
                              step=decode_step(model, graphs=options.cuda_graphs))
         self.app = create_app(self.engine, model_name=options.model_name or Path(options.model).stem,
-                              api_key=options.api_key, max_prompt_tokens=options.max_prompt_tokens)
+                              api_key=options.api_key, limits=Limits(**options.limits),
+                              allowed_origins=tuple(options.allowed_origins), metrics_public=options.metrics_public)
         self.engine.start()  # what the app's lifespan does under uvicorn
         context = serve.get_replica_context()
         self.identity = {"rank": context.rank.rank, "replica_id": context.replica_id.unique_id, "pid": os.getpid(),
@@ -160,24 +166,28 @@ class Gateway:
         body = await request.body()
         path = request.url.path
         if request.method == "GET" and path in ("/health", "/metrics"):
-            return await (self._health() if path == "/health" else self._metrics())
+            answers = await self._each_replica(path, request.headers.raw)
+            refused = next((a for a in answers if a[1] in (401, 403)), None)
+            if refused is not None:  # the replicas' own answer: a missing or wrong API key
+                return Response(refused[2], status_code=refused[1], media_type="application/json")
+            return self._health(answers) if path == "/health" else self._metrics(answers)
         route = Route(key=affinity_key(path, body, request.headers))
         call = self.engines.forward.remote(route, request.method, path, request.url.query.encode(),
                                            request.headers.raw, body)
         try:
             start = await call.__anext__()
         except Exception as e:  # the replica died before it answered
-            return _error(ApiError(502, f"the replica serving this request was lost ({type(e).__name__}); retry it",
+            return error_response(ApiError(502, f"the replica serving this request was lost ({type(e).__name__}); retry it",
                                    code="replica_lost"))
         headers = {k: v for k, v in start["headers"] if k.lower() != "content-length"}
         headers["x-rwkv-lm-replica"] = str(start["replica"]["rank"])
         events = headers.get("content-type", "").startswith("text/event-stream")
         return StreamingResponse(_rest(call, events), status_code=start["status"], headers=headers)
 
-    async def _each_replica(self, path: str) -> list[tuple[dict, int, bytes]]:
+    async def _each_replica(self, path: str, headers: list) -> list[tuple[dict, int, bytes]]:
         """(replica, status, body) of GET `path` from each replica that answers, asked by rank."""
         async def ask(rank):
-            call = self.engines.forward.remote(Route(rank=rank), "GET", path, b"", [], b"")
+            call = self.engines.forward.remote(Route(rank=rank), "GET", path, b"", headers, b"")
             start = await call.__anext__()
             return start["replica"], start["status"], b"".join([chunk async for chunk in call])
 
@@ -192,16 +202,15 @@ class Gateway:
             found.setdefault(answer[0]["rank"], answer)  # a rank restarting was answered by another
         return [found[rank] for rank in sorted(found)]
 
-    async def _health(self):
-        answers = await self._each_replica("/health")
+    def _health(self, answers):
         replicas = [{"replica": replica, **json.loads(body)} for replica, status, body in answers if status == 200]
         status = "ok" if len(replicas) == self.replicas else "degraded" if replicas else "down"
         return JSONResponse({"status": status, "replicas_expected": self.replicas, "replicas": replicas},
                             status_code=200 if replicas else 503)
 
-    async def _metrics(self):
+    def _metrics(self, answers):
         families: dict[str, Metric] = {}
-        for replica, status, body in await self._each_replica("/metrics"):
+        for replica, status, body in answers:
             for family in text_string_to_metric_families(body.decode()):
                 merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
                 merged.samples += [s._replace(labels={**s.labels, "replica": str(replica["rank"])})
@@ -235,10 +244,6 @@ async def _rest(call, events: bool):
     finally:
         if not finished:  # the client went away: the replica cancels the request
             call.cancel()
-
-
-def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
 
 
 def build_app(args: ClusterOptions) -> serve.Application:

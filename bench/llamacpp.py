@@ -1,0 +1,122 @@
+"""llama.cpp's CPU tools, built once from the source in the llama-cpp-python sdist and cached outside the repo.
+
+`build()` returns the folder holding rwkv-greedy (our llamacpp_greedy.cpp linked against libllama) and, when
+asked, llama-bench, building them the first time: llama.cpp's library and llama-bench only, no server and no
+multimodal tools, which would triple the build. `built()` returns the folder only if they are already there;
+`greedy()` runs rwkv-greedy. The tests and benches that run llama.cpp beside us use these.
+`python bench/llamacpp.py [--bench]` builds (rwkv-greedy; with --bench llama-bench too) and prints the folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+# the sdist whose vendor/llama.cpp we build: pinned, so the cache key names one llama.cpp
+LLAMA_CPP_PYTHON = "0.3.36"
+GREEDY, BENCH = ("rwkv-greedy",), ("rwkv-greedy", "llama-bench")  # what the tests need; what the bench needs
+GREEDY_SOURCE = Path(__file__).with_name("llamacpp_greedy.cpp")
+CACHE = Path(os.environ.get("RWKV_LM_CACHE", Path.home() / ".cache" / "rwkv_lm")) / "llama.cpp" / LLAMA_CPP_PYTHON
+
+# Only the CPU backend and the tools we run; nothing that reaches the network (a prebuilt web UI would come from
+# a hub bucket); static libraries, so the bin folder stands alone.
+CMAKE_OPTIONS = [
+    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
+]
+
+
+def built(targets=GREEDY) -> Path | None:
+    """The bin folder if every one of `targets` is built in it, else None (builds nothing)."""
+    bin_dir = CACHE / "bin"
+    return bin_dir if all((bin_dir / t).is_file() for t in targets) else None
+
+
+def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
+    """Build `targets` (under `nice`) unless cached; return the bin folder. rwkv-greedy needs llama.cpp's library
+    only (what `make test` builds); llama-bench adds its common library, about as much again."""
+    if (bin_dir := built(targets)) is not None:
+        return bin_dir
+    src = _source()
+    build_dir = CACHE / "build"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    jobs = str(jobs or os.cpu_count() or 2)
+    _run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_OPTIONS], log)
+    bin_dir = CACHE / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for target in targets:
+        # each binary is made beside its place and renamed into it: a half-made one never looks built
+        tmp = bin_dir / f".{target}.tmp"
+        if target == "rwkv-greedy":
+            _run(["nice", "cmake", "--build", str(build_dir), "-j", jobs, "--target", "llama"], log)
+            libs = [build_dir / "src" / "libllama.a"] + [build_dir / "ggml" / "src" / f"libggml{part}.a"
+                                                         for part in ("", "-cpu", "-base")]
+            _run(["nice", os.environ.get("CXX", "c++"), "-O2", "-std=c++17", str(GREEDY_SOURCE),
+                  "-I", str(src / "include"), "-I", str(src / "ggml" / "include"), *map(str, libs),
+                  "-fopenmp", "-lpthread", "-ldl", "-lm", "-o", str(tmp)], log)
+        else:
+            _run(["nice", "cmake", "--build", str(build_dir), "-j", jobs, "--target", target], log)
+            shutil.copy2(build_dir / "bin" / target, tmp)
+        os.replace(tmp, bin_dir / target)
+    return bin_dir
+
+
+def _source() -> Path:
+    """vendor/llama.cpp of the pinned sdist, downloaded with pip and unpacked once."""
+    src = CACHE / "src"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+              f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp], sys.stderr)
+        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(Path(tmp) / "llama.cpp", members=[m for m in members if m.name], filter="data")
+        shutil.rmtree(src, ignore_errors=True)
+        (Path(tmp) / "llama.cpp").rename(src)
+    return src
+
+
+def _run(cmd: list[str], log) -> None:
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        log.write(done.stdout[-4000:])
+        raise RuntimeError(f"llama.cpp build step failed ({done.returncode}): {' '.join(cmd)}")
+
+
+def greedy(model: str | os.PathLike, prompt: list[int], n: int, *, threads: int = 1,
+           logits_out: str | os.PathLike | None = None) -> list[int]:
+    """The first `n` greedy token ids llama.cpp generates on `model` after the ids `prompt` (rwkv-greedy: never
+    stops at end of text); with logits_out, the logits of each step go there as n x n_vocab float32."""
+    done = subprocess.run([str(build() / "rwkv-greedy"), str(model), str(n), str(threads), str(logits_out or "-"),
+                           *map(str, prompt)], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"rwkv-greedy failed ({done.returncode}) on {model}: {done.stderr[-3000:]}")
+    return [int(t) for t in done.stdout.split()]
+
+
+def ours_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The first `n` greedy token ids of one of our models after the ids `prompt` (the same loop as rwkv-greedy's)."""
+    import torch
+
+    tokens = []
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prompt]), last_only=True)
+        for _ in range(n):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits, state = model(torch.tensor([[tokens[-1]]]), state)
+    return tokens
+
+
+if __name__ == "__main__":
+    print(build(BENCH if "--bench" in sys.argv else GREEDY))
