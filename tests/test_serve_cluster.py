@@ -25,7 +25,6 @@ from rwkv_lm import RWKVConfig, save  # noqa: E402
 from rwkv_lm.runtime import decode_step, load  # noqa: E402
 from rwkv_lm.serve import Engine  # noqa: E402
 from rwkv_lm.serve.routing import rendezvous  # noqa: E402
-from rwkv_lm.serve.server import create_app  # noqa: E402
 from rwkv_lm.testing import random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +67,7 @@ def single(model_path):
     """A single `rwkv-lm serve` of the same file (what the replicas load, loaded the same way)."""
     model = load(model_path)
     engine = Engine(model, model.tokenizer, max_batch=8, cache=64 << 20, step=decode_step(model))
-    server = Server(create_app(engine, model_name="tiny"))
+    server = Server(engine, model_name="tiny")
     yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     server.stop()
 
