@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 
 import ray
@@ -268,6 +269,7 @@ def run(options: ClusterOptions, *, host: str = "127.0.0.1", port: int = 8000, r
     else:  # enough logical CPUs for the replicas even where the machine has fewer cores
         ray.init(num_cpus=max(os.cpu_count() or 1, int(options.replicas * options.replica_cpus + 0.999)),
                  include_dashboard=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, Kubernetes: end as Ctrl-C does, Ray cleaned up
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=True)
@@ -277,3 +279,7 @@ def run(options: ClusterOptions, *, host: str = "127.0.0.1", port: int = 8000, r
         if ray_address:
             serve.delete(APP_NAME)
         ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
