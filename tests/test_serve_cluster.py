@@ -29,6 +29,7 @@ from rwkv_lm.testing import random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLICAS = 2
+KEY = "sk-cluster"
 SETTLE_S = 180  # how long a replica may take to come back (bounds a wait, asserts nothing about speed)
 
 
@@ -45,7 +46,8 @@ def cluster(model_path):
 
     config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     app = config["applications"][0]
-    app["args"].update(model=str(model_path), replicas=REPLICAS, replica_cpus=1, max_batch=8, model_name="tiny")
+    app["args"].update(model=str(model_path), replicas=REPLICAS, replica_cpus=1, max_batch=8, model_name="tiny",
+                       api_key=KEY)
     ServeDeploySchema.model_validate(config)
     module, _, builder = app["import_path"].partition(":")
     ray.init(num_cpus=REPLICAS, include_dashboard=False, log_to_driver=False)
@@ -59,7 +61,7 @@ def cluster(model_path):
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    return openai.OpenAI(base_url=cluster + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=cluster + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,8 @@ def test_greedy_replies_equal_a_single_servers(client, single):
 def test_health_and_metrics_cover_every_replica(cluster):
     state = health(cluster)
     assert state["status"] == "ok" and [r["replica"]["rank"] for r in state["replicas"]] == list(range(REPLICAS))
-    text = httpx.get(cluster + "/metrics", timeout=60).text
+    assert httpx.get(cluster + "/metrics", timeout=60).status_code == 401  # the key guards it, as on one server
+    text = httpx.get(cluster + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
     for rank in range(REPLICAS):
         assert f'rwkv_lm_requests_total{{replica="{rank}"}}' in text
     assert text.count("# TYPE rwkv_lm_requests_total counter") == 1
@@ -141,7 +144,7 @@ def test_a_bad_request_disturbs_no_other(client, cluster, single):
         with pytest.raises(openai.BadRequestError) as bad:
             client.completions.create(model="tiny", prompt="Hi", max_tokens=40, temperature=-1)
         raw = httpx.post(cluster + "/v1/completions", content=b"{not json", timeout=60,
-                         headers={"content-type": "application/json"})
+                         headers={"content-type": "application/json", "Authorization": f"Bearer {KEY}"})
         assert list(texts) == expected
     assert bad.value.body["param"] == "temperature"
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
