@@ -1,4 +1,4 @@
-"""`rwkv-lm serve --replicas 2` as clients use it: a local Ray cluster (one for the module: Ray is heavy), two
+"""`rwkv-lm serve --replicas 2 --api-key KEY` as clients use it: a local Ray cluster (one for the module: Ray is heavy), two
 replicas of one CPU each, deployed from deploy/serve_config.yaml, the official `openai` client. Each turn of a
 conversation is read from its replica's prefix cache; greedy replies equal a single server's; a replica killed
 mid-stream ends that stream with an error event while the other streams go on, and Ray brings it back; a bad
