@@ -23,6 +23,7 @@ from .ops.cpu_kernels import LEVELS
 from .runtime import WEIGHTS, decode_step, load
 from .generate import generate
 from .sampling import SamplingParams
+from .serve.limits import Limits
 from .statefile import load_state
 from .tokenizer import load_tokenizer
 
@@ -161,28 +162,40 @@ def cmd_convert(args):
     print(f"wrote {dst}")
 
 
+LIMIT_FLAGS = {"max_prompt_tokens": "max_prompt_tokens", "max_tokens": "max_tokens_limit",  # Limits field: flag
+               "max_stop_chars": "max_stop_chars", "max_body_bytes": "max_body_mb", "body_timeout_s": "body_timeout",
+               "header_timeout_s": "header_timeout", "keep_alive_s": "keep_alive",
+               "max_connections": "max_connections", "shutdown_timeout_s": "shutdown_timeout",
+               "stall_s": "health_stall"}
+
+
 def cmd_serve(args):
     try:
-        import uvicorn
-
+        from .serve import listener
         from .serve.server import create_app
     except ImportError as e:
         raise UsageError(f"rwkv-lm serve needs the server packages ({e.name} is missing): pip install 'rwkv-lm[serve]'") from None
     from .serve import Engine
 
-    for name in ("max_batch", "max_queue", "max_prompt_tokens", "port"):
+    for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
     if args.state_cache_mb < 0:
         raise UsageError("--state-cache-mb must be >= 0 (0 turns the cache off)")
+    for flag in LIMIT_FLAGS.values():
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be > 0")
+    values = {field: getattr(args, flag) for field, flag in LIMIT_FLAGS.items()}
+    limits = Limits(**{**values, "max_body_bytes": int(args.max_body_mb * 2**20)})
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache=int(args.state_cache_mb * 2**20), step=decode_step(model, graphs=args.cuda_graphs))
-    app = create_app(engine, model_name=args.model_name or Path(args.model).stem, api_key=args.api_key,
-                     max_prompt_tokens=args.max_prompt_tokens)
+    app = create_app(engine, model_name=args.model_name or Path(args.model).stem, api_key=args.api_key, limits=limits,
+                     allowed_origins=tuple(args.allowed_origins), metrics_public=args.metrics_public)
     print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"state cache {args.state_cache_mb:g} MB)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = listener.config(app, args.host, args.port, limits, log_level="warning")
+    listener.Server(config, engine, limits.shutdown_timeout_s).run()
 
 
 STATE_HELP = "a tuned-state file to start from (python -m train export of a model.tune state run; .pth or ours)"
@@ -217,11 +230,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a row; past that the server answers 503 (default: %(default)s)")
     p.add_argument("--state-cache-mb", type=float, default=512,
                    help="RAM for cached prefix states, so repeated prompt beginnings are read once (default: %(default)s)")
-    p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts get 413 (default: %(default)s)")
     p.add_argument("--model-name", help="the model id clients see (default: the checkpoint's file name)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="on a GPU, replay decode steps as CUDA graphs of the fused step (default: RWKV_LM_CUDA_GRAPHS=1; "
                         "never run on a GPU yet)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin allowed to call the API (CORS; repeatable; '*' for any; default: none)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the API key (/health never needs it)")
+    limits = Limits()
+    p.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
+                   help="longer prompts get 413 (default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens,
+                   help="a request's max_tokens may be at most this, else 400 (default: %(default)s)")
+    p.add_argument("--max-stop-chars", type=int, default=limits.max_stop_chars,
+                   help="a stop string may have at most this many characters, else 400 (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2**20,
+                   help="larger request bodies get 413 before they are read (default: %(default)g)")
+    p.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
+                   help="seconds for a request body to arrive, else 408 (default: %(default)g)")
+    p.add_argument("--header-timeout", type=float, default=limits.header_timeout_s,
+                   help="seconds for a request's head to arrive, else the connection is closed (default: %(default)g)")
+    p.add_argument("--keep-alive", type=float, default=limits.keep_alive_s,
+                   help="seconds an idle keep-alive connection is kept (default: %(default)g)")
+    p.add_argument("--max-connections", type=int, default=limits.max_connections,
+                   help="open connections beyond this get 503 (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=limits.shutdown_timeout_s,
+                   help="seconds requests run on after SIGTERM/SIGINT before they are ended with finish_reason "
+                        "'abort'; a second signal exits at once (default: %(default)g)")
+    p.add_argument("--health-stall", type=float, default=limits.stall_s,
+                   help="/health answers 503 once one engine iteration has run this many seconds (default: %(default)g)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("convert", help="convert between our .safetensors, official .pth, GGUF and Hugging Face folders")

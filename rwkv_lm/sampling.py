@@ -52,7 +52,8 @@ class SamplingParams:
             ("frequency_penalty", math.isfinite(self.frequency_penalty), "must be a finite number"),
             ("penalty_decay", 0 < self.penalty_decay <= 1, "must be in (0, 1] (1: occurrences never fade)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
+             "must be None or an integer in [-2**63, 2**64) (what a torch.Generator takes)"),
         ]
         for param, ok, rule in checks:
             if not ok:

@@ -209,9 +209,14 @@ def test_async_streams(rwkv, world):
 
 def test_a_full_queue_refuses_and_bad_prompts_are_clear(rwkv, world):
     engine = Engine(rwkv, world, max_batch=1, max_queue=1)
-    engine.submit(Request([1, 2], SamplingParams(max_tokens=2)))
+    for _ in range(2):  # one for the row, one waiting
+        engine.submit(Request([1, 2], SamplingParams(max_tokens=2)))
     with pytest.raises(EngineFull, match="waiting"):
         engine.submit(Request([1, 2], SamplingParams(max_tokens=2)))
+    no_queue = Engine(rwkv, world, max_batch=1, max_queue=0)  # 0: a request only while a row is free
+    no_queue.submit(Request([1, 2], SamplingParams(max_tokens=2)))
+    with pytest.raises(EngineFull, match="every row is taken"):
+        no_queue.submit(Request([1, 2], SamplingParams(max_tokens=2)))
     with pytest.raises(ValueError, match="no tokens"):
         engine.submit(Request([], SamplingParams()))
     with pytest.raises(ValueError, match=r"lie in \[0, 65536\)"):

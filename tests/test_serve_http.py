@@ -13,11 +13,10 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
-
 import rwkv_lm
 from rwkv_lm import ChatSession, RWKVConfig, SamplingParams, complete
-from rwkv_lm.serve import Engine
+from rwkv_lm.serve import Engine, listener
+from rwkv_lm.serve.limits import Limits
 from rwkv_lm.serve.server import create_app
 from rwkv_lm.testing import random_model
 
@@ -31,11 +30,13 @@ def free_port() -> int:
 
 
 class Server:
-    """uvicorn serving the app in a thread, on a free port, until stopped."""
+    """`rwkv-lm serve`'s app and uvicorn server over `engine`, in a thread, on a free port, until stopped."""
 
-    def __init__(self, app):
+    def __init__(self, engine, limits=Limits(), **app_kwargs):
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        app = create_app(engine, limits=limits, **app_kwargs)
+        config = listener.config(app, "127.0.0.1", self.port, limits, log_level="warning")
+        self.server = listener.Server(config, engine, limits.shutdown_timeout_s)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -62,7 +63,7 @@ def engine(model, world):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    server = Server(create_app(engine, model_name="tiny", api_key=KEY, max_prompt_tokens=400))
+    server = Server(engine, Limits(max_prompt_tokens=400), model_name="tiny", api_key=KEY)
     yield server
     server.stop()
 
@@ -124,7 +125,7 @@ def test_raw_server_sent_events(server):
 
 
 def test_a_client_that_goes_away_frees_its_row(server, engine, client):
-    body = {"prompt": "Tell me everything", "max_tokens": 100_000, "temperature": 0, "stream": True, "ignore_eos": True}
+    body = {"prompt": "Tell me everything", "max_tokens": 16_000, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers(), timeout=60) as response:
         lines = response.iter_lines()
         while not next(lines).startswith("data: {"):
@@ -139,7 +140,7 @@ def test_a_client_that_goes_away_frees_its_row(server, engine, client):
 
 
 def test_a_client_that_stops_waiting_for_a_whole_reply_frees_its_row(server, engine):
-    body = {"prompt": "Tell me more", "max_tokens": 100_000, "ignore_eos": True}
+    body = {"prompt": "Tell me more", "max_tokens": 16_000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers=headers(), timeout=1.0)
     deadline = time.monotonic() + 10
@@ -155,7 +156,7 @@ def test_models_health_and_metrics(server, client):
     shared = "A long shared beginning that two requests have in common, " * 3
     for end in ("first", "second", "third"):
         client.completions.create(model="tiny", prompt=shared + end, max_tokens=2)
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = httpx.get(server.url + "/metrics", headers=headers()).text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
     assert values["rwkv_lm_requests_total"] >= 3 and values["rwkv_lm_generated_tokens_total"] >= 6
     assert values["rwkv_lm_state_cache_hits_total"] >= 1 and values["rwkv_lm_state_cache_bytes"] > 0
@@ -208,7 +209,7 @@ def test_a_missing_or_wrong_key_is_401(server, auth):
 
 def test_a_full_queue_is_503_and_the_server_stays_up(model, world):
     engine = Engine(model, world, max_batch=1, max_queue=1)
-    server = Server(create_app(engine))
+    server = Server(engine, Limits(max_tokens=100_000))
     try:
         body = {"prompt": "Go on and on", "max_tokens": 100_000, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as running:

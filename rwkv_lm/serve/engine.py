@@ -123,11 +123,12 @@ class Counters:
 class Engine:
     """Continuous batching over one model. `submit(Request) -> Stream`; `start()` for a loop thread.
 
-    max_batch: rows decoded together; max_queue: requests that may wait beyond those (None: no limit),
-    after which `submit` raises EngineFull; cache: a StateCache, or its budget in bytes (0: none);
-    device_lock: a lock held during each iteration, for engines that must take turns on one device;
-    step: the batched decode step, `step(tokens [B], state) -> (logits [B, V], state)` (default: model.step;
-    on a GPU, `rwkv_lm.runtime.decode_step(model, graphs=True)` replays it as CUDA graphs).
+    max_batch: rows decoded together; max_queue: requests that may wait beyond those (None: no limit; 0: none
+    wait, a request is taken only while a row is free), after which `submit` raises EngineFull; cache: a
+    StateCache, or its budget in bytes (0: none); device_lock: a lock held during each iteration, for engines
+    that must take turns on one device; step: the batched decode step, `step(tokens [B], state) -> (logits [B, V],
+    state)` (default: model.step; on a GPU, `rwkv_lm.runtime.decode_step(model, graphs=True)` replays it as CUDA
+    graphs).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int | None = None,
@@ -141,7 +142,7 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.cache = cache if isinstance(cache, StateCache) else (StateCache(cache) if cache else None)
         self.device = next(model.parameters()).device
-        self._decode_step = step or model.step
+        self._decode_step = step  # None: model.step, looked up at each step (a model patched or swapped later is seen)
         self.counters = Counters()
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []
@@ -154,6 +155,7 @@ class Engine:
         self._wakeup = threading.Condition(self._queue_lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._beat = time.monotonic()  # when the loop thread last began an iteration or went idle
 
     # -- submitting -----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Stream:
@@ -167,8 +169,10 @@ class Engine:
         sampler = RowSampler(request.params, banned=request.banned, device=self.device)
         row = _Row(stream, sampler, TextStream(self.tokenizer, (*request.params.stop, *request.stop)))
         with self._queue_lock:
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
-                raise EngineFull(f"{len(self._waiting)} requests are already waiting (the most this engine queues)")
+            held = len(self._waiting) + len(self._prefilling) + len(self._decoding)
+            if self.max_queue is not None and held >= self.max_batch + self.max_queue:
+                raise EngineFull(f"every row is taken and {len(self._waiting)} requests are already waiting "
+                                 f"(the most this engine queues: {self.max_queue})")
             self._waiting.append(row)
             self.counters.requests += 1
             self._wakeup.notify()
@@ -198,12 +202,16 @@ class Engine:
         with self._queue_lock:
             self._stopping = True
             self._wakeup.notify()
+        self._end_all("cancelled")  # (before the join: a reader never sees the loop gone and its stream open)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._end_all("cancelled")  # any submitted meanwhile
+
+    def _end_all(self, reason: str, error: BaseException | None = None) -> None:
         with self._step_lock:
             for row in [*self._waiting, *self._prefilling, *self._decoding]:
-                row.stream.end("cancelled")
+                row.stream.end(reason, error)
             self._waiting.clear()
             self._prefilling, self._decoding, self._batch_state = [], [], None
 
@@ -214,13 +222,30 @@ class Engine:
         self.stop()
 
     def _loop(self) -> None:
-        while True:
-            with self._queue_lock:
-                while not self._stopping and not self._has_work():
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._queue_lock:
+                    while not self._stopping and not self._has_work():
+                        self._beat = time.monotonic()
+                        self._wakeup.wait()
+                    if self._stopping:
+                        return
+                self._beat = time.monotonic()
+                self.step()
+        except BaseException as e:  # the loop is dead: no request may wait for it
+            self._end_all("error", e)
+            raise
+
+    def health(self, stall_s: float) -> str | None:
+        """None while the loop thread runs and no iteration has taken `stall_s` seconds; else what is wrong."""
+        if not self.running:
+            return "the engine loop is not running"
+        busy_s = time.monotonic() - self._beat
+        with self._queue_lock:
+            working = self._has_work()
+        if working and busy_s > stall_s:
+            return f"the engine loop has been in one iteration for {busy_s:.0f} s (more than {stall_s:g} s)"
+        return None
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._decoding or self._cancelled)
@@ -301,7 +326,7 @@ class Engine:
         if self._decoding:
             tokens = torch.tensor([r.stream.tokens[-1] for r in self._decoding], device=self.device)
             start = time.perf_counter()
-            step_logits, self._batch_state = self._decode_step(tokens, self._batch_state)
+            step_logits, self._batch_state = (self._decode_step or self.model.step)(tokens, self._batch_state)
             elapsed = time.perf_counter() - start
             self.counters.decode_steps += 1
             self.counters.decode_step_rows += len(self._decoding)

@@ -123,7 +123,7 @@ class Stream:
         return self
 
     async def __anext__(self) -> str:
-        if not self._engine.running:
+        if not (self._engine.running or self.done):  # (a stream ended by Engine.stop can still be read to its end)
             raise RuntimeError("async iteration needs a running engine (Engine.start())")
         event = asyncio.Event()
         while (piece := self._next_piece(event)) is _WAIT:
