@@ -11,7 +11,7 @@ import gradio as gr
 from rwkv_lm.serve import Engine
 
 from .arena import Lane, race, readings_frame, sweep
-from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
+from .inputs import MAX_MESSAGE_CHARS, UserError, check_message, named_errors, sampling_params
 
 # Redrawing per token would cost the browser more than the models (a busy page stops answering clicks,
 # Stop included): two panes of text 5 times a second still read as streaming; the plots, heavier to draw,
@@ -52,6 +52,8 @@ def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: th
                 gr.Slider(0.05, 1, value=0.8, step=0.05, label="Top p"),
                 gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)", elem_id="arena-seed"),
             ]
+            for control, name in zip(controls, ("max_tokens", "temperature", "top_p", "seed")):
+                named_errors(control, name)
     with gr.Row():
         latency_plot = _plot("Time per token while streaming", "ms_per_token", "ms per token", "live-latency")
         memory_plot = _plot("Memory held while streaming", "memory_mb", "MB (state or KV cache)", "live-memory")
@@ -76,7 +78,7 @@ def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: th
     def check_arena(prompt, lanes, max_tokens, temperature, top_p, seed):
         check_message(prompt), sampling_params(max_tokens, temperature, top_p, seed=seed)
         if lanes is not None and not all(lane.done for lane in lanes):
-            raise gr.Error("Both models are still answering: press Stop first.")
+            raise UserError("Both models are still answering: press Stop first.")
 
     def arena(prompt, lanes, max_tokens, temperature, top_p, seed):
         prompt = check_message(prompt)

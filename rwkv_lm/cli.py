@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import ChatSession
+from .chat import CHAT_DEFAULTS, ChatSession
 from .checkpoint import export_gguf, export_hf, export_official, read_model, save
 from .formats import GGUF_TYPES, OUTPUT_FORMATS, output_format
 from .ops.cpu_kernels import LEVELS
@@ -52,16 +52,17 @@ def _add_model_args(p):
 
 
 def _add_sampling_args(p, defaults: SamplingParams):
-    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
-    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=defaults.top_p)
-    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: no limit")
-    p.add_argument("--min-p", type=float, default=defaults.min_p)
-    p.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty)
-    p.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty)
-    p.add_argument("--penalty-decay", type=float, default=defaults.penalty_decay)
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: no limit (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=defaults.min_p, help="(default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty, help="(default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty, help="(default: %(default)s)")
+    p.add_argument("--penalty-decay", type=float, default=defaults.penalty_decay,
+                   help="repeat counts are multiplied by this after every token (default: %(default)s)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="(default: a random one)")
 
 
 def _sampling(args) -> SamplingParams:
@@ -241,8 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--state", help=STATE_HELP)
-    _add_sampling_args(p, SamplingParams(max_tokens=1000, temperature=1.0, top_p=0.3, presence_penalty=0.5,
-                                         frequency_penalty=0.5, penalty_decay=0.996))
+    _add_sampling_args(p, CHAT_DEFAULTS)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions, streaming)")

@@ -16,6 +16,7 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import GPT, ChatSession, GPTConfig, RWKVConfig
+from rwkv_lm.chat import CHAT_DEFAULTS
 from rwkv_lm.testing import random_model
 from rwkv_lm.tokenizer import train_bpe
 
@@ -270,6 +271,38 @@ def test_bad_input_becomes_a_message_and_the_app_stays_up(server, client):
         client.predict("   ", 10, 1.0, 0.8, 1, api_name="/arena")
     _, (history, _, _) = chat(client, "Fine now?", seed=1)
     assert reply_text(history)
+
+
+def test_the_chat_api_needs_only_a_message_names_its_fields_and_keeps_the_console_clean(client, capfd):
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/chat"]
+    assert [r["label"] for r in endpoint["returns"]] == ["RWKV-7", "Message", "Status"]
+    required = [p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]]
+    assert required == ["message"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoint["parameters"]}
+    assert {name: defaults[name] for name in CHAT_SETTINGS} == {name: getattr(CHAT_DEFAULTS, name) for name in CHAT_SETTINGS}
+    history, _, status = client.predict("Hello", api_name="/chat")  # the box: left as the user's typing left it
+    assert history[0]["content"][0]["text"] == "Hello" and status_tokens(status) > 0
+    capfd.readouterr()
+    for settings, message in (({"max_tokens": "abc"}, "max_tokens must be a number, got 'abc'"),
+                              ({"top_p": 5}, "top_p: Value 5 is greater than maximum value 1"),
+                              ({"message": ""}, "Type a message first")):
+        with pytest.raises(AppError, match=message):
+            client.predict(**{"message": "Hi", **settings}, api_name="/chat")
+    assert "Traceback" not in capfd.readouterr().err, "a bad input is the user's message, not a server error"
+
+
+def test_the_cli_and_the_demo_chat_with_the_same_defaults_and_the_cli_shows_them(capsys):
+    from rwkv_lm.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "--model", "m.safetensors"])
+    assert {name: getattr(args, name) for name in vars(CHAT_DEFAULTS) if name != "stop"} == \
+        {name: getattr(CHAT_DEFAULTS, name) for name in vars(CHAT_DEFAULTS) if name != "stop"}
+    assert sampling_params(*(getattr(CHAT_DEFAULTS, name) for name in CHAT_SETTINGS)) == CHAT_DEFAULTS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["chat", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--top-p TOP_P (default: {CHAT_DEFAULTS.top_p})" in help_text
+    assert f"(default: {CHAT_DEFAULTS.penalty_decay})" in help_text
 
 
 def test_a_full_queue_tells_the_next_client_the_demo_is_busy(checkpoints, monkeypatch):
