@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import rwkv_lm
+from rwkv_lm.checkpoint import tokenizer_from
 from rwkv_lm.statefile import load_state
-from rwkv_lm.tokenizer import load_tokenizer
 
 MODELS = Path(__file__).parent / "models"
 DEFAULT_RWKV = MODELS / "rwkv7.safetensors"
@@ -60,7 +60,7 @@ def load_model(path: Path, tokenizer_spec: str | None):
     try:
         model = rwkv_lm.load(path)
         if model.tokenizer is None and tokenizer_spec is not None:
-            model.tokenizer = load_tokenizer(tokenizer_spec)
+            model.tokenizer = tokenizer_from(tokenizer_spec)
     except ValueError as e:  # CheckpointError is a ValueError, as are tokenizer errors
         raise SystemExit(f"error: {e}") from None
     if model.tokenizer is None:

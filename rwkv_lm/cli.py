@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .chat import CHAT_DEFAULTS, ChatSession
-from .checkpoint import export_gguf, export_hf, export_official, read_model, save
+from .checkpoint import export_gguf, export_hf, export_official, read_model, save, tokenizer_from
 from .formats import GGUF_TYPES, OUTPUT_FORMATS, output_format
 from .ops.cpu_kernels import LEVELS
 from .runtime import WEIGHTS, decode_step, load
@@ -25,7 +25,6 @@ from .generate import generate
 from .sampling import SamplingParams
 from .serve.limits import Limits
 from .statefile import load_state
-from .tokenizer import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="checkpoint: ours (.safetensors) or an official RWKV-7 .pth")
-    p.add_argument("--tokenizer", help="'world' or a tokenizer.json path (default: the one the checkpoint names)")
+    p.add_argument("--tokenizer", help="'world', a tokenizer.json, or a .safetensors model whose tokenizer to use "
+                                       "(default: the one the checkpoint names)")
     p.add_argument("--dtype", choices=WEIGHTS, default="fp32",
                    help="default fp32; bf16 halves the memory read per token (on a CPU the weights only, "
                         "activations stay fp32; on a GPU the whole model); int8 (CPU only) halves it again")
@@ -85,9 +85,10 @@ def _device(name: str) -> torch.device:
 
 def _model_and_tokenizer(args):
     model = load(args.model, device=_device(args.device), weights=args.dtype, isa=args.isa)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
+    tokenizer = tokenizer_from(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
-        raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world or --tokenizer PATH/tokenizer.json")
+        raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world, a tokenizer.json, or the "
+                         ".safetensors model it was converted from")
     return model, tokenizer
 
 
@@ -152,15 +153,24 @@ def cmd_convert(args):
     dst = Path(args.output)
     dtype = DTYPES[args.dtype or ("fp32" if fmt == "hf" else "bf16")]
     model = read_model(args.input, dtype=torch.float32 if fmt == "gguf" else dtype)
+    spec = None if model.tokenizer is None else model.tokenizer.spec
+    where = None  # where the tokenizer went, for the formats that may leave it behind
     if fmt == "official":
         export_official(model, dst, dtype=dtype)
+        if spec == "world":
+            where = "the World vocabulary, which an official file gets by itself"
+        elif spec is not None:  # the official layout has no place for one
+            where = f"not in {dst} (the official format holds none): run it with --tokenizer {args.input}"
+        else:
+            where = "none (the input carried none)"
     elif fmt == "gguf":
         export_gguf(model, dst, type=args.type)
     elif fmt == "hf":
         export_hf(model, dst, dtype=dtype)
     else:
-        save(model, dst, tokenizer=None if model.tokenizer is None else model.tokenizer.spec)
-    print(f"wrote {dst}")
+        save(model, dst, tokenizer=spec)
+        where = f"inside {dst}" if spec is not None else "none (the input carried none): run it with --tokenizer"
+    print(f"wrote {dst}" + (f"; tokenizer: {where}" if where else ""))
 
 
 LIMIT_FLAGS = {"max_prompt_tokens": "max_prompt_tokens", "max_tokens": "max_tokens_limit",  # Limits field: flag
