@@ -10,7 +10,7 @@ import gradio as gr
 
 from rwkv_lm.serve import Engine
 
-from .arena import Lane, race, readings_frame, sweep
+from .arena import Lane, num_params, race, readings_frame, sweep
 from .inputs import MAX_MESSAGE_CHARS, UserError, check_message, named_errors, sampling_params
 
 # Redrawing per token would cost the browser more than the models (a busy page stops answering clicks,
@@ -27,23 +27,28 @@ def _plot(title: str, y: str, y_title: str, elem_id: str) -> gr.LinePlot:
                        y_title=y_title, height=260, elem_id=elem_id)
 
 
-def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: threading.Lock) -> None:
+def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: threading.Lock,
+           size_warning: str = "") -> None:
     """Lay out the tab and wire its events, inside an open gr.Blocks. `engines`: display name -> a started
-    engine; `device_lock`: the one they take turns with."""
+    engine; `device_lock`: the one they take turns with; `size_warning`: shown above the panes when the models
+    differ much in size."""
     names = list(engines)
     lanes_state = gr.State(None)
+    sizes = " · ".join(f"**{name}**: {num_params(engine.model) / 1e6:,.1f}M parameters" for name, engine in engines.items())
+    gr.Markdown(sizes + (f"\n\n{size_warning}" if size_warning else ""), elem_id="arena-sizes")
+    # the prompt comes first: on a phone the panes stack, and it would be two screens down
+    prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", label="Prompt", show_label=False,
+                        max_length=MAX_MESSAGE_CHARS)
+    with gr.Row():
+        run = gr.Button("Run both", variant="primary")
+        stop = gr.Button("Stop", variant="stop")
+        clear = gr.Button("Clear")
     with gr.Row():
         panes, stats = [], []
         for i, name in enumerate(names):
             with gr.Column():
                 panes.append(gr.Chatbot(label=name, height=360, elem_id=f"arena-pane-{i}", buttons=["copy_all"]))
                 stats.append(gr.Markdown("", elem_id=f"arena-stats-{i}", min_height=48))  # no jumps as it grows
-    prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", show_label=False,
-                        max_length=MAX_MESSAGE_CHARS)
-    with gr.Row():
-        run = gr.Button("Run both", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
-        clear = gr.Button("Clear")
     with gr.Accordion("Sampling (the same for both)", open=False):
         with gr.Row():
             controls = [

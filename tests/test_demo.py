@@ -123,10 +123,11 @@ def client(server):
 
 def test_chat_streams_what_a_chat_session_says_and_a_turn_costs_only_its_tokens(server, client):
     rwkv = server[1].rwkv.model
-    outputs, (history, box, status) = chat(client, "Hello goose", seed=1)
+    outputs, (history, _, status) = chat(client, "Hello goose", seed=1)
     # the message shows at once, before the model has read it; the reply follows
     assert [reply_text(history) for history, *_ in outputs[:1]] == [""]
-    assert box == "", "the message box is emptied on send"
+    # the box is emptied on send, then left alone (what the user types next stays: tests/test_demo_browser.py)
+    assert [box for _, box, _ in outputs[:1]] == [""]
     (first,), _ = reference_turns(rwkv, [("Hello goose", 1)])
     assert reply_text(history) == first != ""
 
@@ -183,6 +184,32 @@ def test_sweep_measures_both_models_at_each_length(server, client):
     assert points["RWKV-7", 8] == points["RWKV-7", 40]
     assert points["GPT (baseline)", 40] > 4 * points["GPT (baseline)", 8]
     assert len(latency["data"]) == 4
+
+
+def test_a_transformers_baseline_runs_in_the_arena_and_the_sweep_and_a_size_gap_is_named(checkpoints, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf import save_tiny_hf
+
+    hf_dir = save_tiny_hf(tmp_path / "tiny-llama")  # 2 layers x 64: 69k parameters, the RWKV-7 here 117k
+    baseline = cli.load_model(hf_dir, None)
+    name = "tiny-llama (baseline)"
+    with serve(checkpoints[0], hf_dir, sweep_lengths=[8, 40]) as (url, _):
+        client = Client(url, verbose=False)
+        _, rwkv_pane, hf_pane, _, hf_stats, _, memory = client.predict("Hello goose", 12, 1.0, 0.8, 3, api_name="/arena")
+        assert reply_text(rwkv_pane) and "KV cache" in hf_stats
+        # the transformer's reply is what its own session says: its KV cache and tokenizer, through the engine
+        session = ChatSession(baseline, baseline.tokenizer)
+        assert reply_text(hf_pane) == "".join(session.reply("Hello goose", sampling_params(12, 1.0, 0.8, seed=3)))
+        _, memory = client.predict(api_name="/sweep")
+        points = {(row[0], row[1]): row[3] for row in memory["data"]}
+        assert points[name, 40] > 4 * points[name, 8] and points["RWKV-7", 8] == points["RWKV-7", 40]
+        page = httpx.get(url).text
+        assert "0.1M parameters" in page and "x the parameters of" not in page
+
+    from demo.app import size_warning
+    assert size_warning({"a": torch.nn.Linear(100, 100), "b": torch.nn.Linear(10, 10)}) \
+        .startswith("⚠️ **a has 91.8x the parameters of b**")
+    assert size_warning({"a": torch.nn.Linear(10, 19), "b": torch.nn.Linear(10, 10)}) == ""
 
 
 def test_eight_clients_at_once_share_batched_steps_and_each_keep_their_own_conversation(server, monkeypatch):
