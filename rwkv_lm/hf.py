@@ -57,9 +57,10 @@ class HFCausalLM(nn.Module):
         state = self._check_state(state, B)
         S = state.k[0].shape[2]
         cache = DynamicCache(config=self.hf.config)
-        if S > 0:
-            for i, (k, v) in enumerate(zip(state.k, state.v)):
-                cache.update(k, v, i)
+        if S > 0:  # the state's tensors as they are: update() would copy every layer's cache once more per call
+            for layer, k, v in zip(cache.layers, state.k, state.v):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
         # row b's real cache slots are its last pos[b]; the ones before are padding from batching
         col = torch.arange(S + T, device=tokens.device)
         mask = (col[None, :] >= (S - state.pos)[:, None]).long()  # [B, S + T]

@@ -185,6 +185,7 @@ def test_both_tabs_fit_a_desktop_and_a_phone_and_the_header_says_what_the_models
         box.fill("Hello goose")
         box.press("Enter")
         expect(page.locator(".bot.message").first).to_have_text(re.compile(r"\S"))
+        page.evaluate("window.scrollTo(0, 0)")  # the first screen, as a user opening the page sees it
         screenshot(page, f"chat_{size}.png", full_page=False)
         page.get_by_role("tab", name="Arena").click()
         prompt = page.get_by_placeholder("One prompt for both models (Enter to send)")
@@ -194,5 +195,6 @@ def test_both_tabs_fit_a_desktop_and_a_phone_and_the_header_says_what_the_models
         prompt.fill("Hello goose")
         prompt.press("Enter")
         expect(page.locator("#arena-stats-1")).to_contain_text("tokens/s")
+        page.evaluate("window.scrollTo(0, 0)")
         screenshot(page, f"arena_{size}.png", full_page=False)
         page.close()
