@@ -20,8 +20,9 @@ from .inputs import (MAX_MESSAGE_CHARS, UserError, check_message, check_system_p
 # A fast model makes hundreds of pieces a second; the page redraws at most this often.
 UPDATE_EVERY_S = 0.05
 BUSY = "Still answering the last message: press Stop first."
-NO_STATE = "none"
-SETTINGS = ("max_tokens", "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed")  # as the API names them  # the tuned-state choice that starts from zeros
+NO_STATE = "none"  # the tuned-state choice that starts from zeros
+# the sampling controls, as the API names them
+SETTINGS = ("max_tokens", "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed")
 
 
 @dataclass

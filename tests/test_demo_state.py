@@ -46,7 +46,7 @@ def test_every_state_the_configs_and_docs_export_into_demo_models_is_offered_by_
     repo = Path(__file__).resolve().parents[1]
     texts = [p.read_text() for p in sorted((repo / "train/configs").glob("*.yaml"))]
     texts += [(repo / doc).read_text() for doc in ("README.md", "train/README.md")]
-    names = {Path(p).name for p in re.findall(r"demo/models/\S+\.state\.safetensors", "\n".join(texts))}
+    names = {Path(p).name for p in re.findall(r"demo/models/[a-z0-9_.-]+\.state\.safetensors", "\n".join(texts))}
     assert "rwkv7.emotion.state.safetensors" in names, names  # persona_rwkv7.yaml's
     rwkv_path, _ = make_checkpoints(tmp_path)  # tmp_path/rwkv7.safetensors, as the default model is named
     monkeypatch.setattr(cli, "MODELS", tmp_path)
