@@ -1,6 +1,6 @@
 """The demo measured as a user meets it.
 
-    python bench/bench_demo.py users [--checkout DIR] [--users 8] [--rounds 2] [--min-tokens 30]
+    python bench/bench_demo.py [users] [--checkout DIR] [--users 8] [--rounds 2] [--min-tokens 30]
     python bench/bench_demo.py arena [--models default|0.1B] [--rounds 2] [--lengths 256,1024,2048,4096,8192]
 
 `arena`: the Arena tab's two measurements, in-process through the demo's own code (demo.app.Engines,
@@ -238,7 +238,10 @@ def main() -> None:
     p.add_argument("--lengths", default="256,1024,2048,4096,8192")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed at each length (the demo's sweep: 8)")
     p.set_defaults(run=arena)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in ("users", "arena", "-h", "--help"):
+        argv = ["users", *argv]  # the mode it had alone before `arena` came (bench/RESULTS.md's commands)
+    args = parser.parse_args(argv)
     args.run(args)
 
 
