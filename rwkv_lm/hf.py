@@ -53,8 +53,8 @@ class HFCausalLM(nn.Module):
         """tokens [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), the cache with these tokens added)."""
         from transformers import DynamicCache
 
-        B, T = self._check_tokens(tokens, 2)
-        state = self._check_state(state, B)
+        B, T = self.check_tokens(tokens, 2)
+        state = self.check_state(state, B)
         S = state.k[0].shape[2]
         cache = DynamicCache(config=self.hf.config)
         if S > 0:  # the state's tensors as they are: update() would copy every layer's cache once more per call
@@ -72,13 +72,13 @@ class HFCausalLM(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: GPTState | None = None):
         """One token per row. tokens [B] -> (logits [B, V], new state)."""
-        self._check_tokens(tokens, 1)
+        self.check_tokens(tokens, 1)
         logits, state = self(tokens.unsqueeze(1), state)
         return logits[:, 0], state
 
-    _check_tokens = RWKV._check_tokens
+    check_tokens = RWKV.check_tokens
 
-    def _check_state(self, state, batch_size):
+    def check_state(self, state, batch_size):
         if state is None:
             return self.init_state(batch_size)
         cfg = self.config
