@@ -3,9 +3,11 @@
     python bench/bench_demo.py [users] [--checkout DIR] [--users 8] [--rounds 2] [--min-tokens 30]
     python bench/bench_demo.py arena [--models default|0.1B] [--rounds 2] [--lengths 256,1024,2048,4096,8192]
 
-`arena`: the Arena tab's two measurements, in-process through the demo's own code (demo.app.Engines,
-demo.arena.race and demo.arena.sweep): one prompt answered by both models (time to first token, tokens/s,
-memory), then the context-length sweep (ms per token and state / KV-cache MB after a prefill of each length).
+`arena`: the Arena tab's two measurements, in-process: one prompt answered by both models through the demo's
+own code (demo.app.Engines, demo.arena.race: time to first token, tokens/s, memory; wall clock), then the
+context-length sweep: CPU ms per decode token and state / KV-cache MB at each length, from states made at that
+length directly (random keys and values for a KV cache) instead of the demo's prefill of random tokens, which
+would take most of an hour at 8,192 tokens on two shared cores and changes no step's cost.
 `--models default`: demo/models/rwkv7.safetensors and gpt.safetensors as `python -m demo` loads them;
 `--models 0.1B`: random weights of the official RWKV-7 0.1B shape (12 layers x 768, World vocabulary, on the
 CPU fast path) against a random transformers model of SmolLM2-135M's shape (a Llama: 30 layers x 576, 9 heads
@@ -153,7 +155,7 @@ def arena(args) -> None:
     import torch
 
     from demo.app import Engines, baseline_name, describe
-    from demo.arena import Lane, num_params, race, sweep
+    from demo.arena import Lane, num_params, race
     from rwkv_lm.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -176,16 +178,46 @@ def arena(args) -> None:
                 print(f"| {round_ + 1} | {lane.name} | {r.first_token_s:.3f} | {r.completion_tokens} | "
                       f"{r.completion_tokens / r.busy_s:,.1f} | {r.state_bytes / 1e6:,.2f} MB |", flush=True)
     lengths = [int(n) for n in args.lengths.split(",")]
-    print(f"\nsweep: ms per token ({args.steps} decode steps after a prefill of random tokens) and state / KV cache MB")
+    print(f"\nsweep: CPU ms per decode token of the timing thread ({args.steps} steps, {args.threads} threads) from "
+          "a state of each context length, and that state's MB (state or KV cache)")
     print("| round | model | " + " | ".join(f"{n:,}" for n in lengths) + " |")
     print("|---|---|" + "---|" * len(lengths))
     for round_ in range(args.rounds):
-        readings = list(sweep(names, lengths, threading.Lock(), decode_steps=args.steps))
-        for name in names:
-            mine = [r for r in readings if r.model == name]
-            print(f"| {round_ + 1} | {name} ms/token | " + " | ".join(f"{r.ms_per_token:.1f}" for r in mine) + " |")
-            print(f"| {round_ + 1} | {name} MB | " + " | ".join(f"{r.memory_mb:,.2f}" for r in mine) + " |", flush=True)
+        for name, model in names.items():
+            points = [decode_cost(model, n, args.steps) for n in lengths]
+            print(f"| {round_ + 1} | {name} ms/token | " + " | ".join(f"{ms:.2f}" for ms, _ in points) + " |")
+            print(f"| {round_ + 1} | {name} MB | " + " | ".join(f"{mb:,.2f}" for _, mb in points) + " |", flush=True)
 
+
+def state_at(model, length: int, generator):
+    """A state of one row after `length` tokens, made directly: a KV cache of random keys and values (a step
+    costs the same whatever they hold), an RNN state as it is (its size and cost do not depend on the length)."""
+    import torch
+
+    from rwkv_lm.gpt import GPTState
+
+    state = model.init_state(1)
+    if not isinstance(state, GPTState):
+        return state
+    shape = lambda k: (*k.shape[:2], length, k.shape[3])
+    return GPTState([torch.randn(shape(k), generator=generator) for k in state.k],
+                    [torch.randn(shape(v), generator=generator) for v in state.v], state.pos + length)
+
+
+def decode_cost(model, length: int, steps: int) -> tuple[float, float]:
+    """(CPU ms per decode step of this thread, state MB) at a context of `length` tokens. The thread's CPU time,
+    not the wall clock: on a shared machine the wait for a core is not the model's cost (the C kernels and torch
+    run their work on this thread at --threads 1)."""
+    import torch
+
+    state = state_at(model, length, torch.Generator().manual_seed(length))
+    token = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        model.step(token, state)  # warm-up
+        start = time.thread_time()
+        for _ in range(steps):
+            logits, _ = model.step(token, state)  # each step from the same state: the length stays `length`
+        return 1000 * (time.thread_time() - start) / steps, state.nbytes / 1e6
 
 def users(args) -> None:
     import rwkv_lm
@@ -234,9 +266,9 @@ def main() -> None:
     p.add_argument("--models", choices=["default", "0.1B"], default="default")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch's threads (1: the sweep's CPU time is all the work)")
     p.add_argument("--lengths", default="256,1024,2048,4096,8192")
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed at each length (the demo's sweep: 8)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed at each length")
     p.set_defaults(run=arena)
     argv = sys.argv[1:]
     if not argv or argv[0] not in ("users", "arena", "-h", "--help"):
