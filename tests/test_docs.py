@@ -31,6 +31,7 @@ NOT_RUN = {  # a command matching the pattern -> why this test does not run it
     r"^pip install": "installs packages: `make setup-test` did, into the environment running this test",
     r"^hf download": "downloads from the Hugging Face hub: the test puts stand-ins where the files would go",
     r"--trainer\.devices 8": "needs 8 GPUs",
+    r"--device cuda": "needs a CUDA GPU",
     r"^MASTER_ADDR=": "needs two machines with 8 GPUs each",
     r"--config \.\.\.": "elided (`...`): the strategies that follow the full command",
 }
@@ -98,8 +99,9 @@ def run_server(command: str, env: dict, clone: Path, port: int) -> None:
                 time.sleep(1)
         pytest.fail(f"{command!r} did not answer on port {port} within 300 s")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
 
 
 def test_every_command_in_the_readmes_runs_on_a_fresh_clone(tmp_path):
