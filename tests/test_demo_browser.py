@@ -153,8 +153,9 @@ def set_control(page, elem_id, value):
 
 def test_typing_during_a_reply_keeps_the_text_and_enter_asks_to_press_stop(checkpoints, browser, monkeypatch):
     with serve(*checkpoints) as (url, engines):
-        step = engines.rwkv._decode_step  # slowed to a model's pace, so the reply streams for the whole test (1024 x 20 ms)
-        monkeypatch.setattr(engines.rwkv, "_decode_step", lambda *args: time.sleep(0.02) or step(*args))
+        model = engines.rwkv.model  # its steps slowed to a real model's pace, so the reply streams for the whole test
+        step = model.step  # (1024 x 20 ms); the engine looks model.step up at each step
+        monkeypatch.setattr(model, "step", lambda *args: time.sleep(0.02) or step(*args), raising=False)
         page = open_page(browser, url, SIZES["desktop"])
         for elem_id, value in (("chat-max-tokens", 1024), ("chat-temperature", 2), ("chat-top-p", 1), ("chat-seed", 6)):
             set_control(page, elem_id, value)
