@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import rwkv_lm
+from rwkv_lm.checkpoint import tokenizer_from
+from rwkv_lm.hf import is_hf_model, load_hf
 from rwkv_lm.statefile import load_state
-from rwkv_lm.tokenizer import load_tokenizer
 
 MODELS = Path(__file__).parent / "models"
 DEFAULT_RWKV = MODELS / "rwkv7.safetensors"
@@ -23,7 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rwkv", type=Path, default=DEFAULT_RWKV,
                         help="RWKV-7 checkpoint: ours (.safetensors) or an official .pth (default: %(default)s)")
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE,
-                        help="the model to compare with, usually a GPT checkpoint (default: %(default)s)")
+                        help="the model to compare with: a GPT checkpoint of ours, or a transformers causal LM (a folder "
+                             "saved by save_pretrained, or a hub name such as HuggingFaceTB/SmolLM2-135M where the hub "
+                             "is reachable; pip install 'rwkv-lm[hf]') (default: %(default)s)")
     parser.add_argument("--state", type=Path, default=None,
                         help="a tuned-state file for --rwkv (python -m train export of a model.tune state run), chosen "
                              "in the Chat tab at start; the default model's demo/models/rwkv7.*.state.safetensors are "
@@ -55,12 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(path: Path, tokenizer_spec: str | None):
-    """A checkpoint with a tokenizer, on the fast path `rwkv-lm` runs, or SystemExit with a message that says
-    what to do."""
+    """A checkpoint with a tokenizer, on the fast path `rwkv-lm` runs (or a transformers model with its own), or
+    SystemExit with a message that says what to do."""
     try:
+        if is_hf_model(path):
+            return load_hf(path)
         model = rwkv_lm.load(path)
         if model.tokenizer is None and tokenizer_spec is not None:
-            model.tokenizer = load_tokenizer(tokenizer_spec)
+            model.tokenizer = tokenizer_from(tokenizer_spec)
     except ValueError as e:  # CheckpointError is a ValueError, as are tokenizer errors
         raise SystemExit(f"error: {e}") from None
     if model.tokenizer is None:
@@ -97,7 +102,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --rwkv {args.rwkv}: {e}") from None
     with engines:
         app = build_app(engines, concurrency_limit=args.concurrency, max_queue=args.max_queue, states=states,
-                        start_state=args.state.name if args.state else None)
+                        start_state=args.state.name if args.state else None,
+                        default_models=(args.rwkv, args.baseline) == (DEFAULT_RWKV, DEFAULT_BASELINE))
         print(f"RWKV-7 from {args.rwkv}, baseline from {args.baseline} (batches of up to {args.max_batch} rows)",
               file=sys.stderr)
         app.launch(server_name=args.host, server_port=args.port, share=args.share)

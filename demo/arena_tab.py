@@ -10,8 +10,8 @@ import gradio as gr
 
 from rwkv_lm.serve import Engine
 
-from .arena import Lane, race, readings_frame, sweep
-from .inputs import MAX_MESSAGE_CHARS, check_message, sampling_params
+from .arena import Lane, num_params, race, readings_frame, sweep
+from .inputs import MAX_MESSAGE_CHARS, UserError, check_message, named_errors, sampling_params
 
 # Redrawing per token would cost the browser more than the models (a busy page stops answering clicks,
 # Stop included): two panes of text 5 times a second still read as streaming; the plots, heavier to draw,
@@ -27,23 +27,28 @@ def _plot(title: str, y: str, y_title: str, elem_id: str) -> gr.LinePlot:
                        y_title=y_title, height=260, elem_id=elem_id)
 
 
-def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: threading.Lock) -> None:
+def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: threading.Lock,
+           size_warning: str = "") -> None:
     """Lay out the tab and wire its events, inside an open gr.Blocks. `engines`: display name -> a started
-    engine; `device_lock`: the one they take turns with."""
+    engine; `device_lock`: the one they take turns with; `size_warning`: shown above the panes when the models
+    differ much in size."""
     names = list(engines)
     lanes_state = gr.State(None)
+    sizes = " · ".join(f"**{name}**: {num_params(engine.model) / 1e6:,.1f}M parameters" for name, engine in engines.items())
+    gr.Markdown(sizes + (f"\n\n{size_warning}" if size_warning else ""), elem_id="arena-sizes")
+    # the prompt comes first: on a phone the panes stack, and it would be two screens down
+    prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", label="Prompt", show_label=False,
+                        max_length=MAX_MESSAGE_CHARS)
+    with gr.Row():
+        run = gr.Button("Run both", variant="primary")
+        stop = gr.Button("Stop", variant="stop")
+        clear = gr.Button("Clear")
     with gr.Row():
         panes, stats = [], []
         for i, name in enumerate(names):
             with gr.Column():
                 panes.append(gr.Chatbot(label=name, height=360, elem_id=f"arena-pane-{i}", buttons=["copy_all"]))
                 stats.append(gr.Markdown("", elem_id=f"arena-stats-{i}", min_height=48))  # no jumps as it grows
-    prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", show_label=False,
-                        max_length=MAX_MESSAGE_CHARS)
-    with gr.Row():
-        run = gr.Button("Run both", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
-        clear = gr.Button("Clear")
     with gr.Accordion("Sampling (the same for both)", open=False):
         with gr.Row():
             controls = [
@@ -52,6 +57,8 @@ def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: th
                 gr.Slider(0.05, 1, value=0.8, step=0.05, label="Top p"),
                 gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)", elem_id="arena-seed"),
             ]
+            for control, name in zip(controls, ("max_tokens", "temperature", "top_p", "seed")):
+                named_errors(control, name)
     with gr.Row():
         latency_plot = _plot("Time per token while streaming", "ms_per_token", "ms per token", "live-latency")
         memory_plot = _plot("Memory held while streaming", "memory_mb", "MB (state or KV cache)", "live-memory")
@@ -76,7 +83,7 @@ def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: th
     def check_arena(prompt, lanes, max_tokens, temperature, top_p, seed):
         check_message(prompt), sampling_params(max_tokens, temperature, top_p, seed=seed)
         if lanes is not None and not all(lane.done for lane in lanes):
-            raise gr.Error("Both models are still answering: press Stop first.")
+            raise UserError("Both models are still answering: press Stop first.")
 
     def arena(prompt, lanes, max_tokens, temperature, top_p, seed):
         prompt = check_message(prompt)

@@ -10,16 +10,19 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from rwkv_lm.chat import ChatSession
+from rwkv_lm.chat import CHAT_DEFAULTS, ChatSession
 from rwkv_lm.serve import Engine
 
 from .arena import format_bytes
-from .inputs import MAX_MESSAGE_CHARS, check_message, check_system_prompt, sampling_params
+from .inputs import (MAX_MESSAGE_CHARS, UserError, check_message, check_system_prompt, named_errors,
+                     sampling_params)
 
 # A fast model makes hundreds of pieces a second; the page redraws at most this often.
 UPDATE_EVERY_S = 0.05
 BUSY = "Still answering the last message: press Stop first."
 NO_STATE = "none"  # the tuned-state choice that starts from zeros
+# the sampling controls, as the API names them
+SETTINGS = ("max_tokens", "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed")
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Conversation:
     @contextmanager
     def _exclusive(self):
         if not self.lock.acquire(timeout=10):
-            raise gr.Error(BUSY)
+            raise UserError(BUSY)
         try:
             yield
         finally:
@@ -80,7 +83,7 @@ class Conversation:
         """Take back the last turn and stream a new reply to its message."""
         with self._exclusive():
             if self.before_last_turn is None:
-                raise gr.Error("There is no reply to regenerate yet.")
+                raise UserError("There is no reply to regenerate yet.")
             self.session, self.history = self.before_last_turn, self.history[:-2]
             yield from self._stream(self.last_message, params)
 
@@ -120,40 +123,43 @@ def render(engine: Engine, name: str, device_lock: threading.Lock, states: dict 
     with gr.Row():
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label=name, height=460, placeholder=f"Say something to {name}.", buttons=["copy_all"])
-            message = gr.Textbox(placeholder="Message (Enter to send)", show_label=False, lines=1,
+            message = gr.Textbox(placeholder="Message (Enter to send)", label="Message", show_label=False, lines=1,
                                  max_length=MAX_MESSAGE_CHARS, autofocus=True)
             with gr.Row():
                 send = gr.Button("Send", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
                 regenerate = gr.Button("Regenerate")
                 clear = gr.Button("Clear")
-            status = gr.Markdown("state: empty, 0 tokens", elem_id="chat-status")
+            status = gr.Markdown("state: empty, 0 tokens", label="Status", elem_id="chat-status")
         with gr.Column(scale=1):
-            system = gr.Textbox(label="System prompt (optional)", lines=3, max_length=MAX_MESSAGE_CHARS,
+            system = gr.Textbox("", label="System prompt (optional)", lines=3, max_length=MAX_MESSAGE_CHARS,
                                 placeholder="Changing it starts a new conversation.")
             tuned = gr.Dropdown([NO_STATE, *states], value=start_state or NO_STATE, label="Start from a tuned state",
                                 info="made by state tuning (train/README.md); changing it starts a new conversation",
                                 interactive=bool(states))
             with gr.Accordion("Sampling", open=True):
                 controls = [
-                    gr.Slider(1, 1024, value=200, step=1, label="Max tokens"),
-                    gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0: greedy)"),
-                    gr.Slider(0.05, 1, value=0.8, step=0.05, label="Top p"),
-                    gr.Slider(0, 200, value=0, step=1, label="Top k (0: off)"),
-                    gr.Slider(0, 2, value=0.4, step=0.05, label="Presence penalty"),
-                    gr.Slider(0, 2, value=0.4, step=0.05, label="Frequency penalty"),
-                    gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)"),
+                    gr.Slider(1, 1024, value=CHAT_DEFAULTS.max_tokens, step=1, label="Max tokens", elem_id="chat-max-tokens"),
+                    gr.Slider(0, 2, value=CHAT_DEFAULTS.temperature, step=0.05, label="Temperature (0: greedy)",
+                              elem_id="chat-temperature"),
+                    gr.Slider(0.05, 1, value=CHAT_DEFAULTS.top_p, step=0.05, label="Top p", elem_id="chat-top-p"),
+                    gr.Slider(0, 200, value=CHAT_DEFAULTS.top_k, step=1, label="Top k (0: off)"),
+                    gr.Slider(0, 2, value=CHAT_DEFAULTS.presence_penalty, step=0.05, label="Presence penalty"),
+                    gr.Slider(0, 2, value=CHAT_DEFAULTS.frequency_penalty, step=0.05, label="Frequency penalty"),
+                    gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)", elem_id="chat-seed"),
                 ]
+                for control, name in zip(controls, SETTINGS):
+                    named_errors(control, name)
 
     def check_chat(message, conv, system, *settings):
         check_message(message), check_system_prompt(system), sampling_params(*settings)
         if conv is not None and conv.busy:
-            raise gr.Error(BUSY)
+            raise UserError(BUSY)
 
     def check_regenerate(conv, *settings):
         sampling_params(*settings)
         if conv is None or conv.before_last_turn is None:
-            raise gr.Error("There is no reply to regenerate yet.")
+            raise UserError("There is no reply to regenerate yet.")
 
     # the parameters are named for the API (the gr.State `conv` is not part of it)
     def chat(message, conv, system, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed,
@@ -161,19 +167,21 @@ def render(engine: Engine, name: str, device_lock: threading.Lock, states: dict 
         message, system = check_message(message), check_system_prompt(system)
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
         if tuned_state != NO_STATE and tuned_state not in states:
-            raise gr.Error(f"No tuned state {tuned_state!r}; choose one of: {', '.join([NO_STATE, *states])}")
+            raise UserError(f"No tuned state {tuned_state!r}; choose one of: {', '.join([NO_STATE, *states])}")
         if conv is None or conv.system != system or conv.tuned != tuned_state:
             if conv is not None and conv.history:
                 gr.Info("The system prompt or the tuned state changed, so a new conversation starts.")
             conv = Conversation.start(engine, system, device_lock, tuned_state, states)
+        box = ""  # the message box is emptied once, as the reply starts: what the user types meanwhile stays
         for _ in throttled(conv.turn(message, params)):
-            yield conv.history, conv, "", conv.status()
-        yield conv.history, conv, "", conv.status()  # the last pieces, and tokens that ended the reply unseen
+            yield conv.history, conv, box, conv.status()
+            box = gr.skip()
+        yield conv.history, conv, box, conv.status()  # the last pieces, and tokens that ended the reply unseen
 
     def regenerate_last(conv, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed):
         params = sampling_params(max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed)
         if conv is None:
-            raise gr.Error("There is no reply to regenerate yet.")
+            raise UserError("There is no reply to regenerate yet.")
         conv.cancel()  # the reply streaming now, even one still waiting for a row
         for _ in throttled(conv.regenerate(params)):
             yield conv.history, conv, conv.status()

@@ -21,6 +21,10 @@ from .serve import Engine, Request, check_tokenizer, engine_for, prefill
 from .statefile import load_state
 
 FORMAT = "rwkv_lm.chat"
+# What `rwkv-lm chat` and the demo's Chat tab sample with unless told otherwise: RWKV's chat settings (a narrow
+# top-p, penalties on repeats that fade by 0.996 a token)
+CHAT_DEFAULTS = SamplingParams(max_tokens=500, temperature=1.0, top_p=0.3, presence_penalty=0.5, frequency_penalty=0.5,
+                               penalty_decay=0.996)
 
 
 class ChatSession:

@@ -5,9 +5,11 @@ what is wrong with it; files are written atomically, so a crash never leaves hal
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import CheckpointError, atomic_write, file_kind, read_pth, read_tagged
@@ -141,6 +143,26 @@ def _tokenizer(meta: dict, config: dict, path):
         return load_tokenizer(spec)
     except ValueError as e:
         raise CheckpointError(f"{path}: its tokenizer cannot be loaded: {e}") from None
+
+
+def tokenizer_from(spec: str | os.PathLike):
+    """A tokenizer from 'world', a tokenizer.json, or a model file of ours whose tokenizer to use (read from its
+    metadata, no tensors loaded); ValueError saying which of them `spec` failed to be."""
+    from .tokenizer import load_tokenizer
+
+    path = Path(spec)
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a model file of rwkv_lm, so no tokenizer to take from it")
+        if "tokenizer" not in meta:
+            raise CheckpointError(f"{path}: the model file carries no tokenizer; pass world or a tokenizer.json")
+        return load_tokenizer(meta["tokenizer"])
+    return load_tokenizer(spec)
 
 
 def export_official(model, path, *, dtype=torch.bfloat16) -> Path:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .chat import ChatSession
-from .checkpoint import export_gguf, export_hf, export_official, read_model, save
+from .chat import CHAT_DEFAULTS, ChatSession
+from .checkpoint import export_gguf, export_hf, export_official, read_model, save, tokenizer_from
 from .formats import GGUF_TYPES, OUTPUT_FORMATS, output_format
 from .ops.cpu_kernels import LEVELS
 from .runtime import WEIGHTS, decode_step, load
@@ -25,7 +25,6 @@ from .generate import generate
 from .sampling import SamplingParams
 from .serve.limits import Limits
 from .statefile import load_state
-from .tokenizer import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="checkpoint: ours (.safetensors) or an official RWKV-7 .pth")
-    p.add_argument("--tokenizer", help="'world' or a tokenizer.json path (default: the one the checkpoint names)")
+    p.add_argument("--tokenizer", help="'world', a tokenizer.json, or a .safetensors model whose tokenizer to use "
+                                       "(default: the one the checkpoint names)")
     p.add_argument("--dtype", choices=WEIGHTS, default="fp32",
                    help="default fp32; bf16 halves the memory read per token (on a CPU the weights only, "
                         "activations stay fp32; on a GPU the whole model); int8 (CPU only) halves it again, "
@@ -53,16 +53,17 @@ def _add_model_args(p):
 
 
 def _add_sampling_args(p, defaults: SamplingParams):
-    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
-    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=defaults.top_p)
-    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: no limit")
-    p.add_argument("--min-p", type=float, default=defaults.min_p)
-    p.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty)
-    p.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty)
-    p.add_argument("--penalty-decay", type=float, default=defaults.penalty_decay)
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: no limit (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=defaults.min_p, help="(default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty, help="(default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty, help="(default: %(default)s)")
+    p.add_argument("--penalty-decay", type=float, default=defaults.penalty_decay,
+                   help="repeat counts are multiplied by this after every token (default: %(default)s)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="(default: a random one)")
 
 
 def _sampling(args) -> SamplingParams:
@@ -85,9 +86,10 @@ def _device(name: str) -> torch.device:
 
 def _model_and_tokenizer(args):
     model = load(args.model, device=_device(args.device), weights=args.dtype, isa=args.isa)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
+    tokenizer = tokenizer_from(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
-        raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world or --tokenizer PATH/tokenizer.json")
+        raise UsageError(f"{args.model} names no tokenizer; pass --tokenizer world, a tokenizer.json, or the "
+                         ".safetensors model it was converted from")
     return model, tokenizer
 
 
@@ -152,15 +154,24 @@ def cmd_convert(args):
     dst = Path(args.output)
     dtype = DTYPES[args.dtype or ("fp32" if fmt == "hf" else "bf16")]
     model = read_model(args.input, dtype=torch.float32 if fmt == "gguf" else dtype)
+    spec = None if model.tokenizer is None else model.tokenizer.spec
+    where = None  # where the tokenizer went, for the formats that may leave it behind
     if fmt == "official":
         export_official(model, dst, dtype=dtype)
+        if spec == "world":
+            where = "the World vocabulary, which an official file gets by itself"
+        elif spec is not None:  # the official layout has no place for one
+            where = f"not in {dst} (the official format holds none): run it with --tokenizer {args.input}"
+        else:
+            where = "none (the input carried none)"
     elif fmt == "gguf":
         export_gguf(model, dst, type=args.type)
     elif fmt == "hf":
         export_hf(model, dst, dtype=dtype)
     else:
-        save(model, dst, tokenizer=None if model.tokenizer is None else model.tokenizer.spec)
-    print(f"wrote {dst}")
+        save(model, dst, tokenizer=spec)
+        where = f"inside {dst}" if spec is not None else "none (the input carried none): run it with --tokenizer"
+    print(f"wrote {dst}" + (f"; tokenizer: {where}" if where else ""))
 
 
 LIMIT_FLAGS = {"max_prompt_tokens": "max_prompt_tokens", "max_tokens": "max_tokens_limit",  # Limits field: flag
@@ -172,15 +183,13 @@ LIMIT_FLAGS = {"max_prompt_tokens": "max_prompt_tokens", "max_tokens": "max_toke
 
 def cmd_serve(args):
     try:
-        import uvicorn
-
         from .serve import listener
         from .serve.server import create_app
     except ImportError as e:
         raise UsageError(f"rwkv-lm serve needs the server packages ({e.name} is missing): pip install 'rwkv-lm[serve]'") from None
     from .serve import Engine
 
-    for name in ("max_batch", "max_queue", "port"):
+    for name in ("max_batch", "max_queue", "port", "replicas"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
     if args.state_cache_mb < 0:
@@ -190,6 +199,12 @@ def cmd_serve(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be > 0")
     values = {field: getattr(args, flag) for field, flag in LIMIT_FLAGS.items()}
     limits = Limits(**{**values, "max_body_bytes": int(args.max_body_mb * 2**20)})
+    if (args.replica_cpus is not None and args.replica_cpus <= 0) or (args.replica_gpus or 0) < 0:
+        raise UsageError("--replica-cpus must be > 0 and --replica-gpus >= 0")
+    if args.replicas > 1:
+        return _serve_replicas(args, limits)
+    if (args.replica_cpus, args.replica_gpus, args.ray_address) != (None, None, None):
+        raise UsageError("--replica-cpus, --replica-gpus and --ray-address go with --replicas 2 or more")
     model, tokenizer = _model_and_tokenizer(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache=int(args.state_cache_mb * 2**20), step=decode_step(model, graphs=args.cuda_graphs))
@@ -199,6 +214,25 @@ def cmd_serve(args):
           f"state cache {args.state_cache_mb:g} MB)", file=sys.stderr)
     config = listener.config(app, args.host, args.port, limits, log_level="warning")
     listener.Server(config, engine, limits.shutdown_timeout_s).run()
+
+
+def _serve_replicas(args, limits: Limits):
+    try:
+        from .serve.cluster import ClusterOptions, run
+    except ImportError as e:
+        raise UsageError(f"--replicas needs Ray Serve ({e.name} is missing): pip install 'rwkv-lm[cluster]'") from None
+    if not args.ray_address and not Path(args.model).is_file():
+        raise UsageError(f"--model {args.model}: no such file")
+    options = ClusterOptions(
+        model=str(Path(args.model).resolve()), tokenizer=args.tokenizer, dtype=args.dtype, isa=args.isa,
+        cuda_graphs=args.cuda_graphs, replicas=args.replicas, replica_cpus=args.replica_cpus or 1,
+        replica_gpus=args.replica_gpus or 0, max_batch=args.max_batch, max_queue=args.max_queue,
+        state_cache_mb=args.state_cache_mb, limits=dataclasses.asdict(limits), model_name=args.model_name or
+        Path(args.model).stem, api_key=args.api_key, allowed_origins=args.allowed_origins,
+        metrics_public=args.metrics_public)
+    print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 with {args.replicas} replicas on "
+          f"Ray Serve ({args.ray_address or 'a local Ray cluster'})", file=sys.stderr)
+    run(options, host=args.host, port=args.port, ray_address=args.ray_address)
 
 
 STATE_HELP = "a tuned-state file to start from (python -m train export of a model.tune state run; .pth or ours)"
@@ -219,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--state", help=STATE_HELP)
-    _add_sampling_args(p, SamplingParams(max_tokens=1000, temperature=1.0, top_p=0.3, presence_penalty=0.5,
-                                         frequency_penalty=0.5, penalty_decay=0.996))
+    _add_sampling_args(p, CHAT_DEFAULTS)
     p.set_defaults(run=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions, streaming)")
@@ -263,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "'abort'; a second signal exits at once (default: %(default)g)")
     p.add_argument("--health-stall", type=float, default=limits.stall_s,
                    help="/health answers 503 once one engine iteration has run this many seconds (default: %(default)g)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engines behind the endpoint; 2 or more run on Ray Serve (pip install 'rwkv-lm[cluster]'), "
+                        "each conversation kept on one replica (default: %(default)s)")
+    p.add_argument("--replica-cpus", type=float, help="CPUs (and torch threads) per replica (default: 1)")
+    p.add_argument("--replica-gpus", type=float, help="GPUs per replica (default: 0); replicas with GPUs run on cuda, the others on cpu")
+    p.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local one")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("convert", help="convert between our .safetensors, official .pth, GGUF and Hugging Face folders")

@@ -65,6 +65,9 @@ def read_pth(path) -> dict[str, torch.Tensor]:
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint; it is truncated or corrupt "
                               f"({str(e).splitlines()[0]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and ("rwkv_lm" in sd or "pytorch-lightning_version" in sd):
+        raise CheckpointError(f"{path}: a training checkpoint (Lightning's .ckpt), not a model or state file; "
+                              f"export it first: python -m train export {path} OUT.safetensors")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
     return sd

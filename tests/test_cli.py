@@ -66,6 +66,30 @@ def test_convert_both_ways(official_pth, tmp_path, capsys):
     assert rwkv_lm.load(ours).tokenizer.spec == "world", "the World tokenizer travels with the converted file"
 
 
+def test_convert_says_where_the_tokenizer_went_and_a_model_file_is_a_tokenizer_source(tmp_path, capsys):
+    from rwkv_lm.tokenizer import train_bpe
+
+    tok = train_bpe(["the goose flies over the lake at dawn"] * 20, vocab_size=300)
+    cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=16, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
+    ours = rwkv_lm.save(random_model(cfg), tmp_path / "m.safetensors", tokenizer=tok.spec)
+    code, out, _ = run(capsys, "convert", ours, tmp_path / "m.pth")
+    assert code == 0 and f"tokenizer: not in {tmp_path / 'm.pth'}" in out and f"--tokenizer {ours}" in out
+    code, out, err = run(capsys, "generate", "--model", tmp_path / "m.pth", "--tokenizer", ours, "--prompt", "the goose",
+                         "--max-tokens", 4, "--temperature", 0)
+    assert code == 0, err
+    code, out, _ = run(capsys, "convert", tmp_path / "m.pth", tmp_path / "none.safetensors")
+    assert code == 0 and "tokenizer: none" in out
+
+
+def test_a_trainer_checkpoint_given_as_a_model_or_state_names_the_export_command(tmp_path, tiny_model, capsys):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": tiny_model.state_dict(), "pytorch-lightning_version": "2.6", "rwkv_lm": {}}, ckpt)
+    for argv in (["generate", "--model", ckpt, "--prompt", "x"],
+                 ["generate", "--model", "demo/models/rwkv7.safetensors", "--state", ckpt, "--prompt", "x"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "a training checkpoint" in err and f"python -m train export {ckpt} OUT.safetensors" in err
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
 def test_generate_with_sampling_options(official_pth, capsys, dtype):
     argv = ["generate", "--model", official_pth, "--prompt", "Hi", "--max-tokens", 8, "--temperature", 0.7,

@@ -16,6 +16,7 @@ import torch
 
 import rwkv_lm
 from rwkv_lm import GPT, ChatSession, GPTConfig, RWKVConfig
+from rwkv_lm.chat import CHAT_DEFAULTS
 from rwkv_lm.testing import random_model
 from rwkv_lm.tokenizer import train_bpe
 
@@ -122,10 +123,11 @@ def client(server):
 
 def test_chat_streams_what_a_chat_session_says_and_a_turn_costs_only_its_tokens(server, client):
     rwkv = server[1].rwkv.model
-    outputs, (history, box, status) = chat(client, "Hello goose", seed=1)
+    outputs, (history, _, status) = chat(client, "Hello goose", seed=1)
     # the message shows at once, before the model has read it; the reply follows
     assert [reply_text(history) for history, *_ in outputs[:1]] == [""]
-    assert box == "", "the message box is emptied on send"
+    # the box is emptied on send, then left alone (what the user types next stays: tests/test_demo_browser.py)
+    assert [box for _, box, _ in outputs[:1]] == [""]
     (first,), _ = reference_turns(rwkv, [("Hello goose", 1)])
     assert reply_text(history) == first != ""
 
@@ -182,6 +184,32 @@ def test_sweep_measures_both_models_at_each_length(server, client):
     assert points["RWKV-7", 8] == points["RWKV-7", 40]
     assert points["GPT (baseline)", 40] > 4 * points["GPT (baseline)", 8]
     assert len(latency["data"]) == 4
+
+
+def test_a_transformers_baseline_runs_in_the_arena_and_the_sweep_and_a_size_gap_is_named(checkpoints, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf import save_tiny_hf
+
+    hf_dir = save_tiny_hf(tmp_path / "tiny-llama")  # 2 layers x 64: 69k parameters, the RWKV-7 here 117k
+    baseline = cli.load_model(hf_dir, None)
+    name = "tiny-llama (baseline)"
+    with serve(checkpoints[0], hf_dir, sweep_lengths=[8, 40]) as (url, _):
+        client = Client(url, verbose=False)
+        _, rwkv_pane, hf_pane, _, hf_stats, _, memory = client.predict("Hello goose", 12, 1.0, 0.8, 3, api_name="/arena")
+        assert reply_text(rwkv_pane) and "KV cache" in hf_stats
+        # the transformer's reply is what its own session says: its KV cache and tokenizer, through the engine
+        session = ChatSession(baseline, baseline.tokenizer)
+        assert reply_text(hf_pane) == "".join(session.reply("Hello goose", sampling_params(12, 1.0, 0.8, seed=3)))
+        _, memory = client.predict(api_name="/sweep")
+        points = {(row[0], row[1]): row[3] for row in memory["data"]}
+        assert points[name, 40] > 4 * points[name, 8] and points["RWKV-7", 8] == points["RWKV-7", 40]
+        page = httpx.get(url).text
+        assert "0.1M parameters" in page and "x the parameters of" not in page
+
+    from demo.app import size_warning
+    assert size_warning({"a": torch.nn.Linear(100, 100), "b": torch.nn.Linear(10, 10)}) \
+        .startswith("⚠️ **a has 91.8x the parameters of b**")
+    assert size_warning({"a": torch.nn.Linear(10, 19), "b": torch.nn.Linear(10, 10)}) == ""
 
 
 def test_eight_clients_at_once_share_batched_steps_and_each_keep_their_own_conversation(server, monkeypatch):
@@ -270,6 +298,38 @@ def test_bad_input_becomes_a_message_and_the_app_stays_up(server, client):
         client.predict("   ", 10, 1.0, 0.8, 1, api_name="/arena")
     _, (history, _, _) = chat(client, "Fine now?", seed=1)
     assert reply_text(history)
+
+
+def test_the_chat_api_needs_only_a_message_names_its_fields_and_keeps_the_console_clean(client, capfd):
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/chat"]
+    assert [r["label"] for r in endpoint["returns"]] == ["RWKV-7", "Message", "Status"]
+    required = [p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]]
+    assert required == ["message"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoint["parameters"]}
+    assert {name: defaults[name] for name in CHAT_SETTINGS} == {name: getattr(CHAT_DEFAULTS, name) for name in CHAT_SETTINGS}
+    history, _, status = client.predict("Hello", api_name="/chat")  # the box: left as the user's typing left it
+    assert history[0]["content"][0]["text"] == "Hello" and status_tokens(status) > 0
+    capfd.readouterr()
+    for settings, message in (({"max_tokens": "abc"}, "max_tokens must be a number, got 'abc'"),
+                              ({"top_p": 5}, "top_p: Value 5 is greater than maximum value 1"),
+                              ({"message": ""}, "Type a message first")):
+        with pytest.raises(AppError, match=message):
+            client.predict(**{"message": "Hi", **settings}, api_name="/chat")
+    assert "Traceback" not in capfd.readouterr().err, "a bad input is the user's message, not a server error"
+
+
+def test_the_cli_and_the_demo_chat_with_the_same_defaults_and_the_cli_shows_them(capsys):
+    from rwkv_lm.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "--model", "m.safetensors"])
+    assert {name: getattr(args, name) for name in vars(CHAT_DEFAULTS) if name != "stop"} == \
+        {name: getattr(CHAT_DEFAULTS, name) for name in vars(CHAT_DEFAULTS) if name != "stop"}
+    assert sampling_params(*(getattr(CHAT_DEFAULTS, name) for name in CHAT_SETTINGS)) == CHAT_DEFAULTS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["chat", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--top-p TOP_P (default: {CHAT_DEFAULTS.top_p})" in help_text
+    assert f"(default: {CHAT_DEFAULTS.penalty_decay})" in help_text
 
 
 def test_a_full_queue_tells_the_next_client_the_demo_is_busy(checkpoints, monkeypatch):

@@ -1,7 +1,8 @@
 """The demo in a real browser (Debian's Chromium, headless, through Playwright): chat, arena, Stop, sweep,
 and what a user sees when the queue is full.
 
-Screenshots of both tabs go to artifacts/ (git-ignored) for a person to look at.
+Screenshots of both tabs, at a desktop's and a phone's size, go to tmp/artifacts/ (git-ignored) for a person to
+look at.
 """
 import re
 import threading
@@ -23,7 +24,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 expect.set_options(timeout=30_000)  # a CPU shared with other work can take seconds to draw a plot
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "tmp" / "artifacts"
+SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
 
@@ -41,8 +43,8 @@ def browser():
         browser.close()
 
 
-def open_page(browser, url):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+def open_page(browser, url, size=(1400, 1000)):
+    page = browser.new_page(viewport={"width": size[0], "height": size[1]})
     page.set_default_timeout(30_000)
     page.goto(url)
     return page
@@ -56,10 +58,10 @@ def page(checkpoints, browser):
         page.close()
 
 
-def screenshot(page, name):
-    ARTIFACTS.mkdir(exist_ok=True)
+def screenshot(page, name, full_page=True):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
-    page.screenshot(path=path, full_page=True)
+    page.screenshot(path=path, full_page=full_page)
     print(f"screenshot: {path}")
 
 
@@ -140,4 +142,59 @@ def test_a_full_queue_shows_a_busy_message(checkpoints, browser, monkeypatch):
         screenshot(page, "demo_busy.png")
         gate.set()
         running.result(timeout=60), queued.result(timeout=60)
+        page.close()
+
+
+def set_control(page, elem_id, value):
+    field = page.locator(f"#{elem_id} input").first
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def test_typing_during_a_reply_keeps_the_text_and_enter_asks_to_press_stop(checkpoints, browser, monkeypatch):
+    with serve(*checkpoints) as (url, engines):
+        model = engines.rwkv.model  # its steps slowed to a real model's pace, so the reply streams for the whole test
+        step = model.step  # (1024 x 20 ms); the engine looks model.step up at each step
+        monkeypatch.setattr(model, "step", lambda *args: time.sleep(0.02) or step(*args), raising=False)
+        page = open_page(browser, url, SIZES["desktop"])
+        for elem_id, value in (("chat-max-tokens", 1024), ("chat-temperature", 2), ("chat-top-p", 1), ("chat-seed", 6)):
+            set_control(page, elem_id, value)
+        box = page.get_by_placeholder("Message (Enter to send)")
+        box.fill("Tell me a very long story about a king.")
+        box.press("Enter")
+        expect(page.locator(".bot.message").first).to_have_text(re.compile(r"\S{5}"))
+        typed = "I am typing my next question"
+        box.type(typed, delay=40)  # a second of typing while pieces stream in
+        page.wait_for_timeout(500)  # more updates of the reply
+        expect(box).to_have_value(typed)
+        box.press("Enter")
+        expect(page.locator(".toast-body")).to_contain_text("press Stop first")
+        expect(box).to_have_value(typed)
+        page.get_by_role("button", name="Stop").click()
+        page.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_both_tabs_fit_a_desktop_and_a_phone_and_the_header_says_what_the_models_are(checkpoints, browser, size):
+    width, height = SIZES[size]
+    with serve(*checkpoints, default_models=True) as (url, _):
+        page = open_page(browser, url, SIZES[size])
+        expect(page.locator("#header")).to_contain_text("RWKV-7: 2 layers × 64 wide, 0.1M parameters")
+        expect(page.locator("#header")).to_contain_text("The default models are tiny")
+        box = page.get_by_placeholder("Message (Enter to send)")
+        box.fill("Hello goose")
+        box.press("Enter")
+        expect(page.locator(".bot.message").first).to_have_text(re.compile(r"\S"))
+        page.evaluate("window.scrollTo(0, 0)")  # the first screen, as a user opening the page sees it
+        screenshot(page, f"chat_{size}.png", full_page=False)
+        page.get_by_role("tab", name="Arena").click()
+        prompt = page.get_by_placeholder("One prompt for both models (Enter to send)")
+        expect(page.locator("#arena-sizes")).to_contain_text("RWKV-7: 0.1M parameters · GPT (baseline): 0.1M parameters")
+        box = prompt.bounding_box()
+        assert box["y"] + box["height"] <= height, f"the Arena's prompt is below the first screen at {width}x{height}: {box}"
+        prompt.fill("Hello goose")
+        prompt.press("Enter")
+        expect(page.locator("#arena-stats-1")).to_contain_text("tokens/s")
+        page.evaluate("window.scrollTo(0, 0)")
+        screenshot(page, f"arena_{size}.png", full_page=False)
         page.close()

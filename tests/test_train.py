@@ -160,6 +160,30 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, cache, capsys):
     assert "none.ckpt: no such file" in capsys.readouterr().err
 
 
+def test_a_fine_tune_without_its_base_model_says_how_to_make_it_or_what_to_start_from(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/default_rwkv7/base.safetensors
+    sft = str(REPO / "train/configs/sft_rwkv7.yaml")
+    assert main(["fit", "--config", sft, *SHORT]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "runs/default_rwkv7/base.safetensors: no such" in err and "pre-train it first" in err
+    assert "--model.init_from demo/models/rwkv7.safetensors --data.tokenizer demo/models/rwkv7.safetensors" in err
+    assert main(["fit", "--config", sft, *SHORT, "--data.tokenizer", str(REPO / "demo/models/rwkv7.safetensors")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model.init_from runs/default_rwkv7/base.safetensors: no such file; pre-train it first" in err
+
+
+def test_the_progress_bar_of_a_run_bounded_by_steps_counts_no_negative_epochs():
+    from types import SimpleNamespace
+
+    from train.cli import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # what Lightning sets when max_steps bounds the run
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(0).strip() == "Epoch 0/2"
+
+
 def test_optimizer_groups_and_schedule():
     model = rwkv_lm.RWKV(rwkv_lm.RWKVConfig(vocab_size=50, n_layer=2, n_embd=64, head_size=32))
     groups = {(g["weight_decay"], g["lr"]): g["params"] for g in param_groups(model, 0.1, 1e-3)}

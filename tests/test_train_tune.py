@@ -114,7 +114,7 @@ def test_lora_trains_adapters_only_and_exports_merged_or_alone(tmp_path, cache, 
     model = rwkv_lm.load(base)
     lora = LoRA(model, rank=4, alpha=16.0)
     sd = torch.load(ckpt, weights_only=True)["state_dict"]
-    lora.load_state_dict({k.removeprefix("lora."): v for k, v in sd.items() if k.startswith("lora.")})
+    lora.load_state_dict({k.removeprefix("tuning.lora."): v for k, v in sd.items() if k.startswith("tuning.lora.")})
     with torch.no_grad():
         adapted = model(x)[0]
         merged = rwkv_lm.load(tmp_path / "merged.safetensors")(x)[0]

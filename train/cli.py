@@ -37,6 +37,16 @@ class Checkpoints(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class ProgressBar(RichProgressBar):
+    """Rich's progress bar, showing "Epoch 3" in a run bounded by steps (Lightning's own shows "Epoch 3/-2" there:
+    max_epochs is -1)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -54,7 +64,7 @@ class TrainCLI(LightningCLI):
             kwargs["logger"] = [csv, TensorBoardLogger(root, name="logs", version=csv.version)]
         callbacks = list(config.get("callbacks") or [])
         if not any(isinstance(c, RichProgressBar) for c in callbacks) and config.get("enable_progress_bar") is not False:
-            callbacks.append(RichProgressBar(theme=RichProgressBarTheme(metrics_format=".4g")))  # lr needs digits
+            callbacks.append(ProgressBar(theme=RichProgressBarTheme(metrics_format=".4g")))  # lr needs digits
         kwargs["callbacks"] = callbacks
         if not config.get("plugins") and not str(config.get("strategy", "")).startswith(("deepspeed", "fsdp")):
             kwargs["plugins"] = [AtomicCheckpointIO()]  # deepspeed and fsdp save sharded checkpoints their own way

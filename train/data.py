@@ -176,6 +176,11 @@ def embedded_tokenizer(vocab_size: int, cache_dir: Path):
     return load_tokenizer(path)
 
 
+# A fine-tune config names a base model that a pre-training run makes; a fresh clone has none yet.
+NO_BASE_MODEL = ("pre-train it first (train/README.md, \"The demo's default models\"), or start from the demo's "
+                 "model: --model.init_from demo/models/rwkv7.safetensors --data.tokenizer demo/models/rwkv7.safetensors")
+
+
 def resolve_tokenizer(spec: str, vocab_size: int, cache_dir: Path):
     """"embedded" (BPE of `vocab_size` on the embedded corpora), "world", a tokenizer.json, or a model
     (file, Hugging Face folder or hub name) whose tokenizer is used (fine-tuning keeps the base model's tokenizer)."""
@@ -184,6 +189,8 @@ def resolve_tokenizer(spec: str, vocab_size: int, cache_dir: Path):
     if spec.endswith((".safetensors", ".pth", ".gguf")) or spec.startswith("hf:") or Path(spec).is_dir():
         from rwkv_lm.checkpoint import open_model
 
+        if not Path(spec).exists():
+            raise DataError(f"data.tokenizer {spec}: no such model file; {NO_BASE_MODEL}")
         tokenizer = open_model(spec)[0].tokenizer
         if tokenizer is None:
             raise DataError(f"{spec}: the checkpoint carries no tokenizer; pass data.tokenizer explicitly")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -22,7 +23,7 @@ from rwkv_lm.checkpoint import build, read_model
 from rwkv_lm.model import RWKV
 from rwkv_lm.state import RWKVState
 
-from .data import IGNORE
+from .data import IGNORE, NO_BASE_MODEL
 from .tuning import MODES
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training sees ~20 tokens per parameter
@@ -111,6 +112,8 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if init_from:
+            if not Path(init_from).exists():
+                raise ConfigError(f"model.init_from {init_from}: no such file; {NO_BASE_MODEL}")
             self.model = read_model(init_from).train()
             if self.model.config.vocab_size != vocab_size:
                 raise ConfigError(f"{init_from}: the model has a vocabulary of {self.model.config.vocab_size}, the data's "

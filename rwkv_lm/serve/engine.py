@@ -142,7 +142,7 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.cache = cache if isinstance(cache, StateCache) else (StateCache(cache) if cache else None)
         self.device = next(model.parameters()).device
-        self._decode_step = step or model.step
+        self._decode_step = step  # None: model.step, looked up at each step (a model patched or swapped later is seen)
         self.counters = Counters()
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []
@@ -326,7 +326,7 @@ class Engine:
         if self._decoding:
             tokens = torch.tensor([r.stream.tokens[-1] for r in self._decoding], device=self.device)
             start = time.perf_counter()
-            step_logits, self._batch_state = self._decode_step(tokens, self._batch_state)
+            step_logits, self._batch_state = (self._decode_step or self.model.step)(tokens, self._batch_state)
             elapsed = time.perf_counter() - start
             self.counters.decode_steps += 1
             self.counters.decode_step_rows += len(self._decoding)
