@@ -19,6 +19,12 @@ it writes nothing (the checkpoint the server loads lives in a temporary director
   first such prompt misses (cold cache), the second finds where it branches from the first and keeps the state
   there, the third and later hit at the branch and read only their suffix. Time to first token is the engine's
   (`Stream.first_token_s`: submission to the first token drawn), one request at a time, nothing else running.
+- What agents send (issue 19; `--features-only` runs just these): (d) constrained against free decode: B rows
+  of the same prompt, each held to a JSON schema whose string goes on (at least 1,000 characters, so every
+  step computes a mask and no row ends early) or free, `--max-tokens` tokens; milliseconds per batched step from the last row's first
+  token to the end, through the caller's thread. (e) n=8 continuations of one ~1,000-token prompt (read once,
+  the state forked) against 8 separate requests for it, submitted together, no prefix cache; time from
+  submission to the last token, and prompt tokens read.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ from rwkv_lm import RWKVConfig, SamplingParams, save  # noqa: E402
 from rwkv_lm.runtime.cpu import optimize  # noqa: E402
 from rwkv_lm.sampling import RowSampler, sample  # noqa: E402
 from rwkv_lm.serve import Engine, Request, StateCache  # noqa: E402
+from rwkv_lm.serve.grammar import Grammar  # noqa: E402
 from rwkv_lm.testing import random_model  # noqa: E402
 from rwkv_lm.tokenizer import load_tokenizer  # noqa: E402
 
@@ -259,6 +266,70 @@ def prefix_cache_round(model, tokenizer, prefix_len: int, suffix_len: int, hits:
     return CacheRound(miss, branch, list(times), uncached, max(read))
 
 
+# a string that cannot end within the run: every step of every row computes a mask, and no row ends early
+LONG_STRING = Grammar.json_schema({"type": "object", "properties": {"story": {"type": "string", "minLength": 1000}},
+                                   "required": ["story"]})
+
+
+def decode_ms(model, tokenizer, rows: int, max_tokens: int, grammar) -> float:
+    """Milliseconds per batched step once every row decodes (constrained by `grammar`, or free)."""
+    engine = Engine(model, tokenizer, max_batch=rows)
+    prompt = tokenizer.encode("Write a JSON object:")
+    streams = [engine.submit(Request(prompt, sampling(max_tokens, seed), end_tokens=(), grammar=grammar))
+               for seed in range(rows)]
+    for stream in streams:
+        stream.text()
+    ended = time.perf_counter()
+    started = max(s.submitted + s.first_token_s for s in streams)
+    assert all(s.completion_tokens == max_tokens for s in streams), "a row ended early"
+    return 1000 * (ended - started) / (max_tokens - 1)
+
+
+def fork_s(model, tokenizer, prompt: list[int], n: int, max_tokens: int, forked: bool) -> tuple[float, int]:
+    """(seconds from submission to the last token, prompt tokens read) for n continuations of one prompt."""
+    engine = Engine(model, tokenizer, max_batch=n)
+    start = time.perf_counter()
+    request = Request(prompt, sampling(max_tokens, 0), end_tokens=())
+    streams = engine.submit_n(request, n) if forked else [engine.submit(request) for _ in range(n)]
+    for stream in streams:
+        stream.text()
+    return time.perf_counter() - start, engine.counters.prompt_tokens
+
+
+def features_table(model, tokenizer, args) -> list[str]:
+    """Constrained vs free decode at B=1 and 16, n=8 vs 8 requests: the table's lines."""
+    batches = [1, 16] if not args.quick else [1, 4]
+    decode_ms(model, tokenizer, 2, 4, LONG_STRING)  # first calls (the grammar's view of the vocabulary)
+    steps = {(b, c): [] for b in batches for c in (False, True)}
+    for _ in range(args.rounds):
+        for b in batches:
+            for constrained in (False, True):
+                steps[b, constrained].append(decode_ms(model, tokenizer, b, args.max_tokens, LONG_STRING if constrained else None))
+    prompt = tokenizer.encode(Prompts(tokenizer, 1000 if not args.quick else 64).take(1)[0])
+    n = 8
+    forks = {True: [], False: []}
+    for _ in range(args.rounds):
+        for forked in (True, False):
+            forks[forked].append(fork_s(model, tokenizer, prompt, n, args.max_tokens // 2, forked))
+    lines = ["| rows | free ms/step | JSON-schema ms/step | constrained / free |", "|---:|---:|---:|---:|"]
+    for b in batches:
+        free, held = min(steps[b, False]), min(steps[b, True])
+        lines.append(f"| {b} | {free:.1f} | {held:.1f} | {held / free:.2f}x |")
+    one, eight = min(forks[True]), min(forks[False])
+    ratio = one[0] / eight[0]
+    lines += ["", f"| {n} continuations of a {len(prompt)}-token prompt, {args.max_tokens // 2} tokens each | seconds | "
+                  "prompt tokens read |", "|---|---:|---:|",
+              f"| n={n}, one request (prompt read once, state forked) | {one[0]:.2f} | {one[1]:,} |",
+              f"| {n} separate requests | {eight[0]:.2f} | {eight[1]:,} |",
+              "", f"- {'PASS' if ratio <= 0.5 else 'FAIL'}: n={n} takes {ratio:.2f} of the time of {n} requests (goal <= 1/2)",
+              f"- {'PASS' if min(steps[batches[-1], True]) <= 1.15 * min(steps[batches[-1], False]) else 'FAIL'}: "
+              f"a JSON-schema row costs {min(steps[batches[-1], True]) / min(steps[batches[-1], False]) - 1:+.0%} per step "
+              f"at B={batches[-1]} (goal <= +15%)",
+              f"- spread over {args.rounds} interleaved rounds (ms/step, free at B={batches[-1]}): "
+              f"{min(steps[batches[-1], False]):.1f} - {max(steps[batches[-1], False]):.1f}"]
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="concurrency levels")
@@ -272,6 +343,7 @@ def main():
     parser.add_argument("--max-batch", type=int, default=32, help="rows the engine decodes together (here and in the server)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="0.1B")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 16 streams, 8 tokens, one round")
+    parser.add_argument("--features-only", action="store_true", help="only constrained decode and n=8 (issue 19)")
     args = parser.parse_args()
     if args.quick:
         args.streams, args.requests, args.max_tokens, args.rounds = [1, 16], 1, 8, 1
@@ -283,6 +355,15 @@ def main():
 
     tokenizer = load_tokenizer("world")
     plain = random_model(SHAPES[args.shape])
+    if args.features_only:
+        features = features_table(optimize(plain), tokenizer, args)
+        load_end = os.getloadavg()
+        print("\n".join(features + [
+            "", f"Machine: {host}; load average {load_start[0]:.1f} / {load_end[0]:.1f} at the start / end.",
+            f"Command: `{command.strip()}` ({args.shape} shape, random weights, fp32, temperature 1, "
+            f"{args.max_tokens} tokens per constrained/free row; best of {args.rounds} interleaved rounds; "
+            f"{args.threads} torch threads)."]))
+        return
     reference = 16 if 16 in args.streams else max(args.streams)
     prompts = Prompts(tokenizer, args.prompt_tokens)
     with tempfile.TemporaryDirectory() as tmp:
@@ -309,6 +390,7 @@ def main():
     rng = random.Random(1)
     cache_rounds = [prefix_cache_round(model, tokenizer, args.prefix_tokens, args.suffix_tokens, 3, rng)
                     for _ in range(args.rounds + 1)]
+    features = features_table(model, tokenizer, args)
     load_end = os.getloadavg()
 
     one = alone.best.tok_s
@@ -348,6 +430,7 @@ def main():
         f"~{args.prompt_tokens} prompt tokens and {args.max_tokens} tokens each at temperature 1; best tokens/s of "
         f"{args.rounds} interleaved rounds, TTFT over every request of every round; max batch {args.max_batch}, "
         f"{args.threads} torch threads).",
+        "", "What agents send (constrained decode, n continuations):", "", *features,
     ]
     print("\n".join(lines))
 

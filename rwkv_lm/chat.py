@@ -70,22 +70,24 @@ class ChatSession:
         self._feed_pending()
         return self._state
 
-    def reply(self, message: str, params: SamplingParams | None = None, **overrides) -> Iterator[str]:
+    def reply(self, message: str, params: SamplingParams | None = None, *, grammar=None, **overrides) -> Iterator[str]:
         """Stream the assistant's answer to `message` as text pieces.
 
         Breaking out of the loop stops at once; the session keeps what was generated until then.
-        Token 0 is banned; the reply ends at a blank line or at a stop string of `params`.
+        Token 0 is banned; the reply ends at a blank line or at a stop string of `params`. `grammar`
+        (`rwkv_lm.serve.grammar.Grammar`): what the reply must be, e.g. `Grammar.json_schema(schema)`.
         """
         params = resolve(params, overrides)
         message = clean_message(message, "user")
         prompt = (TURN_END if self._open_reply else "") + turn_text("user", message) + REPLY_CUE
-        return self._reply(self.tokenizer.encode(prompt), params)
+        return self._reply(self.tokenizer.encode(prompt), params, grammar)
 
-    def _reply(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:
+    def _reply(self, tokens: list[int], params: SamplingParams, grammar=None) -> Iterator[str]:
         # the last reply's final token (counted already) goes in with the new ones, in one pass
         before = (self._state, self._pending, self.num_tokens, self._open_reply)
         engine = engine_for(self.model, self.tokenizer, self.engine)
-        stream = engine.submit(Request.chat_reply(self._pending + tokens, params, self._state, keep_state=True))
+        stream = engine.submit(Request.chat_reply(self._pending + tokens, params, self._state, keep_state=True,
+                                                  grammar=grammar))
         self.last_reply, self._live, self._pending = stream, True, []
         self.num_tokens += len(tokens)
         self._open_reply = True

@@ -206,10 +206,17 @@ def cmd_serve(args):
     if (args.replica_cpus, args.replica_gpus, args.ray_address) != (None, None, None):
         raise UsageError("--replica-cpus, --replica-gpus and --ray-address go with --replicas 2 or more")
     model, tokenizer = _model_and_tokenizer(args)
+    states = {}
+    for spec in args.state or ():
+        name, sep, path = spec.partition("=")
+        if not sep or not name or ":" in name or name in states:
+            raise UsageError(f"--state {spec!r}: give NAME=FILE, a new name without ':' for each file")
+        states[name] = load_state(path, model)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache=int(args.state_cache_mb * 2**20), step=decode_step(model, graphs=args.cuda_graphs))
     app = create_app(engine, model_name=args.model_name or Path(args.model).stem, api_key=args.api_key, limits=limits,
-                     allowed_origins=tuple(args.allowed_origins), metrics_public=args.metrics_public)
+                     allowed_origins=tuple(args.allowed_origins), metrics_public=args.metrics_public,
+                     states=states)
     print(f"rwkv-lm: serving {args.model} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"state cache {args.state_cache_mb:g} MB)", file=sys.stderr)
     config = listener.config(app, args.host, args.port, limits, log_level="warning")
@@ -302,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, help="CPUs (and torch threads) per replica (default: 1)")
     p.add_argument("--replica-gpus", type=float, help="GPUs per replica (default: 0); replicas with GPUs run on cuda, the others on cpu")
     p.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local one")
+    p.add_argument("--state", action="append", metavar="NAME=FILE",
+                   help="a tuned state clients may start from, as model 'MODEL_NAME:NAME' (repeatable; " + STATE_HELP + ")")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("convert", help="convert between our .safetensors, official .pth, GGUF and Hugging Face folders")

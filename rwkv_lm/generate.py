@@ -13,15 +13,16 @@ from .sampling import SamplingParams, resolve
 from .serve import Engine, Request, Stream, check_tokenizer, engine_for
 
 def generate(model, tokenizer, prompt: str, params: SamplingParams | None = None, *, engine: Engine | None = None,
-             state=None, **overrides) -> Stream:
+             state=None, grammar=None, **overrides) -> Stream:
     """Stream the completion of `prompt` as text pieces; breaking out of the loop and closing the stream
     stops the work at once. Ends after `max_tokens`, at a stop string, or at token 0 (end of document).
-    `state`: a state of one row to start from (e.g. `rwkv_lm.load_state(path, model)`); None: zeros."""
+    `state`: a state of one row to start from (e.g. `rwkv_lm.load_state(path, model)`); None: zeros.
+    `grammar`: what the text must be (`rwkv_lm.serve.grammar.Grammar`, e.g. `Grammar.json_schema(schema)`)."""
     params = resolve(params, overrides)
     check_tokenizer(model, tokenizer)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string")
-    return engine_for(model, tokenizer, engine).submit(Request(tokenizer.encode(prompt), params, state=state))
+    return engine_for(model, tokenizer, engine).submit(Request(tokenizer.encode(prompt), params, state=state, grammar=grammar))
 
 
 def complete(model, tokenizer, prompt: str, params: SamplingParams | None = None,

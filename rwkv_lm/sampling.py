@@ -37,11 +37,14 @@ class SamplingParams:
     penalty_decay: float = 1.0  # occurrences are multiplied by this after every token (RWKV's chat uses 0.996)
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings, which is not returned
     seed: int | None = None  # same seed, same settings, same model -> same text
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a dict is taken too
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         checks = [
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
             ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
@@ -54,6 +57,8 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
             ("seed", self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
              "must be None or an integer in [-2**63, 2**64) (what a torch.Generator takes)"),
+            ("logit_bias", all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+             "must map token ids >= 0 to biases in [-100, 100]"),
         ]
         for param, ok, rule in checks:
             if not ok:
@@ -105,12 +110,15 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     """logits [B, V], one RowSampler per row -> next tokens [B] (int64), each row by its own settings."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"{logits.shape[0]} rows of logits but {len(rows)} samplers")
-    edited = [row for row in rows if row.counts is not None or row.banned]
+    edited = [row for row in rows if row.counts is not None or row.banned or row.params.logit_bias]
     logits = logits.float().clone() if edited else logits.float()  # never edit the caller's logits
     for i, row in enumerate(rows):  # per-row edits, rare and cheap
         if row.counts is not None:
             p = row.params
             logits[i] -= p.presence_penalty * (row.counts > 0) + p.frequency_penalty * row.counts
+        if row.params.logit_bias:
+            ids, biases = zip(*row.params.logit_bias)
+            logits[i, list(ids)] += torch.tensor(biases, device=logits.device)
         if row.banned:
             logits[i, list(row.banned)] = float("-inf")
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]

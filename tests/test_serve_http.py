@@ -172,7 +172,15 @@ BAD = [  # (name, method and body or raw bytes, status, words the message must c
     ("top_p zero", {"prompt": "Hi", "top_p": 0}, 400, "top_p", "top_p"),
     ("max_tokens zero", {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
     ("max_tokens a word", {"prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens", "max_tokens"),
-    ("two choices", {"prompt": "Hi", "n": 2}, 400, "n=1", "n"),
+    ("more choices than rows", {"prompt": "Hi", "n": 9}, 400, "n=9", "n"),
+    ("suffix", {"prompt": "Hi", "suffix": "end"}, 400, "suffix", "suffix"),
+    ("best_of beyond n", {"prompt": "Hi", "best_of": 3}, 400, "best_of", "best_of"),
+    ("logit_bias out of range", {"prompt": "Hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "logit_bias"),
+    ("logit_bias beyond the vocabulary", {"prompt": "Hi", "logit_bias": {"70000": 1}}, 400, "logit_bias", "logit_bias"),
+    ("token id beyond the vocabulary", {"prompt": [1, 70000]}, 400, "prompt", "prompt"),
+    ("bad response_format", {"prompt": "Hi", "response_format": {"type": "xml"}}, 400, "type", "response_format"),
+    ("bad schema", {"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no"}}}},
+     400, "response_format", "response_format"),
     ("five stops", {"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop"),
     ("prompt over the limit", {"prompt": "word " * 1000}, 413, "at most 400", None),
 ]
@@ -180,6 +188,13 @@ BAD_CHAT = [
     ("no messages", {"messages": []}, 400, "messages", "messages"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "role", "messages.0.role"),
     ("empty message", {"messages": [{"role": "user", "content": "  "}]}, 400, "empty", "messages"),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "image_url", "messages.0.content"),
+    ("audio", {"messages": [{"role": "user", "content": "Hi"}], "audio": {"voice": "alloy"}}, 400, "audio", "audio"),
+    ("audio modality", {"messages": [{"role": "user", "content": "Hi"}], "modalities": ["text", "audio"]}, 400, "text",
+     "modalities.1"),
+    ("tool_choice names no tool", {"messages": [{"role": "user", "content": "Hi"}],
+                                   "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice", None),
 ]
 
 

@@ -4,7 +4,9 @@ prefix reads only the tokens after it.
 An RWKV state is a few fixed-size tensors whatever the prefix length, so one entry costs the same for 10
 tokens or 10,000 (a transformer's KV cache grows with the prefix; it is cached the same way). Entries live in
 RAM, least recently used first out, within a byte budget. Keys are the exact token prefix: a lookup matches
-whole tokens only, so two prompts that share a beginning share only the state of that beginning.
+whole tokens only, so two prompts that share a beginning share only the state of that beginning; and keys
+hold the state a prompt started from (`origin`: "" for the model's zero state, a tuned state's name), so prompts
+from two starting states never share an entry.
 
 States are not stored everywhere: the engine offers the state at prefill-chunk boundaries, at the end of
 every request, and where a new prompt leaves a prompt seen before (`branch_point`), which is where the next
@@ -23,9 +25,11 @@ SEEN_LIMIT = 200_000  # prefix hashes remembered for branch points (a few MB)
 _MOD, _BASE = (1 << 61) - 1, 1_000_003
 
 
-def prefix_hashes(tokens: Sequence[int]) -> list[int]:
-    """h[n]: a rolling hash of tokens[:n], for n = 0 .. len(tokens)."""
+def prefix_hashes(tokens: Sequence[int], origin: str = "") -> list[int]:
+    """h[n]: a rolling hash of tokens[:n] read from the starting state named `origin`, for n = 0 .. len(tokens)."""
     h = [0] * (len(tokens) + 1)
+    for ch in origin:
+        h[0] = (h[0] * _BASE + ord(ch) + 1) % _MOD
     for i, t in enumerate(tokens):
         h[i + 1] = (h[i] * _BASE + t + 1) % _MOD
     return h
@@ -33,6 +37,7 @@ def prefix_hashes(tokens: Sequence[int]) -> list[int]:
 
 @dataclass
 class Entry:
+    origin: str  # the starting state's name ("" for zeros)
     tokens: tuple[int, ...]
     state: object  # a batch-1 state with its own storage
     logits: object | None  # [1, V] after the last token, when known: then a prompt equal to the key reads nothing
@@ -55,14 +60,16 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, tokens: Sequence[int], hashes: list[int] | None = None) -> Entry | None:
-        """The entry for the longest cached prefix of `tokens` that leaves something to compute: shorter than
-        `tokens`, or all of them where the entry has the logits after them. None (a miss) if there is none."""
-        hashes = hashes or prefix_hashes(tokens)
+    def lookup(self, tokens: Sequence[int], hashes: list[int] | None = None, origin: str = "") -> Entry | None:
+        """The entry for the longest cached prefix of `tokens` (read from `origin`) that leaves something to
+        compute: shorter than `tokens`, or all of them where the entry has the logits after them. None (a miss)
+        if there is none."""
+        hashes = hashes or prefix_hashes(tokens, origin)
         with self._lock:
             for n in sorted((n for n in self._lengths if n <= len(tokens)), reverse=True):
                 entry = self._entries.get((n, hashes[n]))
-                if entry is None or entry.tokens != tuple(tokens[:n]) or (n == len(tokens) and entry.logits is None):
+                if (entry is None or entry.origin != origin or entry.tokens != tuple(tokens[:n])
+                        or (n == len(tokens) and entry.logits is None)):
                     continue
                 self._entries.move_to_end((n, hashes[n]))
                 self.hits += 1
@@ -70,13 +77,13 @@ class StateCache:
             self.misses += 1
             return None
 
-    def insert(self, tokens: Sequence[int], state, logits=None, hashes: list[int] | None = None) -> bool:
-        """Keep a copy of `state` (batch 1) as the state after `tokens`, and the logits after them if given;
-        False if it does not fit the budget."""
+    def insert(self, tokens: Sequence[int], state, logits=None, hashes: list[int] | None = None, origin: str = "") -> bool:
+        """Keep a copy of `state` (batch 1) as the state after `tokens` read from `origin`, and the logits after
+        them if given; False if it does not fit the budget."""
         n = len(tokens)
         if n == 0:
             return False
-        key = (n, (hashes or prefix_hashes(tokens))[n])
+        key = (n, (hashes or prefix_hashes(tokens, origin))[n])
         nbytes = state.nbytes + (0 if logits is None else logits.numel() * logits.element_size())
         with self._lock:
             old = self._entries.get(key)
@@ -88,7 +95,7 @@ class StateCache:
             if old is not None:
                 self._remove(key)
             # a copy: the state's tensors may be views into a whole chunk's activations
-            self._entries[key] = Entry(tuple(tokens), state.clone(), logits, nbytes)
+            self._entries[key] = Entry(origin, tuple(tokens), state.clone(), logits, nbytes)
             self._lengths[n] = self._lengths.get(n, 0) + 1
             self.bytes += nbytes
             while self.bytes > self.max_bytes:

@@ -29,6 +29,8 @@ import torch
 
 from ..sampling import RowSampler, sample
 from .cache import StateCache, prefix_hashes
+from .grammar import MaskFiller, Matcher
+from .logprobs import prompt_logprobs, token_logprobs
 from .request import Request, Stream
 from .text import TextStream
 
@@ -97,6 +99,9 @@ class _Row:
     reason: str | None = None  # why it is done
     started: bool = False  # some text has been streamed
     step_s: float = 0.0  # time of the work that makes its next token
+    matcher: Matcher | None = None  # where its text stands in its grammar
+    followers: list["_Row"] = field(default_factory=list)  # forks that start from this row's prompt (`submit_n`)
+    last_logits: torch.Tensor | None = None  # [1, V] after the prompt read so far, for prompt logprobs
 
     @property
     def request(self) -> Request:
@@ -144,6 +149,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self._decode_step = step  # None: model.step, looked up at each step (a model patched or swapped later is seen)
         self.counters = Counters()
+        self._masks = MaskFiller(model.config.vocab_size)
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []
         self._decoding: list[_Row] = []  # in batch order
@@ -160,23 +166,42 @@ class Engine:
     # -- submitting -----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Stream:
         """Queue a request; its text comes through the returned Stream."""
+        return self.submit_n(request, 1)[0]
+
+    def submit_n(self, request: Request, n: int) -> list[Stream]:
+        """n continuations of one prompt: it is read once, then its state is forked n ways. Continuation i
+        samples with seed `params.seed + i` (when a seed is set). Closing the first stream before its prompt is
+        read cancels them all."""
         vocab = self.model.config.vocab_size
         if not request.prompt:
             raise ValueError("nothing to feed: the prompt encodes to no tokens")
         if any(not 0 <= t < vocab for t in request.prompt):
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); was it encoded with another tokenizer?")
-        stream = Stream(request, self)
-        sampler = RowSampler(request.params, banned=request.banned, device=self.device)
-        row = _Row(stream, sampler, TextStream(self.tokenizer, (*request.params.stop, *request.stop)))
+        if any(t >= vocab for t, _ in request.params.logit_bias):
+            raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"n must lie in [1, {self.max_batch}] (the rows this engine decodes together), got {n}")
+        seed = request.params.seed
+        rows = [self._new_row(request if i == 0 or seed is None else
+                              dataclasses.replace(request, params=request.params.replace(seed=seed + i)))
+                for i in range(n)]
+        row, row.followers = rows[0], rows[1:]
         with self._queue_lock:
             held = len(self._waiting) + len(self._prefilling) + len(self._decoding)
             if self.max_queue is not None and held >= self.max_batch + self.max_queue:
                 raise EngineFull(f"every row is taken and {len(self._waiting)} requests are already waiting "
                                  f"(the most this engine queues: {self.max_queue})")
             self._waiting.append(row)
-            self.counters.requests += 1
+            self.counters.requests += n
             self._wakeup.notify()
-        return stream
+        return [r.stream for r in rows]
+
+    def _new_row(self, request: Request) -> _Row:
+        matcher = None if request.grammar is None else Matcher(request.grammar, self.tokenizer,
+                                                                self.model.config.vocab_size, lead=request.lstrip)
+        sampler = RowSampler(request.params, banned=request.banned, device=self.device)
+        return _Row(Stream(request, self), sampler, TextStream(self.tokenizer, (*request.params.stop, *request.stop)),
+                    matcher=matcher)
 
     def cancelled(self, stream: Stream) -> None:
         """Called by a closed stream: its row is dropped at the start of the next iteration."""
@@ -211,7 +236,8 @@ class Engine:
     def _end_all(self, reason: str, error: BaseException | None = None) -> None:
         with self._step_lock:
             for row in [*self._waiting, *self._prefilling, *self._decoding]:
-                row.stream.end(reason, error)
+                for each in (row, *row.followers):
+                    each.stream.end(reason, error)
             self._waiting.clear()
             self._prefilling, self._decoding, self._batch_state = [], [], None
 
@@ -274,6 +300,8 @@ class Engine:
         except Exception as e:  # a failing decode step ends every request in flight; the engine stays up
             for row in [*self._decoding, *self._prefilling]:
                 self._end(row, "error", e)
+                for follower in row.followers:
+                    self._end(follower, "error", e)
             self._prefilling, self._decoding, self._batch_state = [], [], None
         return True
 
@@ -287,42 +315,50 @@ class Engine:
         for row in [r for r in self._prefilling if r.stream in cancelled]:
             self._prefilling.remove(row)
             self._end(row, "cancelled")
+            for follower in row.followers:
+                self._end(follower, "cancelled")
+        for row in self._prefilling:
+            row.followers = [f for f in row.followers if f.stream not in cancelled]
         self._leave([i for i, r in enumerate(self._decoding) if r.stream in cancelled], "cancelled")
         for stream in cancelled:
             stream.end("cancelled")  # a request cancelled while it waited
 
     def _admit(self) -> None:
         with self._queue_lock:
-            while self._waiting and len(self._prefilling) + len(self._decoding) < self.max_batch:
+            while self._waiting and self._rows() + 1 + len(self._waiting[0].followers) <= self.max_batch:
                 row = self._waiting.popleft()
                 self._prefilling.append(row)
         for row in self._prefilling:
             if row.phase is Phase.WAITING:
                 self._start_prefill(row)
 
+    def _rows(self) -> int:
+        return len(self._decoding) + sum(1 + len(r.followers) for r in self._prefilling)
+
     def _start_prefill(self, row: _Row) -> None:
         request = row.request
         row.phase = Phase.PREFILLING
         row.state = request.state
-        if request.state is not None or self.cache is None:
+        if (request.state is not None and request.state_key is None) or self.cache is None or request.prompt_logprobs is not None:
             if row.state is None:
                 row.state = self.model.init_state(1)
             return
-        row.hashes = prefix_hashes(request.prompt)
-        hit = self.cache.lookup(request.prompt, row.hashes)
+        row.hashes = prefix_hashes(request.prompt, request.state_key or "")
+        hit = self.cache.lookup(request.prompt, row.hashes, request.state_key or "")
         if hit is not None:
             row.fed, row.state = len(hit.tokens), hit.state
             row.stream.cached_tokens = row.fed
             self.counters.cached_prompt_tokens += row.fed
             if row.fed == len(request.prompt):
                 row.logits = hit.logits
-        else:
+        elif row.state is None:
             row.state = self.model.init_state(1)
         row.branch = self.cache.branch_point(row.hashes, row.fed)
 
     def _iterate(self) -> None:
         ready: list[_Row] = []
         logits = []
+        masks = self._masks.start([r.matcher for r in self._decoding])  # computed while the model steps
         if self._decoding:
             tokens = torch.tensor([r.stream.tokens[-1] for r in self._decoding], device=self.device)
             start = time.perf_counter()
@@ -347,15 +383,22 @@ class Engine:
                 continue
             if row.logits is not None:
                 self._prefilling.remove(row)
-                joined.append(row)
+                if row.request.read_only:
+                    self._end(row, "length", state=row.state)
+                    continue
+                joined += self._fork(row)
         ready += joined
         logits += [row.logits for row in joined]
         if not ready:
+            masks.result()
             return
-        tokens = sample(torch.cat(logits), [row.sampler for row in ready]).tolist()
+        raw = torch.cat(logits)
+        masked = self._masks.apply(raw, masks.result(), [row.matcher for row in ready])
+        tokens = sample(masked, [row.sampler for row in ready]).tolist()
+        chances = token_logprobs(raw, tokens, [row.request.logprobs for row in ready])
 
-        for row, token in zip(ready, tokens):
-            self._take(row, token)
+        for row, token, chance in zip(ready, tokens, chances):
+            self._take(row, token, chance)
         self._leave([i for i, r in enumerate(self._decoding) if r.done], None)
         joining = [r for r in joined if not r.done]
         if joining:
@@ -364,6 +407,14 @@ class Engine:
             self._decoding += joining
             for row in joining:
                 row.state, row.logits, row.phase = None, None, Phase.DECODING
+
+    def _fork(self, row: _Row) -> list[_Row]:
+        """A row whose prompt is read, and its followers, each with its own copy of the state."""
+        for follower in row.followers:
+            follower.state, follower.logits, follower.fed = row.state.clone(), row.logits, row.fed
+            follower.stream.cached_tokens, follower.stream.prompt_logprobs = row.stream.cached_tokens, list(row.stream.prompt_logprobs)
+        followers, row.followers = row.followers, []
+        return [row, *followers]
 
     def _prefill_some(self, row: _Row, budget: int) -> int:
         """Read up to `budget` tokens of a row's prompt (stopping where a state is worth caching); the count read."""
@@ -374,19 +425,30 @@ class Engine:
             if row.branch is not None and row.branch > start:
                 end = min(end, row.branch)
         began = time.perf_counter()
-        logits, row.state = prefill(self.model, prompt[start:end], row.state)
+        top = row.request.prompt_logprobs
+        if top is None:
+            logits, row.state = prefill(self.model, prompt[start:end], row.state)
+        else:  # every position's logits: each predicts the next token (the first token has no prediction)
+            ids = torch.tensor([list(prompt[start:end])], device=self.device)
+            every, row.state = self.model(ids, row.state)
+            before = every[0, :-1] if row.last_logits is None else torch.cat([row.last_logits, every[0, :-1]])
+            row.stream.prompt_logprobs += [None] * (start == 0) + prompt_logprobs(before, prompt[start + (start == 0):end], top)
+            logits = row.last_logits = every[0, -1:]
         row.fed = end
         self.counters.prompt_tokens += end - start
         row.step_s += time.perf_counter() - began  # the first token costs the whole prompt
         if end == len(prompt):
             row.logits = logits
         if row.hashes is not None:
-            self.cache.insert(prompt[:end], row.state, row.logits if end == len(prompt) else None, row.hashes)
+            self.cache.insert(prompt[:end], row.state, row.logits if end == len(prompt) else None, row.hashes,
+                              row.request.state_key or "")
         return end - start
 
-    def _take(self, row: _Row, token: int) -> None:
-        """A token drawn for a row: stream its text and decide whether the row is done."""
+    def _take(self, row: _Row, token: int, chance=None) -> None:
+        """A token drawn for a row (with its logprobs, if recorded): stream its text, decide whether the row is done."""
         stream, request = row.stream, row.request
+        if chance is not None:
+            stream.logprobs.append(chance)
         stream.token_s.append(row.step_s)  # one append: a reader never sees a token without its time
         row.step_s = 0.0
         stream.tokens.append(token)
@@ -398,8 +460,10 @@ class Engine:
         if token in request.end_tokens:
             self._finish_text(row, "stop")
             return
+        if row.matcher is not None:
+            row.matcher.consume(token)
         self._put(row, row.text.push(token))
-        if row.text.stopped:
+        if row.text.stopped or (row.matcher is not None and row.matcher.complete):
             stream.stop_hit = row.text.stop_hit
             self._finish_text(row, "stop")
         elif stream.completion_tokens >= request.params.max_tokens:
@@ -439,7 +503,7 @@ class Engine:
         row.phase = Phase.DONE
         if state is not None and row.hashes is not None and stream.tokens and reason != "error":
             # the state after the prompt and every drawn token but the last (which is never fed)
-            self.cache.insert([*row.request.prompt, *stream.tokens[:-1]], state)
+            self.cache.insert([*row.request.prompt, *stream.tokens[:-1]], state, origin=row.request.state_key or "")
         if row.request.keep_state:
             stream.state = state
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1

@@ -22,10 +22,20 @@ class Request:
 
     state: where to start (a batch-1 model state, e.g. a chat session's); None starts from the model's zero
       state, which lets the engine's prefix cache skip a prompt beginning it has read before.
+    state_key: a name for `state` that stays the same for the same state (a tuned state's): the prefix cache
+      then serves this request too, keeping its entries apart from those of every other starting state.
     stop: stop strings on top of `params.stop` (a chat template's end of turn, say).
     banned: token ids never drawn. end_tokens: drawn, they end the text (finish reason "stop").
     keep_state: hand the final state back (`Stream.state`, with `Stream.tokens[-1]` not yet fed).
     lstrip: characters dropped from the start of the text (the space a chat template puts after its cue).
+    grammar: what the text must be (`rwkv_lm.serve.grammar.Grammar`: a JSON schema, any JSON object, lark); a
+      token the grammar forbids is never drawn, and the row ends where the grammar is complete.
+    logprobs: record each drawn token's log-probability and its `logprobs` most likely alternatives
+      (`Stream.logprobs`); None records nothing. They are the model's own (log_softmax of its logits, before
+      penalties, bias, temperature or a grammar): what evaluation needs.
+    prompt_logprobs: the same for the prompt's tokens (`Stream.prompt_logprobs`; the first has none); such a
+      prompt is read whole, past the prefix cache. read_only: read the prompt and end without drawing a token
+      (OpenAI's echo with max_tokens 0).
     """
 
     prompt: Sequence[int]
@@ -36,14 +46,29 @@ class Request:
     end_tokens: tuple[int, ...] = (END_OF_TEXT_ID,)
     keep_state: bool = False
     lstrip: str = ""
+    state_key: str | None = None
+    grammar: object | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the `top` most likely tokens at its place (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
     @classmethod
-    def chat_reply(cls, tokens: Sequence[int], params: SamplingParams, state=None, *, keep_state: bool = False) -> "Request":
+    def chat_reply(cls, tokens: Sequence[int], params: SamplingParams, state=None, *, keep_state: bool = False,
+                   grammar=None) -> "Request":
         """An assistant's reply after `tokens` (a conversation in the chat template, ending with its cue): it ends
-        at the blank line that closes a turn, never draws the end-of-text token, and drops the space the
-        template puts after the cue."""
+        at the blank line that closes a turn (or where `grammar` is complete), never draws the end-of-text token,
+        and drops the space the template puts after the cue."""
         return cls(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT_ID,), keep_state=keep_state,
-                   lstrip=" ")
+                   lstrip=" ", grammar=grammar)
 
 
 class Stream:
@@ -54,13 +79,16 @@ class Stream:
     `prompt_tokens`, `cached_tokens` (of those, read from the prefix cache), `completion_tokens`, `tokens`
     (the ids drawn), `first_token_s` (seconds from submission), `busy_s` (time in the steps that made its
     tokens), `token_s` (per token, the time of the step, or for the first the prefill, that made it), `state_bytes` (its state's size at its last token), `finish_reason` ("stop", "length",
-    "cancelled", "error"; None while it runs), and with `keep_state`, `state`.
+    "cancelled", "error"; None while it runs), with `keep_state`, `state`, and with `logprobs` /
+    `prompt_logprobs`, a `TokenLogprob` per token drawn / per prompt token (None for the first).
     """
 
     def __init__(self, request: Request, engine):
         self.request, self._engine = request, engine
         self.prompt_tokens, self.cached_tokens, self.completion_tokens = len(request.prompt), 0, 0
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = []
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None
         self.state_bytes = 0

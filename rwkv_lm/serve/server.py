@@ -13,6 +13,8 @@ within one engine iteration.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import hmac
 import json
 import time
@@ -25,11 +27,14 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..chat_template import render_prompt
+from ..chat_template import TURN_END, render_prompt
 from ..sampling import SamplingError
 from . import errors
+from . import tools as tool_format
+from .choices import LogprobWriter
 from .engine import Engine, EngineFull
 from .errors import error_response
+from .grammar import GrammarError
 from .guards import BodyLimit, check_prompt_chars, check_request
 from .limits import Limits, max_token_bytes
 from .openai_api import ApiError, ChatRequest, CompletionRequest
@@ -72,11 +77,13 @@ class EngineCollector:
 
 
 def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None = None, limits: Limits = Limits(),
-               allowed_origins: tuple[str, ...] = (), metrics_public: bool = False) -> FastAPI:
+               allowed_origins: tuple[str, ...] = (), metrics_public: bool = False, states: dict | None = None) -> FastAPI:
     """The app; it starts the engine's loop thread when it starts and stops it when it ends.
 
     api_key: required on every path but /health (and /metrics with `metrics_public`); allowed_origins: the
-    browser origins CORS lets call the API ("*": any; none by default)."""
+    browser origins CORS lets call the API ("*": any; none by default); states: tuned states by name (batch-1
+    model states): a request for model "{model_name}:{name}" starts from that state."""
+    states = dict(states or {})
 
     @asynccontextmanager
     async def lifespan(app):
@@ -90,7 +97,8 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     registry = CollectorRegistry()
     registry.register(EngineCollector(engine))
     http_requests = Counter("rwkv_lm_http_requests", "HTTP requests answered", ["path", "status"], registry=registry)
-    model_card = {"id": model_name, "object": "model", "created": STARTED, "owned_by": "rwkv_lm"}
+    cards = {name: {"id": name, "object": "model", "created": STARTED, "owned_by": "rwkv_lm"}
+             for name in [model_name, *(f"{model_name}:{state}" for state in states)]}
 
     # outermost first: CORS answers preflights, the key and the count come before a body is read
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
@@ -115,46 +123,95 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card]}
+        return {"object": "list", "data": list(cards.values())}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         _check_model(model_id)
-        return model_card
+        return cards[model_id]
+
+    # vLLM's tokenizer endpoints: lm-evaluation-harness's `tokenizer_backend=remote` tokenizes through them
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"eos_token": None, "bos_token": None, "pad_token": None, "model_max_length": limits.max_prompt_tokens,
+                "vocab_size": tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(body: dict):
+        if not isinstance(body.get("prompt"), str):
+            raise ApiError(400, "prompt: a string to tokenize", param="prompt")
+        tokens = tokenizer.encode(body["prompt"])
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": limits.max_prompt_tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: dict):
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < tokenizer.vocab_size for t in tokens):
+            raise ApiError(400, f"tokens: a list of token ids in [0, {tokenizer.vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(tokens)}
+
+    def _start(body) -> dict:
+        """The Request fields for the state the request's model names (none: the model's zero state)."""
+        name = (body.model or "").removeprefix(model_name + ":") if ":" in (body.model or "") else None
+        if name is None:
+            return {}
+        if name not in states:
+            raise ApiError(404, f"the model {body.model!r} does not exist: this server has no state {name!r} "
+                                f"(its states: {', '.join(sorted(states)) or 'none'})", param="model", code="model_not_found")
+        return {"state": states[name], "state_key": name}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
         _check_body(body)
-        tokens = await _encode(body.prompt, "prompt")
-        stream = _submit(Request(tokens, _params(body, COMPLETION_MAX_TOKENS), end_tokens=() if body.ignore_eos else (END_OF_TEXT_ID,)))
-        reply = _Reply("cmpl", "text_completion", model_name, body, stream)
+        params = _params(body, COMPLETION_MAX_TOKENS)
+        end_tokens = (() if body.ignore_eos else (END_OF_TEXT_ID,)) + tuple(body.stop_token_ids or ())
+        echo_logprobs = body.logprobs if body.echo else None
+        prompts = [await _encode(p, "prompt") for p in body.prompt]
+        requests = [Request(tokens, params, end_tokens=end_tokens, grammar=_grammar(body), logprobs=body.logprobs,
+                            prompt_logprobs=echo_logprobs, read_only=body.max_tokens == 0, **_start(body))
+                    for tokens in prompts]
+        reply = _Reply("cmpl", "text_completion", body.model or model_name, body, _submit(requests, body.n),
+                       _CompletionShape(body, tokenizer))
         if body.stream:
-            return _sse(reply.chunks(lambda piece: {"text": piece}, first=None))
-        text = await reply.collect(http)
-        return reply.body({"text": text, "logprobs": None})
+            return _sse(reply.chunks())
+        return await reply.whole(http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
         _check_body(body)
-        try:  # (an assistant turn with no content, one that only called tools, adds no text)
-            prompt = render_prompt([m.as_dict() for m in body.messages if m.content is not None])
+        functions, forced = body.functions(), body.forced_functions()
+        try:
+            prompt = render_prompt(tool_format.render_messages([m.as_dict() for m in body.messages], functions))
         except ValueError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        stream = _submit(Request.chat_reply(await _encode(prompt, "messages"), _params(body, CHAT_MAX_TOKENS)))
-        reply = _Reply("chatcmpl", "chat.completion", model_name, body, stream)
+        grammar = _grammar(body) if not forced else tool_format.calls_grammar(forced, body.parallel_tool_calls, TURN_END)
+        request = dataclasses.replace(Request.chat_reply(await _encode(prompt, "messages"), _params(body, CHAT_MAX_TOKENS)),
+                                      grammar=grammar,
+                                      logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                      end_tokens=(END_OF_TEXT_ID, *(body.stop_token_ids or ())), **_start(body))
+        reply = _Reply("chatcmpl", "chat.completion", body.model or model_name, body, _submit([request], body.n),
+                       _ChatShape(body, tokenizer, functions))
         if body.stream:
-            return _sse(reply.chunks(lambda piece: {"delta": {"content": piece}}, first={"delta": {"role": "assistant"}}))
-        text = await reply.collect(http)
-        return reply.body({"message": {"role": "assistant", "content": text}})
+            return _sse(reply.chunks())
+        return await reply.whole(http)
+
+    def _grammar(body):
+        try:
+            return body.grammar()
+        except GrammarError as e:
+            raise ApiError(400, f"response_format: {e}", param="response_format") from None
 
     def _check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
+        if name is not None and name not in cards and not name.startswith(model_name + ":"):
             raise ApiError(404, f"the model {name!r} does not exist: this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
     def _check_body(body) -> None:
         _check_model(body.model)
         check_request(body, limits)
+        refused = body.refused()
+        if refused is not None:
+            raise ApiError(400, f"{refused[0]}: {refused[1]}", param=refused[0])
 
     def _params(body, default_max_tokens):
         try:
@@ -162,9 +219,13 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
         except SamplingError as e:
             raise ApiError(400, e.reason, param=e.param) from None
 
-    async def _encode(text: str, param: str) -> list[int]:
-        check_prompt_chars(text, limits, token_bytes, param)
-        tokens = await asyncio.to_thread(tokenizer.encode, text)  # running streams and /health go on meanwhile
+    async def _encode(text: str | list[int], param: str) -> list[int]:
+        """A prompt's tokens (a string encoded, or token ids as given), within the limits."""
+        if isinstance(text, str):
+            check_prompt_chars(text, limits, token_bytes, param)
+            tokens = await asyncio.to_thread(tokenizer.encode, text)  # running streams and /health go on meanwhile
+        else:
+            tokens = list(text)
         if not tokens:
             raise ApiError(400, "the prompt encodes to no tokens", param=param)
         if len(tokens) > limits.max_prompt_tokens:
@@ -172,20 +233,33 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
                                 f"{limits.max_prompt_tokens:,}", code="context_length_exceeded")
         return tokens
 
-    def _submit(request: Request):
+    def _submit(requests: list[Request], n: int) -> list:
+        """Streams for every request, n each (choice i * n + j: request i's j-th)."""
+        if len(requests) * n > engine.max_batch:
+            raise ApiError(400, f"{len(requests)} prompts x n={n} exceeds the {engine.max_batch} rows this server "
+                                "decodes together; ask for fewer", param="n")
         if not engine.running:
             raise ApiError(503, "the engine loop is not running (see /health)", code="engine_unavailable")
+        streams = []
         try:
-            return engine.submit(request)
+            for request in requests:
+                streams += engine.submit_n(request, n)
         except EngineFull as e:
+            _close(streams)
             raise ApiError(503, f"the server is busy: {e}; retry in a moment", code="overloaded") from None
+        except GrammarError as e:
+            _close(streams)
+            raise ApiError(400, f"response_format: {e}", param="response_format") from None
         except ValueError as e:
-            raise ApiError(400, str(e), param="prompt") from None
+            _close(streams)
+            raise ApiError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else "prompt") from None
+        return streams
 
     return app
 
 
-KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenizer_info",
+               "/tokenize", "/detokenize"}
 STARTED = int(time.time())
 
 
@@ -225,48 +299,143 @@ def _sse(chunks) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-class _Reply:
-    """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream."""
+def _close(streams) -> None:
+    for stream in streams:
+        stream.close(wait=False)
 
-    def __init__(self, prefix: str, kind: str, model: str, body, stream):
-        self.id, self.kind, self.body_in, self.stream = f"{prefix}-{uuid.uuid4().hex}", kind, body, stream
+
+class _CompletionShape:
+    """A completions choice: its text (after the prompt, with echo) and logprobs."""
+
+    def __init__(self, body: CompletionRequest, tokenizer):
+        self.body, self.tokenizer = body, tokenizer
+
+    def start(self, stream) -> None:
+        echo = self.body.echo
+        self.writer = LogprobWriter(self.tokenizer, 0 if echo else len(self.tokenizer.decode(stream.request.prompt)))
+        self.seen = 0
+
+    def head(self, stream) -> dict | None:
+        """What comes before the generated text: the prompt, with echo."""
+        if not self.body.echo:
+            return None
+        entries = stream.prompt_logprobs
+        return {"text": self.tokenizer.decode(stream.request.prompt),
+                "logprobs": self._logprobs(entries, stream.request.prompt) if self.body.logprobs is not None else None}
+
+    def piece(self, stream, text: str) -> dict:
+        entries, self.seen = stream.logprobs[self.seen:], len(stream.logprobs)
+        tokens = [e.token for e in entries]
+        return {"text": text, "logprobs": self._logprobs(entries, tokens) if self.body.logprobs is not None else None}
+
+    def _logprobs(self, entries, tokens) -> dict:
+        return self.writer.completion(entries, tokens)
+
+    def whole(self, stream, text: str) -> tuple[dict, str | None]:
+        parts = [p for p in (self.head(stream), self.piece(stream, text)) if p is not None]
+        out = {"text": "".join(p["text"] for p in parts), "logprobs": None}
+        if self.body.logprobs is not None:
+            out["logprobs"] = {k: sum((p["logprobs"][k] for p in parts), []) for k in parts[0]["logprobs"]}
+        return out, None
+
+    def end(self, stream) -> tuple[dict, str | None]:
+        return self.piece(stream, ""), None
+
+
+class _ChatShape:
+    """A chat choice: the message (text, or tool calls read from it), logprobs; deltas when streamed."""
+
+    def __init__(self, body: ChatRequest, tokenizer, functions: list[dict]):
+        self.body, self.tokenizer, self.functions = body, tokenizer, functions
+
+    def start(self, stream) -> None:
+        self.writer, self.seen, self.held, self.holding = LogprobWriter(self.tokenizer), 0, "", bool(self.functions)
+
+    def head(self, stream) -> dict:
+        return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+
+    def _logprobs(self, stream) -> dict | None:
+        entries, self.seen = stream.logprobs[self.seen:], len(stream.logprobs)
+        return {"content": self.writer.chat(entries)} if self.body.logprobs else None
+
+    def piece(self, stream, text: str) -> dict | None:
+        """A delta, or None while the text might still be a tool call (it is held back)."""
+        if self.holding:
+            self.held += text
+            if tool_format.maybe_call(self.held):
+                return None
+            text, self.held, self.holding = self.held, "", False
+        return {"delta": {"content": text}, "logprobs": self._logprobs(stream)}
+
+    def end(self, stream) -> tuple[dict, str | None]:
+        """The last delta (held text, or the tool calls it holds) and the finish reason it implies."""
+        content, calls = tool_format.parse_calls(self.held, self.functions) if self.held else (None, [])
+        delta = {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, "id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+        if content or (self.held and not calls):
+            delta["content"] = content if calls else self.held
+        return {"delta": delta, "logprobs": self._logprobs(stream)}, ("tool_calls" if calls else None)
+
+    def whole(self, stream, text: str) -> tuple[dict, str | None]:
+        content, calls = tool_format.parse_calls(text, self.functions) if self.functions else (text, [])
+        message = {"role": "assistant", "content": content if calls else text}
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in calls]
+        return {"message": message, "logprobs": self._logprobs(stream)}, ("tool_calls" if calls else None)
+
+
+class _Reply:
+    """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream; choice i is stream i."""
+
+    def __init__(self, prefix: str, kind: str, model: str, body, streams: list, shape):
+        self.id, self.kind, self.body_in, self.streams = f"{prefix}-{uuid.uuid4().hex}", kind, body, streams
         self.created, self.model = int(time.time()), model
+        self.shapes = [copy.copy(shape) for _ in streams]
+        for shape_i, stream in zip(self.shapes, streams):
+            shape_i.start(stream)
 
     def usage(self) -> dict:
-        s = self.stream
-        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                "total_tokens": s.prompt_tokens + s.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
+        n = self.body_in.n  # the n streams of one prompt read it once
+        prompt = sum(s.prompt_tokens for s in self.streams[::n])
+        completion = sum(s.completion_tokens for s in self.streams)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in self.streams[::n])}}
 
-    def finish_reason(self) -> str:
-        """OpenAI's "stop" or "length"; "abort" when the server ended the request (it shut down)."""
-        reason = self.stream.finish_reason
-        if reason == "error":
-            raise ApiError(500, f"the model failed: {self.stream.error}")
-        return {"length": "length", "cancelled": "abort"}.get(reason, "stop")
+    def finish_reason(self, stream, implied: str | None = None) -> str:
+        """OpenAI's "stop", "length" (or "tool_calls", `implied` by the text); "abort" when the server ended the
+        request (it shut down)."""
+        if stream.finish_reason == "error":
+            raise ApiError(500, f"the model failed: {stream.error}")
+        return implied or {"length": "length", "cancelled": "abort"}.get(stream.finish_reason, "stop")
 
-    async def collect(self, http: HttpRequest) -> str:
-        """The whole text; a client that goes away before it is done cancels the request."""
-        reading = asyncio.ensure_future(self._read())
+    async def whole(self, http: HttpRequest) -> dict:
+        """The whole answer; a client that goes away before it is done cancels the request."""
+        reading = asyncio.ensure_future(asyncio.gather(*(self._read(s) for s in self.streams)))
         try:
             while not (await asyncio.wait({reading}, timeout=DISCONNECT_POLL_S))[0]:
                 if await http.is_disconnected():
                     break
         finally:
-            await self.stream.aclose()
-        return await reading
+            for stream in self.streams:
+                await stream.aclose()
+        texts = await reading
+        choices = []
+        for i, (stream, shape, text) in enumerate(zip(self.streams, self.shapes, texts)):
+            choice, implied = shape.whole(stream, text)
+            choices.append({"index": i, **choice, "finish_reason": self.finish_reason(stream, implied)})
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}
 
-    async def _read(self) -> str:
+    async def _read(self, stream) -> str:
         try:
-            return "".join([piece async for piece in self.stream])
+            return "".join([piece async for piece in stream])
         except Exception as e:  # the model failed on this request: the server stays up
             raise ApiError(500, f"the model failed: {e}") from None
 
-    def body(self, choice: dict) -> dict:
-        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
-                "choices": [{"index": 0, **choice, "finish_reason": self.finish_reason()}], "usage": self.usage()}
-
-    async def chunks(self, piece_choice, first: dict | None):
+    async def chunks(self):
         kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
 
         def event(choices, **extra) -> str:
@@ -274,20 +443,54 @@ class _Reply:
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         try:
-            if first is not None:
-                yield event([{"index": 0, **first, "finish_reason": None}])
+            for i, (stream, shape) in enumerate(zip(self.streams, self.shapes)):
+                head = shape.head(stream)
+                if head is not None:
+                    yield event([{"index": i, **head, "finish_reason": None}])
             try:
-                async for piece in self.stream:
-                    yield event([{"index": 0, **piece_choice(piece), "finish_reason": None}])
+                async for i, piece in _merged(self.streams):
+                    stream, shape = self.streams[i], self.shapes[i]
+                    if piece is None:
+                        last, implied = shape.end(stream)
+                        yield event([{"index": i, **last, "finish_reason": self.finish_reason(stream, implied)}])
+                        continue
+                    choice = shape.piece(stream, piece)
+                    if choice is not None:
+                        yield event([{"index": i, **choice, "finish_reason": None}])
             except Exception as e:  # the model failed on this request: say so in the stream, end it cleanly
-                yield f"data: {json.dumps(ApiError(500, f'the model failed: {e}').body())}\n\n"
+                error = e if isinstance(e, ApiError) else ApiError(500, f"the model failed: {e}")
+                yield f"data: {json.dumps(error.body())}\n\n"
             else:
-                empty = piece_choice("")
-                if "delta" in empty:
-                    empty = {"delta": {}}
-                yield event([{"index": 0, **empty, "finish_reason": self.finish_reason()}])
                 if self.body_in.include_usage:
                     yield event([], usage=self.usage())
             yield "data: [DONE]\n\n"
-        finally:  # also when the client goes away: the request is cancelled, its row freed
-            await self.stream.aclose()
+        finally:  # also when the client goes away: the requests are cancelled, their rows freed
+            for stream in self.streams:
+                await stream.aclose()
+
+
+async def _merged(streams):
+    """(stream index, piece) as pieces come from any of the streams; (index, None) once a stream ends."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for piece in stream:
+                await queue.put((i, piece, None))
+            await queue.put((i, None, None))
+        except Exception as e:  # noqa: BLE001  (handed to the reader, which reports it)
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in streams:
+            while True:
+                i, piece, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield i, piece
+                if piece is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,192 @@
+"""What agents and evaluation harnesses send, through the official `openai` client, streamed and not:
+response_format (50 sampled answers, all valid against the schema), tool calls (a round trip), logprobs and
+echo (equal to log_softmax of the model's logits), n choices from one prompt read, logit_bias, stop_token_ids,
+prompts as token ids and several prompts."""
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+import torch
+from test_serve_http import Server
+
+from rwkv_lm import RWKVConfig, SamplingParams
+from rwkv_lm.serve import Engine, Request
+from rwkv_lm.serve.server import create_app
+from rwkv_lm.testing import random_model
+
+SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 30},
+    "units": {"enum": ["metric", "imperial"]}, "alerts": {"type": "boolean"}},
+    "required": ["city", "days", "units", "alerts"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": SCHEMA}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = RWKVConfig(vocab_size=65536, n_layer=2, n_embd=32, head_size=16, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
+    return random_model(cfg, seed=23)
+
+
+@pytest.fixture(scope="module")
+def calm(model):
+    generator = torch.Generator().manual_seed(8)
+    return model.init_state(1).map(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype) * 3)
+
+
+@pytest.fixture(scope="module")
+def client(model, world, calm):
+    server = Server(create_app(Engine(model, world, max_batch=16, cache=64 << 20), model_name="tiny", states={"calm": calm}))
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    server.stop()
+
+
+def chat(client, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Plan a trip."}], **kw)
+
+
+def joined_stream(chunks):
+    """Streamed chat chunks -> {choice index: (content, tool calls as dicts, finish reason, logprob entries)}."""
+    out = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            text, calls, reason, logprobs = out.get(c.index, ("", {}, None, []))
+            text += c.delta.content or ""
+            for call in c.delta.tool_calls or ():
+                entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = call.id or entry["id"]
+                entry["name"] += (call.function.name or "") if call.function else ""
+                entry["arguments"] += (call.function.arguments or "") if call.function else ""
+            logprobs += (c.logprobs.content or []) if c.logprobs else []
+            out[c.index] = (text, calls, c.finish_reason or reason, logprobs)
+    return out
+
+
+def test_json_schema_answers_all_validate(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA, "strict": True}}
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda seed: chat(client, response_format=fmt, temperature=1.0, seed=seed,
+                                                  max_tokens=120), range(50)))
+    for reply in replies:
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    streamed = joined_stream(chat(client, response_format=fmt, temperature=1.0, seed=7, max_tokens=120, stream=True))
+    jsonschema.validate(json.loads(streamed[0][0]), SCHEMA)
+
+
+def test_json_object_on_completions(client, world):
+    # a random model never closes a string by chance: a bias towards the closing tokens, which only the grammar
+    # decides where they may go
+    closers = {str(world.encode(t)[0]): 8 for t in ('"', "}", '"}', ":", "1")}
+    for stream in (False, True):
+        reply = client.completions.create(model="tiny", prompt="JSON:", max_tokens=200, temperature=0.7, seed=3,
+                                          logit_bias=closers, stream=stream,
+                                          extra_body={"response_format": {"type": "json_object"}})
+        text = "".join(c.choices[0].text for c in reply) if stream else reply.choices[0].text
+        assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_round_trip(client, stream):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = chat(client, tools=[WEATHER], tool_choice="required", temperature=1.0, seed=4, max_tokens=150, stream=stream)
+    if stream:
+        _, calls, reason, _ = joined_stream(reply)[0]
+        call = calls[0]
+        call_id, name, arguments = call["id"], call["name"], call["arguments"]
+    else:
+        reason, message = reply.choices[0].finish_reason, reply.choices[0].message
+        assert message.content is None
+        call_id, name, arguments = message.tool_calls[0].id, message.tool_calls[0].function.name, message.tool_calls[0].function.arguments
+    assert reason == "tool_calls" and name == "get_weather" and call_id.startswith("call_")
+    jsonschema.validate(json.loads(arguments), SCHEMA)
+    messages += [{"role": "assistant", "content": None, "tool_calls": [
+                     {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+                 {"role": "tool", "tool_call_id": call_id, "content": "18 C, sunny"}]
+    final = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice="none",
+                                           max_tokens=8, temperature=0)
+    assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
+
+
+def test_named_tool_choice_calls_that_function(client):
+    other = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}
+    reply = chat(client, tools=[other, WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                 parallel_tool_calls=False, temperature=1.0, seed=9, max_tokens=150)
+    calls = reply.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather"]
+
+
+def test_echo_logprobs_equal_log_softmax(client, model, world):
+    text = "The quick brown fox jumps over the lazy dog"
+    prompt = world.encode(text)
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt]))[0][0].float().log_softmax(-1)
+    for as_ids in (False, True):
+        reply = client.completions.create(model="tiny", prompt=prompt if as_ids else text, max_tokens=0, echo=True,
+                                          logprobs=2, temperature=0)
+        lp = reply.choices[0].logprobs
+        assert reply.choices[0].text == text and lp.tokens[0] == world.decode(prompt[:1])
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt)
+        for i in range(1, len(prompt)):
+            assert abs(lp.token_logprobs[i] - expected[i - 1, prompt[i]].item()) < 1e-4
+            assert max(lp.top_logprobs[i].values()) == pytest.approx(expected[i - 1].max().item(), abs=1e-4)
+        assert lp.text_offset == [len(world.decode(prompt[:i])) for i in range(len(prompt))]
+        assert reply.usage.completion_tokens == 0
+
+
+def test_logprobs_streamed_equal_whole(client):
+    whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, logprobs=3, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=8, logprobs=3, temperature=0, stream=True))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+    reply = chat(client, logprobs=True, top_logprobs=2, max_tokens=6, temperature=0)
+    streamed = joined_stream(chat(client, logprobs=True, top_logprobs=2, max_tokens=6, temperature=0, stream=True))[0][3]
+    content = reply.choices[0].logprobs.content
+    assert [e.token for e in content] == [e.token for e in streamed] and len(content[0].top_logprobs) == 2
+    assert all(e.logprob <= 0 and bytes(e.bytes).decode("utf-8", "replace") for e in content)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_read_the_prompt_once(client, stream):
+    kw = dict(max_tokens=6, temperature=1.0, seed=100)
+    reply = chat(client, n=3, stream=stream, stream_options={"include_usage": True} if stream else None, **kw)
+    if stream:
+        chunks = list(reply)
+        texts = [t for _, (t, _, _, _) in sorted(joined_stream(chunks).items())]
+        usage = chunks[-1].usage
+    else:
+        texts, usage = [c.message.content for c in reply.choices], reply.usage
+    alone = [chat(client, **{**kw, "seed": 100 + i}).choices[0].message.content for i in range(3)]
+    assert texts == alone
+    assert usage.prompt_tokens == chat(client, max_tokens=1).usage.prompt_tokens
+    assert usage.completion_tokens == 18
+
+
+def test_logit_bias_stop_token_ids_and_several_prompts(client, world):
+    forced = world.encode(" yes")[0]
+    reply = client.completions.create(model="tiny", prompt="Say", max_tokens=3, logit_bias={str(forced): 100})
+    assert reply.choices[0].text == " yes" * 3
+    stopped = client.completions.create(model="tiny", prompt="Say", max_tokens=3, logit_bias={str(forced): 100},
+                                        extra_body={"stop_token_ids": [forced]})
+    assert stopped.choices[0].text == "" and stopped.choices[0].finish_reason == "stop"
+    several = client.completions.create(model="tiny", prompt=["One", world.encode("Two"), "Three"], max_tokens=4,
+                                        temperature=0, n=2)
+    assert [c.index for c in several.choices] == list(range(6))
+    single = client.completions.create(model="tiny", prompt="Two", max_tokens=4, temperature=0)
+    assert several.choices[2].text == several.choices[3].text == single.choices[0].text
+
+
+def test_a_tuned_state_by_model_name(client, model, world, calm):
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny:calm"]
+    prompt = "Tell me"
+    expected = Engine(model, world).submit(Request(world.encode(prompt), SamplingParams(max_tokens=8, seed=2),
+                                                   state=calm)).text()
+    for _ in range(2):  # the second from the prefix cache, under the state's own key
+        reply = client.completions.create(model="tiny:calm", prompt=prompt, max_tokens=8, seed=2)
+        assert reply.choices[0].text == expected
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, seed=2)
+    assert plain.choices[0].text != expected
+    with pytest.raises(openai.BadRequestError, match="no state 'wild'"):
+        client.completions.create(model="tiny:wild", prompt=prompt, max_tokens=2)
