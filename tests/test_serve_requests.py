@@ -118,7 +118,7 @@ def test_prefix_cache_keeps_starting_states_apart(model, world):
                "zeros": engine.submit(Request(prompt, params)).text(),
                "wild": engine.submit(Request(prompt, params, state=wild, state_key="wild")).text()}
         assert got == alone
-    assert engine.counters.cached_tokens >= 3 * len(prompt), "each starting state's prompt came from the cache"
+    assert engine.counters.cached_prompt_tokens >= 3 * len(prompt), "each starting state's prompt came from the cache"
 
 
 def test_generate_and_chat_session_take_a_grammar(model, world):

@@ -52,15 +52,6 @@ class Request:
     prompt_logprobs: int | None = None
     read_only: bool = False
 
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the model, and the `top` most likely tokens at its place (id, logprob)."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
     @classmethod
     def chat_reply(cls, tokens: Sequence[int], params: SamplingParams, state=None, *, keep_state: bool = False,
                    grammar=None) -> "Request":
@@ -69,6 +60,15 @@ class TokenLogprob:
         and drops the space the template puts after the cue."""
         return cls(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT_ID,), keep_state=keep_state,
                    lstrip=" ", grammar=grammar)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the `top` most likely tokens at its place (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Stream:
