@@ -188,5 +188,5 @@ def test_a_tuned_state_by_model_name(client, model, world, calm):
         assert reply.choices[0].text == expected
     plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, seed=2)
     assert plain.choices[0].text != expected
-    with pytest.raises(openai.BadRequestError, match="no state 'wild'"):
+    with pytest.raises(openai.NotFoundError, match="no state .wild."):
         client.completions.create(model="tiny:wild", prompt=prompt, max_tokens=2)

@@ -3,6 +3,11 @@
     POST /v1/completions, POST /v1/chat/completions   (stream: true for server-sent events)
     GET  /v1/models, /v1/models/{id}, /health (also HEAD; 503 when the engine loop is dead or stuck),
          /metrics (Prometheus text)
+    GET  /tokenizer_info, POST /tokenize, /detokenize   (vLLM's; lm-evaluation-harness tokenizes through them)
+
+The request fields of issue 19 (response_format, tools, logprobs and echo, n, logit_bias, stop_token_ids,
+token-id and several prompts, tuned states as "MODEL:STATE") are built in the engine and in small modules
+beside this one: grammar.py, tools.py, logprobs.py, choices.py.
 
 Errors are OpenAI's error JSON with the status that fits (`errors`): 400 (bad JSON or value; `param` names
 the field), 401 (missing or wrong key, when an API key is set), 404 (no such model or endpoint), 408 (a body
