@@ -10,7 +10,6 @@ from test_serve_http import Server
 
 from rwkv_lm import RWKVConfig
 from rwkv_lm.serve import Engine
-from rwkv_lm.serve.server import create_app
 from rwkv_lm.testing import random_model
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -61,7 +60,7 @@ def test_local_completions_accuracy_equals_direct_scoring(tmp_path, world):
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
     (tmp_path / "tiny.yaml").write_text(TASK.format(data=data))
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    server = Server(create_app(Engine(model, world, max_batch=8), model_name="tiny"))
+    server = Server(Engine(model, world, max_batch=8), model_name="tiny")
     try:
         results = simple_evaluate(
             model="local-completions", tasks=["tiny_choice"], task_manager=TaskManager(include_path=str(tmp_path)),

@@ -13,7 +13,6 @@ from test_serve_http import Server
 
 from rwkv_lm import RWKVConfig, SamplingParams
 from rwkv_lm.serve import Engine, Request
-from rwkv_lm.serve.server import create_app
 from rwkv_lm.testing import random_model
 
 SCHEMA = {"type": "object", "properties": {
@@ -38,7 +37,7 @@ def calm(model):
 
 @pytest.fixture(scope="module")
 def client(model, world, calm):
-    server = Server(create_app(Engine(model, world, max_batch=16, cache=64 << 20), model_name="tiny", states={"calm": calm}))
+    server = Server(Engine(model, world, max_batch=16, cache=64 << 20), model_name="tiny", states={"calm": calm})
     yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     server.stop()
 
