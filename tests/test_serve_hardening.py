@@ -297,7 +297,7 @@ def test_a_body_that_is_no_json_object_is_400_in_openai_shape(server, name, cont
     ({"prompt": "Hi", "seed": 2**64}, "seed"),
     ({"prompt": "Hi", "seed": -2**63 - 1}, "seed"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": [5]}, "prompt.0"),
+    ({"prompt": [5.5]}, "prompt.0"),  # ([5] is a prompt of token ids)
     ({"prompt": "Hi", "max_tokens": "5"}, "max_tokens"),
     ({"prompt": "Hi", "stream": "yes"}, "stream"),
     ({"prompt": "Hi", "temperature": "0.5"}, "temperature"),

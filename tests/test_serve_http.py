@@ -189,7 +189,7 @@ BAD_CHAT = [
     ("unknown role", {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "role", "messages.0.role"),
     ("empty message", {"messages": [{"role": "user", "content": "  "}]}, 400, "empty", "messages"),
     ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     400, "image_url", "messages.0.content"),
+     400, "image_url", "messages.0.content.0.type"),
     ("audio", {"messages": [{"role": "user", "content": "Hi"}], "audio": {"voice": "alloy"}}, 400, "audio", "audio"),
     ("audio modality", {"messages": [{"role": "user", "content": "Hi"}], "modalities": ["text", "audio"]}, 400, "text",
      "modalities.1"),

@@ -137,7 +137,7 @@ class CompletionRequest(_Sampling):
 
     REFUSED: ClassVar[dict] = {"suffix": "no fill-in-the-middle: send the text before the gap as the prompt"}
 
-    prompt: Text | list[Int] | list[Text | list[Int]]
+    prompt: Text | list[Text] | list[Int] | list[list[Int]]
     max_tokens: Int | None = Field(None, ge=0)
     echo: Bool = False
     logprobs: Int | None = Field(None, ge=0, le=20)
@@ -164,23 +164,26 @@ class CompletionRequest(_Sampling):
         return super().sampling(default_max_tokens)
 
 
+class TextPart(BaseModel):
+    type: Text
+    text: Text
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind):
+        if kind != "text":
+            raise ValueError(f"content part of type {kind!r} is not supported: this server takes text only")
+        return kind
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[dict[str, Any]] | None = None  # None: an assistant turn that only called tools
+    content: Text | list[TextPart] | None = None  # None: an assistant turn that only called tools
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts(cls, content):
-        for part in content if isinstance(content, list) else ():
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"content part of type {part.get('type')!r} is not supported: this server takes text only")
-            _unicode(part["text"])
-        return content
 
     @model_validator(mode="after")
     def _some_content(self):
@@ -190,7 +193,7 @@ class Message(BaseModel):
 
     def as_dict(self) -> dict:
         content = self.content
-        text = content if isinstance(content, str) else "".join(part["text"] for part in content or ())
+        text = content if isinstance(content, str) else "".join(part.text for part in content or ())
         out = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls

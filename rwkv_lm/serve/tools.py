@@ -57,7 +57,8 @@ def render_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
         elif role == "tool":
             result = {"name": names.get(m.get("tool_call_id"), m.get("name")), "content": content}
             role, content = "user", f"<tool_response>{json.dumps(result, ensure_ascii=False)}</tool_response>"
-        out.append({"role": role, "content": content})
+        if content or role != "assistant":  # an assistant turn with no content and no calls adds no text
+            out.append({"role": role, "content": content})
     if tools:
         offer = INSTRUCTIONS + "\n<tools>" + " ".join(json.dumps(t, ensure_ascii=False) for t in tools) + "</tools>"
         if out and out[0]["role"] == "system":
