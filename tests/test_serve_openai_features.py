@@ -170,7 +170,7 @@ def test_logit_bias_stop_token_ids_and_several_prompts(client, world):
     stopped = client.completions.create(model="tiny", prompt="Say", max_tokens=3, logit_bias={str(forced): 100},
                                         extra_body={"stop_token_ids": [forced]})
     assert stopped.choices[0].text == "" and stopped.choices[0].finish_reason == "stop"
-    several = client.completions.create(model="tiny", prompt=["One", world.encode("Two"), "Three"], max_tokens=4,
+    several = client.completions.create(model="tiny", prompt=[world.encode(p) for p in ("One", "Two", "Three")], max_tokens=4,
                                         temperature=0, n=2)
     assert [c.index for c in several.choices] == list(range(6))
     single = client.completions.create(model="tiny", prompt="Two", max_tokens=4, temperature=0)
