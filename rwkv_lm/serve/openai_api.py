@@ -131,8 +131,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    """prompt: a string, a list of token ids, or a list of strings or of token-id lists (several prompts; choice i*n + j is prompt i's
-    j-th). echo: the prompt comes first in the text (and its logprobs, with `logprobs`); max_tokens 0 with echo
+    """prompt: a string, a list of token ids, or a list of strings or of token-id lists (several prompts;
+    choice i*n + j is prompt i's j-th). echo: the prompt comes first in the text (and its logprobs, with `logprobs`); max_tokens 0 with echo
     reads the prompt only. logprobs: k alternatives per token (0: the chosen token's logprob only)."""
 
     REFUSED: ClassVar[dict] = {"suffix": "no fill-in-the-middle: send the text before the gap as the prompt"}
