@@ -14,6 +14,7 @@ mask) pulls transformers and triton into a CPU install.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -135,20 +136,22 @@ def fill_masks(matchers: list[tuple[Matcher, int]], masks: torch.Tensor) -> None
         llt.fill_next_token_bitmask_par(_executor, [(m.ll, row) for m, row in matchers], masks)
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+# bit j of each byte value: unpacking a mask a byte at a time through this table is 2x faster than shifting
+# every word 32 ways (16 rows of 65,536 tokens: 5.3 vs 10.8 ms on one core)
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+assert sys.byteorder == "little", "masks are unpacked by bytes: bit i of word w (token 32 w + i) is in byte 4 w + i // 8"
 
 
 def allowed(masks: torch.Tensor, n_vocab: int) -> torch.Tensor:
-    """Bitmask [B, W] int32 -> [B, n_vocab] bool."""
-    bits = (masks.unsqueeze(-1) >> _BITS) & 1
-    return bits.view(masks.shape[0], -1)[:, :n_vocab].bool()
+    """Bitmask [B, W] int32 (bit i of word w: token 32 w + i) -> [B, n_vocab] bool."""
+    return _BYTE_BITS[masks.contiguous().view(torch.uint8).long()].view(masks.shape[0], -1)[:, :n_vocab]
 
 
 def apply_masks(logits: torch.Tensor, masks: torch.Tensor, rows: list[int]) -> None:
     """Set to -inf, in place, the logits [B, V] of the tokens that `masks` [B, W] forbids, in `rows` only."""
     if rows:
         keep = allowed(masks[rows], logits.shape[-1]).to(logits.device)
-        logits[rows] = logits[rows].masked_fill(~keep, float("-inf"))
+        logits[rows] = torch.where(keep, logits[rows], float("-inf"))
 
 
 _helper = ThreadPoolExecutor(1, thread_name_prefix="rwkv_lm-grammar")  # one for every engine: its work is short
