@@ -67,7 +67,8 @@ def _add_sampling_args(p, defaults: SamplingParams):
 
 
 def _sampling(args) -> SamplingParams:
-    return SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
+    """The settings the command line has flags for; the rest (logit_bias, say) keep their defaults."""
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)})
 
 
 def _device(name: str) -> torch.device:

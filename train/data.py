@@ -189,7 +189,7 @@ def resolve_tokenizer(spec: str, vocab_size: int, cache_dir: Path):
     if spec.endswith((".safetensors", ".pth", ".gguf")) or spec.startswith("hf:") or Path(spec).is_dir():
         from rwkv_lm.checkpoint import open_model
 
-        if not Path(spec).exists():
+        if not spec.startswith("hf:") and not Path(spec).exists():  # (a hub name is looked up by open_model)
             raise DataError(f"data.tokenizer {spec}: no such model file; {NO_BASE_MODEL}")
         tokenizer = open_model(spec)[0].tokenizer
         if tokenizer is None:

@@ -112,7 +112,7 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if init_from:
-            if not Path(init_from).exists():
+            if not init_from.startswith("hf:") and not Path(init_from).exists():  # (hub names: looked up by read_model)
                 raise ConfigError(f"model.init_from {init_from}: no such file; {NO_BASE_MODEL}")
             self.model = read_model(init_from).train()
             if self.model.config.vocab_size != vocab_size:
