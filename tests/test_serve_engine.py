@@ -259,3 +259,15 @@ def test_a_prompt_the_model_refuses_fails_alone(rwkv, world, monkeypatch):
         bad.text()
     assert bad.finish_reason == "error"
     assert all(s.finish_reason == "length" for s in streams)
+
+
+def test_ids_the_tokenizer_cannot_spell_are_never_drawn(world):
+    """A World model has 65,536 outputs, the World vocabulary 65,530 tokens: a model whose head favours the six
+    others still gives text (drawing one ended the request with an error before)."""
+    cfg = RWKVConfig(vocab_size=65536, n_layer=1, n_embd=32, head_size=16, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
+    model = random_model(cfg, seed=3)
+    with torch.no_grad():
+        model.head.weight[world.vocab_size:] *= 1000  # the unspellable ids dominate every step
+    stream = Engine(model, world).submit(Request(world.encode("Hi"), SamplingParams(max_tokens=8, temperature=1, seed=0)))
+    stream.text()
+    assert stream.finish_reason == "length" and all(t < world.vocab_size for t in stream.tokens)

@@ -150,6 +150,8 @@ class Engine:
         self._decode_step = step  # None: model.step, looked up at each step (a model patched or swapped later is seen)
         self.counters = Counters()
         self._masks = MaskFiller(model.config.vocab_size)
+        # ids the model has but the tokenizer cannot spell (World: 65,530 of 65,536) are never drawn
+        self._unspellable = tuple(range(tokenizer.vocab_size, model.config.vocab_size))
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []
         self._decoding: list[_Row] = []  # in batch order
@@ -199,7 +201,7 @@ class Engine:
     def _new_row(self, request: Request) -> _Row:
         matcher = None if request.grammar is None else Matcher(request.grammar, self.tokenizer,
                                                                 self.model.config.vocab_size, lead=request.lstrip)
-        sampler = RowSampler(request.params, banned=request.banned, device=self.device)
+        sampler = RowSampler(request.params, banned=(*request.banned, *self._unspellable), device=self.device)
         return _Row(Stream(request, self), sampler, TextStream(self.tokenizer, (*request.params.stop, *request.stop)),
                     matcher=matcher)
 
