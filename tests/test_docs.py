@@ -34,6 +34,8 @@ NOT_RUN = {  # a command matching the pattern -> why this test does not run it
     r"--device cuda": "needs a CUDA GPU",
     r"^MASTER_ADDR=": "needs two machines with 8 GPUs each",
     r"--config \.\.\.": "elided (`...`): the strategies that follow the full command",
+    r"--replicas": "starts a Ray cluster of replicas: tests/test_serve_cluster.py deploys the same app",
+    r"^serve (deploy|run)\b": "Ray's own CLI, for a Ray cluster left running (tests/test_serve_cluster.py deploys its config)",
 }
 SERVERS = {r"^make demo\b": "python -m demo", r"^python -m demo\b": None, r"^rwkv-lm serve\b": None}
 
