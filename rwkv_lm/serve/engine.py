@@ -226,10 +226,10 @@ class Engine:
 
     def stop(self) -> None:
         """End the loop thread; requests still running are cancelled."""
+        self._end_all("cancelled")  # first: a reader must never see the loop gone while its stream is open
         with self._queue_lock:
             self._stopping = True
             self._wakeup.notify()
-        self._end_all("cancelled")  # (before the join: a reader never sees the loop gone and its stream open)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
