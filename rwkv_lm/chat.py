@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 

@@ -225,7 +225,6 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # what `python -m train export` needs to write a runtime model without the training code
         dm = self.trainer.datamodule
-        hp = self.hparams
         checkpoint["rwkv_lm"] = {"config": self.model.config.to_dict(),
                                  "tokenizer": dm.tokenizer.spec if dm is not None else None,
                                  "tune": self.tuning.name, "tuning": self.tuning.checkpoint_info()}

@@ -155,26 +155,6 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
             raise ApiError(400, f"tokens: a list of token ids in [0, {tokenizer.vocab_size})", param="tokens")
         return {"prompt": tokenizer.decode(tokens)}
 
-    # vLLM's tokenizer endpoints: lm-evaluation-harness's `tokenizer_backend=remote` tokenizes through them
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return {"eos_token": None, "bos_token": None, "pad_token": None, "model_max_length": max_prompt_tokens,
-                "vocab_size": tokenizer.vocab_size}
-
-    @app.post("/tokenize")
-    async def tokenize(body: dict):
-        if not isinstance(body.get("prompt"), str):
-            raise ApiError(400, "prompt: a string to tokenize", param="prompt")
-        tokens = tokenizer.encode(body["prompt"])
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": max_prompt_tokens}
-
-    @app.post("/detokenize")
-    async def detokenize(body: dict):
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < tokenizer.vocab_size for t in tokens):
-            raise ApiError(400, f"tokens: a list of token ids in [0, {tokenizer.vocab_size})", param="tokens")
-        return {"prompt": tokenizer.decode(tokens)}
-
     def _start(body) -> dict:
         """The Request fields for the state the request's model names (none: the model's zero state)."""
         name = (body.model or "").removeprefix(model_name + ":") if ":" in (body.model or "") else None
