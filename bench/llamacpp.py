@@ -1,10 +1,12 @@
 """llama.cpp's CPU tools, built once from the source in the llama-cpp-python sdist and cached outside the repo.
 
 `build()` returns the folder holding rwkv-greedy (our llamacpp_greedy.cpp linked against libllama) and, when
-asked, llama-bench, building them the first time: llama.cpp's library and llama-bench only, no server and no
-multimodal tools, which would triple the build. `built()` returns the folder only if they are already there;
-`greedy()` runs rwkv-greedy. The tests and benches that run llama.cpp beside us use these.
-`python bench/llamacpp.py [--bench]` builds (rwkv-greedy; with --bench llama-bench too) and prints the folder.
+asked, llama-bench or llama-server, building them the first time: by default llama.cpp's library only; llama-bench
+adds its common library; llama-server (asked for by the serving bench only, never by `make test`) adds the server,
+its HTTP library and the multimodal library it links, about as much again. `built()` returns the folder only if
+they are already there; `greedy()` runs rwkv-greedy. The tests and benches that run llama.cpp beside us use these.
+`python bench/llamacpp.py [--bench] [--server]` builds (rwkv-greedy; with --bench llama-bench too, with --server
+llama-server too) and prints the folder.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from pathlib import Path
 
 # the sdist whose vendor/llama.cpp we build: pinned, so the cache key names one llama.cpp
 LLAMA_CPP_PYTHON = "0.3.36"
-GREEDY, BENCH = ("rwkv-greedy",), ("rwkv-greedy", "llama-bench")  # what the tests need; what the bench needs
+# what the tests need; what bench_llamacpp.py needs; what bench_llamaserver.py needs
+GREEDY, BENCH, SERVER = ("rwkv-greedy",), ("rwkv-greedy", "llama-bench"), ("rwkv-greedy", "llama-server")
 GREEDY_SOURCE = Path(__file__).with_name("llamacpp_greedy.cpp")
 CACHE = Path(os.environ.get("RWKV_LM_CACHE", Path.home() / ".cache" / "rwkv_lm")) / "llama.cpp" / LLAMA_CPP_PYTHON
 
 # Only the CPU backend and the tools we run; nothing that reaches the network (a prebuilt web UI would come from
-# a hub bucket); static libraries, so the bin folder stands alone.
+# a hub bucket: llama-server is built without one); static libraries, so the bin folder stands alone. The server's
+# folder is configured in only when llama-server is asked for (the option changes no compile flags, so switching
+# it reconfigures without rebuilding the library).
 CMAKE_OPTIONS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF",
@@ -46,7 +51,8 @@ def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
     build_dir = CACHE / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     jobs = str(jobs or os.cpu_count() or 2)
-    _run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_OPTIONS], log)
+    server = ["-DLLAMA_BUILD_SERVER=ON"] if "llama-server" in targets else []  # the later -D wins
+    _run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_OPTIONS, *server], log)
     bin_dir = CACHE / "bin"
     bin_dir.mkdir(exist_ok=True)
     for target in targets:
@@ -119,4 +125,4 @@ def ours_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 if __name__ == "__main__":
-    print(build(BENCH if "--bench" in sys.argv else GREEDY))
+    print(build(tuple(dict.fromkeys(GREEDY + BENCH * ("--bench" in sys.argv) + SERVER * ("--server" in sys.argv)))))
