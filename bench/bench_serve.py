@@ -186,21 +186,28 @@ def run_http(base_url, texts, clients, max_tokens) -> Run:
     return asyncio.run(_run_http(base_url, texts, clients, max_tokens))
 
 
-class Server:
-    """`rwkv-lm serve` on a free port in a subprocess, with the settings of the in-process engine."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, checkpoint: Path, threads: int, max_batch: int, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        command = [sys.executable, "-m", "rwkv_lm.cli", "serve", "--model", str(checkpoint), "--tokenizer", "world",
-                   "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", "1024",
-                   "--state-cache-mb", str(CACHE_BYTES // 2**20)]
+
+class Server:
+    """A server in a subprocess on a free port that answers GET /health with 200 once it serves: `rwkv-lm serve`
+    (`Server.rwkv_lm`, the settings of the in-process engine) or a peer (bench_llamaserver.py's llama-server)."""
+
+    def __init__(self, command: list[str], port: int, log: Path, env: dict | None = None):
+        self.port, self.url, self.log = port, f"http://127.0.0.1:{port}", log
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    @classmethod
+    def rwkv_lm(cls, checkpoint: Path, threads: int, max_batch: int, log: Path, dtype: str = "fp32") -> "Server":
+        port = free_port()
+        command = [sys.executable, "-m", "rwkv_lm.cli", "serve", "--model", str(checkpoint), "--tokenizer", "world",
+                   "--dtype", dtype, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "1024",
+                   "--state-cache-mb", str(CACHE_BYTES // 2**20)]
+        return cls(command, port, log, {**os.environ, "OMP_NUM_THREADS": str(threads)})
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         import httpx
@@ -368,7 +375,7 @@ def main():
     prompts = Prompts(tokenizer, args.prompt_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save(plain, Path(tmp) / "bench.safetensors", tokenizer="world")
-        server = Server(checkpoint, args.threads, args.max_batch, Path(tmp) / "server.log")
+        server = Server.rwkv_lm(checkpoint, args.threads, args.max_batch, Path(tmp) / "server.log")
         try:
             model = optimize(plain)
             engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=1024, cache=CACHE_BYTES).start()
