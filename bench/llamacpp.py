@@ -55,7 +55,7 @@ def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
     _run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_OPTIONS, *server], log)
     bin_dir = CACHE / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for target in targets:
+    for target in (t for t in targets if not (bin_dir / t).is_file()):
         # each binary is made beside its place and renamed into it: a half-made one never looks built
         tmp = bin_dir / f".{target}.tmp"
         if target == "rwkv-greedy":
