@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,7 @@ def main():
         args.shape, args.streams, args.max_tokens, args.conversation_tokens, args.rounds = "tiny", 4, 8, 64, 1
         args.precisions = "fp32"
     precisions = args.precisions.split(",")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped run stops its servers too (the finally below)
     llamacpp.build(llamacpp.SERVER)
     host = machine()
     load_start = os.getloadavg()
