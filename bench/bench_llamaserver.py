@@ -10,7 +10,7 @@ World vocabulary; both servers read the same ids), greedy, `ignore_eos` so every
   tokens. Aggregate tokens/s = tokens / wall time from the first request sent to the last token; time to first
   token (TTFT) = from a request sent to the first text received.
 - Follow-up turn: one conversation at a time, nothing else running. Turn 1: a prompt of ~1,000 tokens and a
-  128-token answer (its token ids read from the answer's logprobs). Turn 2: turn 1's prompt + answer + a new
+  128-token answer (its token ids: our logprobs; llama-server's /completion `tokens`). Turn 2: turn 1's prompt + answer + a new
   ~32-token message, as a chat client re-sends it; its TTFT is what our prefix state cache and llama-server's slot
   prompt cache (with its context checkpoints for recurrent models) are for. Turn 1's TTFT is the uncached reference.
 
@@ -108,31 +108,47 @@ def streams_round(url: str, prompts: list[list[int]], max_tokens: int) -> Stream
 
 
 def answer_ids(logprobs: dict, tokenizer) -> list[int]:
-    """The token ids of an answer from its completions logprobs: llama-server lists {"id", ...} under "content";
-    OpenAI's shape (ours) lists the tokens as text, or "bytes:\\xNN..." where a token is not whole UTF-8."""
-    if logprobs.get("content"):
-        return [entry["id"] for entry in logprobs["content"]]
+    """The token ids of our server's answer from its completions logprobs (OpenAI's shape: the tokens as text, or
+    "bytes:\\xNN..." where a token is not whole UTF-8)."""
     ids = {tokenizer.token_bytes(i): i for i in range(tokenizer.vocab_size)}
     pieces = [bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode("utf-8")
               for t in logprobs["tokens"]]
     return [ids[p] for p in pieces]
 
 
-async def _follow_up(url: str, turn1: list[int], message: list[int], max_tokens: int, slot: int, tokenizer) -> FollowUp:
+async def _answer(client, url: str, prompt: list[int], max_tokens: int, slot: int, tokenizer,
+                  llama_server: bool) -> list[int]:
+    """The token ids of a greedy answer. llama-server's logprobs leave out tokens that end inside a UTF-8 character,
+    so its ids come from its own /completion endpoint (`return_tokens`); ours from the completions logprobs."""
+    body = {"prompt": prompt, "temperature": 0, **EXTRA, "id_slot": slot}
+    if llama_server:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=3600) as raw:
+            done = await raw.post(url + "/completion",
+                                  json={**body, "n_predict": max_tokens, "return_tokens": True})
+        done.raise_for_status()
+        return done.json()["tokens"]
+    answer = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             logprobs=1, extra_body={**EXTRA, "id_slot": slot})
+    return answer_ids(answer.choices[0].logprobs.model_dump(), tokenizer)
+
+
+async def _follow_up(url: str, turn1: list[int], message: list[int], max_tokens: int, slot: int, tokenizer,
+                     llama_server: bool) -> FollowUp:
     async with _client(url) as client:
         first_ttft, _, _ = await _stream(client, turn1, 1, slot)  # TTFT of the uncached prompt
-        answer = await client.completions.create(model="bench", prompt=turn1, max_tokens=max_tokens, temperature=0,
-                                                 logprobs=1, extra_body={**EXTRA, "id_slot": slot})
-        ids = answer_ids(answer.choices[0].logprobs.model_dump(), tokenizer)
+        ids = await _answer(client, url, turn1, max_tokens, slot, tokenizer, llama_server)
         if len(ids) != max_tokens:
             raise RuntimeError(f"{url}: an answer of {len(ids)} token ids, not {max_tokens}")
         ttft, _, cached = await _stream(client, turn1 + ids + message, 8, slot)
     return FollowUp(first_ttft, ttft, cached)
 
 
-def follow_up_round(url: str, turn1: list[int], message: list[int], max_tokens: int, slot: int, tokenizer) -> FollowUp:
+def follow_up_round(url: str, turn1: list[int], message: list[int], max_tokens: int, slot: int, tokenizer, *,
+                    llama_server: bool = False) -> FollowUp:
     """Turn 1 (its TTFT alone, then its answer), then turn 2 = turn 1 + the answer + `message`: TTFTs."""
-    return asyncio.run(_follow_up(url, turn1, message, max_tokens, slot, tokenizer))
+    return asyncio.run(_follow_up(url, turn1, message, max_tokens, slot, tokenizer, llama_server))
 
 
 def llama_server(gguf: Path, threads: int, slots: int, ctx_per_slot: int, log: Path) -> Server:
@@ -198,7 +214,8 @@ def main():
                         url = servers[side].url
                         results[precision, side][0].append(streams_round(url, batch, args.max_tokens))
                         results[precision, side][1].append(
-                            follow_up_round(url, turn1, message, args.max_tokens, r % args.streams, tokenizer))
+                            follow_up_round(url, turn1, message, args.max_tokens, r % args.streams, tokenizer,
+                                            llama_server=side == "llama.cpp"))
                     print(f"{precision} round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}",
                           flush=True)
             finally:
