@@ -16,7 +16,7 @@ from rwkv_lm.testing import random_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def our_server(tmp_path_factory, world):
+def our_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     checkpoint = rwkv_lm.save(random_model(bench.SHAPES["tiny"]), tmp / "bench.safetensors", tokenizer="world")
     server = bench.Server.rwkv_lm(checkpoint, threads=1, max_batch=4, log=tmp / "server.log")
