@@ -127,13 +127,12 @@ async def _answer(client, url: str, prompt: list[int], max_tokens: int, slot: in
                   llama_server: bool) -> list[int]:
     """The token ids of a greedy answer. llama-server's logprobs leave out tokens that end inside a UTF-8 character,
     so its ids come from its own /completion endpoint (`return_tokens`); ours from the completions logprobs."""
-    body = {"prompt": prompt, "temperature": 0, **EXTRA, "id_slot": slot}
     if llama_server:
         import httpx
 
         async with httpx.AsyncClient(timeout=3600) as raw:
-            done = await raw.post(url + "/completion",
-                                  json={**body, "n_predict": max_tokens, "return_tokens": True})
+            done = await raw.post(url + "/completion", json={"prompt": prompt, "n_predict": max_tokens, "temperature": 0,
+                                                             **EXTRA, "id_slot": slot, "return_tokens": True})
         done.raise_for_status()
         return done.json()["tokens"]
     answer = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
