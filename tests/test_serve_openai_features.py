@@ -109,6 +109,102 @@ def test_tool_call_round_trip(client, stream):
     assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
 
 
+def streamed_reply(chunks):
+    """A streamed chat reply -> (content, [(id, name, arguments)], finish reason, what came in order), checking
+    OpenAI's shape: a call's first delta has its index, id, type, name and arguments "", the later ones only
+    the index and the next piece of the arguments."""
+    content, calls, reason, order = "", [], None, []
+    for chunk in chunks:
+        for c in chunk.choices:
+            if c.delta.content:
+                content += c.delta.content
+                order.append("content")
+            for call in c.delta.tool_calls or ():
+                if call.id is not None:
+                    assert (call.index, call.type, call.function.arguments) == (len(calls), "function", "")
+                    calls.append([call.id, call.function.name, ""])
+                    order.append("call")
+                else:
+                    assert call.index == len(calls) - 1 and call.type is None and call.function.name is None
+                    calls[-1][2] += call.function.arguments
+                    order.append("arguments")
+            reason = c.finish_reason or reason
+    return content, [tuple(c) for c in calls], reason, order
+
+
+def whole_reply(reply):
+    message = reply.choices[0].message
+    calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()]
+    return message.content or "", calls, reply.choices[0].finish_reason
+
+
+def assert_streamed_as_whole(streamed, whole):
+    """The same reply (content, names and arguments, finish reason), each argument piece in a chunk of its own."""
+    content, calls, reason, order = streamed
+    assert (content, [c[1:] for c in calls], reason) == (whole[0], [c[1:] for c in whole[1]], whole[2])
+    pieces = [after.count("arguments") for after in " ".join(order).split("call")[1:]]
+    assert all(n >= 2 for n, call in zip(pieces, calls) if len(call[2]) > 8), order  # given out as written
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_tool_calls_stream_as_they_are_written(client, choice):
+    other = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}}}
+    kw = dict(tools=[other, WEATHER], temperature=1.0, max_tokens=300,
+              tool_choice="required" if choice == "required" else {"type": "function", "function": {"name": "get_weather"}},
+              parallel_tool_calls=choice == "required")
+    most = 0
+    for seed in range(6):
+        whole = whole_reply(chat(client, seed=seed, **kw))
+        streamed = streamed_reply(chat(client, seed=seed, stream=True, **kw))
+        assert_streamed_as_whole(streamed, whole)
+        assert whole[0] == "" and whole[2] == "tool_calls"
+        for _, name, arguments in whole[1]:
+            jsonschema.validate(json.loads(arguments), SCHEMA if name == "get_weather" else {"type": "object"})
+        most = max(most, len(whole[1]))
+        if choice == "named":
+            assert [c[1] for c in whole[1]] == ["get_weather"]
+    if choice == "required":
+        assert most >= 2, "some seed gives parallel calls"
+
+
+def scripted_step(model, script):
+    """A decode step that, once a row has drawn script[0], makes each next token of `script` the only choice:
+    the reply a model trained on tool calls would write, made by the server's own path."""
+    at = None
+
+    def step(tokens, state):
+        nonlocal at
+        logits, state = model.step(tokens, state)
+        token = tokens[0].item()
+        at = at + 1 if at is not None and at + 1 < len(script) and script[at + 1] == token else (0 if token == script[0] else None)
+        if at is not None and at + 1 < len(script):
+            logits = torch.full_like(logits, -1e4)
+            logits[:, script[at + 1]] = 0
+        return logits, state
+    return step
+
+
+def test_auto_tool_calls_after_text_stream_as_they_are_written(model, world):
+    arguments = [{"city": "Paris", "days": 3, "units": "metric", "alerts": False},
+                 {"city": "Oslo", "days": 1, "units": "imperial", "alerts": True}]
+    text = "Let me look.\n" + "\n".join(f'<tool_call>{json.dumps({"name": "get_weather", "arguments": a})}</tool_call>'
+                                         for a in arguments)
+    script = world.encode(text + "\n\n")
+    server = Server(Engine(model, world, max_batch=1, step=scripted_step(model, script)), model_name="tiny")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        kw = dict(tools=[WEATHER], tool_choice="auto", max_tokens=200, temperature=0, logit_bias={str(script[0]): 100})
+        whole = whole_reply(chat(client, **kw))
+        streamed = streamed_reply(chat(client, stream=True, **kw))
+    finally:
+        server.stop()
+    assert whole[0] == "Let me look." and whole[2] == "tool_calls"
+    assert [json.loads(c[2]) for c in whole[1]] == arguments
+    assert_streamed_as_whole(streamed, whole)
+    assert streamed[3][0] == "content" and streamed[3].count("call") == 2  # the text came before the first call
+
+
 def test_named_tool_choice_calls_that_function(client):
     other = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}
     reply = chat(client, tools=[other, WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},

@@ -343,18 +343,23 @@ class _CompletionShape:
             out["logprobs"] = {k: sum((p["logprobs"][k] for p in parts), []) for k in parts[0]["logprobs"]}
         return out, None
 
-    def end(self, stream) -> tuple[dict, str | None]:
-        return self.piece(stream, ""), None
+    def deltas(self, stream, text: str) -> list[dict]:
+        return [self.piece(stream, text)]
+
+    def end(self, stream) -> tuple[list[dict], str | None]:
+        return [self.piece(stream, "")], None
 
 
 class _ChatShape:
-    """A chat choice: the message (text, or tool calls read from it), logprobs; deltas when streamed."""
+    """A chat choice: the message (text, and the tool calls read from it), logprobs; deltas when streamed, with
+    tool calls as OpenAI streams them (a call's id and name first, then its arguments in pieces)."""
 
     def __init__(self, body: ChatRequest, tokenizer, functions: list[dict]):
         self.body, self.tokenizer, self.functions = body, tokenizer, functions
 
     def start(self, stream) -> None:
-        self.writer, self.seen, self.held, self.holding = LogprobWriter(self.tokenizer), 0, "", bool(self.functions)
+        self.writer, self.seen = LogprobWriter(self.tokenizer), 0
+        self.reader = tool_format.CallReader(self.functions)
 
     def head(self, stream) -> dict:
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
@@ -363,33 +368,41 @@ class _ChatShape:
         entries, self.seen = stream.logprobs[self.seen:], len(stream.logprobs)
         return {"content": self.writer.chat(entries)} if self.body.logprobs else None
 
-    def piece(self, stream, text: str) -> dict | None:
-        """A delta, or None while the text might still be a tool call (it is held back)."""
-        if self.holding:
-            self.held += text
-            if tool_format.maybe_call(self.held):
-                return None
-            text, self.held, self.holding = self.held, "", False
-        return {"delta": {"content": text}, "logprobs": self._logprobs(stream)}
+    def deltas(self, stream, text: str) -> list[dict]:
+        """The chunks a piece of text makes (none while it might still be the start of a tool call)."""
+        return self._chunks(stream, self.reader.feed(text) if self.functions else [("content", text)])
 
-    def end(self, stream) -> tuple[dict, str | None]:
-        """The last delta (held text, or the tool calls it holds) and the finish reason it implies."""
-        content, calls = tool_format.parse_calls(self.held, self.functions) if self.held else (None, [])
-        delta = {}
-        if calls:
-            delta["tool_calls"] = [{"index": i, "id": c.id, "type": "function",
-                                    "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
-        if content or (self.held and not calls):
-            delta["content"] = content if calls else self.held
-        return {"delta": delta, "logprobs": self._logprobs(stream)}, ("tool_calls" if calls else None)
+    def end(self, stream) -> tuple[list[dict], str | None]:
+        """The last chunks (text held back, the rest of a call) and the finish reason the text implies."""
+        chunks = self._chunks(stream, self.reader.finish()) or [{"delta": {}, "logprobs": self._logprobs(stream)}]
+        return chunks, ("tool_calls" if self.reader.complete else None)
+
+    def _chunks(self, stream, events: list[tuple]) -> list[dict]:
+        deltas: list[dict] = []  # (a run of content, or of one call's arguments, is one delta)
+        for kind, *what in events:
+            last = deltas[-1] if deltas else {}
+            if kind == "content":
+                if "content" in last:
+                    last["content"] += what[0]
+                else:
+                    deltas.append({"content": what[0]})
+            elif kind == "call":
+                call = self.reader.calls[what[0]]
+                deltas.append({"tool_calls": [{"index": what[0], "id": call.id, "type": "function",
+                                               "function": {"name": call.name, "arguments": ""}}]})
+            elif "tool_calls" in last and "id" not in last["tool_calls"][0] and last["tool_calls"][0]["index"] == what[0]:
+                last["tool_calls"][0]["function"]["arguments"] += what[1]
+            else:
+                deltas.append({"tool_calls": [{"index": what[0], "function": {"arguments": what[1]}}]})
+        return [{"delta": d, "logprobs": self._logprobs(stream) if i == 0 else None} for i, d in enumerate(deltas)]
 
     def whole(self, stream, text: str) -> tuple[dict, str | None]:
-        content, calls = tool_format.parse_calls(text, self.functions) if self.functions else (text, [])
-        message = {"role": "assistant", "content": content if calls else text}
-        if calls:
+        reader = tool_format.read_calls(text, self.functions)
+        message = {"role": "assistant", "content": (reader.content or None) if reader.calls else text}
+        if reader.calls:
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                     for c in calls]
-        return {"message": message, "logprobs": self._logprobs(stream)}, ("tool_calls" if calls else None)
+                                     for c in reader.calls]
+        return {"message": message, "logprobs": self._logprobs(stream)}, ("tool_calls" if reader.complete else None)
 
 
 class _Reply:
@@ -457,10 +470,11 @@ class _Reply:
                     stream, shape = self.streams[i], self.shapes[i]
                     if piece is None:
                         last, implied = shape.end(stream)
-                        yield event([{"index": i, **last, "finish_reason": self.finish_reason(stream, implied)}])
+                        reason = self.finish_reason(stream, implied)
+                        for j, choice in enumerate(last, 1):
+                            yield event([{"index": i, **choice, "finish_reason": reason if j == len(last) else None}])
                         continue
-                    choice = shape.piece(stream, piece)
-                    if choice is not None:
+                    for choice in shape.deltas(stream, piece):
                         yield event([{"index": i, **choice, "finish_reason": None}])
             except Exception as e:  # the model failed on this request: say so in the stream, end it cleanly
                 error = e if isinstance(e, ApiError) else ApiError(500, f"the model failed: {e}")
