@@ -259,6 +259,34 @@ def test_n_choices_read_the_prompt_once(client, stream):
     assert usage.completion_tokens == 18
 
 
+def test_best_of_returns_the_rows_with_the_highest_sum_of_logprobs(client, model, world):
+    prompt, kw = "Once upon", dict(max_tokens=6, temperature=1.0, seed=40)
+    reply = client.completions.create(model="tiny", prompt=[prompt, "Two"], n=2, best_of=4, **kw)
+    # the four rows of the first prompt, as the engine draws them (row i with seed + i), scored directly
+    tokens = world.encode(prompt)
+    rows = [Engine(model, world).submit(Request(tokens, SamplingParams(**{**kw, "seed": 40 + i}))) for i in range(4)]
+    texts = [row.text() for row in rows]
+    scores = []
+    with torch.no_grad():
+        for row in rows:
+            drawn = row.tokens
+            logits = model(torch.tensor([tokens + drawn]))[0][0, len(tokens) - 1:-1].float().log_softmax(-1)
+            scores.append(logits[torch.arange(len(drawn)), drawn].sum().item())
+    best = sorted(range(4), key=lambda i: -scores[i])[:2]
+    assert len(set(texts)) == 4 and [c.text for c in reply.choices[:2]] == [texts[i] for i in best]
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    alone = client.completions.create(model="tiny", prompt="Two", n=4, **kw)
+    assert reply.usage.completion_tokens == sum(len(row.tokens) for row in rows) + alone.usage.completion_tokens
+    assert reply.usage.prompt_tokens == len(tokens) + alone.usage.prompt_tokens
+    with_logprobs = client.completions.create(model="tiny", prompt=prompt, n=1, best_of=4, logprobs=1, **kw)
+    assert with_logprobs.choices[0].text == texts[best[0]]
+    assert sum(with_logprobs.choices[0].logprobs.token_logprobs) == pytest.approx(scores[best[0]], abs=1e-4)
+    for bad in (dict(n=3, best_of=2), dict(best_of=2, stream=True)):
+        with pytest.raises(openai.BadRequestError, match="best_of") as e:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **bad)
+        assert e.value.body["param"] == "best_of"
+
+
 def test_logit_bias_stop_token_ids_and_several_prompts(client, world):
     forced = world.encode(" yes")[0]
     reply = client.completions.create(model="tiny", prompt="Say", max_tokens=3, logit_bias={str(forced): 100})

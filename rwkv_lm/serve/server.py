@@ -172,11 +172,13 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
         end_tokens = (() if body.ignore_eos else (END_OF_TEXT_ID,)) + tuple(body.stop_token_ids or ())
         echo_logprobs = body.logprobs if body.echo else None
         prompts = [await _encode(p, "prompt") for p in body.prompt]
-        requests = [Request(tokens, params, end_tokens=end_tokens, grammar=_grammar(body), logprobs=body.logprobs,
+        ranked = body.rows > body.n  # best_of: every row's logprobs are recorded to rank them by
+        logprobs = body.logprobs if body.logprobs is not None or not ranked else 0
+        requests = [Request(tokens, params, end_tokens=end_tokens, grammar=_grammar(body), logprobs=logprobs,
                             prompt_logprobs=echo_logprobs, read_only=body.max_tokens == 0, **_start(body))
                     for tokens in prompts]
-        reply = _Reply("cmpl", "text_completion", body.model or model_name, body, _submit(requests, body.n),
-                       _CompletionShape(body, tokenizer))
+        reply = _Reply("cmpl", "text_completion", body.model or model_name, body, _submit(requests, body.rows, "best_of" if ranked else "n"),
+                       _CompletionShape(body, tokenizer), rows=body.rows)
         if body.stream:
             return _sse(reply.chunks())
         return await reply.whole(http)
@@ -238,11 +240,11 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
                                 f"{limits.max_prompt_tokens:,}", code="context_length_exceeded")
         return tokens
 
-    def _submit(requests: list[Request], n: int) -> list:
-        """Streams for every request, n each (choice i * n + j: request i's j-th)."""
+    def _submit(requests: list[Request], n: int, param: str = "n") -> list:
+        """Streams for every request, n each (stream i * n + j: request i's j-th); `param`: the field that asked for n."""
         if len(requests) * n > engine.max_batch:
-            raise ApiError(400, f"{len(requests)} prompts x n={n} exceeds the {engine.max_batch} rows this server "
-                                "decodes together; ask for fewer", param="n")
+            raise ApiError(400, f"{len(requests)} prompts x {param}={n} exceeds the {engine.max_batch} rows this server "
+                                "decodes together; ask for fewer", param=param)
         if not engine.running:
             raise ApiError(503, "the engine loop is not running (see /health)", code="engine_unavailable")
         streams = []
@@ -406,21 +408,23 @@ class _ChatShape:
 
 
 class _Reply:
-    """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream; choice i is stream i."""
+    """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream; choice i is stream i, or
+    with `rows` > n (best_of), each prompt's `rows` streams give its n with the highest sum of token logprobs."""
 
-    def __init__(self, prefix: str, kind: str, model: str, body, streams: list, shape):
+    def __init__(self, prefix: str, kind: str, model: str, body, streams: list, shape, rows: int | None = None):
         self.id, self.kind, self.body_in, self.streams = f"{prefix}-{uuid.uuid4().hex}", kind, body, streams
+        self.rows = rows or body.n
         self.created, self.model = int(time.time()), model
         self.shapes = [copy.copy(shape) for _ in streams]
         for shape_i, stream in zip(self.shapes, streams):
             shape_i.start(stream)
 
     def usage(self) -> dict:
-        n = self.body_in.n  # the n streams of one prompt read it once
-        prompt = sum(s.prompt_tokens for s in self.streams[::n])
+        firsts = self.streams[::self.rows]  # the rows of one prompt read it once; all rows' tokens count (as OpenAI's best_of)
+        prompt = sum(s.prompt_tokens for s in firsts)
         completion = sum(s.completion_tokens for s in self.streams)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in self.streams[::n])}}
+                "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in firsts)}}
 
     def finish_reason(self, stream, implied: str | None = None) -> str:
         """OpenAI's "stop", "length" (or "tool_calls", `implied` by the text); "abort" when the server ended the
@@ -441,11 +445,23 @@ class _Reply:
                 await stream.aclose()
         texts = await reading
         choices = []
-        for i, (stream, shape, text) in enumerate(zip(self.streams, self.shapes, texts)):
+        for i, j in enumerate(self._best()):
+            stream, shape, text = self.streams[j], self.shapes[j], texts[j]
             choice, implied = shape.whole(stream, text)
             choices.append({"index": i, **choice, "finish_reason": self.finish_reason(stream, implied)})
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+
+    def _best(self) -> list[int]:
+        """The streams that are choices: of each prompt's rows, the n with the highest sum of token logprobs (the
+        model's own, every token drawn), best first; all of them, in order, when rows is n."""
+        n, picked = self.body_in.n, []
+        for first in range(0, len(self.streams), self.rows):
+            group = range(first, first + self.rows)
+            if self.rows > n:
+                group = sorted(group, key=lambda j: -sum(e.logprob for e in self.streams[j].logprobs))
+            picked += group[:n]
+        return picked
 
     async def _read(self, stream) -> str:
         try:
