@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_serve_http import Server
 
-from rwkv_lm import RWKVConfig, SamplingParams
+from rwkv_lm import ChatSession, RWKVConfig, SamplingParams
 from rwkv_lm.serve import Engine, Request
 from rwkv_lm.testing import random_model
 
@@ -313,3 +313,17 @@ def test_a_tuned_state_by_model_name(client, model, world, calm):
     assert plain.choices[0].text != expected
     with pytest.raises(openai.NotFoundError, match="no state .wild."):
         client.completions.create(model="tiny:wild", prompt=prompt, max_tokens=2)
+
+
+def test_a_chat_session_from_a_tuned_state_says_what_the_server_says(client, model, world, calm):
+    system, message = "Be brief.", "Hi"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": message}]
+    for temperature in (0.0, 1.0):  # greedy, and sampled (this random model's state sways its logits only slightly)
+        says = []
+        for state, name in ((calm, "tiny:calm"), (None, "tiny")):
+            served = client.chat.completions.create(model=name, messages=messages, max_tokens=10, temperature=temperature,
+                                                    seed=1)
+            session = ChatSession(model, world, system=system, state=state)
+            says.append("".join(session.reply(message, SamplingParams(max_tokens=10, temperature=temperature, seed=1))))
+            assert says[-1] == served.choices[0].message.content
+    assert says[0] != says[1]

@@ -37,6 +37,7 @@ from ..sampling import SamplingError
 from . import errors
 from . import tools as tool_format
 from .choices import LogprobWriter
+from .cache import state_key
 from .engine import Engine, EngineFull
 from .errors import error_response
 from .grammar import GrammarError
@@ -89,6 +90,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     browser origins CORS lets call the API ("*": any; none by default); states: tuned states by name (batch-1
     model states): a request for model "{model_name}:{name}" starts from that state."""
     states = dict(states or {})
+    keys = {name: state_key(state) for name, state in states.items()}  # the prefix cache's, by the state itself
 
     @asynccontextmanager
     async def lifespan(app):
@@ -163,7 +165,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
         if name not in states:
             raise ApiError(404, f"the model {body.model!r} does not exist: this server has no state {name!r} "
                                 f"(its states: {', '.join(sorted(states)) or 'none'})", param="model", code="model_not_found")
-        return {"state": states[name], "state_key": name}
+        return {"state": states[name], "state_key": keys[name]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
