@@ -1,9 +1,12 @@
 """What agents and evaluation harnesses send, through the official `openai` client, streamed and not:
-response_format (50 sampled answers, all valid against the schema), tool calls (a round trip), logprobs and
-echo (equal to log_softmax of the model's logits), n choices from one prompt read, logit_bias, stop_token_ids,
-prompts as token ids and several prompts."""
+response_format (50 sampled answers, all valid against the schema), tool calls (a round trip; streamed as OpenAI
+streams them, equal to the whole reply), logprobs and echo (equal to log_softmax of the model's logits), n choices
+from one prompt read, best_of (ranked by logprobs computed directly), logit_bias, stop_token_ids, prompts as token
+ids and several prompts, tuned states (a chat session says what the server says), README's examples."""
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jsonschema
 import openai
@@ -14,6 +17,8 @@ from test_serve_http import Server
 from rwkv_lm import ChatSession, RWKVConfig, SamplingParams
 from rwkv_lm.serve import Engine, Request
 from rwkv_lm.testing import random_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 30},
@@ -327,3 +332,24 @@ def test_a_chat_session_from_a_tuned_state_says_what_the_server_says(client, mod
             says.append("".join(session.reply(message, SamplingParams(max_tokens=10, temperature=temperature, seed=1))))
             assert says[-1] == served.choices[0].message.content
     assert says[0] != says[1]
+
+
+def test_the_readme_examples_run(model, world, calm):
+    """README's openai-client examples, as written, against a server named as they name it."""
+    block = re.search(r"```python\n(client = openai\.OpenAI.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    closers = [world.encode(t)[0] for t in ('"', "}", '"}', '",', "1")]
+
+    def closing_step(tokens, state):  # a random model never ends a JSON string by itself: help it a little
+        logits, state = model.step(tokens, state)
+        logits[:, closers] += 8
+        return logits, state
+
+    server = Server(Engine(model, world, max_batch=16, step=closing_step), model_name="rwkv", states={"calm": calm})
+    try:
+        real = openai.OpenAI
+        shim = type("openai", (), {"OpenAI": lambda **kw: real(**{**kw, "base_url": server.url + "/v1", "max_retries": 0})})
+        namespace = {"openai": shim}
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        server.stop()
+    assert namespace["arguments"] and all(isinstance(json.loads(a), dict) for a in namespace["arguments"].values())
