@@ -92,7 +92,8 @@ class CallReader:
     their first brace to the one that closes them (a JSON scan, strings and escapes included), so nothing is held
     back but the tag's own text. A tag that does not begin so stays in the text; arguments are the model's own
     text, as OpenAI's are (valid JSON is the grammar's job, under tool_choice 'required' or a named function).
-    Whitespace before or after a call is not content. Read whole or in pieces split anywhere, a reply gives the same.
+    The whitespace around a call is content only between two texts. Read whole or in pieces split anywhere, a reply
+    gives the same.
     """
 
     def __init__(self, tools: list[dict]):
