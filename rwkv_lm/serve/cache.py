@@ -52,7 +52,7 @@ def state_key(state) -> str:
 
 @dataclass
 class Entry:
-    origin: str  # the starting state's name ("" for zeros)
+    origin: str  # the starting state's `state_key` ("" for zeros)
     tokens: array  # the prefix, 4 bytes a token ("i"): counted in nbytes, as a long prompt's entries add up
     state: object  # a batch-1 state with its own storage
     logits: object | None  # [1, V] after the last token, when known: then a prompt equal to the key reads nothing
