@@ -1,7 +1,7 @@
 """What agents and evaluation harnesses send, through the official `openai` client, streamed and not:
 response_format (50 sampled answers, all valid against the schema), tool calls (a round trip; streamed as OpenAI
 streams them, equal to the whole reply), logprobs and echo (equal to log_softmax of the model's logits), n choices
-from one prompt read, best_of (ranked by logprobs computed directly), logit_bias, stop_token_ids, prompts as token
+from one prompt read, best_of (ranked by logprob per token computed directly), logit_bias, stop_token_ids, prompts as token
 ids and several prompts, tuned states (a chat session says what the server says), README's examples."""
 import json
 import re
@@ -264,7 +264,7 @@ def test_n_choices_read_the_prompt_once(client, stream):
     assert usage.completion_tokens == 18
 
 
-def test_best_of_returns_the_rows_with_the_highest_sum_of_logprobs(client, model, world):
+def test_best_of_returns_the_rows_with_the_highest_logprob_per_token(client, model, world):
     prompt, kw = "Once upon", dict(max_tokens=6, temperature=1.0, seed=40)
     reply = client.completions.create(model="tiny", prompt=[prompt, "Two"], n=2, best_of=4, **kw)
     # the four rows of the first prompt, as the engine draws them (row i with seed + i), scored directly
@@ -276,7 +276,7 @@ def test_best_of_returns_the_rows_with_the_highest_sum_of_logprobs(client, model
         for row in rows:
             drawn = row.tokens
             logits = model(torch.tensor([tokens + drawn]))[0][0, len(tokens) - 1:-1].float().log_softmax(-1)
-            scores.append(logits[torch.arange(len(drawn)), drawn].sum().item())
+            scores.append(logits[torch.arange(len(drawn)), drawn].mean().item())
     best = sorted(range(4), key=lambda i: -scores[i])[:2]
     assert len(set(texts)) == 4 and [c.text for c in reply.choices[:2]] == [texts[i] for i in best]
     assert [c.index for c in reply.choices] == [0, 1, 2, 3]
@@ -285,7 +285,8 @@ def test_best_of_returns_the_rows_with_the_highest_sum_of_logprobs(client, model
     assert reply.usage.prompt_tokens == len(tokens) + alone.usage.prompt_tokens
     with_logprobs = client.completions.create(model="tiny", prompt=prompt, n=1, best_of=4, logprobs=1, **kw)
     assert with_logprobs.choices[0].text == texts[best[0]]
-    assert sum(with_logprobs.choices[0].logprobs.token_logprobs) == pytest.approx(scores[best[0]], abs=1e-4)
+    chosen = with_logprobs.choices[0].logprobs.token_logprobs
+    assert sum(chosen) / len(chosen) == pytest.approx(scores[best[0]], abs=1e-4)
     for bad in (dict(n=3, best_of=2), dict(best_of=2, stream=True)):
         with pytest.raises(openai.BadRequestError, match="best_of") as e:
             client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **bad)

@@ -134,7 +134,7 @@ class CompletionRequest(_Sampling):
     """prompt: a string, a list of token ids, or a list of strings or of token-id lists (several prompts;
     choice i*n + j is prompt i's j-th). echo: the prompt comes first in the text (and its logprobs, with `logprobs`); max_tokens 0 with echo
     reads the prompt only. logprobs: k alternatives per token (0: the chosen token's logprob only). best_of: that
-    many rows per prompt (seeds as n's), the n with the highest sum of token logprobs returned, best first."""
+    many rows per prompt (seeds as n's), the n with the highest logprob per token returned, best first."""
 
     REFUSED: ClassVar[dict] = {"suffix": "no fill-in-the-middle: send the text before the gap as the prompt"}
 
@@ -163,7 +163,7 @@ class CompletionRequest(_Sampling):
 
     @property
     def rows(self) -> int:
-        """Rows generated per prompt: best_of, of which the n with the highest sum of token logprobs are returned."""
+        """Rows generated per prompt: best_of, of which the n with the highest logprob per token are returned."""
         return self.best_of or self.n
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:

@@ -411,7 +411,7 @@ class _ChatShape:
 
 class _Reply:
     """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream; choice i is stream i, or
-    with `rows` > n (best_of), each prompt's `rows` streams give its n with the highest sum of token logprobs."""
+    with `rows` > n (best_of), each prompt's `rows` streams give its n with the highest logprob per token."""
 
     def __init__(self, prefix: str, kind: str, model: str, body, streams: list, shape, rows: int | None = None):
         self.id, self.kind, self.body_in, self.streams = f"{prefix}-{uuid.uuid4().hex}", kind, body, streams
@@ -455,13 +455,14 @@ class _Reply:
                 "choices": choices, "usage": self.usage()}
 
     def _best(self) -> list[int]:
-        """The streams that are choices: of each prompt's rows, the n with the highest sum of token logprobs (the
-        model's own, every token drawn), best first; all of them, in order, when rows is n."""
+        """The streams that are choices: of each prompt's rows, the n with the highest log probability per token
+        (OpenAI's "best": the mean of the model's own logprobs of the tokens drawn, so a row that ended early is
+        not favoured for being short), best first; all of them, in order, when rows is n."""
         n, picked = self.body_in.n, []
         for first in range(0, len(self.streams), self.rows):
             group = range(first, first + self.rows)
             if self.rows > n:
-                group = sorted(group, key=lambda j: -sum(e.logprob for e in self.streams[j].logprobs))
+                group = sorted(group, key=lambda j: -_mean(e.logprob for e in self.streams[j].logprobs))
             picked += group[:n]
         return picked
 
@@ -531,3 +532,8 @@ async def _merged(streams):
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
