@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import DECAY_SCALE, Block
-from ..ops.cpu_kernels import (BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES, dequantize_int4,
-                               isa_level, kernels)
+from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES,
+                               dequantize_int4, isa_level, kernels, round_activations)
 from ..state import LayerState
 
 # rows a KernelLinear (and a StepBlock) takes in the C kernels (in slices of ROWS_PER_PASS): a decode step of up to
@@ -108,6 +108,11 @@ class KernelLinear(nn.Linear):
             return self.weight
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
+    def _rounds_activations(self) -> bool:
+        """Whether this layer's kernel quantizes its inputs to int8 (int4 and int8 weights at a level with VNNI)."""
+        return (self.weight.dtype in (torch.int8, torch.uint8) and self.in_features % ACT_GROUP == 0
+                and getattr(kernels(self.isa), "int8_activations", False))
+
     def forward(self, x):
         rows = x.numel() // self.in_features
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
@@ -118,6 +123,8 @@ class KernelLinear(nn.Linear):
         quantized = kernel in ("gemv_i8", "gemv_i4")
         if kernel not in kernels(self.isa) or quantized and self.scale.dtype != torch.float32:
             weight = self.dense_weight()  # a prompt's rows: torch's matmul, int8 and int4 weights dequantized for it
+            if self._rounds_activations() and not wants_grad:  # what the kernels would multiply (same logits)
+                x = round_activations(x, weight.dtype)
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         x_rows = x.reshape(rows, self.in_features).float().contiguous()
         y = torch.empty(rows, self.out_features)
