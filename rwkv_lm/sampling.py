@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .ops.cpu_kernels import kernels
 
 
 class SamplingError(ValueError):
@@ -106,12 +109,15 @@ class RowSampler:
         self.counts.mul_(self.params.penalty_decay)[token] += 1
 
 
-def sample(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
-    """logits [B, V], one RowSampler per row -> next tokens [B] (int64), each row by its own settings."""
+def sample(logits: torch.Tensor, rows: Sequence[RowSampler], allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V], one RowSampler per row -> next tokens [B] (int64), each row by its own settings;
+    `allowed`: a bitmask [B, ceil(V / 32)] int32 of the tokens each row may draw (a grammar's), or None for all."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"{logits.shape[0]} rows of logits but {len(rows)} samplers")
-    edited = [row for row in rows if row.counts is not None or row.banned or row.params.logit_bias]
+    edited = allowed is not None or any(row.counts is not None or row.banned or row.params.logit_bias for row in rows)
     logits = logits.float().clone() if edited else logits.float()  # never edit the caller's logits
+    if allowed is not None:
+        forbid(logits, allowed)
     for i, row in enumerate(rows):  # per-row edits, rare and cheap
         if row.counts is not None:
             p = row.params
@@ -129,6 +135,32 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     tokens = logits.argmax(-1)
     tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
     return tokens
+
+
+# bit j of each byte value: a bitmask unpacked a byte at a time through this table
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+
+
+def unpack_bitmask(allowed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Bitmask [B, W] int32 (bit i of word w: token 32 w + i) -> [B, vocab] bool."""
+    assert sys.byteorder == "little", "bit i of word w (token 32 w + i) is read from byte 4 w + i // 8"
+    as_bytes = allowed.contiguous().view(torch.uint8).flatten().int()
+    return _BYTE_BITS.to(allowed.device).index_select(0, as_bytes).view(allowed.shape[0], -1)[:, :vocab]
+
+
+def forbid(logits: torch.Tensor, allowed: torch.Tensor) -> None:
+    """Set to -inf, in place, the logits [B, V] of the tokens the bitmask `allowed` [B, ceil(V / 32)] forbids.
+
+    On the CPU a C loop that skips words of ones (a grammar's mask inside a string is nearly all ones): at B=16
+    and V=65,536 it takes microseconds where unpacking every bit in torch takes milliseconds (bench_serve.py's
+    constrained rows); elsewhere, and where the kernels are not built, the unpacking is the reference."""
+    kernel = kernels().get("mask_logits") if logits.device.type == "cpu" else None
+    if kernel is None or logits.dtype != torch.float32 or not logits.is_contiguous():
+        logits.masked_fill_(~unpack_bitmask(allowed, logits.shape[-1]), float("-inf"))
+        return
+    words = allowed.to(torch.int32).contiguous()
+    if kernel(logits.data_ptr(), words.data_ptr(), logits.shape[0], logits.shape[1], words.shape[1]) != 0:
+        raise ValueError(f"a bitmask of {words.shape[1]} words cannot cover {logits.shape[1]} logits")
 
 
 TOP_P_CANDIDATES = (256, 4096)  # how many of the most likely tokens top_p looks among, in turn, before all

@@ -4,7 +4,9 @@ import pickle
 import pytest
 import torch
 
-from rwkv_lm.sampling import RowSampler, SamplingError, SamplingParams, resolve, sample, top_p_filter
+from rwkv_lm.ops.cpu_kernels import kernels
+from rwkv_lm.sampling import (RowSampler, SamplingError, SamplingParams, forbid, resolve, sample, top_p_filter,
+                              unpack_bitmask)
 
 LOGITS = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0, 2.5]])
 
@@ -124,3 +126,37 @@ def test_top_p_among_candidates_matches_the_full_sort():
     assert torch.equal(fast, reference)
     kept = (reference > 0).sum(-1)
     assert (kept <= 16).any() and ((kept > 16) & (kept <= 256)).any() and (kept > 256).any(), kept  # every stage
+
+
+def test_unpack_bitmask_reads_bits_as_a_loop_would():
+    masks = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    expected = torch.tensor([[(int(masks[b, t // 32]) >> (t % 32)) & 1 for t in range(100)] for b in range(3)]).bool()
+    assert torch.equal(unpack_bitmask(masks, 100), expected)
+
+
+@pytest.mark.parametrize("vocab", [65536, 1000, 77])
+def test_forbid_in_c_equals_the_unpacked_reference(vocab):
+    if "mask_logits" not in kernels():
+        pytest.skip("the CPU kernels are not built here (no C compiler)")
+    g = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    masks = torch.randint(-2**31, 2**31 - 1, (16, words), dtype=torch.int32, generator=g)
+    masks[:4] = -1  # rows a grammar does not constrain, and words of ones and of zeros as a grammar writes them
+    masks[4:8, : words // 2] = -1
+    masks[8:12, words // 2:] = 0
+    logits = torch.randn(16, vocab, generator=g)
+    expected = logits.masked_fill(~unpack_bitmask(masks, vocab), float("-inf"))
+    forbid(logits, masks)
+    assert torch.equal(logits, expected)
+    assert torch.isinf(logits).any() and not torch.isinf(logits[:4]).any()
+
+
+def test_allowed_tokens_are_the_only_ones_drawn():
+    allowed = torch.zeros(2, 1, dtype=torch.int32)
+    allowed[0, 0], allowed[1, 0] = 1 << 4, (1 << 2) | (1 << 3)  # row 0: token 4 (the least likely); row 1: 2 or 3
+    rows = [sampler(SamplingParams(temperature=0)), sampler(SamplingParams(temperature=1.0))]
+    logits = LOGITS.repeat(2, 1)
+    for _ in range(50):
+        token = sample(logits, rows, allowed).tolist()
+        assert token[0] == 4 and token[1] in (2, 3)
+    assert torch.equal(logits, LOGITS.repeat(2, 1))  # the caller's logits are left as they were

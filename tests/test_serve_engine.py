@@ -151,7 +151,8 @@ def test_a_conversation_sent_again_reads_only_its_new_message(rwkv, world):
 
 
 def test_the_cache_keeps_to_its_budget_dropping_the_least_recently_used(rwkv, world):
-    entry_bytes = rwkv.init_state(1).nbytes + 4 * rwkv.config.vocab_size  # a state and the logits after it
+    # a state, the logits after it and its key (4 bytes a token; these prompts are at most 12 tokens)
+    entry_bytes = rwkv.init_state(1).nbytes + 4 * rwkv.config.vocab_size + 4 * 12
     cache = StateCache(3 * entry_bytes)
     engine = Engine(rwkv, world, cache=cache)
     params = SamplingParams(max_tokens=2, temperature=0)
@@ -164,6 +165,16 @@ def test_the_cache_keeps_to_its_budget_dropping_the_least_recently_used(rwkv, wo
     last = engine.submit(Request(world.encode("Prompt number 5 is here"), params))
     last.text()
     assert first.cached_tokens == 0 and last.cached_tokens > 0
+
+
+def test_the_budget_counts_each_entry_s_token_key(rwkv):
+    """A long prompt leaves an entry every 256 tokens, each keyed by its whole prefix: those keys are counted."""
+    state = rwkv.init_state(1)
+    cache = StateCache(64 << 20)
+    for n in (256, 512, 10_000):
+        cache.insert(list(range(n)), state)
+    assert cache.bytes == 3 * state.nbytes + 4 * (256 + 512 + 10_000)
+    assert cache.lookup(list(range(10_001))).tokens.tolist() == list(range(10_000))
 
 
 def test_a_gpt_kv_cache_is_cached_too(gpt, world):

@@ -1,12 +1,13 @@
 """The grammar module alone: schemas compile over the World vocabulary and a BPE, a masked draw always stays
-inside the grammar, and the bit unpacking equals a plain loop over the bits."""
+inside the grammar."""
 import json
 
 import jsonschema
 import pytest
 import torch
 
-from rwkv_lm.serve.grammar import Grammar, GrammarError, Matcher, allowed, apply_masks, fill_masks, new_masks
+from rwkv_lm.sampling import forbid, unpack_bitmask
+from rwkv_lm.serve.grammar import Grammar, GrammarError, Matcher, fill_masks, new_masks
 from rwkv_lm.tokenizer import train_bpe
 
 SCHEMA = {"type": "object", "properties": {
@@ -22,7 +23,7 @@ def draw_constrained(matcher, tokenizer, n_vocab, generator, max_tokens=400):
     for _ in range(max_tokens):
         fill_masks([(matcher, 0)], masks)
         logits = torch.randn(1, n_vocab, generator=generator)
-        apply_masks(logits, masks, [0])
+        forbid(logits, masks)
         token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
         if token == 0:
             break
@@ -54,7 +55,7 @@ def test_json_object_takes_any_object_only(world):
     matcher = Matcher(Grammar.json_object(), world, 65536)
     masks = new_masks(1, 65536)
     fill_masks([(matcher, 0)], masks)
-    ok = allowed(masks, 65536)[0]
+    ok = unpack_bitmask(masks, 65536)[0]
     assert ok[world.encode("{")[0]] and not ok[world.encode("[")[0]] and not ok[world.encode("hello")[0]]
     assert not ok[0] and not ok[65535]  # the end only once complete; ids beyond the vocabulary never
 
@@ -65,8 +66,3 @@ def test_bad_schema_is_a_grammar_error(world):
     with pytest.raises(GrammarError):
         Grammar.json_schema(["not", "a", "schema"])
 
-
-def test_allowed_unpacks_bits_as_a_loop_would():
-    masks = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
-    expected = torch.tensor([[(int(masks[b, t // 32]) >> (t % 32)) & 1 for t in range(100)] for b in range(3)]).bool()
-    assert torch.equal(allowed(masks, 100), expected)

@@ -880,3 +880,21 @@ int block_step(const void *const *params, const float *x, float *x_out, float *v
     free(mix);
     return err;
 }
+
+/* Constrained decoding: logits [rows, vocab] set to -inf where `allowed` [rows, words] (one bit per token: bit i
+ * of word w is token 32 w + i) has a 0. A grammar's mask is nearly all ones (inside a string) or nearly all
+ * zeros (between fields), so a word of ones is one test and the bits are only walked in the others. */
+int mask_logits(float *logits, const uint32_t *allowed, int64_t rows, int64_t vocab, int64_t words) {
+    if (words * 32 < vocab) return 1;
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = logits + r * vocab;
+        for (int64_t w = 0; w < words && w * 32 < vocab; w++) {
+            uint32_t bits = allowed[r * words + w];
+            if (bits == 0xffffffffu) continue;
+            const int64_t end = vocab - w * 32 < 32 ? vocab - w * 32 : 32;
+            for (int64_t i = 0; i < end; i++)
+                if (!(bits >> i & 1)) row[w * 32 + i] = -INFINITY;
+        }
+    }
+    return 0;
+}

@@ -16,12 +16,13 @@ it. Finding those points costs a hash per `BRANCH_STRIDE` tokens.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 BRANCH_STRIDE = 16  # a branch point is found to within this many tokens
-SEEN_LIMIT = 200_000  # prefix hashes remembered for branch points (a few MB)
+SEEN_LIMIT = 100_000  # prefixes remembered for branch points (1.6M tokens of prompts; 14 MB)
 _MOD, _BASE = (1 << 61) - 1, 1_000_003
 
 
@@ -38,14 +39,15 @@ def prefix_hashes(tokens: Sequence[int], origin: str = "") -> list[int]:
 @dataclass
 class Entry:
     origin: str  # the starting state's name ("" for zeros)
-    tokens: tuple[int, ...]
+    tokens: array  # the prefix, 4 bytes a token ("i"): counted in nbytes, as a long prompt's entries add up
     state: object  # a batch-1 state with its own storage
     logits: object | None  # [1, V] after the last token, when known: then a prompt equal to the key reads nothing
     nbytes: int
 
 
 class StateCache:
-    """LRU map from token prefixes to model states, at most `max_bytes` of tensors. Thread-safe."""
+    """LRU map from token prefixes to model states, at most `max_bytes` of entries (their tensors and token
+    keys). Thread-safe."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
@@ -53,7 +55,7 @@ class StateCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, int], Entry] = OrderedDict()  # (length, hash) -> entry
         self._lengths: dict[int, int] = {}  # prefix length -> number of entries of that length
-        self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()  # (length, hash) of prefixes read before
+        self._seen: OrderedDict[int, None] = OrderedDict()  # length << 61 | hash, of prefixes read before
         self._lock = threading.Lock()
         self.hits = self.misses = self.bytes = 0
 
@@ -68,7 +70,7 @@ class StateCache:
         with self._lock:
             for n in sorted((n for n in self._lengths if n <= len(tokens)), reverse=True):
                 entry = self._entries.get((n, hashes[n]))
-                if (entry is None or entry.origin != origin or entry.tokens != tuple(tokens[:n])
+                if (entry is None or entry.origin != origin or entry.tokens != array("i", tokens[:n])
                         or (n == len(tokens) and entry.logits is None)):
                     continue
                 self._entries.move_to_end((n, hashes[n]))
@@ -84,7 +86,8 @@ class StateCache:
         if n == 0:
             return False
         key = (n, (hashes or prefix_hashes(tokens, origin))[n])
-        nbytes = state.nbytes + (0 if logits is None else logits.numel() * logits.element_size())
+        prefix = array("i", tokens)
+        nbytes = state.nbytes + (0 if logits is None else logits.numel() * logits.element_size()) + prefix.itemsize * n
         with self._lock:
             old = self._entries.get(key)
             if old is not None and (old.logits is not None or logits is None):
@@ -95,7 +98,7 @@ class StateCache:
             if old is not None:
                 self._remove(key)
             # a copy: the state's tensors may be views into a whole chunk's activations
-            self._entries[key] = Entry(origin, tuple(tokens), state.clone(), logits, nbytes)
+            self._entries[key] = Entry(origin, prefix, state.clone(), logits, nbytes)
             self._lengths[n] = self._lengths.get(n, 0) + 1
             self.bytes += nbytes
             while self.bytes > self.max_bytes:
@@ -108,7 +111,7 @@ class StateCache:
         found = None
         with self._lock:
             for n in range(BRANCH_STRIDE, len(hashes) - 1, BRANCH_STRIDE):
-                key = (n, hashes[n])
+                key = n << 61 | hashes[n]  # one int, not a tuple of two: half the memory at SEEN_LIMIT
                 if key in self._seen:
                     self._seen.move_to_end(key)
                     found = n

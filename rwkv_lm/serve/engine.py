@@ -395,8 +395,8 @@ class Engine:
             masks.result()
             return
         raw = torch.cat(logits)
-        masked = self._masks.apply(raw, masks.result(), [row.matcher for row in ready])
-        tokens = sample(masked, [row.sampler for row in ready]).tolist()
+        allowed = self._masks.finish(masks.result(), [row.matcher for row in ready])
+        tokens = sample(raw, [row.sampler for row in ready], allowed).tolist()
         chances = token_logprobs(raw, tokens, [row.request.logprobs for row in ready])
 
         for row, token, chance in zip(ready, tokens, chances):

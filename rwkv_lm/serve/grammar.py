@@ -2,8 +2,8 @@
 
 A `Grammar` is lark text in llguidance's dialect, where JSON schemas enter as `%json {...}`; a `Matcher`
 follows one row through it; `fill_masks` writes the allowed tokens of many rows as bits ([B, ceil(V/32)]
-int32, in Rust threads that do not hold the GIL, so it can run while the model steps); `apply_masks` sets
-the logits of every other token to -inf before sampling.
+int32, in Rust threads that do not hold the GIL, so it can run while the model steps); `sampling.sample` sets
+the logits of every other token to -inf before it draws.
 
 llguidance was picked over xgrammar and outlines-core by bench/grammar_engines.py (bench/RESULTS.md,
 "Constrained output"): all three take the World vocabulary's byte tokens and our BPE's; llguidance compiles a
@@ -14,7 +14,6 @@ mask) pulls transformers and triton into a CPU install.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,24 +135,6 @@ def fill_masks(matchers: list[tuple[Matcher, int]], masks: torch.Tensor) -> None
         llt.fill_next_token_bitmask_par(_executor, [(m.ll, row) for m, row in matchers], masks)
 
 
-# bit j of each byte value: unpacking a mask a byte at a time through this table is 2x faster than shifting
-# every word 32 ways (16 rows of 65,536 tokens: 5.3 vs 10.8 ms on one core)
-_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
-assert sys.byteorder == "little", "masks are unpacked by bytes: bit i of word w (token 32 w + i) is in byte 4 w + i // 8"
-
-
-def allowed(masks: torch.Tensor, n_vocab: int) -> torch.Tensor:
-    """Bitmask [B, W] int32 (bit i of word w: token 32 w + i) -> [B, n_vocab] bool."""
-    return _BYTE_BITS[masks.contiguous().view(torch.uint8).long()].view(masks.shape[0], -1)[:, :n_vocab]
-
-
-def apply_masks(logits: torch.Tensor, masks: torch.Tensor, rows: list[int]) -> None:
-    """Set to -inf, in place, the logits [B, V] of the tokens that `masks` [B, W] forbids, in `rows` only."""
-    if rows:
-        keep = allowed(masks[rows], logits.shape[-1]).to(logits.device)
-        logits[rows] = torch.where(keep, logits[rows], float("-inf"))
-
-
 _helper = ThreadPoolExecutor(1, thread_name_prefix="rwkv_lm-grammar")  # one for every engine: its work is short
 
 
@@ -174,17 +155,15 @@ class MaskFiller:
         masks = new_masks(len(matchers), self.n_vocab)
         return _helper.submit(lambda: (fill_masks(rows, masks), masks)[1])
 
-    def apply(self, logits: torch.Tensor, early: torch.Tensor | None, matchers: list[Matcher | None]) -> torch.Tensor:
-        """`logits` [B, V] with what each row's grammar forbids at -inf (a copy; the same tensor if no row is
-        constrained); `early` holds the masks of the first rows, from `start`."""
+    def finish(self, early: torch.Tensor | None, matchers: list[Matcher | None]) -> torch.Tensor | None:
+        """The masks [len(matchers), W] of every row (None if no row is constrained); `early` holds those of the
+        first rows, from `start`."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
-            return logits
+            return None
         n_early = 0 if early is None else early.shape[0]
         masks = new_masks(len(matchers), self.n_vocab)
         if early is not None:
             masks[:n_early] = early
         fill_masks([(matchers[i], i) for i in rows if i >= n_early], masks)
-        logits = logits.clone()
-        apply_masks(logits, masks, rows)
-        return logits
+        return masks
