@@ -22,7 +22,7 @@ from rwkv_lm.testing import random_model, rel_err
 from conftest import assert_close
 
 # every level builds every kernel; the levels differ in vector width and in the bf16 product
-ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step"}
+ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "mask_logits"}
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "neon": 4}
 BF16_WIDENED_RTOL = 1e-5  # bf16 weights widened to fp32 in registers: an fp32 product, summed in another order
 BF16_SPLIT_RTOL = 2e-4  # avx512_bf16 splits activations into two bf16 halves: about 2^-16 relative
