@@ -8,7 +8,8 @@
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
  * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product where the CPU has it), int8
  * with one fp32 scale per output row, or int4 with one fp32 scale per INT4_GROUP inputs of a row (dequantized
- * in registers); activations are fp32 throughout. */
+ * in registers); activations are fp32, but for the int4 and int8 products on CPUs with VNNI (gemv_vnni), which
+ * round them to int8 per ACT_GROUP inputs. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

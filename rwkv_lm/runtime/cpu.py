@@ -24,6 +24,10 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
   a multiple of INT4_GROUP wide.
+- int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16): their products round the activations to int8,
+  one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd), several times fewer
+  instructions than widening the weights; torch's matmul for long prompts rounds them alike, so every path gives
+  the same logits. The other levels keep fp32 activations.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
 ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass.
 """
