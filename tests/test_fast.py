@@ -369,6 +369,20 @@ def test_quantized_linear_kernel(weights, in_features, out_features):
 
 
 @pytest.mark.parametrize("weights", QUANTIZED)
+def test_quantized_products_keep_a_nan_in_its_row(weights):
+    """A NaN or inf input gives its row non-finite outputs, as an fp32 product would (int8 activations: the
+    group's scale carries it), and leaves the other rows of the batch as they are alone."""
+    torch.manual_seed(0)
+    fast = KernelLinear(torch.nn.Linear(128, 20, bias=False), QUANTIZED[weights][0])
+    x = torch.randn(5, 128)
+    alone = fast(x[:1])
+    x[2, 70], x[3, 5] = float("nan"), float("inf")
+    y = fast(x)
+    assert not y[2:4].isfinite().any() and y[[0, 1, 4]].isfinite().all()
+    assert torch.equal(y[:1], alone)
+
+
+@pytest.mark.parametrize("weights", QUANTIZED)
 def test_quantized_saves_and_loads_as_it_is(model, tmp_path, weights):
     """A quantized model saves in our format and loads back as it was (int8, or int4 packed), not requantized;
     fast=False dequantizes it."""

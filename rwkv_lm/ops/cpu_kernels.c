@@ -419,8 +419,12 @@ static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out
 INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
     for (int64_t g = 0; g < in; g += ACT_GROUP) {
         __m512 m = _mm512_setzero_ps();
-        for (int j = 0; j < ACT_GROUP; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + g + j)));
-        const float amax = _mm512_reduce_max_ps(m);
+        __mmask16 nan = 0; /* (max drops NaN: a NaN input makes the scale NaN, so its outputs are NaN as in fp32) */
+        for (int j = 0; j < ACT_GROUP; j += 16) {
+            const __m512 v = _mm512_loadu_ps(x + g + j);
+            m = _mm512_max_ps(m, _mm512_abs_ps(v)), nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        const float amax = nan ? NAN : _mm512_reduce_max_ps(m);
         const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
         s[g / ACT_GROUP] = amax / 127.0f;
         for (int j = 0; j < ACT_GROUP; j += 16)
