@@ -32,7 +32,7 @@ class Conversation:
     session: ChatSession
     system: str  # as typed; a different one starts a new conversation
     tuned: str  # the tuned state it started from ("none": zeros); another one starts a new conversation
-    device_lock: threading.Lock  # the engines': the session's own model calls (prompt, fork) take turns too
+    device_lock: threading.Lock  # the engines': the session's own model calls (a fork) take turns too
     empty_state_bytes: int  # an RWKV state's size, shown before a reply has measured one
     history: list[dict] = field(default_factory=list)
     before_last_turn: ChatSession | None = None  # for Regenerate
@@ -44,9 +44,9 @@ class Conversation:
     @classmethod
     def start(cls, engine: Engine, system: str, device_lock: threading.Lock, tuned: str = NO_STATE,
               states: dict | None = None) -> "Conversation":
-        with device_lock:  # a system prompt is read here
-            session = ChatSession(engine.model, engine.tokenizer, system=system.strip() or None,
-                                  state=(states or {}).get(tuned), engine=engine)
+        # the system prompt is read by the engine (in its turn on the device), from the tuned state under its cache key
+        session = ChatSession(engine.model, engine.tokenizer, system=system.strip() or None,
+                              state=(states or {}).get(tuned), engine=engine)
         return cls(session, system, tuned, device_lock, engine.model.init_state(1).nbytes)
 
     def status(self) -> str:

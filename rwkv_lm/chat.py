@@ -1,9 +1,11 @@
 """Chat sessions in the RWKV World / G1 template (`chat_template.py`), the model state carried from turn to turn.
 
 A turn feeds only its own new tokens: the state already holds the conversation. A session can be forked
-(a long system prompt is read once, then shared) and saved to / loaded from a safetensors file. Replies run
-through the serving engine: a private one in the caller's thread, or a shared, started `Engine` (the demo's),
-where many sessions' replies share batched steps.
+(a long system prompt is read once, then shared) and saved to / loaded from a safetensors file. Replies (and the
+system prompt) run through the serving engine: a private one in the caller's thread, or a shared, started `Engine`
+(the demo's), where many sessions' replies share batched steps. A session started from a tuned state asks the
+engine for it as the server does (`Request.state` and `state_key`), so an engine with a prefix cache reads a system
+prompt once per starting state, never sharing it between two states.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from safetensors.torch import save_file
 from .chat_template import REPLY_CUE, TURN_END, clean_message, turn_text
 from .files import atomic_write
 from .sampling import SamplingParams, resolve
-from .serve import Engine, Request, check_tokenizer, engine_for, prefill
+from .serve import Engine, Request, check_tokenizer, engine_for, prefill, state_key
 from .statefile import load_state
 
 FORMAT = "rwkv_lm.chat"
@@ -44,6 +46,7 @@ class ChatSession:
         if state is not None and not hasattr(state, "clone"):
             state = load_state(state, model)
         self._start = None if state is None else model.check_state(state, 1)
+        self._start_key = None if state is None else state_key(self._start)
         self._base = None
         self.last_reply = None  # the Stream of the latest reply: its counts (tokens, timings, state bytes)
         self._live = False  # a reply is streaming
@@ -55,10 +58,18 @@ class ChatSession:
             self._base = (self._start, 0)
             if self.system is not None:
                 tokens = self.tokenizer.encode(turn_text("system", self.system))
-                self._base = (prefill(self.model, tokens, self._start)[1], len(tokens))
+                engine = engine_for(self.model, self.tokenizer, self.engine)
+                read = engine.submit(Request(tokens, SamplingParams(max_tokens=1), keep_state=True, read_only=True,
+                                             **self._start_from(self._start)))
+                read.text()  # (raises what failed)
+                self._base = (read.state, len(tokens))
         self._state, self.num_tokens = self._base
         self._pending: list[int] = []  # generated tokens not yet fed to the model
         self._open_reply = False  # the last reply ended without its TURN_END
+
+    def _start_from(self, state) -> dict:
+        """The Request fields that start from `state`: the session's starting state goes with its cache key."""
+        return {"state": state, "state_key": self._start_key if state is self._start else None}
 
     @property
     def state(self):
@@ -85,8 +96,8 @@ class ChatSession:
         # the last reply's final token (counted already) goes in with the new ones, in one pass
         before = (self._state, self._pending, self.num_tokens, self._open_reply)
         engine = engine_for(self.model, self.tokenizer, self.engine)
-        stream = engine.submit(Request.chat_reply(self._pending + tokens, params, self._state, keep_state=True,
-                                                  grammar=grammar))
+        stream = engine.submit(Request.chat_reply(self._pending + tokens, params, keep_state=True, grammar=grammar,
+                                                  **self._start_from(self._state)))
         self.last_reply, self._live, self._pending = stream, True, []
         self.num_tokens += len(tokens)
         self._open_reply = True
@@ -158,7 +169,7 @@ class ChatSession:
         session = object.__new__(cls)
         session.model, session.tokenizer, session.engine = model, tokenizer, None
         session.last_reply, session._live = None, False
-        session.system, session._start, session._base, session._pending = system, None, None, []
+        session.system, session._start, session._start_key, session._base, session._pending = system, None, None, None, []
         session._state = state
         session.num_tokens, session._open_reply = num_tokens, open_reply
         return session

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from rwkv_lm import ChatSession, RWKVConfig
-from rwkv_lm.serve import prefill
+from rwkv_lm import ChatSession, RWKVConfig, SamplingParams
+from rwkv_lm.serve import Engine, prefill, state_key
 from rwkv_lm.testing import random_model
 
 from conftest import assert_close
@@ -232,3 +232,30 @@ def test_gpt_session_saves_and_loads(tmp_path, world):
     loaded = ChatSession.load(tmp_path / "gpt.safetensors", gpt, world)
     assert loaded.state.nbytes == session.state.nbytes > 0
     assert "".join(loaded.reply("More", temperature=0, max_tokens=5)) == "".join(session.reply("More", temperature=0, max_tokens=5))
+
+
+def test_a_tuned_state_reads_its_system_prompt_once_under_its_own_cache_key(model, world):
+    g = torch.Generator().manual_seed(3)
+    calm, other = (model.init_state(1).map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype) * 3) for _ in range(2))
+    engine = Engine(model, world, cache=64 << 20)
+    system = "You are a calm assistant who answers in one short sentence, always."
+    read = len(world.encode(f"System: {system}\n\n"))
+    params = SamplingParams(max_tokens=6, temperature=0)
+
+    def session(state):
+        before = dict(prompt=engine.counters.prompt_tokens, cached=engine.counters.cached_prompt_tokens)
+        chat = ChatSession(model, world, system=system, state=state, engine=engine)
+        return chat, engine.counters.prompt_tokens - before["prompt"], engine.counters.cached_prompt_tokens - before["cached"]
+
+    first, fed, cached = session(calm)
+    assert (fed, cached) == (read, 0)
+    again, fed, cached = session(calm.clone())  # an equal state, loaded again: the same key
+    assert (fed, cached) == (0, read)
+    for state in (other, None):  # another state, or zeros, never starts from calm's entries
+        _, fed, cached = session(state)
+        assert (fed, cached) == (read, 0)
+    origins = {entry.origin for entry in engine.cache._entries.values()}
+    assert origins == {"", state_key(calm), state_key(other)} and state_key(calm) != state_key(other)
+    alone = ChatSession(model, world, system=system, state=calm)  # its own engine, no cache
+    texts = ["".join(chat.reply("Hi", params)) for chat in (first, again, alone)]
+    assert texts[0] == texts[1] == texts[2]

@@ -316,7 +316,7 @@ def test_quantized_steps(batch, weights):
                      gate_lora=48)
     model = random_model(cfg, seed=batch)
     fast = optimize(copy.deepcopy(model), weights=weights)
-    assert all(type(block) is StepBlock and block.step_weight_type == weight_type for block in fast.blocks)
+    assert all(type(block) is StepBlock and block.step_plan.weight_type == weight_type for block in fast.blocks)
     assert fast.head.weight.dtype == dtype and fast.head.scale.shape == scale_shape
     ref = _dequantized(model, fast)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
@@ -392,7 +392,7 @@ def test_quantized_saves_and_loads_as_it_is(model, tmp_path, weights):
     loaded = rwkv_lm.load(path)
     assert loaded.state_dict().keys() == fast.state_dict().keys()
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(loaded.state_dict().values(), fast.state_dict().values()))
-    assert all(type(block) is StepBlock and block.step_weight_type == weight_type for block in loaded.blocks)
+    assert all(type(block) is StepBlock and block.step_plan.weight_type == weight_type for block in loaded.blocks)
     assert loaded.head.weight.dtype == dtype
     plain = rwkv_lm.load(path, fast=False)
     assert type(plain.head) is torch.nn.Linear and plain.state_dict().keys() == model.state_dict().keys()
@@ -491,7 +491,7 @@ def test_optimize_again_with_bf16_weights(model, tmp_path):
     fused steps for them."""
     fast = optimize(rwkv_lm.load(rwkv_lm.save(model, tmp_path / "m.safetensors")), weights="bf16")
     assert all(m.weight.dtype == torch.bfloat16 for m in fast.modules() if isinstance(m, torch.nn.Linear))
-    assert all(type(b) is StepBlock and torch.bfloat16 in b.step_dtypes for b in fast.blocks)
+    assert all(type(b) is StepBlock and torch.bfloat16 in b.step_plan.dtypes for b in fast.blocks)
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(9))
     assert_close(_steps(fast, tokens)[0], _steps(_rounded(model), tokens)[0], bf16_rtol(64), "step logits")
 

@@ -1,9 +1,12 @@
 """What agents and evaluation harnesses send, through the official `openai` client, streamed and not:
-response_format (50 sampled answers, all valid against the schema), tool calls (a round trip), logprobs and
-echo (equal to log_softmax of the model's logits), n choices from one prompt read, logit_bias, stop_token_ids,
-prompts as token ids and several prompts."""
+response_format (50 sampled answers, all valid against the schema), tool calls (a round trip; streamed as OpenAI
+streams them, equal to the whole reply), logprobs and echo (equal to log_softmax of the model's logits), n choices
+from one prompt read, best_of (ranked by logprob per token computed directly), logit_bias, stop_token_ids, prompts as token
+ids and several prompts, tuned states (a chat session says what the server says), README's examples."""
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jsonschema
 import openai
@@ -11,9 +14,11 @@ import pytest
 import torch
 from test_serve_http import Server
 
-from rwkv_lm import RWKVConfig, SamplingParams
+from rwkv_lm import ChatSession, RWKVConfig, SamplingParams
 from rwkv_lm.serve import Engine, Request
 from rwkv_lm.testing import random_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 30},
@@ -109,6 +114,102 @@ def test_tool_call_round_trip(client, stream):
     assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
 
 
+def streamed_reply(chunks):
+    """A streamed chat reply -> (content, [(id, name, arguments)], finish reason, what came in order), checking
+    OpenAI's shape: a call's first delta has its index, id, type, name and arguments "", the later ones only
+    the index and the next piece of the arguments."""
+    content, calls, reason, order = "", [], None, []
+    for chunk in chunks:
+        for c in chunk.choices:
+            if c.delta.content:
+                content += c.delta.content
+                order.append("content")
+            for call in c.delta.tool_calls or ():
+                if call.id is not None:
+                    assert (call.index, call.type, call.function.arguments) == (len(calls), "function", "")
+                    calls.append([call.id, call.function.name, ""])
+                    order.append("call")
+                else:
+                    assert call.index == len(calls) - 1 and call.type is None and call.function.name is None
+                    calls[-1][2] += call.function.arguments
+                    order.append("arguments")
+            reason = c.finish_reason or reason
+    return content, [tuple(c) for c in calls], reason, order
+
+
+def whole_reply(reply):
+    message = reply.choices[0].message
+    calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()]
+    return message.content or "", calls, reply.choices[0].finish_reason
+
+
+def assert_streamed_as_whole(streamed, whole):
+    """The same reply (content, names and arguments, finish reason), each argument piece in a chunk of its own."""
+    content, calls, reason, order = streamed
+    assert (content, [c[1:] for c in calls], reason) == (whole[0], [c[1:] for c in whole[1]], whole[2])
+    pieces = [after.count("arguments") for after in " ".join(order).split("call")[1:]]
+    assert all(n >= 2 for n, call in zip(pieces, calls) if len(call[2]) > 8), order  # given out as written
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_tool_calls_stream_as_they_are_written(client, choice):
+    other = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}}}
+    kw = dict(tools=[other, WEATHER], temperature=1.0, max_tokens=300,
+              tool_choice="required" if choice == "required" else {"type": "function", "function": {"name": "get_weather"}},
+              parallel_tool_calls=choice == "required")
+    most = 0
+    for seed in range(6):
+        whole = whole_reply(chat(client, seed=seed, **kw))
+        streamed = streamed_reply(chat(client, seed=seed, stream=True, **kw))
+        assert_streamed_as_whole(streamed, whole)
+        assert whole[0] == "" and whole[2] == "tool_calls"
+        for _, name, arguments in whole[1]:
+            jsonschema.validate(json.loads(arguments), SCHEMA if name == "get_weather" else {"type": "object"})
+        most = max(most, len(whole[1]))
+        if choice == "named":
+            assert [c[1] for c in whole[1]] == ["get_weather"]
+    if choice == "required":
+        assert most >= 2, "some seed gives parallel calls"
+
+
+def scripted_step(model, script):
+    """A decode step that, once a row has drawn script[0], makes each next token of `script` the only choice:
+    the reply a model trained on tool calls would write, made by the server's own path."""
+    at = None
+
+    def step(tokens, state):
+        nonlocal at
+        logits, state = model.step(tokens, state)
+        token = tokens[0].item()
+        at = at + 1 if at is not None and at + 1 < len(script) and script[at + 1] == token else (0 if token == script[0] else None)
+        if at is not None and at + 1 < len(script):
+            logits = torch.full_like(logits, -1e4)
+            logits[:, script[at + 1]] = 0
+        return logits, state
+    return step
+
+
+def test_auto_tool_calls_after_text_stream_as_they_are_written(model, world):
+    arguments = [{"city": "Paris", "days": 3, "units": "metric", "alerts": False},
+                 {"city": "Oslo", "days": 1, "units": "imperial", "alerts": True}]
+    text = "Let me look.\n" + "\n".join(f'<tool_call>{json.dumps({"name": "get_weather", "arguments": a})}</tool_call>'
+                                         for a in arguments)
+    script = world.encode(text + "\n\n")
+    server = Server(Engine(model, world, max_batch=1, step=scripted_step(model, script)), model_name="tiny")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        kw = dict(tools=[WEATHER], tool_choice="auto", max_tokens=200, temperature=0, logit_bias={str(script[0]): 100})
+        whole = whole_reply(chat(client, **kw))
+        streamed = streamed_reply(chat(client, stream=True, **kw))
+    finally:
+        server.stop()
+    assert whole[0] == "Let me look." and whole[2] == "tool_calls"
+    assert [json.loads(c[2]) for c in whole[1]] == arguments
+    assert_streamed_as_whole(streamed, whole)
+    assert streamed[3][0] == "content" and streamed[3].count("call") == 2  # the text came before the first call
+
+
 def test_named_tool_choice_calls_that_function(client):
     other = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}
     reply = chat(client, tools=[other, WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
@@ -163,6 +264,35 @@ def test_n_choices_read_the_prompt_once(client, stream):
     assert usage.completion_tokens == 18
 
 
+def test_best_of_returns_the_rows_with_the_highest_logprob_per_token(client, model, world):
+    prompt, kw = "Once upon", dict(max_tokens=6, temperature=1.0, seed=40)
+    reply = client.completions.create(model="tiny", prompt=[prompt, "Two"], n=2, best_of=4, **kw)
+    # the four rows of the first prompt, as the engine draws them (row i with seed + i), scored directly
+    tokens = world.encode(prompt)
+    rows = [Engine(model, world).submit(Request(tokens, SamplingParams(**{**kw, "seed": 40 + i}))) for i in range(4)]
+    texts = [row.text() for row in rows]
+    scores = []
+    with torch.no_grad():
+        for row in rows:
+            drawn = row.tokens
+            logits = model(torch.tensor([tokens + drawn]))[0][0, len(tokens) - 1:-1].float().log_softmax(-1)
+            scores.append(logits[torch.arange(len(drawn)), drawn].mean().item())
+    best = sorted(range(4), key=lambda i: -scores[i])[:2]
+    assert len(set(texts)) == 4 and [c.text for c in reply.choices[:2]] == [texts[i] for i in best]
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    alone = client.completions.create(model="tiny", prompt="Two", n=4, **kw)
+    assert reply.usage.completion_tokens == sum(len(row.tokens) for row in rows) + alone.usage.completion_tokens
+    assert reply.usage.prompt_tokens == len(tokens) + alone.usage.prompt_tokens
+    with_logprobs = client.completions.create(model="tiny", prompt=prompt, n=1, best_of=4, logprobs=1, **kw)
+    assert with_logprobs.choices[0].text == texts[best[0]]
+    chosen = with_logprobs.choices[0].logprobs.token_logprobs
+    assert sum(chosen) / len(chosen) == pytest.approx(scores[best[0]], abs=1e-4)
+    for bad in (dict(n=3, best_of=2), dict(best_of=2, stream=True)):
+        with pytest.raises(openai.BadRequestError, match="best_of") as e:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **bad)
+        assert e.value.body["param"] == "best_of"
+
+
 def test_logit_bias_stop_token_ids_and_several_prompts(client, world):
     forced = world.encode(" yes")[0]
     reply = client.completions.create(model="tiny", prompt="Say", max_tokens=3, logit_bias={str(forced): 100})
@@ -189,3 +319,38 @@ def test_a_tuned_state_by_model_name(client, model, world, calm):
     assert plain.choices[0].text != expected
     with pytest.raises(openai.NotFoundError, match="no state .wild."):
         client.completions.create(model="tiny:wild", prompt=prompt, max_tokens=2)
+
+
+def test_a_chat_session_from_a_tuned_state_says_what_the_server_says(client, model, world, calm):
+    system, message = "Be brief.", "Hi"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": message}]
+    for temperature in (0.0, 1.0):  # greedy, and sampled (this random model's state sways its logits only slightly)
+        says = []
+        for state, name in ((calm, "tiny:calm"), (None, "tiny")):
+            served = client.chat.completions.create(model=name, messages=messages, max_tokens=10, temperature=temperature,
+                                                    seed=1)
+            session = ChatSession(model, world, system=system, state=state)
+            says.append("".join(session.reply(message, SamplingParams(max_tokens=10, temperature=temperature, seed=1))))
+            assert says[-1] == served.choices[0].message.content
+    assert says[0] != says[1]
+
+
+def test_the_readme_examples_run(model, world, calm):
+    """README's openai-client examples, as written, against a server named as they name it."""
+    block = re.search(r"```python\n(client = openai\.OpenAI.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    closers = [world.encode(t)[0] for t in ('"', "}", '"}', '",', "1")]
+
+    def closing_step(tokens, state):  # a random model never ends a JSON string by itself: help it a little
+        logits, state = model.step(tokens, state)
+        logits[:, closers] += 8
+        return logits, state
+
+    server = Server(Engine(model, world, max_batch=16, step=closing_step), model_name="rwkv", states={"calm": calm})
+    try:
+        real = openai.OpenAI
+        shim = type("openai", (), {"OpenAI": lambda **kw: real(**{**kw, "base_url": server.url + "/v1", "max_retries": 0})})
+        namespace = {"openai": shim}
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        server.stop()
+    assert namespace["arguments"] and all(isinstance(json.loads(a), dict) for a in namespace["arguments"].values())

@@ -34,6 +34,7 @@ Without a C compiler the kernels are missing (one warning): fp32 weights are the
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -139,15 +140,37 @@ class KernelLinear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+@dataclass
+class StepPlan:
+    """What a block's C step was prepared for (by `_fused_steps`), and the pointer array it last built."""
+
+    isa: str  # the level of the kernels
+    slots: list[int]  # where each tensor the block has goes among BLOCK_STEP_PARAMS (absent ones are NULL)
+    tree: list[tuple]  # (parent, name, child) of every submodule: a replaced one sends the block to model.py
+    modules: tuple  # the block's modules, whose hooks the C would skip
+    sources: list[tuple]  # (the dict that holds it, its name) for each tensor the C step takes
+    dtypes: list[torch.dtype]  # the tensors' dtypes and strides then (LoRAs transposed, everything else contiguous)
+    strides: list[tuple]
+    sizes: tuple  # C, head size, ffn width and the four LoRA ranks
+    weight_type: int  # WEIGHT_TYPES of the Linear weights
+    key: list | None = None  # (id, address, dtype, stride) of each tensor when `params` was built
+    params: object | None = None  # the ctypes array of pointers for those tensors
+
+    def __getstate__(self):  # (copy.deepcopy and pickle): the cached pointers are into the original's memory
+        return {**self.__dict__, "key": None, "params": None}
+
+
 class StepBlock(Block):
     """Block whose one-token steps and prompts run in C calls (`block_step`): model.py's arithmetic without the
     ~130 small torch ops per layer that took a quarter of a batched step, a third of a one-row step and most of a
     short prompt on a small model. Anything else (autograd, or a dtype that .to() changed since optimize()) runs
     Block.forward."""
 
+    step_plan: StepPlan
+
     def forward(self, x, v_first, state: LayerState):
         fp32, (B, T, C) = torch.float32, x.shape
-        att = self.att
+        att, plan = self.att, self.step_plan
         H, N = att.n_head, att.head_size
         current = self._step_tensors()
         if current is None:  # a module replaced since optimize() (an adapter, say)
@@ -155,8 +178,8 @@ class StepBlock(Block):
         params = self._step_params(current)
         if (params is None or x.dtype != fp32 or x.device.type != "cpu"
                 or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current))
-                or "block_step" not in kernels(self.step_isa)
-                or any(m._forward_hooks or m._forward_pre_hooks for m in self.step_modules)  # the C would skip them
+                or "block_step" not in kernels(plan.isa)
+                or any(m._forward_hooks or m._forward_pre_hooks for m in plan.modules)  # the C would skip them
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                 or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
                 or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32):
@@ -174,29 +197,27 @@ class StepBlock(Block):
 
     def _fused(self, params, x, v_first, state: LayerState):
         """One C call of block_step for x [B, T, C] from this state: (x_out, v_first, new state)."""
-        (B, T, C), att = x.shape, self.att
+        (B, T, C), att, plan = x.shape, self.att, self.step_plan
         x_out, att_shift, ffn_shift, wkv = (torch.empty(B, T, C), torch.empty(B, C), torch.empty(B, C),
                                             torch.empty(B, att.n_head, att.head_size, att.head_size))
         v_first = torch.empty(B, T, C) if v_first is None else v_first.contiguous()
         inputs = (x.contiguous(), state.att_shift.contiguous(), state.wkv.contiguous(), state.ffn_shift.contiguous())
-        if kernels(self.step_isa)["block_step"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
-                                   *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
-                                   ffn_shift.data_ptr(), B, T, *self.step_sizes, self.ln1.eps, att.ln_x.eps, DECAY_SCALE,
-                                   self.step_weight_type, torch.get_num_threads()):
+        if kernels(plan.isa)["block_step"](params, inputs[0].data_ptr(), x_out.data_ptr(), v_first.data_ptr(),
+                                           *(t.data_ptr() for t in inputs[1:]), att_shift.data_ptr(), wkv.data_ptr(),
+                                           ffn_shift.data_ptr(), B, T, *plan.sizes, self.ln1.eps, att.ln_x.eps,
+                                           DECAY_SCALE, plan.weight_type, torch.get_num_threads()):
             raise RuntimeError(f"block_step could not allocate its buffers for a batch of {B}")
         return x_out, v_first, LayerState(att_shift, wkv, ffn_shift)
-
-    def __getstate__(self):  # (copy.deepcopy and pickle): the cached pointers are into this object's memory
-        return {**self.__dict__, "step_key": None, "step_params": None}
 
     def _step_tensors(self):
         """The tensors the C step takes, as they are now (load_state_dict(assign=True) replaces them), or None
         where a submodule was replaced since optimize(). Read from the modules' own dicts: through nn.Module's
         __getattr__ the ~40 lookups cost 40 us a block."""
-        if not all(parent._modules.get(key) is child for parent, key, child in self.step_tree):
+        plan = self.step_plan
+        if not all(parent._modules.get(key) is child for parent, key, child in plan.tree):
             return None
         try:
-            return [tensors[name] for tensors, name in self.step_sources]
+            return [tensors[name] for tensors, name in plan.sources]
         except KeyError:  # a parameter deleted
             return None
 
@@ -205,18 +226,19 @@ class StepBlock(Block):
         dtypes, device and layouts optimize() prepared. Kept while the same tensors hold the same memory in the
         same layout, so a step does not check ~40 tensors again (with the lookups above: 54 -> 18 us of Python a
         block, 27 with the layout checked too)."""
+        plan = self.step_plan
         key = [(id(p), p.data_ptr(), p.dtype, p.stride()) for p in current]
-        if key == self.step_key:
-            return self.step_params
-        self.step_key = self.step_params = None
+        if key == plan.key:
+            return plan.params
+        plan.key = plan.params = None
         if not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride
-                   for p, dtype, stride in zip(current, self.step_dtypes, self.step_strides)):
+                   for p, dtype, stride in zip(current, plan.dtypes, plan.strides)):
             return None
         pointers = [None] * len(BLOCK_STEP_PARAMS)
-        for slot, (_, pointer, _, _) in zip(self.step_slots, key):
+        for slot, (_, pointer, _, _) in zip(plan.slots, key):
             pointers[slot] = pointer
-        self.step_key, self.step_params = key, (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
-        return self.step_params
+        plan.key, plan.params = key, (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
+        return plan.params
 
 
 def _fused_steps(block: Block, isa: str):
@@ -233,25 +255,24 @@ def _fused_steps(block: Block, isa: str):
         if hasattr(att, name):  # layer 0 has no v1, v2
             p = getattr(att, name)
             p.data = p.data.t().contiguous().t()
-    block.__class__ = StepBlock
-    block.step_isa = isa
     names = dict(block.named_parameters()) | dict(block.named_buffers())
-    block.step_slots = [i for i, name in enumerate(BLOCK_STEP_PARAMS) if name in names]
-    present = [BLOCK_STEP_PARAMS[i] for i in block.step_slots]
-    block.step_tree = [(parent, key, child) for parent in block.modules() for key, child in parent._modules.items()]
-    block.step_modules = tuple(block.modules())
-    block.step_sources = []  # (the dict that holds it, its name) for each tensor the C step takes
+    slots = [i for i, name in enumerate(BLOCK_STEP_PARAMS) if name in names]
+    present = [BLOCK_STEP_PARAMS[i] for i in slots]
+    sources = []
     for name in present:
         owner, _, leaf = name.rpartition(".")
         module = block.get_submodule(owner)
-        block.step_sources.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
-    # what the C was prepared for: these dtypes and strides (LoRAs transposed, everything else contiguous)
-    block.step_dtypes = [names[name].dtype for name in present]
-    block.step_strides = [names[name].stride() for name in present]
+        sources.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
-    block.step_sizes = (att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks)
-    block.step_weight_type = WEIGHT_TYPES[str(att.receptance.weight.dtype).removeprefix("torch.")]
-    block.step_key = block.step_params = None  # (see StepBlock._step_params)
+    plan = StepPlan(
+        isa=isa, slots=slots, sources=sources,
+        tree=[(parent, key, child) for parent in block.modules() for key, child in parent._modules.items()],
+        modules=tuple(block.modules()),
+        dtypes=[names[name].dtype for name in present], strides=[names[name].stride() for name in present],
+        sizes=(att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks),
+        weight_type=WEIGHT_TYPES[str(att.receptance.weight.dtype).removeprefix("torch.")])
+    block.__class__ = StepBlock  # (a class swap keeps the module's parameters, names and hooks where they are)
+    block.step_plan = plan
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ An RWKV state is a few fixed-size tensors whatever the prefix length, so one ent
 tokens or 10,000 (a transformer's KV cache grows with the prefix; it is cached the same way). Entries live in
 RAM, least recently used first out, within a byte budget. Keys are the exact token prefix: a lookup matches
 whole tokens only, so two prompts that share a beginning share only the state of that beginning; and keys
-hold the state a prompt started from (`origin`: "" for the model's zero state, a tuned state's name), so prompts
-from two starting states never share an entry.
+hold the state a prompt started from (`origin`: "" for the model's zero state, else `state_key(state)`, a digest
+of it), so prompts from two starting states never share an entry.
 
 States are not stored everywhere: the engine offers the state at prefill-chunk boundaries, at the end of
 every request, and where a new prompt leaves a prompt seen before (`branch_point`), which is where the next
@@ -15,11 +15,14 @@ it. Finding those points costs a hash per `BRANCH_STRIDE` tokens.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 BRANCH_STRIDE = 16  # a branch point is found to within this many tokens
 SEEN_LIMIT = 100_000  # prefixes remembered for branch points (1.6M tokens of prompts; 14 MB)
@@ -36,9 +39,20 @@ def prefix_hashes(tokens: Sequence[int], origin: str = "") -> list[int]:
     return h
 
 
+def state_key(state) -> str:
+    """The cache's name for a starting state (`Request.state_key`): a digest of its tensors, so equal states share
+    entries and two different states never do, however each was loaded or named."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.tensors().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {data.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return "sha256:" + digest.hexdigest()
+
+
 @dataclass
 class Entry:
-    origin: str  # the starting state's name ("" for zeros)
+    origin: str  # the starting state's `state_key` ("" for zeros)
     tokens: array  # the prefix, 4 bytes a token ("i"): counted in nbytes, as a long prompt's entries add up
     state: object  # a batch-1 state with its own storage
     logits: object | None  # [1, V] after the last token, when known: then a prompt equal to the key reads nothing

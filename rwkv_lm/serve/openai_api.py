@@ -133,7 +133,8 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """prompt: a string, a list of token ids, or a list of strings or of token-id lists (several prompts;
     choice i*n + j is prompt i's j-th). echo: the prompt comes first in the text (and its logprobs, with `logprobs`); max_tokens 0 with echo
-    reads the prompt only. logprobs: k alternatives per token (0: the chosen token's logprob only)."""
+    reads the prompt only. logprobs: k alternatives per token (0: the chosen token's logprob only). best_of: that
+    many rows per prompt (seeds as n's), the n with the highest logprob per token returned, best first."""
 
     REFUSED: ClassVar[dict] = {"suffix": "no fill-in-the-middle: send the text before the gap as the prompt"}
 
@@ -141,7 +142,7 @@ class CompletionRequest(_Sampling):
     max_tokens: Int | None = Field(None, ge=0)
     echo: Bool = False
     logprobs: Int | None = Field(None, ge=0, le=20)
-    best_of: Int | None = None
+    best_of: Int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -154,9 +155,16 @@ class CompletionRequest(_Sampling):
     def refused(self) -> tuple[str, str] | None:
         if self.max_tokens == 0 and not self.echo:
             return "max_tokens", "must be >= 1; 0 only with echo, to read a prompt's logprobs"
-        if self.best_of not in (None, 1, self.n):
-            return "best_of", "no ranking of choices beyond n: ask for n choices and rank them by their logprobs"
+        if self.best_of is not None and self.best_of < self.n:
+            return "best_of", f"must be >= n ({self.n}): the n choices are the best of best_of"
+        if self.stream and self.rows > self.n:
+            return "best_of", "cannot be streamed when greater than n (the best are known only at the end)"
         return super().refused()
+
+    @property
+    def rows(self) -> int:
+        """Rows generated per prompt: best_of, of which the n with the highest logprob per token are returned."""
+        return self.best_of or self.n
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens == 0:  # echo of the prompt only: the request draws nothing (read_only)

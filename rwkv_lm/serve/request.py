@@ -22,8 +22,9 @@ class Request:
 
     state: where to start (a batch-1 model state, e.g. a chat session's); None starts from the model's zero
       state, which lets the engine's prefix cache skip a prompt beginning it has read before.
-    state_key: a name for `state` that stays the same for the same state (a tuned state's): the prefix cache
-      then serves this request too, keeping its entries apart from those of every other starting state.
+    state_key: a name for `state` that stays the same for the same state (`rwkv_lm.serve.state_key(state)`, a
+      digest, as the server, chat sessions and the demo give for a tuned state): the prefix cache then serves this
+      request too, keeping its entries apart from those of every other starting state.
     stop: stop strings on top of `params.stop` (a chat template's end of turn, say).
     banned: token ids never drawn. end_tokens: drawn, they end the text (finish reason "stop").
     keep_state: hand the final state back (`Stream.state`, with `Stream.tokens[-1]` not yet fed).
@@ -54,12 +55,12 @@ class Request:
 
     @classmethod
     def chat_reply(cls, tokens: Sequence[int], params: SamplingParams, state=None, *, keep_state: bool = False,
-                   grammar=None) -> "Request":
+                   grammar=None, state_key: str | None = None) -> "Request":
         """An assistant's reply after `tokens` (a conversation in the chat template, ending with its cue): it ends
         at the blank line that closes a turn (or where `grammar` is complete), never draws the end-of-text token,
         and drops the space the template puts after the cue."""
         return cls(tokens, params, state=state, stop=(TURN_END,), banned=(END_OF_TEXT_ID,), keep_state=keep_state,
-                   lstrip=" ", grammar=grammar)
+                   lstrip=" ", grammar=grammar, state_key=state_key)
 
 
 @dataclass(frozen=True)

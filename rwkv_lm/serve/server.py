@@ -37,6 +37,7 @@ from ..sampling import SamplingError
 from . import errors
 from . import tools as tool_format
 from .choices import LogprobWriter
+from .cache import state_key
 from .engine import Engine, EngineFull
 from .errors import error_response
 from .grammar import GrammarError
@@ -89,6 +90,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     browser origins CORS lets call the API ("*": any; none by default); states: tuned states by name (batch-1
     model states): a request for model "{model_name}:{name}" starts from that state."""
     states = dict(states or {})
+    keys = {name: state_key(state) for name, state in states.items()}  # the prefix cache's, by the state itself
 
     @asynccontextmanager
     async def lifespan(app):
@@ -163,7 +165,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
         if name not in states:
             raise ApiError(404, f"the model {body.model!r} does not exist: this server has no state {name!r} "
                                 f"(its states: {', '.join(sorted(states)) or 'none'})", param="model", code="model_not_found")
-        return {"state": states[name], "state_key": name}
+        return {"state": states[name], "state_key": keys[name]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
@@ -172,11 +174,13 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
         end_tokens = (() if body.ignore_eos else (END_OF_TEXT_ID,)) + tuple(body.stop_token_ids or ())
         echo_logprobs = body.logprobs if body.echo else None
         prompts = [await _encode(p, "prompt") for p in body.prompt]
-        requests = [Request(tokens, params, end_tokens=end_tokens, grammar=_grammar(body), logprobs=body.logprobs,
+        ranked = body.rows > body.n  # best_of: every row's logprobs are recorded to rank them by
+        logprobs = body.logprobs if body.logprobs is not None or not ranked else 0
+        requests = [Request(tokens, params, end_tokens=end_tokens, grammar=_grammar(body), logprobs=logprobs,
                             prompt_logprobs=echo_logprobs, read_only=body.max_tokens == 0, **_start(body))
                     for tokens in prompts]
-        reply = _Reply("cmpl", "text_completion", body.model or model_name, body, _submit(requests, body.n),
-                       _CompletionShape(body, tokenizer))
+        reply = _Reply("cmpl", "text_completion", body.model or model_name, body, _submit(requests, body.rows, "best_of" if ranked else "n"),
+                       _CompletionShape(body, tokenizer), rows=body.rows)
         if body.stream:
             return _sse(reply.chunks())
         return await reply.whole(http)
@@ -238,11 +242,11 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
                                 f"{limits.max_prompt_tokens:,}", code="context_length_exceeded")
         return tokens
 
-    def _submit(requests: list[Request], n: int) -> list:
-        """Streams for every request, n each (choice i * n + j: request i's j-th)."""
+    def _submit(requests: list[Request], n: int, param: str = "n") -> list:
+        """Streams for every request, n each (stream i * n + j: request i's j-th); `param`: the field that asked for n."""
         if len(requests) * n > engine.max_batch:
-            raise ApiError(400, f"{len(requests)} prompts x n={n} exceeds the {engine.max_batch} rows this server "
-                                "decodes together; ask for fewer", param="n")
+            raise ApiError(400, f"{len(requests)} prompts x {param}={n} exceeds the {engine.max_batch} rows this server "
+                                "decodes together; ask for fewer", param=param)
         if not engine.running:
             raise ApiError(503, "the engine loop is not running (see /health)", code="engine_unavailable")
         streams = []
@@ -343,18 +347,23 @@ class _CompletionShape:
             out["logprobs"] = {k: sum((p["logprobs"][k] for p in parts), []) for k in parts[0]["logprobs"]}
         return out, None
 
-    def end(self, stream) -> tuple[dict, str | None]:
-        return self.piece(stream, ""), None
+    def deltas(self, stream, text: str) -> list[dict]:
+        return [self.piece(stream, text)]
+
+    def end(self, stream) -> tuple[list[dict], str | None]:
+        return [self.piece(stream, "")], None
 
 
 class _ChatShape:
-    """A chat choice: the message (text, or tool calls read from it), logprobs; deltas when streamed."""
+    """A chat choice: the message (text, and the tool calls read from it), logprobs; deltas when streamed, with
+    tool calls as OpenAI streams them (a call's id and name first, then its arguments in pieces)."""
 
     def __init__(self, body: ChatRequest, tokenizer, functions: list[dict]):
         self.body, self.tokenizer, self.functions = body, tokenizer, functions
 
     def start(self, stream) -> None:
-        self.writer, self.seen, self.held, self.holding = LogprobWriter(self.tokenizer), 0, "", bool(self.functions)
+        self.writer, self.seen = LogprobWriter(self.tokenizer), 0
+        self.reader = tool_format.CallReader(self.functions)
 
     def head(self, stream) -> dict:
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
@@ -363,51 +372,61 @@ class _ChatShape:
         entries, self.seen = stream.logprobs[self.seen:], len(stream.logprobs)
         return {"content": self.writer.chat(entries)} if self.body.logprobs else None
 
-    def piece(self, stream, text: str) -> dict | None:
-        """A delta, or None while the text might still be a tool call (it is held back)."""
-        if self.holding:
-            self.held += text
-            if tool_format.maybe_call(self.held):
-                return None
-            text, self.held, self.holding = self.held, "", False
-        return {"delta": {"content": text}, "logprobs": self._logprobs(stream)}
+    def deltas(self, stream, text: str) -> list[dict]:
+        """The chunks a piece of text makes (none while it might still be the start of a tool call)."""
+        return self._chunks(stream, self.reader.feed(text) if self.functions else [("content", text)])
 
-    def end(self, stream) -> tuple[dict, str | None]:
-        """The last delta (held text, or the tool calls it holds) and the finish reason it implies."""
-        content, calls = tool_format.parse_calls(self.held, self.functions) if self.held else (None, [])
-        delta = {}
-        if calls:
-            delta["tool_calls"] = [{"index": i, "id": c.id, "type": "function",
-                                    "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
-        if content or (self.held and not calls):
-            delta["content"] = content if calls else self.held
-        return {"delta": delta, "logprobs": self._logprobs(stream)}, ("tool_calls" if calls else None)
+    def end(self, stream) -> tuple[list[dict], str | None]:
+        """The last chunks (text held back, the rest of a call) and the finish reason the text implies."""
+        chunks = self._chunks(stream, self.reader.finish()) or [{"delta": {}, "logprobs": self._logprobs(stream)}]
+        return chunks, ("tool_calls" if self.reader.complete else None)
+
+    def _chunks(self, stream, events: list[tuple]) -> list[dict]:
+        deltas: list[dict] = []  # (a run of content, or of one call's arguments, is one delta)
+        for kind, *what in events:
+            last = deltas[-1] if deltas else {}
+            if kind == "content":
+                if "content" in last:
+                    last["content"] += what[0]
+                else:
+                    deltas.append({"content": what[0]})
+            elif kind == "call":
+                call = self.reader.calls[what[0]]
+                deltas.append({"tool_calls": [{"index": what[0], "id": call.id, "type": "function",
+                                               "function": {"name": call.name, "arguments": ""}}]})
+            elif "tool_calls" in last and "id" not in last["tool_calls"][0] and last["tool_calls"][0]["index"] == what[0]:
+                last["tool_calls"][0]["function"]["arguments"] += what[1]
+            else:
+                deltas.append({"tool_calls": [{"index": what[0], "function": {"arguments": what[1]}}]})
+        return [{"delta": d, "logprobs": self._logprobs(stream) if i == 0 else None} for i, d in enumerate(deltas)]
 
     def whole(self, stream, text: str) -> tuple[dict, str | None]:
-        content, calls = tool_format.parse_calls(text, self.functions) if self.functions else (text, [])
-        message = {"role": "assistant", "content": content if calls else text}
-        if calls:
+        reader = tool_format.read_calls(text, self.functions)
+        message = {"role": "assistant", "content": (reader.content or None) if reader.calls else text}
+        if reader.calls:
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                     for c in calls]
-        return {"message": message, "logprobs": self._logprobs(stream)}, ("tool_calls" if calls else None)
+                                     for c in reader.calls]
+        return {"message": message, "logprobs": self._logprobs(stream)}, ("tool_calls" if reader.complete else None)
 
 
 class _Reply:
-    """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream; choice i is stream i."""
+    """One request's answer in OpenAI's shapes: a whole body, or the chunks of a stream; choice i is stream i, or
+    with `rows` > n (best_of), each prompt's `rows` streams give its n with the highest logprob per token."""
 
-    def __init__(self, prefix: str, kind: str, model: str, body, streams: list, shape):
+    def __init__(self, prefix: str, kind: str, model: str, body, streams: list, shape, rows: int | None = None):
         self.id, self.kind, self.body_in, self.streams = f"{prefix}-{uuid.uuid4().hex}", kind, body, streams
+        self.rows = rows or body.n
         self.created, self.model = int(time.time()), model
         self.shapes = [copy.copy(shape) for _ in streams]
         for shape_i, stream in zip(self.shapes, streams):
             shape_i.start(stream)
 
     def usage(self) -> dict:
-        n = self.body_in.n  # the n streams of one prompt read it once
-        prompt = sum(s.prompt_tokens for s in self.streams[::n])
+        firsts = self.streams[::self.rows]  # the rows of one prompt read it once; all rows' tokens count (as OpenAI's best_of)
+        prompt = sum(s.prompt_tokens for s in firsts)
         completion = sum(s.completion_tokens for s in self.streams)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in self.streams[::n])}}
+                "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in firsts)}}
 
     def finish_reason(self, stream, implied: str | None = None) -> str:
         """OpenAI's "stop", "length" (or "tool_calls", `implied` by the text); "abort" when the server ended the
@@ -428,11 +447,24 @@ class _Reply:
                 await stream.aclose()
         texts = await reading
         choices = []
-        for i, (stream, shape, text) in enumerate(zip(self.streams, self.shapes, texts)):
+        for i, j in enumerate(self._best()):
+            stream, shape, text = self.streams[j], self.shapes[j], texts[j]
             choice, implied = shape.whole(stream, text)
             choices.append({"index": i, **choice, "finish_reason": self.finish_reason(stream, implied)})
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+
+    def _best(self) -> list[int]:
+        """The streams that are choices: of each prompt's rows, the n with the highest log probability per token
+        (OpenAI's "best": the mean of the model's own logprobs of the tokens drawn, so a row that ended early is
+        not favoured for being short), best first; all of them, in order, when rows is n."""
+        n, picked = self.body_in.n, []
+        for first in range(0, len(self.streams), self.rows):
+            group = range(first, first + self.rows)
+            if self.rows > n:
+                group = sorted(group, key=lambda j: -_mean(e.logprob for e in self.streams[j].logprobs))
+            picked += group[:n]
+        return picked
 
     async def _read(self, stream) -> str:
         try:
@@ -457,10 +489,11 @@ class _Reply:
                     stream, shape = self.streams[i], self.shapes[i]
                     if piece is None:
                         last, implied = shape.end(stream)
-                        yield event([{"index": i, **last, "finish_reason": self.finish_reason(stream, implied)}])
+                        reason = self.finish_reason(stream, implied)
+                        for j, choice in enumerate(last, 1):
+                            yield event([{"index": i, **choice, "finish_reason": reason if j == len(last) else None}])
                         continue
-                    choice = shape.piece(stream, piece)
-                    if choice is not None:
+                    for choice in shape.deltas(stream, piece):
                         yield event([{"index": i, **choice, "finish_reason": None}])
             except Exception as e:  # the model failed on this request: say so in the stream, end it cleanly
                 error = e if isinstance(e, ApiError) else ApiError(500, f"the model failed: {e}")
@@ -499,3 +532,8 @@ async def _merged(streams):
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
