@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import rwkv_lm  # noqa: E402
 from rwkv_lm.model import Block  # noqa: E402
-from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, cpu_level  # noqa: E402
+from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, cpu_level, kernels  # noqa: E402
 from rwkv_lm.runtime.cpu import optimize  # noqa: E402
 
 SECTION = "## CPU runtime: bench_cpu.py with {threads} thread{s}"  # one section per thread count
@@ -262,7 +262,9 @@ def quality(windows_for_steps: int) -> list[str]:
     lines += ["", f"({len(xs)} windows of {data.ctx_len} tokens, {data.val_bytes_per_token:.2f} bytes per token; "
               "the prompt path runs the blocks in the C kernels in pieces of 64 rows with fp32 activations; the head's "
               "rows of every position in torch's matmul on the dequantized weights (bf16: oneDNN, activations rounded "
-              "to bf16); the decode steps keep activations in fp32 throughout.)"]
+              "to bf16); the decode steps keep activations in fp32 throughout, but for int8 and int4 weights at a level "
+              "with VNNI (" + cpu_level() + f" here: {'yes' if kernels().int8_activations else 'no'}), where every product "
+              "with them, the head's matmul included, takes its input rounded to int8 per 64 values.)"]
     return lines
 
 

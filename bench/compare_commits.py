@@ -1,9 +1,11 @@
 """Two checkouts of rwkv_lm side by side on the CPU: prefill and decode of the same 0.1B-shaped random model,
 each round in fresh processes, the order swapped every round; prints each number's median and the median of
-the per-round ratios (new / old), which is what survives a noisy machine.
+the per-round ratios (new / old), which is what survives a noisy machine. With --weights, each round runs every
+precision (`optimize(model, weights=...)` after the load) and --threads every thread count, all interleaved.
 
     git worktree add /tmp/old <commit>
     python bench/compare_commits.py /tmp/old . --rounds 5
+    python bench/compare_commits.py /tmp/old . --rounds 9 --weights fp32 bf16 int8 int4 --threads 1 2 --decode 64 --batches 1
 """
 from __future__ import annotations
 
@@ -21,19 +23,23 @@ TIMING = r"""
 import json, sys, time, torch, rwkv_lm
 torch.set_num_threads(int(sys.argv[2]))
 m = rwkv_lm.load(sys.argv[1])
+if sys.argv[3] != "fp32":
+    from rwkv_lm.runtime.cpu import optimize
+    optimize(m, weights=sys.argv[3])
+steps = int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
 out = {}
 with torch.no_grad():
     toks = torch.randint(1, m.config.vocab_size, (1, 128), generator=g)
     m(toks[:, :8], last_only=True)
-    t = time.perf_counter(); m(toks, last_only=True); out["prefill 128 tokens, s"] = time.perf_counter() - t
-    for B in (1, 16):
+    t = time.perf_counter(); m(toks, last_only=True); out["prefill 128 tokens, tok/s"] = 128 / (time.perf_counter() - t)
+    for B in json.loads(sys.argv[5]):
         tok = torch.randint(1, m.config.vocab_size, (B,), generator=g)
         _, state = m.step(tok, None)
         t = time.perf_counter()
-        for _ in range(16):
+        for _ in range(steps):
             _, state = m.step(tok, state)
-        out[f"decode B={B}, tok/s"] = 16 * B / (time.perf_counter() - t)
+        out[f"decode B={B}, tok/s"] = steps * B / (time.perf_counter() - t)
 print(json.dumps(out))
 """
 
@@ -43,7 +49,10 @@ def main():
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--weights", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8", "int4"])
+    parser.add_argument("--decode", type=int, default=16, help="decode steps timed per batch size")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     args = parser.parse_args()
     sys.path.insert(0, str(args.new.resolve()))
     import rwkv_lm
@@ -53,21 +62,25 @@ def main():
         model = Path(tmp) / "m.safetensors"
         rwkv_lm.save(random_model(rwkv_lm.RWKVConfig(vocab_size=65536, n_layer=12, n_embd=768, head_size=64), seed=1), model)
         sides = {"old": args.old.resolve(), "new": args.new.resolve()}
-        results = {side: [] for side in sides}
+        cases = [(w, n) for n in args.threads for w in args.weights]
+        results = {(side, case): [] for side in sides for case in cases}
         for r in range(args.rounds):
-            for side in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-                env = dict(os.environ, PYTHONPATH=str(sides[side]))
-                done = subprocess.run([sys.executable, "-c", TIMING, str(model), str(args.threads)], env=env,
-                                      capture_output=True, text=True, check=True)
-                results[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"| {args.rounds} rounds, {args.threads} threads | old median | new median | new / old per round: median (range) |")
+            for case in cases:
+                for side in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+                    env = dict(os.environ, PYTHONPATH=str(sides[side]))
+                    done = subprocess.run([sys.executable, "-c", TIMING, str(model), str(case[1]), case[0], str(args.decode),
+                                           json.dumps(args.batches)],
+                                          env=env, capture_output=True, text=True, check=True)
+                    results[side, case].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"| {args.rounds} rounds: weights, threads, measure | old median | new median | new / old per round: median (range) |")
     print("|---|---:|---:|---:|")
-    for key in results["old"][0]:
-        ratios = [n[key] / o[key] for o, n in zip(results["old"], results["new"])]
-        print(f"| {key} | {statistics.median(x[key] for x in results['old']):.3g} | "
-              f"{statistics.median(x[key] for x in results['new']):.3g} | {statistics.median(ratios):.3f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
-
+    for case in cases:
+        old, new = results["old", case], results["new", case]
+        for key in old[0]:
+            ratios = [n[key] / o[key] for o, n in zip(old, new)]
+            print(f"| {case[0]}, {case[1]} thread{'s' if case[1] > 1 else ''}, {key} | "
+                  f"{statistics.median(x[key] for x in old):.3g} | {statistics.median(x[key] for x in new):.3g} | "
+                  f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
 
 if __name__ == "__main__":
     main()

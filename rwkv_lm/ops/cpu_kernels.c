@@ -8,7 +8,8 @@
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
  * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product where the CPU has it), int8
  * with one fp32 scale per output row, or int4 with one fp32 scale per INT4_GROUP inputs of a row (dequantized
- * in registers); activations are fp32 throughout. */
+ * in registers); activations are fp32, but for the int4 and int8 products on CPUs with VNNI (gemv_vnni), which
+ * round them to int8 per ACT_GROUP inputs. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -48,6 +49,14 @@ enum { F32, BF16, I8, I4 }; /* weight types, as the Python side numbers them */
 #define INT4_BLOCK 32
 #define INT4_GROUP 64
 const int int4_group = INT4_GROUP;
+/* inputs that share one scale where activations are quantized to int8 (the VNNI products); the int4 kernel
+ * reads one weight group per activation group */
+#define ACT_GROUP INT4_GROUP
+#ifdef __AVX512VNNI__
+const int int8_activations = 1; /* int4 and int8 products quantize their activations (see gemv_vnni) */
+#else
+const int int8_activations = 0;
+#endif
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -395,6 +404,177 @@ static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out
 }
 #endif
 
+#ifdef __AVX512VNNI__
+/* int4 and int8 weights on CPUs with VNNI (vpdpbusd: four u8 x s8 products summed into each int32 lane): the
+ * activations are quantized once per product to int8, one fp32 scale per ACT_GROUP inputs of a row (the
+ * group's largest magnitude to 127, round to nearest even; `act_quant_ref` in cpu_kernels.py is the same in
+ * torch), and a weight vector's products with them are integer, exact, one float FMA per 16 lanes after. int4
+ * instructions per 128 weights and row of x: ~5 against ~56 dequantizing to fp32, so a decode step is no longer
+ * compute-bound. Not the fp32 product: each x carries its group's rounding, at most half a step of max/127.
+ * In tiles, as `tile`: each output by the same operations whatever the batch (a row of x is quantized alone). */
+#define VNNI_BATCH_BLOCK 4
+#define I4_CHUNK 128 /* inputs of a 64-byte load of int4 weights: 4 blocks, 2 groups */
+
+/* one row of x (in a multiple of ACT_GROUP) as int8 q with scales s: x[i] ~= q[i] s[i / ACT_GROUP] */
+INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
+    for (int64_t g = 0; g < in; g += ACT_GROUP) {
+        __m512 m = _mm512_setzero_ps();
+        __mmask16 nan = 0; /* (max drops NaN: a NaN input makes the scale NaN, so its outputs are NaN as in fp32) */
+        for (int j = 0; j < ACT_GROUP; j += 16) {
+            const __m512 v = _mm512_loadu_ps(x + g + j);
+            m = _mm512_max_ps(m, _mm512_abs_ps(v)), nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        const float amax = nan ? NAN : _mm512_reduce_max_ps(m);
+        const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        s[g / ACT_GROUP] = amax / 127.0f;
+        for (int j = 0; j < ACT_GROUP; j += 16)
+            _mm_storeu_si128((__m128i *)(q + g + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + g + j), inv))));
+    }
+}
+
+/* int4: a row of x laid out per chunk of I4_CHUNK inputs as the weights' 64-byte load reads them: 64 bytes of
+ * the q that meet the low nibbles (byte 16 b + j: input 32 b + j), 64 that meet the high ones (input 32 b + 16 + j),
+ * 16 fp32 scales (lanes 0-7 the chunk's first group's, 8-15 its second's: the int32 lanes of those inputs), and
+ * 16 int32 of -8 times each lane's sum of q (a nibble n stands for n - 8: the dot product of n, minus that). A last
+ * chunk of one group has zeros in the other half. */
+#define I4_ACT_CHUNK_BYTES 256
+static void quantize_act_i4(const float *x, char *out, int64_t in) {
+    int8_t q[I4_CHUNK];
+    float s[I4_CHUNK / ACT_GROUP];
+    for (int64_t c = 0; c < in; c += I4_CHUNK) {
+        const int64_t n = in - c < I4_CHUNK ? in - c : I4_CHUNK;
+        memset(q, 0, sizeof q), memset(s, 0, sizeof s);
+        quantize_act(x + c, q, s, n);
+        char *o = out + c / I4_CHUNK * I4_ACT_CHUNK_BYTES;
+        for (int b = 0; b < 4; b++) {
+            memcpy(o + 16 * b, q + 32 * b, 16);
+            memcpy(o + 64 + 16 * b, q + 32 * b + 16, 16);
+        }
+        const __m512i lo = _mm512_loadu_si512(o), hi = _mm512_loadu_si512(o + 64), eight = _mm512_set1_epi8(8);
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, lo), eight, hi);
+        _mm512_storeu_ps(o + 128, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1])));
+        _mm512_storeu_si512(o + 192, _mm512_sub_epi32(_mm512_setzero_si512(), sums));
+    }
+}
+
+INLINE void tile_i4_vnni(const uint8_t *w, const float *gs, const char *xq, int64_t x_stride, float *y, int64_t in,
+                         int64_t out, int batch, int rows) {
+    const int64_t row_bytes = in / 2, groups = in / ACT_GROUP;
+    const uint8_t *wr[ROWS], *next = w + ROWS * row_bytes, *later = w + L2_AHEAD * ROWS * row_bytes;
+    const float *gr[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        const int64_t row = r < rows ? r : rows - 1;
+        wr[r] = w + row * row_bytes, gr[r] = gs + row * groups;
+    }
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[ROWS][VNNI_BATCH_BLOCK];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < in; c += I4_CHUNK) {
+        const int64_t at = c / 2;
+        const int whole = c + I4_CHUNK <= in;
+        for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch((const char *)(next + r * row_bytes + at), _MM_HINT_T0);
+            _mm_prefetch((const char *)(later + r * row_bytes + at), _MM_HINT_T1);
+        }
+        for (int r = 0; r < ROWS; r++) {
+            const __m512i raw = whole ? _mm512_loadu_si512(wr[r] + at)
+                                      : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(wr[r] + at)));
+            const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi32(raw, 4), low);
+            const int64_t g = c / ACT_GROUP;
+            const __m512 ws = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(gr[r][g]), _mm512_set1_ps(whole ? gr[r][g + 1] : 0.0f));
+            for (int b = 0; b < batch; b++) {
+                const char *xc = xq + b * x_stride + c / I4_CHUNK * I4_ACT_CHUNK_BYTES;
+                __m512i dot = _mm512_loadu_si512(xc + 192);
+                dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(xc));
+                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xc + 64));
+                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_loadu_ps(xc + 128)), acc[r][b]);
+            }
+        }
+    }
+    for (int b = 0; b < batch; b++) {
+        float sums[ROWS];
+        store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
+        memcpy(y + b * out, sums, rows * sizeof(float));
+    }
+}
+
+/* int8: a row of x as u8 (q + 128: vpdpbusd's unsigned side) and its group scales; the weight row's products with
+ * the 128s (one more vpdpbusd per 64 weights, shared by the rows of x) are taken off in int32 */
+INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq, const float *xs, int64_t x_stride,
+                         float *y, int64_t in, int64_t out, int batch, int rows) {
+    const int8_t *wr[ROWS], *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
+    for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
+    const __m512i offset = _mm512_set1_epi8((char)128);
+    __m512 acc[ROWS][VNNI_BATCH_BLOCK];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += ACT_GROUP) {
+        for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
+        }
+        for (int r = 0; r < ROWS; r++) {
+            const __m512i wv = _mm512_loadu_si512(wr[r] + i);
+            const __m512i bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv);
+            for (int b = 0; b < batch; b++) {
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + b * x_stride + i), wv);
+                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, bias)),
+                                            _mm512_set1_ps(xs[b * (x_stride / ACT_GROUP) + i / ACT_GROUP]), acc[r][b]);
+            }
+        }
+    }
+    for (int b = 0; b < batch; b++) {
+        float sums[ROWS];
+        store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
+        for (int r = 0; r < rows; r++) y[b * out + r] = sums[r] * scale[r];
+    }
+}
+
+/* y [batch, out] = x [batch, in] W^T for int4 (type I4: in a multiple of ACT_GROUP) or int8 (I8: in a multiple of
+ * ACT_GROUP) weights through VNNI; up to MAX_BATCH rows of x. Returns 2 where the buffer could not be allocated. */
+static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+                     int64_t batch, int threads) {
+    const int64_t chunks = (in + I4_CHUNK - 1) / I4_CHUNK;
+    const int64_t stride = type == I4 ? chunks * I4_ACT_CHUNK_BYTES : in; /* bytes of a quantized row of x */
+    char *xq = malloc(batch * stride + batch * (in / ACT_GROUP) * sizeof(float));
+    if (!xq) return 2;
+    float *xs = (float *)(xq + batch * stride);
+    for (int64_t b = 0; b < batch; b++) {
+        if (type == I4) {
+            quantize_act_i4(x + b * in, xq + b * stride, in);
+            continue;
+        }
+        quantize_act(x + b * in, (int8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), in);
+        for (int64_t i = 0; i < in; i += 64) /* q + 128 as u8 */
+            _mm512_storeu_si512(xq + b * stride + i, _mm512_xor_si512(_mm512_loadu_si512(xq + b * stride + i), _mm512_set1_epi8((char)128)));
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 1 << 16)
+    for (int64_t o = 0; o < out; o += ROWS) {
+        const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
+        for (int64_t b = 0; b < batch; b += VNNI_BATCH_BLOCK) {
+            const int m = batch - b < VNNI_BATCH_BLOCK ? (int)(batch - b) : VNNI_BATCH_BLOCK;
+#define VNNI_TILE(m_)                                                                                              \
+    if (type == I4)                                                                                                \
+        tile_i4_vnni((const uint8_t *)W + o * (in / 2), scale + o * (in / ACT_GROUP), xq + b * stride, stride,     \
+                     y + b * out + o, in, out, m_, rows);                                                          \
+    else                                                                                                           \
+        tile_i8_vnni((const int8_t *)W + o * in, scale + o, (const uint8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), \
+                     stride, y + b * out + o, in, out, m_, rows);
+            switch (m) { /* constant tile sizes, so the loops unroll into registers */
+                case 4: VNNI_TILE(4) break;
+                case 3: VNNI_TILE(3) break;
+                case 2: VNNI_TILE(2) break;
+                default: VNNI_TILE(1) break;
+            }
+#undef VNNI_TILE
+        }
+    }
+    free(xq);
+    return 0;
+}
+#endif
+
 /* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
  * int4 weights times scale[o, i / INT4_GROUP]. Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, or 2
  * where a buffer could not be allocated. */
@@ -405,6 +585,15 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
         for (int64_t b = 0; b < batch; b += MAX_BATCH) {
             int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;
             if (gemv_bf16_dp(W, x + b * in, y + b * out, out, in, rows, threads)) return 2;
+        }
+        return 0;
+    }
+#endif
+#ifdef __AVX512VNNI__
+    if ((type == I4 || type == I8) && in % ACT_GROUP == 0) {
+        for (int64_t b = 0; b < batch; b += MAX_BATCH) {
+            int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;
+            if (gemv_vnni(W, scale, type, x + b * in, y + b * out, out, in, rows, threads)) return 2;
         }
         return 0;
     }

@@ -28,15 +28,21 @@ if platform.machine() in ("aarch64", "arm64"):
     LEVEL_FLAGS = {"neon": {"asimd"}}
     COMPILE_FLAGS = {"generic": ["-march=armv8-a+nosimd"], "neon": []}
 else:
-    LEVELS = ("generic", "avx2", "avx512", "avx512_bf16")
-    LEVEL_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f"}, "avx512_bf16": {"avx512_bf16"}}
+    # (every CPU with avx512_bf16 has VNNI too: Cooper Lake, Sapphire Rapids, Zen 4)
+    LEVELS = ("generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16")
+    LEVEL_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f"}, "avx512_vnni": {"avx512_vnni"},
+                   "avx512_bf16": {"avx512_bf16"}}
     COMPILE_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mfma"],
-                     "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512bf16"]}
+                     "avx512_vnni": ["-mavx512f", "-mfma", "-mavx512vnni"],
+                     "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16"]}
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
 # checked against when it loads (cpu_kernels.c's max_batch, int4_group and block_step_params)
 ROWS_PER_PASS = 16  # rows per pass over the weights; wider batches run in slices of this many
 INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
+# inputs of a row of activations that share one int8 scale where the int4 and int8 products quantize them (levels
+# with VNNI: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
+ACT_GROUP = INT4_GROUP
 INT4_BLOCK = 32  # inputs packed into 16 bytes: byte j holds input j (low nibble) and input j + 16 (high nibble)
 # the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8
 WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3}
@@ -90,11 +96,12 @@ def isa_level(cap: str | None = None) -> str:
 
 
 class Kernels(dict):
-    """The C functions by name, and the build they come from: its level and vector width (floats per register)."""
+    """The C functions by name, and the build they come from: its level, vector width (floats per register) and
+    whether its int4 and int8 products quantize the activations to int8 (`round_activations`) for VNNI."""
 
-    def __init__(self, functions: dict, level: str, vector_width: int):
+    def __init__(self, functions: dict, level: str, vector_width: int, int8_activations: bool):
         super().__init__(functions)
-        self.level, self.vector_width = level, vector_width
+        self.level, self.vector_width, self.int8_activations = level, vector_width, int8_activations
 
 
 def kernels(level: str | None = None) -> dict:
@@ -126,7 +133,8 @@ def _build(level: str) -> dict:
     for name, argtypes in SIGNATURES.items():
         kernel = found[name] = getattr(library, name)
         kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
-    return Kernels(found, level, ctypes.c_int.in_dll(library, "vector_width").value)
+    return Kernels(found, level, ctypes.c_int.in_dll(library, "vector_width").value,
+                   bool(ctypes.c_int.in_dll(library, "int8_activations").value))
 
 
 def _check_interface(library):
@@ -146,3 +154,14 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     blocks = packed.reshape(out, -1, 1, INT4_BLOCK // 2)
     nibbles = torch.cat([blocks & 15, blocks >> 4], 2).reshape(out, -1, INT4_GROUP).float() - 8
     return (nibbles * scale.float()[..., None]).reshape(out, -1)
+
+
+def round_activations(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [..., in] (in a multiple of ACT_GROUP) as the int4 and int8 products see it where they quantize activations:
+    each group of ACT_GROUP inputs in int8 steps of its largest magnitude / 127, rounded to nearest even, as the C
+    computes it (fp32 division and product); returned in `dtype` (float64: exactly the values the kernels multiply)."""
+    groups = x.float().reshape(*x.shape[:-1], -1, ACT_GROUP)
+    amax = groups.abs().amax(-1, keepdim=True)
+    steps = amax.new_tensor(127.0)  # (a tensor: torch takes a Python number over a tensor as its reciprocal times it)
+    q = torch.round(groups * torch.where(amax > 0, steps / amax, 0))
+    return (q.to(dtype) * (amax / steps).to(dtype)).reshape(x.shape)

@@ -24,6 +24,10 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
   a multiple of INT4_GROUP wide.
+- int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16): their products round the activations to int8,
+  one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd), several times fewer
+  instructions than widening the weights; torch's matmul for long prompts rounds them alike, so every path gives
+  the same logits. The other levels keep fp32 activations.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
 ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass.
 """
@@ -37,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import DECAY_SCALE, Block
-from ..ops.cpu_kernels import (BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES, dequantize_int4,
-                               isa_level, kernels)
+from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES,
+                               dequantize_int4, isa_level, kernels, round_activations)
 from ..state import LayerState
 
 # rows a KernelLinear (and a StepBlock) takes in the C kernels (in slices of ROWS_PER_PASS): a decode step of up to
@@ -109,6 +113,11 @@ class KernelLinear(nn.Linear):
             return self.weight
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
+    def _rounds_activations(self) -> bool:
+        """Whether this layer's kernel quantizes its inputs to int8 (int4 and int8 weights at a level with VNNI)."""
+        return (self.weight.dtype in (torch.int8, torch.uint8) and self.in_features % ACT_GROUP == 0
+                and getattr(kernels(self.isa), "int8_activations", False))
+
     def forward(self, x):
         rows = x.numel() // self.in_features
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
@@ -119,6 +128,8 @@ class KernelLinear(nn.Linear):
         quantized = kernel in ("gemv_i8", "gemv_i4")
         if kernel not in kernels(self.isa) or quantized and self.scale.dtype != torch.float32:
             weight = self.dense_weight()  # a prompt's rows: torch's matmul, int8 and int4 weights dequantized for it
+            if self._rounds_activations() and not wants_grad:  # what the kernels would multiply (same logits)
+                x = round_activations(x, weight.dtype)
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         x_rows = x.reshape(rows, self.in_features).float().contiguous()
         y = torch.empty(rows, self.out_features)

@@ -1,0 +1,68 @@
+"""The int4 and int8 matrix-vector products of two checkouts' cpu_kernels.c in one process: each source built
+with the avx512_bf16 level's flags (or --flags), B=1, one thread, the decode step's shapes; the weights rotate
+through more than the L3 holds, so each call reads from memory as in a step; 40 interleaved rounds, medians and
+the median of the per-round ratios (old / new time).
+
+    git worktree add --detach /tmp/old main
+    python bench/compare_gemv.py /tmp/old .
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rwkv_lm.ops.cpu_kernels import COMPILE_FLAGS  # noqa: E402
+from rwkv_lm.runtime.cpu import quantize_int4, quantize_int8  # noqa: E402
+
+SHAPES = [(65536, 768), (3072, 768), (768, 3072), (768, 768)]  # the head, the channel mix's two, the time mix's
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    parser.add_argument("--level", default="avx512_bf16", help="whose compile flags (both sides get the same)")
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    libs = {}
+    for side in ("old", "new"):
+        lib = tmp / f"{side}.so"
+        subprocess.run(["cc", "-O3", *COMPILE_FLAGS[args.level], "-fopenmp", "-shared", "-fPIC", "-o", str(lib),
+                        str(getattr(args, side) / "rwkv_lm" / "ops" / "cpu_kernels.c"), "-lm"], check=True)
+        libs[side] = ctypes.CDLL(str(lib))
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    torch.manual_seed(0)
+    print(f"| {args.level} flags, B=1, 1 thread, {args.rounds} rounds | old median, ms | new median, ms | old / new per round |")
+    print("|---|---:|---:|---:|")
+    for kind, quantize in (("int4", quantize_int4), ("int8", quantize_int8)):
+        for out, inp in SHAPES:
+            weights = [quantize(torch.randn(out, inp))]
+            while sum(w[0].numel() for w in weights) < 64e6 or len(weights) < 3:
+                weights.append(quantize(torch.randn(out, inp)))
+            x, y = torch.randn(1, inp), torch.empty(1, out)
+            times = {side: [] for side in libs}
+            for r in range(args.rounds):
+                for j, side in enumerate(("old", "new") if r % 2 == 0 else ("new", "old")):
+                    w, s = weights[(2 * r + j) % len(weights)]
+                    fn = getattr(libs[side], "gemv_i4" if kind == "int4" else "gemv_i8")
+                    start = time.perf_counter()
+                    fn(P(w.data_ptr()), P(s.data_ptr()), P(x.data_ptr()), P(y.data_ptr()), I(out), I(inp), I(1), 1)
+                    times[side].append(time.perf_counter() - start)
+            ratios = [o / n for o, n in zip(times["old"], times["new"])]
+            print(f"| {kind} {out} x {inp} | {statistics.median(times['old']) * 1e3:.3f} | "
+                  f"{statistics.median(times['new']) * 1e3:.3f} | {statistics.median(ratios):.2f} "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
