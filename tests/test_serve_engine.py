@@ -282,3 +282,17 @@ def test_ids_the_tokenizer_cannot_spell_are_never_drawn(world):
     stream = Engine(model, world).submit(Request(world.encode("Hi"), SamplingParams(max_tokens=8, temperature=1, seed=0)))
     stream.text()
     assert stream.finish_reason == "length" and all(t < world.vocab_size for t in stream.tokens)
+
+
+def test_the_cache_trims_the_heap_after_every_trim_every_bytes_it_drops(rwkv, monkeypatch):
+    """Dropped states are handed back to the OS in batches (glibc keeps freed memory otherwise: bench/soak_serve.py)."""
+    from rwkv_lm.serve import memory
+
+    trims = []
+    monkeypatch.setattr(memory.FreedMemory, "_trim", staticmethod(lambda pad: trims.append(pad)))
+    monkeypatch.setattr(memory, "TRIM_EVERY", 3 * rwkv.init_state(1).nbytes)
+    state = rwkv.init_state(1)
+    cache = StateCache(state.nbytes + 4 * 10)  # room for one entry: each insert drops the one before
+    for n in range(1, 8):
+        cache.insert(list(range(n)), state)
+    assert len(trims) == 2  # 6 entries dropped, a trim after every 3

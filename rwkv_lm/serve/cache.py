@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .memory import FreedMemory
+
 import torch
 
 BRANCH_STRIDE = 16  # a branch point is found to within this many tokens
@@ -72,6 +74,7 @@ class StateCache:
         self._seen: OrderedDict[int, None] = OrderedDict()  # length << 61 | hash, of prefixes read before
         self._lock = threading.Lock()
         self.hits = self.misses = self.bytes = 0
+        self._freed = FreedMemory()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -138,6 +141,7 @@ class StateCache:
     def _remove(self, key) -> None:
         entry = self._entries.pop(key)
         self.bytes -= entry.nbytes
+        self._freed.freed(entry.nbytes)
         n = len(entry.tokens)
         self._lengths[n] -= 1
         if not self._lengths[n]:
