@@ -63,6 +63,12 @@ class GPTState(ModelState):
         n_layer = sum(name.endswith(".k") for name in tensors)
         return cls(*([tensors[f"layers.{i}.{kv}"] for i in range(n_layer)] for kv in ("k", "v")), tensors["pos"])
 
+    @classmethod
+    def empty(cls, batch_size: int, n_layer: int, n_kv_head: int, head_size: int, like: torch.Tensor) -> "GPTState":
+        """The cache of a batch that has seen nothing, in `like`'s dtype and device."""
+        keys = [like.new_zeros(batch_size, n_kv_head, 0, head_size) for _ in range(n_layer)]
+        return cls(keys, list(keys), torch.zeros(batch_size, dtype=torch.long, device=like.device))
+
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]
@@ -153,9 +159,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def init_state(self, batch_size: int = 1) -> GPTState:
-        cfg, p = self.config, self.wte.weight
-        empty = [p.new_zeros(batch_size, cfg.n_head, 0, cfg.head_size) for _ in range(cfg.n_layer)]
-        return GPTState(empty, list(empty), torch.zeros(batch_size, dtype=torch.long, device=p.device))
+        cfg = self.config
+        return GPTState.empty(batch_size, cfg.n_layer, cfg.n_head, cfg.head_size, self.wte.weight)
 
     def forward(self, tokens: torch.Tensor, state: GPTState | None = None, *, last_only: bool = False):
         """tokens [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), the cache with these tokens added)."""

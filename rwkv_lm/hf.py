@@ -45,9 +45,8 @@ class HFCausalLM(nn.Module):
                                getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_size)
 
     def init_state(self, batch_size: int = 1) -> GPTState:
-        cfg, p = self.config, next(self.parameters())
-        empty = [p.new_zeros(batch_size, cfg.n_kv_head, 0, cfg.head_size) for _ in range(cfg.n_layer)]
-        return GPTState(empty, list(empty), torch.zeros(batch_size, dtype=torch.long, device=p.device))
+        cfg = self.config
+        return GPTState.empty(batch_size, cfg.n_layer, cfg.n_kv_head, cfg.head_size, next(self.parameters()))
 
     def forward(self, tokens: torch.Tensor, state: GPTState | None = None, *, last_only: bool = False):
         """tokens [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), the cache with these tokens added)."""

@@ -28,6 +28,7 @@ import torch
 
 BRANCH_STRIDE = 16  # a branch point is found to within this many tokens
 SEEN_LIMIT = 100_000  # prefixes remembered for branch points (1.6M tokens of prompts; 14 MB)
+KEY_BYTES = array("i").itemsize  # an entry's key holds its prefix at this many bytes a token
 _MOD, _BASE = (1 << 61) - 1, 1_000_003
 
 
@@ -103,8 +104,7 @@ class StateCache:
         if n == 0:
             return False
         key = (n, (hashes or prefix_hashes(tokens, origin))[n])
-        prefix = array("i", tokens)
-        nbytes = state.nbytes + (0 if logits is None else logits.numel() * logits.element_size()) + prefix.itemsize * n
+        nbytes = state.nbytes + (0 if logits is None else logits.numel() * logits.element_size()) + KEY_BYTES * n
         with self._lock:
             old = self._entries.get(key)
             if old is not None and (old.logits is not None or logits is None):
@@ -115,7 +115,7 @@ class StateCache:
             if old is not None:
                 self._remove(key)
             # a copy: the state's tensors may be views into a whole chunk's activations
-            self._entries[key] = Entry(origin, prefix, state.clone(), logits, nbytes)
+            self._entries[key] = Entry(origin, array("i", tokens), state.clone(), logits, nbytes)
             self._lengths[n] = self._lengths.get(n, 0) + 1
             self.bytes += nbytes
             while self.bytes > self.max_bytes:

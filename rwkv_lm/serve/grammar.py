@@ -162,6 +162,8 @@ class MaskFiller:
         if not rows:
             return None
         n_early = 0 if early is None else early.shape[0]
+        if n_early == len(matchers):  # no row joined since `start`: its masks are all of them
+            return early
         masks = new_masks(len(matchers), self.n_vocab)
         if early is not None:
             masks[:n_early] = early
