@@ -40,6 +40,7 @@ with torch.no_grad():
         for _ in range(steps):
             _, state = m.step(tok, state)
         out[f"decode B={B}, tok/s"] = steps * B / (time.perf_counter() - t)
+out["module"] = rwkv_lm.__file__
 print(json.dumps(out))
 """
 
@@ -67,11 +68,15 @@ def main():
         for r in range(args.rounds):
             for case in cases:
                 for side in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+                    # (run from the checkout: `python -c` puts the working directory before PYTHONPATH)
                     env = dict(os.environ, PYTHONPATH=str(sides[side]))
                     done = subprocess.run([sys.executable, "-c", TIMING, str(model), str(case[1]), case[0], str(args.decode),
                                            json.dumps(args.batches)],
-                                          env=env, capture_output=True, text=True, check=True)
-                    results[side, case].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                                          env=env, cwd=sides[side], capture_output=True, text=True, check=True)
+                    timings = json.loads(done.stdout.strip().splitlines()[-1])
+                    if not Path(timings.pop("module")).is_relative_to(sides[side]):
+                        raise SystemExit(f"the {side} side imported rwkv_lm from outside {sides[side]}")
+                    results[side, case].append(timings)
     print(f"| {args.rounds} rounds: weights, threads, measure | old median | new median | new / old per round: median (range) |")
     print("|---|---:|---:|---:|")
     for case in cases:

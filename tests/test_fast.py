@@ -14,15 +14,16 @@ from rwkv_lm import RWKVConfig
 from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, isa_level, kernels
 from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.lora import LoRA
-from rwkv_lm.model import Block
+from rwkv_lm.model import RWKV, Block
 from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, dequantize_int4, round_activations
-from rwkv_lm.runtime.cpu import KERNEL_OF, MAX_DECODE_ROWS, KernelLinear, StepBlock, _gemv_kernel, optimize, quantize_int4
+from rwkv_lm.runtime.cpu import (KERNEL_OF, MAX_DECODE_ROWS, KernelLinear, StepBlock, StepRWKV, _gemv_kernel, optimize,
+                                quantize_int4)
 from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
 
 # every level builds every kernel; the levels differ in vector width and in the bf16 product
-ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "mask_logits"}
+ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "mask_logits"}
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "neon": 4}
 BF16_WIDENED_RTOL = 1e-5  # bf16 weights widened to fp32 in registers: an fp32 product, summed in another order
 BF16_SPLIT_RTOL = 2e-4  # avx512_bf16 splits activations into two bf16 halves: about 2^-16 relative
@@ -110,17 +111,22 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
         assert_close(a, s_ref.tensors()[name], 1e-5, name)
 
 
+@pytest.mark.parametrize("through", ["model_step", "block_step"])
 @pytest.mark.parametrize("weights", [None, "bf16"])
 @pytest.mark.parametrize("batch", [1, 2, 5, 16, 17])
-def test_block_steps_match_the_plain_model(batch, weights):
-    """Whole-block decode steps in one C call (StepBlock) against model.py, logits and every state tensor: three
-    layers (ln0 and v_first made by the first, mixed in by the others), LoRA ranks that differ, fp32 and bf16
-    Linear weights (the reference then has the same weights rounded to bf16)."""
+def test_block_steps_match_the_plain_model(batch, weights, through, monkeypatch):
+    """Decode steps in one C call for the whole model (StepRWKV) or one a block (StepBlock, where the model's own
+    step does not fit) against model.py, logits and every state tensor: three layers (ln0 and v_first made by the
+    first, mixed in by the others), LoRA ranks that differ, fp32 and bf16 Linear weights (the reference then has
+    the same weights rounded to bf16)."""
     cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=32, value_lora=16,
                      gate_lora=48)
     model = random_model(cfg, seed=batch)
     fast = optimize(copy.deepcopy(model), weights=weights)
-    assert all(type(block) is StepBlock for block in fast.blocks)
+    assert all(type(block) is StepBlock for block in fast.blocks) and type(fast) is StepRWKV
+    if through == "block_step":
+        monkeypatch.setattr(StepRWKV, "forward", RWKV.forward)
+    calls = _counting(monkeypatch, through)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
     ref = model if weights is None else _rounded(model)
     out_fast, s_fast = _steps(fast, tokens)
@@ -131,6 +137,56 @@ def test_block_steps_match_the_plain_model(batch, weights):
         assert_close(fast.step(tokens[:, 0])[0], ref.step(tokens[:, 0])[0], rtol, "first step logits")
     for name, a in s_fast.tensors().items():
         assert_close(a, s_ref.tensors()[name], rtol, name)
+    assert calls, f"the steps ran in {through}"
+
+
+@pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 3, 16, 17])
+def test_model_step_is_the_blocks_steps(batch, weights, monkeypatch):
+    """StepRWKV's one C call gives the logits and state bits the blocks' own C steps give one by one (the same
+    operations), at every weight type and across ROWS_PER_PASS (17: slices). The state it was given is left as it was."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=32, value_lora=16,
+                     gate_lora=48)
+    fast = optimize(random_model(cfg, seed=batch), weights=weights)
+    g = torch.Generator().manual_seed(batch)
+    tokens = torch.randint(0, 300, (batch, 1), generator=g)
+    state = fast.init_state(batch).map(lambda t: torch.randn(t.shape, generator=g))
+    snapshot = state.clone()
+    calls = _counting(monkeypatch, "model_step")
+    with torch.no_grad():
+        logits, new = fast(tokens, state)
+        by_blocks, by_blocks_state = RWKV.forward(fast, tokens, state)
+    assert calls == ["model_step"]
+    for name, t in new.tensors().items():
+        assert torch.equal(t, by_blocks_state.tensors()[name]), name
+    assert torch.equal(logits, by_blocks)
+    assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
+
+
+def test_model_step_gives_way(model, monkeypatch):
+    """Where the one-call step would skip something (a hook in a block, a Linear replaced in one, gradients wanted)
+    the model runs RWKV.forward, hooks and all, and steps in one C call again once that is gone."""
+    fast = optimize(copy.deepcopy(model))
+    tokens = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(3))
+    expected = _steps(model, tokens)[0]
+    calls = _counting(monkeypatch, "model_step")
+    seen = []
+    handle = fast.blocks[1].ffn.key.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert_close(_steps(fast, tokens)[0], expected, 1e-5, "with a hook")
+    assert seen and not calls
+    handle.remove()
+    assert_close(_steps(fast, tokens)[0], expected, 1e-5, "after it")
+    assert len(calls) == 3
+    fast.requires_grad_()
+    logits, _ = fast.step(tokens[:, 0])
+    logits.sum().backward()
+    assert fast.blocks[0].att.key.weight.grad is not None and len(calls) == 3, "gradients: model.py's ops"
+    fast.requires_grad_(False)
+    value = torch.nn.Linear(256, 64, bias=False)
+    for m in (fast, model):
+        m.blocks[0].ffn.value = copy.deepcopy(value)
+    assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "another Linear")
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
@@ -437,19 +493,20 @@ def _counting(monkeypatch, name):
 
 def test_load_gives_the_fast_path(model, tmp_path, monkeypatch):
     """rwkv_lm.load prepares an fp32 RWKV-7 on the CPU for inference (fast=False: model.py's modules): its steps
-    take the C block step with or without torch.no_grad() and compute what the plain model does."""
+    take the C model step with or without torch.no_grad() and compute what the plain model does."""
     path = rwkv_lm.save(model, tmp_path / "m.safetensors")
     loaded, plain = rwkv_lm.load(path), rwkv_lm.load(path, fast=False)
     assert all(type(b) is StepBlock for b in loaded.blocks) and type(loaded.head) is KernelLinear
     assert all(type(b) is Block for b in plain.blocks) and type(plain.head) is torch.nn.Linear
     assert all(p.requires_grad for p in plain.parameters())
-    calls = _counting(monkeypatch, "block_step")
+    assert type(loaded) is StepRWKV and type(plain) is RWKV
+    calls = _counting(monkeypatch, "model_step")
     tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(6))
     state = s_ref = None
     for t in tokens.T:  # no torch.no_grad(), as the README's loop
         logits, state = loaded.step(t, state)
         expected, s_ref = plain.step(t, s_ref)
-    assert len(calls) == 4 * len(loaded.blocks)
+    assert len(calls) == 4, "one C call a step"
     assert_close(logits, expected.detach(), 1e-5, "step logits")
 
 

@@ -236,10 +236,11 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
  * alone (a seeded request samples the same text among any others), and a prompt read in pieces the bits of
  * one read (the serving engine splits prompts where its budget and cache say).
  *
- * A tile is compute-bound: the hardware prefetcher alone falls behind on its four rows, so it prefetches the
- * next tile's rows into L1 and those L2_AHEAD tiles on into L2 itself (B=16 products from memory 56 -> ~80
- * GFLOP/s on one AVX-512 core, 111 when the weight is in cache). `rows` (up to ROWS) of W are used: the last
- * tile of a W whose rows are no multiple of ROWS repeats its last row in the others and stores only its own. */
+ * The hardware prefetcher alone falls behind on a tile's four rows, so each tile prefetches the rows L2_AHEAD
+ * tiles on into L2 itself. Into L1 it prefetches the next tile's rows only where it is compute-bound (int4:
+ * 3-6% faster with it); for the others that extra traffic costs more than it hides (one core, from memory:
+ * fp32 6-20% slower with it at B=1, 17-43% at B=16; bf16 6-18% at B=1). `rows` (up to ROWS) of W are used: the
+ * last tile of a W whose rows are no multiple of ROWS repeats its last row in the others and stores only its own. */
 #define L2_AHEAD 8
 #define LINE 64 /* bytes: one prefetch per row and cache line */
 INLINE void tile(const void *w, const float *x, float *y, const float *scale, const float *gs, int64_t in, int64_t out,
@@ -260,7 +261,7 @@ INLINE void tile(const void *w, const float *x, float *y, const float *scale, co
     int64_t i = 0;
     for (; i + per_line <= in; i += per_line) {
         for (int r = 0; r < ROWS; r++) {
-            __builtin_prefetch(next + r * row_bytes + weight_bytes(i, type), 0, 3);
+            if (type == I4) __builtin_prefetch(next + r * row_bytes + weight_bytes(i, type), 0, 3);
             __builtin_prefetch(later + r * row_bytes + weight_bytes(i, type), 0, 2);
         }
         for (int64_t j = 0; j < per_line; j += block)
@@ -354,17 +355,14 @@ static void split(const float *x, uint16_t *hi, uint16_t *lo, int64_t n) {
 
 INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo, float *y, int64_t in, int64_t out,
                       int batch, int rows) {
-    const uint16_t *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
+    const uint16_t *later = w + L2_AHEAD * ROWS * in;
     int64_t first[ROWS]; /* each row's first element in w (the last one repeated past `rows`) */
     for (int r = 0; r < ROWS; r++) first[r] = (r < rows ? r : rows - 1) * in;
     __m512 acc[ROWS][BF16_BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
         for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in; i += 32) {
-        for (int r = 0; r < ROWS; r++) {
-            _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
-            _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
-        }
+        for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
         __m512bh hi[BF16_BATCH_BLOCK], lo[BF16_BATCH_BLOCK];
         for (int b = 0; b < batch; b++) {
             hi[b] = (__m512bh)_mm512_loadu_si512(x_hi + b * in + i);
@@ -503,17 +501,14 @@ INLINE void tile_i4_vnni(const uint8_t *w, const float *gs, const char *xq, int6
  * the 128s (one more vpdpbusd per 64 weights, shared by the rows of x) are taken off in int32 */
 INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq, const float *xs, int64_t x_stride,
                          float *y, int64_t in, int64_t out, int batch, int rows) {
-    const int8_t *wr[ROWS], *next = w + ROWS * in, *later = w + L2_AHEAD * ROWS * in;
+    const int8_t *wr[ROWS], *later = w + L2_AHEAD * ROWS * in;
     for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
     const __m512i offset = _mm512_set1_epi8((char)128);
     __m512 acc[ROWS][VNNI_BATCH_BLOCK];
     for (int r = 0; r < ROWS; r++)
         for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in; i += ACT_GROUP) {
-        for (int r = 0; r < ROWS; r++) {
-            _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
-            _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
-        }
+        for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
         for (int r = 0; r < ROWS; r++) {
             const __m512i wv = _mm512_loadu_si512(wr[r] + i);
             const __m512i bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv);
@@ -859,6 +854,30 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
 #undef LORA
 }
 
+/* the floats block_step's workspace holds for `rows` token rows: the 17 [rows, C] vectors of block_step_slice and
+ * its widest hidden vector (the LoRAs' and the channel mix's), plus VW to spare */
+static int64_t workspace_floats(int64_t rows, int64_t C, int64_t ffn, const int64_t *ranks) {
+    int64_t widest = ffn;
+    for (int i = 0; i < 4; i++) widest = ranks[i] > widest ? ranks[i] : widest;
+    return 17 * rows * C + rows * widest + VW;
+}
+
+/* block_step in a workspace of at least workspace_floats(rows of one slice) floats */
+static int block_step_in(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
+                         const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out, float *ffn_shift_out,
+                         int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, const int64_t *ranks, float ln_eps,
+                         float ln_x_eps, float decay_scale, int type, int threads, float *work) {
+    const int64_t per_slice = len == 1 ? MAX_BATCH : batch; /* sequences per call of block_step_slice */
+    int err = 0;
+    for (int64_t b = 0; b < batch && !err; b += per_slice) {
+        const int64_t m = batch - b < per_slice ? batch - b : per_slice, o = b * C, t = b * len * C, s = b * C * n;
+        err = block_step_slice(params, x + t, x_out + t, v_first + t, att_shift + o, wkv + s, ffn_shift + o,
+                               att_shift_out + o, wkv_out + s, ffn_shift_out + o, m, len, C, n, ffn, ranks[0], ranks[1],
+                               ranks[2], ranks[3], ln_eps, ln_x_eps, decay_scale, type, threads, work);
+    }
+    return err;
+}
+
 /* x [batch, len, C] -> x_out; the state's three parts ([batch, ...]) in, new ones out (the old ones left as they
  * are). v_first [batch, len, C]: written by the first block (the one without V0), read by the others. C and n
  * (head size) multiples of 16, ffn and the LoRA ranks any size (rank_v 0 in the first block); LayerNorms and
@@ -869,20 +888,49 @@ int block_step(const void *const *params, const float *x, float *x_out, float *v
                int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, int64_t rank_w, int64_t rank_a,
                int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps, float decay_scale, int type, int threads) {
     if (C % 16 || n % 16 || len < 1) return 1;
-    int64_t widest = ffn; /* of the hidden vectors: the LoRAs' and the channel mix's */
-    for (int64_t i = 0, ranks[] = {rank_w, rank_a, rank_v, rank_g}; i < 4; i++) widest = ranks[i] > widest ? ranks[i] : widest;
-    const int64_t per_slice = len == 1 ? MAX_BATCH : batch; /* sequences per call of block_step_slice */
-    const int64_t rows = (batch < per_slice ? batch : per_slice) * len;
-    float *mix = malloc(sizeof(float) * (17 * rows * C + rows * widest + VW));
-    if (!mix) return 2;
-    int err = 0;
-    for (int64_t b = 0; b < batch && !err; b += per_slice) {
-        const int64_t m = batch - b < per_slice ? batch - b : per_slice, o = b * C, t = b * len * C, s = b * C * n;
-        err = block_step_slice(params, x + t, x_out + t, v_first + t, att_shift + o, wkv + s, ffn_shift + o,
-                               att_shift_out + o, wkv_out + s, ffn_shift_out + o, m, len, C, n, ffn, rank_w, rank_a,
-                               rank_v, rank_g, ln_eps, ln_x_eps, decay_scale, type, threads, mix);
+    const int64_t ranks[] = {rank_w, rank_a, rank_v, rank_g};
+    const int64_t rows = (len == 1 && batch > MAX_BATCH ? MAX_BATCH : batch) * len;
+    float *work = malloc(sizeof(float) * workspace_floats(rows, C, ffn, ranks));
+    if (!work) return 2;
+    const int err = block_step_in(params, x, x_out, v_first, att_shift, wkv, ffn_shift, att_shift_out, wkv_out,
+                                  ffn_shift_out, batch, len, C, n, ffn, ranks, ln_eps, ln_x_eps, decay_scale, type,
+                                  threads, work);
+    free(work);
+    return err;
+}
+
+/* The blocks of a decode step of the model (rwkv_lm.runtime.cpu.StepRWKV) in one call: the embeddings of `tokens`
+ * [batch] through every block in order (as block_step runs them, one token a sequence) to x_out [batch, C], so a
+ * step pays for one call instead of a Python round trip per block (~1.5 ms a step on the 0.1B shape: a fifth of
+ * an int4 step). Block l's parameters are block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head
+ * size, ffn, the ranks of w, a, v, g), its Linear weights' type types[l]; its state is read from att_shift[l],
+ * wkv[l], ffn_shift[l] and written to the *_out arrays' tensors. Returns block_step's codes. */
+int model_step(int64_t n_layer, const void *const *const *block_params, const int64_t *sizes, const int *types,
+               const float *emb, float ln_eps, float ln_x_eps, float decay_scale, const int64_t *tokens, int64_t batch,
+               float *const *att_shift, float *const *wkv, float *const *ffn_shift, float *const *att_shift_out,
+               float *const *wkv_out, float *const *ffn_shift_out, float *x_out, int threads) {
+    const int64_t C = sizes[0], rows = batch < MAX_BATCH ? batch : MAX_BATCH;
+    int64_t floats = 0;
+    for (int64_t l = 0; l < n_layer; l++) {
+        const int64_t *z = sizes + 7 * l, need = workspace_floats(rows, z[0], z[2], z + 3);
+        if (z[0] != C || z[0] % 16 || z[1] % 16) return 1;
+        floats = need > floats ? need : floats;
     }
-    free(mix);
+    /* the workspace, then x in and out of a block (swapped between blocks, the last block's out is x_out) and v_first */
+    float *work = malloc(sizeof(float) * (floats + 3 * batch * C));
+    if (!work) return 2;
+    float *x = work + floats, *x_next = x + batch * C, *v_first = x_next + batch * C;
+    for (int64_t b = 0; b < batch; b++) memcpy(x + b * C, emb + tokens[b] * C, C * sizeof(float));
+    int err = 0;
+    for (int64_t l = 0; l < n_layer && !err; l++) {
+        const int64_t *z = sizes + 7 * l;
+        float *out = l == n_layer - 1 ? x_out : x_next;
+        err = block_step_in(block_params[l], x, out, v_first, att_shift[l], wkv[l], ffn_shift[l], att_shift_out[l],
+                            wkv_out[l], ffn_shift_out[l], batch, 1, C, z[1], z[2], z + 3, ln_eps, ln_x_eps,
+                            decay_scale, types[l], threads, work);
+        x_next = x, x = out;
+    }
+    free(work);
     return err;
 }
 

@@ -34,21 +34,23 @@ Without a C compiler the kernels are missing (one warning): fp32 weights are the
 from __future__ import annotations
 
 import ctypes
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import DECAY_SCALE, Block
+from ..model import DECAY_SCALE, RWKV, Block
 from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES,
                                dequantize_int4, isa_level, kernels, round_activations)
-from ..state import LayerState
+from ..state import LayerState, RWKVState
 
 # rows a KernelLinear (and a StepBlock) takes in the C kernels (in slices of ROWS_PER_PASS): a decode step of up to
 # this many sequences, or a prompt of up to this many tokens; beyond, torch's matmul is as fast (measured)
 MAX_DECODE_ROWS = 4 * ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+_FORWARD_HOOKS, _PRE_HOOKS = operator.attrgetter("_forward_hooks"), operator.attrgetter("_forward_pre_hooks")
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
 WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
@@ -275,6 +277,123 @@ def _fused_steps(block: Block, isa: str):
     block.step_plan = plan
 
 
+@dataclass
+class ModelPlan:
+    """What a model's one-call decode step (`StepRWKV`, C `model_step`) was prepared for, and the arguments it last
+    built. Its blocks' own StepPlans say what each block needs; this holds what the whole step adds."""
+
+    isa: str
+    # every (parent's _modules, name, child) of emb, blocks and theirs, as three lists: a module replaced there ends the plan
+    parents: list[dict]
+    keys: list[str]
+    children: list[nn.Module]
+    modules: tuple  # emb and the blocks' modules, whose hooks the C would skip
+    # where every tensor the step reads is (dict, name), as two lists: the blocks', then the embeddings'
+    holders: list[dict]
+    names: list[str]
+    tensors: list | None = None  # those tensors when `args` was built, and their addresses and strides then
+    pointers: list | None = None
+    strides: list | None = None
+    block_params: list | None = None  # the blocks' parameter arrays (StepPlan.params) `args` points to
+    args: tuple | None = None  # model_step's arrays: of those arrays' addresses, the blocks' sizes, their weight types
+
+    def __getstate__(self):  # (copy.deepcopy and pickle): the cached arguments point into the original's memory
+        return {**self.__dict__, "tensors": None, "pointers": None, "strides": None, "block_params": None, "args": None}
+
+
+class StepRWKV(RWKV):
+    """An RWKV whose one-token steps run their blocks in one C call (`model_step`: the embedding, then every block
+    as StepBlock runs it), so a step pays for one Python round trip instead of one a block (~1.5 ms a step on the
+    0.1B shape, a fifth of an int4 step); ln_out and the head are the modules'. Its state and logits are the bits
+    the blocks give one by one. Prompts, autograd and anything changed since optimize() take RWKV.forward (and
+    the blocks' own fast paths)."""
+
+    model_plan: ModelPlan
+
+    def forward(self, tokens, state=None, *, last_only: bool = False):
+        if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[1] == 1):
+            return super().forward(tokens, state, last_only=last_only)
+        B, _ = self.check_tokens(tokens, 2)
+        state = self.check_state(state, B)
+        args, cfg = self._step_args(), self.config
+        given = [t.contiguous() for s in state.layers for t in (s.att_shift, s.wkv, s.ffn_shift)]
+        if args is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in given):
+            return super().forward(tokens, state, last_only=last_only)  # (check_state checked the shapes)
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        # the new state: the shifts of all layers in one tensor each (a layer's a view of it), each layer's wkv in
+        # its own (at B=16 all layers' would be 38 MB: past glibc's reuse limit, fresh pages every step, 20% slower)
+        att, ffn, wkv = torch.empty(L, B, C), torch.empty(L, B, C), [torch.empty(B, H, N, N) for _ in range(L)]
+        pointers = [(ctypes.c_void_p * L)(*map(torch.Tensor.data_ptr, given[i::3])) for i in range(3)]
+        row = B * C * 4
+        pointers += [(ctypes.c_void_p * L)(*range(att.data_ptr(), att.data_ptr() + L * row, row)),
+                     (ctypes.c_void_p * L)(*map(torch.Tensor.data_ptr, wkv)),
+                     (ctypes.c_void_p * L)(*range(ffn.data_ptr(), ffn.data_ptr() + L * row, row))]
+        x = torch.empty(B, 1, C)
+        ids = tokens[:, 0].to(torch.int64).contiguous()
+        if kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, *pointers, x.data_ptr(),
+                                                      torch.get_num_threads()):
+            raise RuntimeError(f"model_step could not allocate its buffers for a batch of {B}")
+        # ln_out and the head as a prompt's last token takes them: the same bits for a token stepped or read
+        return self.head(self.ln_out(x)), RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
+
+    def _step_args(self):
+        """model_step's arguments but the step's own (tokens, state, output, threads) for the tensors as they are
+        now, or None where the C step no longer fits: autograd, a hook, a module replaced, a tensor in another
+        dtype, device or layout. Kept while the same tensors hold the same memory (a step checks ~470 tensors
+        in ~130 us; rebuilt, each block checks its own)."""
+        plan = self.model_plan
+        if (any(map(_FORWARD_HOOKS, plan.modules)) or any(map(_PRE_HOOKS, plan.modules))
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or not all(map(operator.is_, map(dict.get, plan.parents, plan.keys), plan.children))):
+            return None
+        try:
+            current = list(map(dict.__getitem__, plan.holders, plan.names))
+        except KeyError:  # a parameter deleted
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in current):
+            return None
+        if (plan.tensors is not None and all(map(operator.is_, current, plan.tensors))
+                and list(map(torch.Tensor.data_ptr, current)) == plan.pointers
+                and list(map(torch.Tensor.stride, current)) == plan.strides):  # (w.data = w.data.t(): same address)
+            return plan.args
+        plan.tensors = plan.pointers = plan.strides = plan.block_params = plan.args = None
+        blocks = [block._step_tensors() for block in self.blocks]
+        params = [None if c is None else block._step_params(c) for block, c in zip(self.blocks, blocks)]
+        emb = self.emb.weight
+        if any(p is None for p in params) or emb.dtype != torch.float32 or not emb.is_contiguous() or emb.device.type != "cpu":
+            return None
+        sizes = [n for block in self.blocks for n in block.step_plan.sizes]
+        first = self.blocks[0]
+        plan.tensors, plan.block_params = current, params
+        plan.pointers, plan.strides = list(map(torch.Tensor.data_ptr, current)), list(map(torch.Tensor.stride, current))
+        plan.args = (len(params), (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params)),
+                     (ctypes.c_int64 * len(sizes))(*sizes),
+                     (ctypes.c_int * len(params))(*(block.step_plan.weight_type for block in self.blocks)),
+                     emb.data_ptr(), first.ln1.eps, first.att.ln_x.eps, DECAY_SCALE)
+        return plan.args
+
+
+def _fused_model(model: nn.Module, isa: str):
+    """Turn an RWKV whose blocks all became StepBlocks into a StepRWKV in place (or prepare one again) where the
+    one-call step fits: blocks with the same norms' eps."""
+    if type(model) not in (RWKV, StepRWKV):
+        return
+    blocks = list(model.blocks)
+    if (not blocks or not all(type(b) is StepBlock and b.step_plan.isa == isa for b in blocks)
+            or "model_step" not in kernels(isa)
+            or len({b.ln1.eps for b in blocks}) != 1 or len({b.att.ln_x.eps for b in blocks}) != 1):
+        if type(model) is StepRWKV:
+            model.__class__ = RWKV
+        return
+    sources = [source for b in blocks for source in b.step_plan.sources] + [(model.emb._parameters, "weight")]
+    modules = (model.emb, *(m for b in blocks for m in b.modules()))
+    tree = [(model._modules, "emb", model.emb), (model._modules, "blocks", model.blocks)]
+    tree += [(parent._modules, key, child) for parent in (model.blocks, *modules) for key, child in parent._modules.items()]
+    model.__class__ = StepRWKV
+    model.model_plan = ModelPlan(isa, *map(list, zip(*tree)), modules=modules,
+                                 holders=[holder for holder, _ in sources], names=[name for _, name in sources])
+
+
 @torch.no_grad()
 def optimize(model: nn.Module, weights: str | None = None, isa: str | None = None) -> nn.Module:
     """Prepare a CPU model for inference (in place; returns it). weights: None keeps the Linear weights as they
@@ -307,4 +426,5 @@ def optimize(model: nn.Module, weights: str | None = None, isa: str | None = Non
     for module in model.modules():
         if isinstance(module, Block):
             _fused_steps(module, isa)
+    _fused_model(model, isa)
     return model.requires_grad_(False).eval()
