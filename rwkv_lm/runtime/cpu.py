@@ -7,7 +7,8 @@ Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small
 (`rwkv_lm/ops/cpu_kernels.c`, compiled at first use for the instruction-set level chosen here) that stream each
 weight once per step; inputs of more than one token a row and more than MAX_DECODE_ROWS rows go through torch's
 matmul. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
-batches wider than ROWS_PER_PASS in slices), and so does a prompt (each token a row; a longer one in pieces of
+batches wider than ROWS_PER_PASS in slices), and a one-token step of the model runs all its blocks in one C call
+(`StepRWKV`); a prompt runs each block in one C call (each token a row; a longer one in pieces of
 MAX_DECODE_ROWS rows, the state carried); anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
 
