@@ -1,5 +1,5 @@
-"""The int4 and int8 matrix-vector products of two checkouts' cpu_kernels.c in one process: each source built
-with the avx512_bf16 level's flags (or --flags), B=1, one thread, the decode step's shapes; the weights rotate
+"""The matrix-vector products (fp32, bf16, int8, int4) of two checkouts' cpu_kernels.c in one process: each source built
+with the avx512_bf16 level's flags (or --level), B=1 and one thread (or --batch, --threads), the decode step's shapes; the weights rotate
 through more than the L3 holds, so each call reads from memory as in a step; 40 interleaved rounds, medians and
 the median of the per-round ratios (old / new time).
 
@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rwkv_lm.ops.cpu_kernels import COMPILE_FLAGS  # noqa: E402
 from rwkv_lm.runtime.cpu import quantize_int4, quantize_int8  # noqa: E402
 
+KINDS = {"fp32": lambda w: (w, None), "bf16": lambda w: (w.bfloat16(), None), "int8": quantize_int8, "int4": quantize_int4}
+FUNCTIONS = {"fp32": "gemv_f32", "bf16": "gemv_bf16", "int8": "gemv_i8", "int4": "gemv_i4"}
 SHAPES = [(65536, 768), (3072, 768), (768, 3072), (768, 768)]  # the head, the channel mix's two, the time mix's
 
 
@@ -32,6 +34,9 @@ def main():
     parser.add_argument("new", type=Path)
     parser.add_argument("--level", default="avx512_bf16", help="whose compile flags (both sides get the same)")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--kinds", default="fp32,bf16,int8,int4", help="weight types, comma-separated")
+    parser.add_argument("--batch", type=int, default=1, help="rows of x")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     libs = {}
@@ -42,21 +47,24 @@ def main():
         libs[side] = ctypes.CDLL(str(lib))
     P, I = ctypes.c_void_p, ctypes.c_int64
     torch.manual_seed(0)
-    print(f"| {args.level} flags, B=1, 1 thread, {args.rounds} rounds | old median, ms | new median, ms | old / new per round |")
+    print(f"| {args.level} flags, B={args.batch}, {args.threads} thread(s), {args.rounds} rounds | old median, ms | new median, ms | old / new per round |")
     print("|---|---:|---:|---:|")
-    for kind, quantize in (("int4", quantize_int4), ("int8", quantize_int8)):
+    for kind, quantize in KINDS.items():
+        if kind not in args.kinds.split(","):
+            continue
         for out, inp in SHAPES:
             weights = [quantize(torch.randn(out, inp))]
-            while sum(w[0].numel() for w in weights) < 64e6 or len(weights) < 3:
+            while sum(w[0].nbytes for w in weights) < 64e6 or len(weights) < 3:
                 weights.append(quantize(torch.randn(out, inp)))
-            x, y = torch.randn(1, inp), torch.empty(1, out)
+            x, y = torch.randn(args.batch, inp), torch.empty(args.batch, out)
             times = {side: [] for side in libs}
             for r in range(args.rounds):
                 for j, side in enumerate(("old", "new") if r % 2 == 0 else ("new", "old")):
                     w, s = weights[(2 * r + j) % len(weights)]
-                    fn = getattr(libs[side], "gemv_i4" if kind == "int4" else "gemv_i8")
+                    fn = getattr(libs[side], FUNCTIONS[kind])
+                    scale = () if s is None else (P(s.data_ptr()),)
                     start = time.perf_counter()
-                    fn(P(w.data_ptr()), P(s.data_ptr()), P(x.data_ptr()), P(y.data_ptr()), I(out), I(inp), I(1), 1)
+                    fn(P(w.data_ptr()), *scale, P(x.data_ptr()), P(y.data_ptr()), I(out), I(inp), I(args.batch), args.threads)
                     times[side].append(time.perf_counter() - start)
             ratios = [o / n for o, n in zip(times["old"], times["new"])]
             print(f"| {kind} {out} x {inp} | {statistics.median(times['old']) * 1e3:.3f} | "

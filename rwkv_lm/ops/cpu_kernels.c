@@ -236,17 +236,60 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
  * alone (a seeded request samples the same text among any others), and a prompt read in pieces the bits of
  * one read (the serving engine splits prompts where its budget and cache say).
  *
- * The hardware prefetcher alone falls behind on a tile's four rows, so each tile prefetches the rows L2_AHEAD
- * tiles on into L2 itself. Into L1 it prefetches the next tile's rows only where it is compute-bound (int4:
- * 3-6% faster with it); for the others that extra traffic costs more than it hides (one core, from memory:
- * fp32 6-20% slower with it at B=1, 17-43% at B=16; bf16 6-18% at B=1). `rows` (up to ROWS) of W are used: the
- * last tile of a W whose rows are no multiple of ROWS repeats its last row in the others and stores only its own. */
+ * Since only that order counts, the order of the rows is free. Against one row of x (a decode step), fp32, bf16
+ * and int8 tiles read their rows in turn: one sequential stream, which the hardware prefetcher follows with no
+ * help (0.1B decode, one thread, in-process A/B against four interleaved rows: fp32 1.16x, bf16 1.09x, int8
+ * 1.13x faster; int4, compute-bound, 0.80x: it keeps its four rows). Four rows at a time (several rows of x, and
+ * int4) outrun the hardware prefetcher, so such a tile prefetches the rows L2_AHEAD tiles on into L2 itself.
+ * Into L1 it prefetches the next tile's rows only where it is compute-bound (int4: 3-6% faster with it); for
+ * the others that extra traffic costs more than it hides (one core, from memory: fp32 17-43% slower with it at
+ * B=16). `rows` (up to ROWS) of W are used: the last tile of a W whose rows are no multiple of ROWS repeats its
+ * last row in the others (rows in turn: skips them) and stores only its own. */
 #define L2_AHEAD 8
 /* the weights of a product (or the state of a recurrence) from which it is split between threads: a LoRA's too
  * (64 x 768 on the 0.1B shape), which one thread alone read while the other waited (from 1 << 16: 0.1B decode
  * with 2 threads, int4 1.14x faster at B=1 and 1.28x at B=16, fp32 1.11x at B=1, 5 rounds) */
 #define PARALLEL_MIN (1 << 13)
 #define LINE 64 /* bytes: one prefetch per row and cache line */
+/* rows first .. first + nr - 1 of a tile (wr, gr: their weights and int4 scales) against `batch` rows of x into
+ * acc, in the order every output keeps: one chain per (row of W, row of x) over the vectors of the input */
+INLINE void tile_pass(const char *const *wr, const float *const *gr, int first, int nr, const float *x, int64_t in,
+                      int batch, int type, size_t row_bytes, const char *next, const char *later, int prefetch,
+                      vf acc[ROWS][BATCH_BLOCK]) {
+    vf a[ROWS][BATCH_BLOCK]; /* (local, so they stay in registers whatever `first` is) */
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < batch; b++) a[r][b] = splat(0);
+    /* a line of each row at a time, then the blocks left: the same sequence of vectors either way */
+    const int64_t block = load_block(type), per_line = LINE / weight_bytes(block, type) * block;
+    int64_t i = 0;
+    for (; i + per_line <= in; i += per_line) {
+        for (int r = 0; prefetch && r < nr; r++) {
+            if (type == I4) __builtin_prefetch(next + r * row_bytes + weight_bytes(i, type), 0, 3);
+            __builtin_prefetch(later + r * row_bytes + weight_bytes(i, type), 0, 2);
+        }
+        for (int64_t j = 0; j < per_line; j += block)
+            for (int k = 0; k < block / VW; k++) {
+                vf xv[BATCH_BLOCK];
+                for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i + j + k * VW);
+                for (int r = 0; r < nr; r++) {
+                    vf wv = load_w(wr[first + r], i + j, k, type, gr[first + r]);
+                    for (int b = 0; b < batch; b++) a[r][b] += wv * xv[b];
+                }
+            }
+    }
+    for (; i + block <= in; i += block)
+        for (int k = 0; k < block / VW; k++) {
+            vf xv[BATCH_BLOCK];
+            for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i + k * VW);
+            for (int r = 0; r < nr; r++) {
+                vf wv = load_w(wr[first + r], i, k, type, gr[first + r]);
+                for (int b = 0; b < batch; b++) a[r][b] += wv * xv[b];
+            }
+        }
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < batch; b++) acc[first + r][b] = a[r][b];
+}
+
 INLINE void tile(const void *w, const float *x, float *y, const float *scale, const float *gs, int64_t in, int64_t out,
                  int batch, int rows, int type) {
     const size_t row_bytes = weight_bytes(in, type);
@@ -258,35 +301,12 @@ INLINE void tile(const void *w, const float *x, float *y, const float *scale, co
     }
     const char *next = (const char *)w + ROWS * row_bytes, *later = (const char *)w + L2_AHEAD * ROWS * row_bytes;
     vf acc[ROWS][BATCH_BLOCK];
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < batch; b++) acc[r][b] = splat(0);
-    /* a line of each row at a time, then the blocks left: the same sequence of vectors either way */
-    const int64_t block = load_block(type), per_line = LINE / weight_bytes(block, type) * block;
-    int64_t i = 0;
-    for (; i + per_line <= in; i += per_line) {
-        for (int r = 0; r < ROWS; r++) {
-            if (type == I4) __builtin_prefetch(next + r * row_bytes + weight_bytes(i, type), 0, 3);
-            __builtin_prefetch(later + r * row_bytes + weight_bytes(i, type), 0, 2);
-        }
-        for (int64_t j = 0; j < per_line; j += block)
-            for (int k = 0; k < block / VW; k++) {
-                vf xv[BATCH_BLOCK];
-                for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i + j + k * VW);
-                for (int r = 0; r < ROWS; r++) {
-                    vf wv = load_w(wr[r], i + j, k, type, gr[r]);
-                    for (int b = 0; b < batch; b++) acc[r][b] += wv * xv[b];
-                }
-            }
-    }
-    for (; i + block <= in; i += block)
-        for (int k = 0; k < block / VW; k++) {
-            vf xv[BATCH_BLOCK];
-            for (int b = 0; b < batch; b++) xv[b] = load(x + b * in + i + k * VW);
-            for (int r = 0; r < ROWS; r++) {
-                vf wv = load_w(wr[r], i, k, type, gr[r]);
-                for (int b = 0; b < batch; b++) acc[r][b] += wv * xv[b];
-            }
-        }
+    if (batch == 1) { /* the rows in turn: one stream to the hardware prefetcher */
+        for (int r = 0; r < rows; r++) tile_pass(wr, gr, r, 1, x, in, 1, type, row_bytes, next, later, 0, acc);
+        for (int r = rows; r < ROWS; r++) acc[r][0] = splat(0);
+    } else
+        tile_pass(wr, gr, 0, ROWS, x, in, batch, type, row_bytes, next, later, 1, acc);
+    const int64_t i = in / load_block(type) * load_block(type);
     float sums[BATCH_BLOCK][ROWS];
     for (int b = 0; b < batch; b++) store_sum4(acc[0][b], acc[1][b], acc[2][b], acc[3][b], sums[b]);
     for (int b = 0; b < batch; b++)
@@ -357,26 +377,38 @@ static void split(const float *x, uint16_t *hi, uint16_t *lo, int64_t n) {
     }
 }
 
-INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo, float *y, int64_t in, int64_t out,
-                      int batch, int rows) {
-    const uint16_t *later = w + L2_AHEAD * ROWS * in;
-    int64_t first[ROWS]; /* each row's first element in w (the last one repeated past `rows`) */
-    for (int r = 0; r < ROWS; r++) first[r] = (r < rows ? r : rows - 1) * in;
-    __m512 acc[ROWS][BF16_BATCH_BLOCK];
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
+/* rows first .. first + nr - 1 of a bf16 tile against `batch` rows of x (hi and lo halves) into acc */
+INLINE void tile_bf16_pass(const uint16_t *const *wr, int first, int nr, const uint16_t *x_hi, const uint16_t *x_lo,
+                           int64_t in, int batch, const uint16_t *later, __m512 acc[ROWS][BF16_BATCH_BLOCK]) {
+    __m512 a[ROWS][BF16_BATCH_BLOCK];
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < batch; b++) a[r][b] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in; i += 32) {
-        for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
+        for (int r = 0; later && r < nr; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
         __m512bh hi[BF16_BATCH_BLOCK], lo[BF16_BATCH_BLOCK];
         for (int b = 0; b < batch; b++) {
             hi[b] = (__m512bh)_mm512_loadu_si512(x_hi + b * in + i);
             lo[b] = (__m512bh)_mm512_loadu_si512(x_lo + b * in + i);
         }
-        for (int r = 0; r < ROWS; r++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + first[r] + i);
-            for (int b = 0; b < batch; b++) acc[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][b], wv, lo[b]), wv, hi[b]);
+        for (int r = 0; r < nr; r++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[first + r] + i);
+            for (int b = 0; b < batch; b++) a[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(a[r][b], wv, lo[b]), wv, hi[b]);
         }
     }
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < batch; b++) acc[first + r][b] = a[r][b];
+}
+
+INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo, float *y, int64_t in, int64_t out,
+                      int batch, int rows) {
+    const uint16_t *wr[ROWS]; /* each row's weights (the last row repeated past `rows`) */
+    for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
+    __m512 acc[ROWS][BF16_BATCH_BLOCK];
+    if (batch == 1) { /* the rows in turn: one stream to the hardware prefetcher */
+        for (int r = 0; r < rows; r++) tile_bf16_pass(wr, r, 1, x_hi, x_lo, in, 1, NULL, acc);
+        for (int r = rows; r < ROWS; r++) acc[r][0] = _mm512_setzero_ps();
+    } else
+        tile_bf16_pass(wr, 0, ROWS, x_hi, x_lo, in, batch, w + L2_AHEAD * ROWS * in, acc);
     for (int b = 0; b < batch; b++) {
         float sums[ROWS];
         store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
@@ -501,28 +533,39 @@ INLINE void tile_i4_vnni(const uint8_t *w, const float *gs, const char *xq, int6
     }
 }
 
-/* int8: a row of x as u8 (q + 128: vpdpbusd's unsigned side) and its group scales; the weight row's products with
- * the 128s (one more vpdpbusd per 64 weights, shared by the rows of x) are taken off in int32 */
-INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq, const float *xs, int64_t x_stride,
-                         float *y, int64_t in, int64_t out, int batch, int rows) {
-    const int8_t *wr[ROWS], *later = w + L2_AHEAD * ROWS * in;
-    for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
+/* rows first .. first + nr - 1 of an int8 tile against `batch` rows of x (q + 128, scales xs) into acc */
+INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8_t *xq, const float *xs, int64_t x_stride,
+                         int64_t in, int batch, const int8_t *later, __m512 acc[ROWS][VNNI_BATCH_BLOCK]) {
     const __m512i offset = _mm512_set1_epi8((char)128);
-    __m512 acc[ROWS][VNNI_BATCH_BLOCK];
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
+    __m512 a[ROWS][VNNI_BATCH_BLOCK];
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < batch; b++) a[r][b] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in; i += ACT_GROUP) {
-        for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
-        for (int r = 0; r < ROWS; r++) {
-            const __m512i wv = _mm512_loadu_si512(wr[r] + i);
+        for (int r = 0; later && r < nr; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
+        for (int r = 0; r < nr; r++) {
+            const __m512i wv = _mm512_loadu_si512(wr[first + r] + i);
             const __m512i bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv);
             for (int b = 0; b < batch; b++) {
                 const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + b * x_stride + i), wv);
-                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, bias)),
-                                            _mm512_set1_ps(xs[b * (x_stride / ACT_GROUP) + i / ACT_GROUP]), acc[r][b]);
+                a[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, bias)),
+                                          _mm512_set1_ps(xs[b * (x_stride / ACT_GROUP) + i / ACT_GROUP]), a[r][b]);
             }
         }
     }
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < batch; b++) acc[first + r][b] = a[r][b];
+}
+
+INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq, const float *xs, int64_t x_stride,
+                         float *y, int64_t in, int64_t out, int batch, int rows) {
+    const int8_t *wr[ROWS];
+    for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
+    __m512 acc[ROWS][VNNI_BATCH_BLOCK];
+    if (batch == 1) { /* the rows in turn: one stream to the hardware prefetcher */
+        for (int r = 0; r < rows; r++) tile_i8_pass(wr, r, 1, xq, xs, x_stride, in, 1, NULL, acc);
+        for (int r = rows; r < ROWS; r++) acc[r][0] = _mm512_setzero_ps();
+    } else
+        tile_i8_pass(wr, 0, ROWS, xq, xs, x_stride, in, batch, w + L2_AHEAD * ROWS * in, acc);
     for (int b = 0; b < batch; b++) {
         float sums[ROWS];
         store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
