@@ -42,7 +42,7 @@ def main():
     libs = {}
     for side in ("old", "new"):
         lib = tmp / f"{side}.so"
-        subprocess.run(["cc", "-O3", *COMPILE_FLAGS[args.level], "-fopenmp", "-shared", "-fPIC", "-o", str(lib),
+        subprocess.run(["cc", "-O3", *COMPILE_FLAGS[args.level], "-fopenmp", "-pthread", "-shared", "-fPIC", "-o", str(lib),
                         str(getattr(args, side) / "rwkv_lm" / "ops" / "cpu_kernels.c"), "-lm"], check=True)
         libs[side] = ctypes.CDLL(str(lib))
     P, I = ctypes.c_void_p, ctypes.c_int64

@@ -611,3 +611,76 @@ def test_a_prompt_read_in_pieces_gets_the_bits_of_one_read(weights):
             assert torch.equal(logits, whole), f"read in pieces at {cuts}: logits differ"
             assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), whole_state.tensors().values())), \
                 f"read in pieces at {cuts}: the state differs"
+
+
+def _pool_model(weights):
+    cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=128, head_size=32, decay_lora=16, iclr_lora=20, value_lora=8,
+                     gate_lora=48)
+    return optimize(random_model(cfg, seed=13), weights=weights)
+
+
+def _steps_from(model, tokens):
+    with torch.no_grad():
+        logits, state = model(tokens[:, :-1], last_only=True)  # a prompt, then a step
+        logits, state = model.step(tokens[:, -1], state)
+    return logits
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # (the products of this model split between threads from 2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("weights", [None, "int4"])
+def test_kernels_in_other_threads_give_the_main_threads_bits(weights, two_threads):
+    """Outside the main thread the kernels split their loops on their own workers (OpenMP's would wait asleep
+    there: see `parallel` in cpu_kernels.c), and one caller at a time has them: steps in three threads at once
+    (the others then run alone) give each row the bits of the main thread's, and none waits forever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fast = _pool_model(weights)
+    inputs = [torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    expected = [_steps_from(fast, tokens) for tokens in inputs]
+    with ThreadPoolExecutor(3) as threads:
+        for _ in range(3):
+            got = list(threads.map(lambda tokens: _steps_from(fast, tokens), inputs, timeout=120))
+            for i, (a, b) in enumerate(zip(got, expected)):
+                assert torch.equal(a, b), f"input {i}: another thread's logits differ from the main thread's"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_kernels_in_a_thread_of_a_forked_child(two_threads):
+    """A child forked after the kernels' workers started has none of them: its threads start their own instead of
+    waiting forever for the parent's (a server's workers are forked so)."""
+    import threading
+    import time
+
+    fast = _pool_model(None)
+    tokens = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(3))
+    expected = []
+    worker = threading.Thread(target=lambda: expected.append(_steps_from(fast, tokens)))  # the workers start
+    worker.start(), worker.join()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # (the child: the same steps in a new thread; the logits back through the pipe)
+        try:
+            got = []
+            thread = threading.Thread(target=lambda: got.append(_steps_from(fast, tokens)))
+            thread.start(), thread.join()
+            os.write(write, pickle.dumps(got[0]))
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            pytest.fail("the forked child's step never ended: it waited for workers it does not have")
+        time.sleep(0.05)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    assert data, "the forked child's step failed"
+    assert torch.equal(pickle.loads(data), expected[0]), "the forked child's logits differ from the parent's"

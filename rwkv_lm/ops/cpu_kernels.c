@@ -11,9 +11,19 @@
  * in registers); activations are fp32, but for the int4 and int8 products on CPUs with VNNI (gemv_vnni), which
  * round them to int8 per ACT_GROUP inputs. */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -250,6 +260,136 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
  * (64 x 768 on the 0.1B shape), which one thread alone read while the other waited (from 1 << 16: 0.1B decode
  * with 2 threads, int4 1.14x faster at B=1 and 1.28x at B=16, fp32 1.11x at B=1, 5 rounds) */
 #define PARALLEL_MIN (1 << 13)
+
+/* Loops split between threads run on OpenMP's threads in the process's main thread, the ones torch runs its own
+ * ops on (and spins them on after each op: a second set of threads would compete with those for the cores;
+ * 0.1B prompt of 128 tokens 1.4x slower), and on the kernels' own worker threads in any other thread. There
+ * OpenMP's threads are the wrong ones: libgomp cuts its workers' wait for the next loop from ~300,000 spins to
+ * 100 once the process holds more OpenMP threads than CPUs, which the main thread's and a second Python
+ * thread's running torch (the serving engine's) are. Every loop then waited for a sleeping worker: in such a
+ * thread a 0.1B decode step took 2.4x as long (45 ms against 19 on 2 cores), a 33-token prompt 1.5-2.3x. The
+ * kernels' workers wait SPIN_NS for the next loop before they sleep. One caller at a time has them; a loop
+ * called meanwhile (from a third thread) runs in its caller alone. */
+#define MAX_THREADS 256
+#define SPIN_NS 1000000 /* past a decode step's Python between two steps (~0.5 ms) */
+typedef void (*part_fn)(const void *job, int64_t begin, int64_t end);
+static struct {
+    pthread_mutex_t caller, sleep; /* caller: held while the workers run one caller's loop */
+    pthread_cond_t wake;
+    int started; /* workers running, parts 1 .. started */
+    atomic_uint_fast64_t generation; /* one more for each loop */
+    atomic_int pending, sleepers; /* workers yet to finish this loop; workers asleep */
+    part_fn fn;
+    const void *job;
+    int64_t count;
+    int parts;
+} pool = {.caller = PTHREAD_MUTEX_INITIALIZER, .sleep = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+static uint_fast64_t first_seen[MAX_THREADS]; /* the generation before a worker's first loop */
+
+INLINE void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+INLINE void run_part(part_fn fn, const void *job, int64_t count, int parts, int p) {
+    fn(job, count * p / parts, count * (p + 1) / parts); /* contiguous, as even as they go */
+}
+
+static void *worker(void *arg) {
+    const int p = (int)(intptr_t)arg;
+    uint_fast64_t seen = first_seen[p], now;
+    for (;;) {
+        int64_t until = 0;
+        for (unsigned spins = 1; (now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen; spins++) {
+            if (spins % 256 == 0) {
+                if (!until) until = now_ns() + SPIN_NS;
+                else if (now_ns() > until) {
+                    pthread_mutex_lock(&pool.sleep);
+                    atomic_fetch_add(&pool.sleepers, 1);
+                    while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.sleep);
+                    atomic_fetch_sub(&pool.sleepers, 1);
+                    pthread_mutex_unlock(&pool.sleep);
+                    until = 0;
+                }
+            }
+            relax();
+        }
+        seen = now;
+        if (p < pool.parts) run_part(pool.fn, pool.job, pool.count, pool.parts, p);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release); /* every worker, so none lags a loop */
+    }
+    return NULL;
+}
+
+static void forget_workers(void) { /* in a forked child, which has none of them */
+    pthread_mutex_init(&pool.caller, NULL), pthread_mutex_init(&pool.sleep, NULL), pthread_cond_init(&pool.wake, NULL);
+    pool.started = 0, atomic_store(&pool.pending, 0), atomic_store(&pool.sleepers, 0);
+}
+
+static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
+
+static int in_main_thread(void) {
+#if defined(__APPLE__)
+    return pthread_main_np();
+#elif defined(__linux__)
+    return getpid() == (pid_t)syscall(SYS_gettid);
+#else
+    return 0;
+#endif
+}
+
+/* fn(job, begin, end) over [0, count) in up to `threads` contiguous parts at once, the caller running the first;
+ * in the caller alone where `work` (weights, state values) is below PARALLEL_MIN or another caller has the workers */
+static void parallel(int64_t count, int threads, int64_t work, part_fn fn, const void *job) {
+    int parts = threads < count ? threads : (int)count;
+    parts = parts < MAX_THREADS ? parts : MAX_THREADS;
+    if (parts < 2 || work < PARALLEL_MIN) {
+        fn(job, 0, count);
+        return;
+    }
+#ifdef _OPENMP
+    if (in_main_thread()) {
+        #pragma omp parallel num_threads(parts)
+        run_part(fn, job, count, omp_get_num_threads(), omp_get_thread_num());
+        return;
+    }
+#endif
+    if (pthread_mutex_trylock(&pool.caller)) {
+        fn(job, 0, count);
+        return;
+    }
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, watch_forks);
+    while (pool.started < parts - 1) {
+        pthread_t thread;
+        const int p = pool.started + 1;
+        first_seen[p] = atomic_load(&pool.generation);
+        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)p)) break;
+        pthread_detach(thread);
+        pool.started = p;
+    }
+    parts = parts < pool.started + 1 ? parts : pool.started + 1;
+    pool.fn = fn, pool.job = job, pool.count = count, pool.parts = parts;
+    atomic_store(&pool.pending, pool.started);
+    atomic_fetch_add(&pool.generation, 1);
+    if (atomic_load(&pool.sleepers)) {
+        pthread_mutex_lock(&pool.sleep);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep);
+    }
+    run_part(fn, job, count, parts, 0);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire)) relax();
+    pthread_mutex_unlock(&pool.caller);
+}
 #define LINE 64 /* bytes: one prefetch per row and cache line */
 /* rows first .. first + nr - 1 of a tile (wr, gr: their weights and int4 scales) against `batch` rows of x into
  * acc, in the order every output keeps: one chain per (row of W, row of x) over the vectors of the input */
@@ -339,16 +479,25 @@ INLINE void gemv_rows(const void *W, const float *scale, const float *x, float *
     }
 }
 
-/* the product for each weight type in its own function, so each thread's loop is compiled for one type (an
- * OpenMP loop in an inlined function is outlined before the type is known); split between threads by rows
- * where the weight is large enough to repay waking them */
+/* the product for each weight type in its own function, so each thread's loop is compiled for one type; split
+ * between threads by tiles of rows where the weight is large enough to repay waking them */
+struct gemv_job {
+    const void *W;
+    const float *scale, *x;
+    float *y;
+    int64_t out, in, batch;
+};
+INLINE int64_t tiles(int64_t out) { return (out + ROWS - 1) / ROWS; }
 #define GEMV(name, type)                                                                                          \
+    static void name##_part(const void *job, int64_t begin, int64_t end) {                                      \
+        const struct gemv_job *j = job;                                                                          \
+        for (int64_t t = begin; t < end; t++) gemv_rows(j->W, j->scale, j->x, j->y, j->out, j->in, j->batch, t * ROWS, type); \
+    }                                                                                                            \
     static void name(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,     \
                      int64_t batch, int threads) {                                                               \
         for (int64_t b = 0; b < batch; b += MAX_BATCH) {                                                         \
-            const int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;                                  \
-            _Pragma("omp parallel for schedule(static) num_threads(threads) if (out * in >= PARALLEL_MIN)")        \
-            for (int64_t o = 0; o < out; o += ROWS) gemv_rows(W, scale, x + b * in, y + b * out, out, in, rows, o, type); \
+            const struct gemv_job job = {W, scale, x + b * in, y + b * out, out, in, batch - b < MAX_BATCH ? batch - b : MAX_BATCH}; \
+            parallel(tiles(out), threads, out * in, name##_part, &job);                                          \
         }                                                                                                        \
     }
 GEMV(gemv_f32_rows, F32)
@@ -416,13 +565,17 @@ INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x
     }
 }
 
-static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
-    uint16_t *x_hi = malloc(2 * batch * in * sizeof(uint16_t)), *x_lo = x_hi + batch * in;
-    if (!x_hi) return 2;
-    split(x, x_hi, x_lo, batch * in);
-    #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= PARALLEL_MIN)
-    for (int64_t o = 0; o < out; o += ROWS) {
-        const uint16_t *w = W + o * in;
+struct bf16_job {
+    const uint16_t *W, *x_hi, *x_lo;
+    float *y;
+    int64_t out, in, batch;
+};
+static void gemv_bf16_dp_part(const void *job, int64_t begin, int64_t end) {
+    const struct bf16_job *j = job;
+    const int64_t in = j->in, out = j->out, batch = j->batch;
+    for (int64_t o = begin * ROWS; o < end * ROWS && o < out; o += ROWS) {
+        const uint16_t *w = j->W + o * in, *x_hi = j->x_hi, *x_lo = j->x_lo;
+        float *y = j->y;
         const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
         int64_t b = 0;
         for (; b + BF16_BATCH_BLOCK <= batch; b += BF16_BATCH_BLOCK)
@@ -433,6 +586,14 @@ static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out
             case 1: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 1, rows); break;
         }
     }
+}
+
+static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
+    uint16_t *x_hi = malloc(2 * batch * in * sizeof(uint16_t)), *x_lo = x_hi + batch * in;
+    if (!x_hi) return 2;
+    split(x, x_hi, x_lo, batch * in);
+    const struct bf16_job job = {W, x_hi, x_lo, y, out, in, batch};
+    parallel(tiles(out), threads, out * in, gemv_bf16_dp_part, &job);
     free(x_hi);
     return 0;
 }
@@ -573,26 +734,24 @@ INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq,
     }
 }
 
-/* y [batch, out] = x [batch, in] W^T for int4 (type I4: in a multiple of ACT_GROUP) or int8 (I8: in a multiple of
- * ACT_GROUP) weights through VNNI; up to MAX_BATCH rows of x. Returns 2 where the buffer could not be allocated. */
-static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
-                     int64_t batch, int threads) {
-    const int64_t chunks = (in + I4_CHUNK - 1) / I4_CHUNK;
-    const int64_t stride = type == I4 ? chunks * I4_ACT_CHUNK_BYTES : in; /* bytes of a quantized row of x */
-    char *xq = malloc(batch * stride + batch * (in / ACT_GROUP) * sizeof(float));
-    if (!xq) return 2;
-    float *xs = (float *)(xq + batch * stride);
-    for (int64_t b = 0; b < batch; b++) {
-        if (type == I4) {
-            quantize_act_i4(x + b * in, xq + b * stride, in);
-            continue;
-        }
-        quantize_act(x + b * in, (int8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), in);
-        for (int64_t i = 0; i < in; i += 64) /* q + 128 as u8 */
-            _mm512_storeu_si512(xq + b * stride + i, _mm512_xor_si512(_mm512_loadu_si512(xq + b * stride + i), _mm512_set1_epi8((char)128)));
-    }
-    #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= PARALLEL_MIN)
-    for (int64_t o = 0; o < out; o += ROWS) {
+struct vnni_job {
+    const void *W;
+    const float *scale;
+    const char *xq;
+    const float *xs;
+    float *y;
+    int64_t out, in, batch, stride;
+    int type;
+};
+static void gemv_vnni_part(const void *job, int64_t begin, int64_t end) {
+    const struct vnni_job *j = job;
+    const void *W = j->W;
+    const float *scale = j->scale, *xs = j->xs;
+    const char *xq = j->xq;
+    float *y = j->y;
+    const int64_t out = j->out, in = j->in, batch = j->batch, stride = j->stride;
+    const int type = j->type;
+    for (int64_t o = begin * ROWS; o < end * ROWS && o < out; o += ROWS) {
         const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
         for (int64_t b = 0; b < batch; b += VNNI_BATCH_BLOCK) {
             const int m = batch - b < VNNI_BATCH_BLOCK ? (int)(batch - b) : VNNI_BATCH_BLOCK;
@@ -612,6 +771,28 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
 #undef VNNI_TILE
         }
     }
+}
+
+/* y [batch, out] = x [batch, in] W^T for int4 (type I4: in a multiple of ACT_GROUP) or int8 (I8: in a multiple of
+ * ACT_GROUP) weights through VNNI; up to MAX_BATCH rows of x. Returns 2 where the buffer could not be allocated. */
+static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+                     int64_t batch, int threads) {
+    const int64_t chunks = (in + I4_CHUNK - 1) / I4_CHUNK;
+    const int64_t stride = type == I4 ? chunks * I4_ACT_CHUNK_BYTES : in; /* bytes of a quantized row of x */
+    char *xq = malloc(batch * stride + batch * (in / ACT_GROUP) * sizeof(float));
+    if (!xq) return 2;
+    float *xs = (float *)(xq + batch * stride);
+    for (int64_t b = 0; b < batch; b++) {
+        if (type == I4) {
+            quantize_act_i4(x + b * in, xq + b * stride, in);
+            continue;
+        }
+        quantize_act(x + b * in, (int8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), in);
+        for (int64_t i = 0; i < in; i += 64) /* q + 128 as u8 */
+            _mm512_storeu_si512(xq + b * stride + i, _mm512_xor_si512(_mm512_loadu_si512(xq + b * stride + i), _mm512_set1_epi8((char)128)));
+    }
+    const struct vnni_job job = {W, scale, xq, xs, y, out, in, batch, stride, type};
+    parallel(tiles(out), threads, out * in, gemv_vnni_part, &job);
     free(xq);
     return 0;
 }
@@ -699,6 +880,31 @@ static void wkv7_token(const float *S, float *S_new, const float *r, const float
     }
 }
 
+struct wkv_job {
+    const float *S;
+    float *S_new;
+    const float *r, *w, *k, *v, *a, *b;
+    float *y;
+    int64_t heads, len, n;
+    int stream;
+};
+static void wkv7_part(const void *job, int64_t begin, int64_t end) {
+    const struct wkv_job *j = job;
+    const int64_t n = j->n, heads = j->heads, len = j->len;
+    for (int64_t bh = begin; bh < end; bh++) {
+        float *s = j->S_new + bh * n * n;
+        const int64_t bi = bh / heads, h = bh % heads;
+        for (int64_t t = 0; t < len; t++) {
+            const int64_t x = ((bi * len + t) * heads + h) * n;
+            wkv7_token(t ? s : j->S + bh * n * n, s, j->r + x, j->w + x, j->k + x, j->v + x, j->a + x, j->b + x, j->y + x,
+                       n, j->stream);
+        }
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    if (j->stream) _mm_sfence(); /* the streamed lines in memory before another thread or the caller reads them */
+#endif
+}
+
 int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
              const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
              int threads) {
@@ -706,18 +912,8 @@ int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const
     /* a decode step (len 1) writes a new state that nothing reads before the next step, by when a batch's
      * states (3 MiB a layer at B=16) have left the cache: streaming stores skip reading its lines first */
     const int stream = len == 1 && S != S_new && (uintptr_t)S_new % 64 == 0;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (batch * heads * len * n * n >= PARALLEL_MIN)
-    for (int64_t bh = 0; bh < batch * heads; bh++) {
-        float *s = S_new + bh * n * n;
-        const int64_t bi = bh / heads, h = bh % heads;
-        for (int64_t t = 0; t < len; t++) {
-            const int64_t x = ((bi * len + t) * heads + h) * n;
-            wkv7_token(t ? s : S + bh * n * n, s, r + x, w + x, k + x, v + x, a + x, b + x, y + x, n, stream);
-        }
-#if defined(__x86_64__) || defined(__i386__)
-        if (stream) _mm_sfence(); /* the streamed lines in memory before another thread or the caller reads them */
-#endif
-    }
+    const struct wkv_job job = {S, S_new, r, w, k, v, a, b, y, heads, len, n, stream};
+    parallel(batch * heads, threads, batch * heads * len * n * n, wkv7_part, &job);
     return 0;
 }
 

@@ -113,7 +113,7 @@ def kernels(level: str | None = None) -> dict:
 
 @cache
 def _build(level: str) -> dict:
-    command = ["cc", "-O3", *COMPILE_FLAGS[level], "-fopenmp", "-shared", "-fPIC"]
+    command = ["cc", "-O3", *COMPILE_FLAGS[level], "-fopenmp", "-pthread", "-shared", "-fPIC"]
     source = SOURCE.read_bytes()
     cache_dir = Path.home() / ".cache" / "rwkv_lm"
     lib = cache_dir / f"cpu_kernels-{hashlib.sha256(source + ' '.join(command).encode()).hexdigest()[:12]}.so"
