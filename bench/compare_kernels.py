@@ -2,7 +2,8 @@
 random model, the kernels swapped between rounds, the order alternating; prints each side's median time a step
 and the median (range) of the per-round ratios old / new (> 1: new is faster). One model in one memory for both
 sides, many short rounds: steadier on a noisy machine than compare_commits.py's fresh processes, but only for
-changes to the C (both sides run this checkout's Python).
+changes to the C (both sides run this checkout's Python). --thread steps the model in a thread of its own, as the
+serving engine does, with the model loaded in the main thread.
 
     git worktree add --detach /tmp/old main
     python bench/compare_kernels.py /tmp/old/rwkv_lm/ops/cpu_kernels.c rwkv_lm/ops/cpu_kernels.c --weights fp32 int4
@@ -13,6 +14,7 @@ import argparse
 import copy
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1], help="decode batch sizes")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=16, help="decode steps a round")
+    parser.add_argument("--thread", action="store_true", help="step in another thread than the main one")
     args = parser.parse_args()
     level = cpu_kernels.isa_level()
     builds = {}
@@ -48,7 +51,8 @@ def main():
 
     use("new")
     base = random_model(rwkv_lm.RWKVConfig(vocab_size=65536, n_layer=12, n_embd=768, head_size=64), seed=1).eval()
-    print(f"| {level} level, {args.rounds} rounds of {args.steps} steps | old, ms a step | new, ms a step | "
+    where = "another thread" if args.thread else "the main thread"
+    print(f"| {level} level, {where}, {args.rounds} rounds of {args.steps} steps | old, ms a step | new, ms a step | "
           "old / new per round |")
     print("|---|---:|---:|---:|")
     for weights in args.weights:
@@ -58,16 +62,25 @@ def main():
             for batch in args.batches:
                 tokens = torch.randint(1, base.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
                 times = {"old": [], "new": []}
-                with torch.no_grad():
-                    _, state = model.step(tokens, None)
-                    for r in range(args.rounds + 1):
-                        for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                            use(side)
-                            start = time.perf_counter()
-                            for _ in range(args.steps):
-                                _, state = model.step(tokens, state)
-                            if r:  # (round 0 warms both up)
-                                times[side].append((time.perf_counter() - start) / args.steps)
+
+                def measure():
+                    torch.set_num_threads(threads)  # (torch's setting is the calling thread's)
+                    with torch.no_grad():
+                        _, state = model.step(tokens, None)
+                        for r in range(args.rounds + 1):
+                            for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                                use(side)
+                                start = time.perf_counter()
+                                for _ in range(args.steps):
+                                    _, state = model.step(tokens, state)
+                                if r:  # (round 0 warms both up)
+                                    times[side].append((time.perf_counter() - start) / args.steps)
+
+                if args.thread:
+                    stepper = threading.Thread(target=measure)
+                    stepper.start(), stepper.join()
+                else:
+                    measure()
                 ratios = [o / n for o, n in zip(times["old"], times["new"])]
                 print(f"| {weights}, {threads} thread{'s' if threads > 1 else ''}, B={batch} | "
                       f"{statistics.median(times['old']) * 1e3:.2f} | {statistics.median(times['new']) * 1e3:.2f} | "
