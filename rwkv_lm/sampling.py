@@ -125,8 +125,18 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampler], allowed: torch.Tens
         if row.params.logit_bias:
             ids, biases = zip(*row.params.logit_bias)
             logits[i, list(ids)] += torch.tensor(biases, device=logits.device)
+    # the rows that ban the same tokens (a tokenizer's unspellable ids: usually all) at once, not one indexing a row
+    # (a row each: 9% of the GIL-held samples of a 16-stream server)
+    by_banned: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(rows):
         if row.banned:
-            logits[i, list(row.banned)] = float("-inf")
+            by_banned.setdefault(row.banned, []).append(i)
+    for banned, at in by_banned.items():
+        ids = torch.tensor(banned, device=logits.device)
+        if len(at) == len(rows):
+            logits.index_fill_(1, ids, float("-inf"))
+        else:
+            logits[torch.tensor(at, device=logits.device)[:, None], ids] = float("-inf")
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
     if not drawn:
         return logits.argmax(-1)

@@ -160,3 +160,13 @@ def test_allowed_tokens_are_the_only_ones_drawn():
         token = sample(logits, rows, allowed).tolist()
         assert token[0] == 4 and token[1] in (2, 3)
     assert torch.equal(logits, LOGITS.repeat(2, 1))  # the caller's logits are left as they were
+
+
+def test_banned_tokens_of_rows_that_share_them_and_rows_that_do_not():
+    """Rows that ban the same tokens are edited together (every row, or some): each still loses exactly its own."""
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0, 3.0]]).repeat(4, 1)
+    everyone = [RowSampler(SamplingParams(temperature=0), banned=(2,)) for _ in range(4)]
+    assert sample(logits, everyone).tolist() == [3, 3, 3, 3]
+    mixed = [RowSampler(SamplingParams(temperature=0), banned=b) for b in ((2, 3), (), (2, 3), (2,))]
+    assert sample(logits, mixed).tolist() == [4, 2, 4, 3]
+    assert logits[0, 2] == 5.0, "the caller's logits are left as they were"
