@@ -564,6 +564,41 @@ def test_without_a_c_compiler(model, monkeypatch):
     assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "step logits")
 
 
+def test_a_compiler_without_openmp(isa, tmp_path, monkeypatch):
+    """Apple's clang has no -fopenmp: the kernels are built without it and every loop, the main thread's too, runs
+    on their own threads, with the bits of the OpenMP build."""
+    import shutil
+    import stat
+
+    from rwkv_lm.ops import cpu_kernels
+
+    if isa != "generic":
+        pytest.skip("the threads do not depend on the level: built at one only (a build takes seconds)")
+
+    fast = _pool_model(None)
+    tokens = torch.randint(0, 300, (3, 6), generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = _steps_from(fast, tokens)
+        calls = tmp_path / "calls"
+        fake = tmp_path / "bin" / "cc"
+        fake.parent.mkdir()
+        fake.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\ncase \" $* \" in *\" -fopenmp \"*) "
+                        f"echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1;; esac\nexec {shutil.which('cc')} \"$@\"\n")
+        fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+        monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("HOME", str(tmp_path))  # (a cache of its own)
+        cpu_kernels._build.cache_clear()
+        assert kernels(), "no kernels without -fopenmp"
+        tried = calls.read_text().splitlines()
+        assert len(tried) == 2 and "-fopenmp" in tried[0] and "-fopenmp" not in tried[1]
+        assert torch.equal(_steps_from(fast, tokens), expected), "the build without OpenMP gives other logits"
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels._build.cache_clear()
+
+
 @pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
 def test_rows_of_a_batch_get_the_bits_they_get_alone(weights):
     """Batch invariance (a seeded request samples the same text among any others): three decode steps of each

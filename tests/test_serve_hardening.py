@@ -259,8 +259,8 @@ def test_a_second_signal_exits_at_once(tmp_path, model):
             while True:  # the first signal is handled once new connections are refused (two pending would be one)
                 try:
                     httpx.get(url + "/health", timeout=5)
-                except httpx.ConnectError:
-                    break
+                except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                    break  # refused, or reset where it came in as the listener closed: not served either way
                 assert time.monotonic() < deadline, "the server still takes connections"
             assert next(line for line in lines if line).startswith("data: {"), "the first signal lets streams run on"
             proc.send_signal(signal.SIGTERM)

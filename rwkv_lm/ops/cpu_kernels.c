@@ -261,7 +261,8 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
  * with 2 threads, int4 1.14x faster at B=1 and 1.28x at B=16, fp32 1.11x at B=1, 5 rounds) */
 #define PARALLEL_MIN (1 << 13)
 
-/* Loops split between threads run on OpenMP's threads in the process's main thread, the ones torch runs its own
+/* Loops split between threads run on OpenMP's threads in the process's main thread (where the compiler has
+ * OpenMP; Apple's clang has not, and then the kernels' own threads run every loop), the ones torch runs its own
  * ops on (and spins them on after each op: a second set of threads would compete with those for the cores;
  * 0.1B prompt of 128 tokens 1.4x slower), and on the kernels' own worker threads in any other thread. There
  * OpenMP's threads are the wrong ones: libgomp cuts its workers' wait for the next loop from ~300,000 spins to
@@ -337,6 +338,7 @@ static void forget_workers(void) { /* in a forked child, which has none of them 
 
 static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
 
+#ifdef _OPENMP
 static int in_main_thread(void) {
 #if defined(__APPLE__)
     return pthread_main_np();
@@ -346,6 +348,7 @@ static int in_main_thread(void) {
     return 0;
 #endif
 }
+#endif
 
 /* fn(job, begin, end) over [0, count) in up to `threads` contiguous parts at once, the caller running the first;
  * in the caller alone where `work` (weights, state values) is below PARALLEL_MIN or another caller has the workers */

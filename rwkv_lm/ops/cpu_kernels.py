@@ -113,19 +113,24 @@ def kernels(level: str | None = None) -> dict:
 
 @cache
 def _build(level: str) -> dict:
-    command = ["cc", "-O3", *COMPILE_FLAGS[level], "-fopenmp", "-pthread", "-shared", "-fPIC"]
     source = SOURCE.read_bytes()
     cache_dir = Path.home() / ".cache" / "rwkv_lm"
-    lib = cache_dir / f"cpu_kernels-{hashlib.sha256(source + ' '.join(command).encode()).hexdigest()[:12]}.so"
-    try:
-        if not lib.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = lib.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never write one file
-            subprocess.run(command + ["-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
-            tmp.replace(lib)
-        library = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or e
+    base = ["cc", "-O3", *COMPILE_FLAGS[level], "-pthread", "-shared", "-fPIC"]
+    # OpenMP where the compiler has it (the main thread's loops share torch's threads); without it (Apple's clang)
+    # the kernels' own threads run every loop
+    for command in (base + ["-fopenmp"], base):
+        lib = cache_dir / f"cpu_kernels-{hashlib.sha256(source + ' '.join(command).encode()).hexdigest()[:12]}.so"
+        try:
+            if not lib.exists():
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = lib.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never write one file
+                subprocess.run(command + ["-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+                tmp.replace(lib)
+            library = ctypes.CDLL(str(lib))
+            break
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or e
+    else:
         warnings.warn(f"rwkv_lm: the CPU kernels ({level}) could not be built ({str(detail).strip()[:200]}); "
                       "using torch ops instead (slower; bf16 weights: bf16-rounded activations)")
         return {}
