@@ -97,6 +97,7 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, *, banned: Sequence[int] = (), device="cpu"):
         self.params, self.banned, self.device = params, tuple(banned), torch.device(device)
+        self.banned_ids = torch.tensor(self.banned, dtype=torch.long, device=device)  # (made once, used every step)
         self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
         self.counts: torch.Tensor | None = None  # [V], created at the first token
 
@@ -131,8 +132,8 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampler], allowed: torch.Tens
     for i, row in enumerate(rows):
         if row.banned:
             by_banned.setdefault(row.banned, []).append(i)
-    for banned, at in by_banned.items():
-        ids = torch.tensor(banned, device=logits.device)
+    for at in by_banned.values():
+        ids = rows[at[0]].banned_ids
         if len(at) == len(rows):
             logits.index_fill_(1, ids, float("-inf"))
         else:

@@ -240,22 +240,6 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
 #endif
 }
 
-/* Every output y[b, o] is computed by the same operations in the same order, whatever the batch, the slice of
- * it and the tile's place: a tile's one chain per (row of W, row of x) over the vectors of the input, its lanes
- * summed by store_sum4, then the scalar tail and the row's scale. So a row of a batch gets the bits it gets
- * alone (a seeded request samples the same text among any others), and a prompt read in pieces the bits of
- * one read (the serving engine splits prompts where its budget and cache say).
- *
- * Since only that order counts, the order of the rows is free. Against one row of x (a decode step), fp32, bf16
- * and int8 tiles read their rows in turn: one sequential stream, which the hardware prefetcher follows with no
- * help (0.1B decode, one thread, in-process A/B against four interleaved rows: fp32 1.16x, bf16 1.09x, int8
- * 1.13x faster; int4, compute-bound, 0.80x: it keeps its four rows). Four rows at a time (several rows of x, and
- * int4) outrun the hardware prefetcher, so such a tile prefetches the rows L2_AHEAD tiles on into L2 itself.
- * Into L1 it prefetches the next tile's rows only where it is compute-bound (int4: 3-6% faster with it); for
- * the others that extra traffic costs more than it hides (one core, from memory: fp32 17-43% slower with it at
- * B=16). `rows` (up to ROWS) of W are used: the last tile of a W whose rows are no multiple of ROWS repeats its
- * last row in the others (rows in turn: skips them) and stores only its own. */
-#define L2_AHEAD 8
 /* the weights of a product (or the state of a recurrence) from which it is split between threads: a LoRA's too
  * (64 x 768 on the 0.1B shape), which one thread alone read while the other waited (from 1 << 16: 0.1B decode
  * with 2 threads, int4 1.14x faster at B=1 and 1.28x at B=16, fp32 1.11x at B=1, 5 rounds) */
@@ -263,13 +247,13 @@ INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
 
 /* Loops split between threads run on OpenMP's threads in the process's main thread (where the compiler has
  * OpenMP; Apple's clang has not, and then the kernels' own threads run every loop), the ones torch runs its own
- * ops on (and spins them on after each op: a second set of threads would compete with those for the cores;
- * 0.1B prompt of 128 tokens 1.4x slower), and on the kernels' own worker threads in any other thread. There
+ * ops on (and spins them on after each op: a second set of threads there competed with those for the cores, a
+ * 0.1B prompt of 128 tokens about 1.4x slower in a one-off test), and on the kernels' own worker threads in any other thread. There
  * OpenMP's threads are the wrong ones: libgomp cuts its workers' wait for the next loop from ~300,000 spins to
  * 100 once the process holds more OpenMP threads than CPUs, which the main thread's and a second Python
- * thread's running torch (the serving engine's) are. Every loop then waited for a sleeping worker: in such a
- * thread a 0.1B decode step took 2.4x as long (45 ms against 19 on 2 cores), a 33-token prompt 1.5-2.3x. The
- * kernels' workers wait SPIN_NS for the next loop before they sleep. One caller at a time has them; a loop
+ * thread's running torch (the serving engine's) are. Every loop then waited for a sleeping worker: 0.1B decode
+ * with 2 threads in such a thread, OpenMP's against the kernels' own, 1.37x as long at B=1 in fp32, 2.25x in int8,
+ * 3.0x in int4 (bench/compare_kernels.py --thread; bench/RESULTS.md, issue 20's fourth pass). The kernels' workers wait SPIN_NS for the next loop before they sleep. One caller at a time has them; a loop
  * called meanwhile (from a third thread) runs in its caller alone. */
 #define MAX_THREADS 256
 #define SPIN_NS 1000000 /* past a decode step's Python between two steps (~0.5 ms) */
@@ -339,14 +323,18 @@ static void forget_workers(void) { /* in a forked child, which has none of them 
 static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
 
 #ifdef _OPENMP
-static int in_main_thread(void) {
+static int in_main_thread(void) { /* asked once a thread: a step makes ~90 loops */
+    static _Thread_local int known = -1;
+    if (known < 0) {
 #if defined(__APPLE__)
-    return pthread_main_np();
+        known = pthread_main_np();
 #elif defined(__linux__)
-    return getpid() == (pid_t)syscall(SYS_gettid);
+        known = getpid() == (pid_t)syscall(SYS_gettid);
 #else
-    return 0;
+        known = 0;
 #endif
+    }
+    return known;
 }
 #endif
 
@@ -393,6 +381,23 @@ static void parallel(int64_t count, int threads, int64_t work, part_fn fn, const
     while (atomic_load_explicit(&pool.pending, memory_order_acquire)) relax();
     pthread_mutex_unlock(&pool.caller);
 }
+
+/* Every output y[b, o] is computed by the same operations in the same order, whatever the batch, the slice of
+ * it and the tile's place: a tile's one chain per (row of W, row of x) over the vectors of the input, its lanes
+ * summed by store_sum4, then the scalar tail and the row's scale. So a row of a batch gets the bits it gets
+ * alone (a seeded request samples the same text among any others), and a prompt read in pieces the bits of
+ * one read (the serving engine splits prompts where its budget and cache say).
+ *
+ * Since only that order counts, the order of the rows is free. Against one row of x (a decode step), fp32, bf16
+ * and int8 tiles read their rows in turn: one sequential stream, which the hardware prefetcher follows with no
+ * help (0.1B decode B=1, one thread, bench/compare_kernels.py against four interleaved rows: fp32 1.24x, bf16
+ * 1.09x, int8 1.18x faster; int4, compute-bound, was 0.80x as fast in turn and keeps its four rows). Four rows at a time (several rows of x, and
+ * int4) outrun the hardware prefetcher, so such a tile prefetches the rows L2_AHEAD tiles on into L2 itself.
+ * Into L1 it prefetches the next tile's rows only where it is compute-bound (int4: 3-6% faster with it); for
+ * the others that extra traffic costs more than it hides (one core, from memory: fp32 17-43% slower with it at
+ * B=16). `rows` (up to ROWS) of W are used: the last tile of a W whose rows are no multiple of ROWS repeats its
+ * last row in the others (rows in turn: skips them) and stores only its own. */
+#define L2_AHEAD 8
 #define LINE 64 /* bytes: one prefetch per row and cache line */
 /* rows first .. first + nr - 1 of a tile (wr, gr: their weights and int4 scales) against `batch` rows of x into
  * acc, in the order every output keeps: one chain per (row of W, row of x) over the vectors of the input */
