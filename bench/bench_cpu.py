@@ -260,9 +260,9 @@ def quality(windows_for_steps: int) -> list[str]:
         lines.append(f"| {name} | {results[name]:.4f} | {100 * (results[name] / results['fp32'] - 1):+.2f}% "
                      f"| {100 * agree:.2f}% | {100 * steps:.2f}% |")
     lines += ["", f"({len(xs)} windows of {data.ctx_len} tokens, {data.val_bytes_per_token:.2f} bytes per token; "
-              "the prompt path runs the blocks in the C kernels in pieces of 64 rows with fp32 activations; the head's "
-              "rows of every position in torch's matmul on the dequantized weights (bf16: oneDNN, activations rounded "
-              "to bf16); the decode steps keep activations in fp32 throughout, but for int8 and int4 weights at a level "
+              "the prompt path runs the blocks in the C kernels in pieces of 64 rows; the head's "
+              "rows of every position in torch's matmul on the dequantized weights (bf16: oneDNN); bf16 products take "
+              "their inputs rounded to bf16 everywhere; other activations stay fp32, but for int8 and int4 weights at a level "
               "with VNNI (" + cpu_level() + f" here: {'yes' if kernels().int8_activations else 'no'}), where every product "
               "with them, the head's matmul included, takes its input rounded to int8 per 64 values.)"]
     return lines

@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=16, help="decode steps a round")
     parser.add_argument("--thread", action="store_true", help="step in another thread than the main one")
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="time prompts of N tokens a row (model(tokens, last_only=True)) instead of decode steps")
     args = parser.parse_args()
     level = cpu_kernels.isa_level()
     builds = {}
@@ -52,7 +54,8 @@ def main():
     use("new")
     base = random_model(rwkv_lm.RWKVConfig(vocab_size=65536, n_layer=12, n_embd=768, head_size=64), seed=1).eval()
     where = "another thread" if args.thread else "the main thread"
-    print(f"| {level} level, {where}, {args.rounds} rounds of {args.steps} steps | old, ms a step | new, ms a step | "
+    what = f"prompts of {args.prefill} tokens" if args.prefill else "steps"
+    print(f"| {level} level, {where}, {args.rounds} rounds of {args.steps} {what} | old, ms each | new, ms each | "
           "old / new per round |")
     print("|---|---:|---:|---:|")
     for weights in args.weights:
@@ -60,19 +63,23 @@ def main():
         for threads in args.threads:
             torch.set_num_threads(threads)
             for batch in args.batches:
-                tokens = torch.randint(1, base.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
+                shape = (batch, args.prefill) if args.prefill else (batch,)
+                tokens = torch.randint(1, base.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
                 times = {"old": [], "new": []}
 
                 def measure():
                     torch.set_num_threads(threads)  # (torch's setting is the calling thread's)
                     with torch.no_grad():
-                        _, state = model.step(tokens, None)
+                        _, state = model.step(tokens[:, 0] if args.prefill else tokens, None)
                         for r in range(args.rounds + 1):
                             for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
                                 use(side)
                                 start = time.perf_counter()
                                 for _ in range(args.steps):
-                                    _, state = model.step(tokens, state)
+                                    if args.prefill:
+                                        model(tokens, last_only=True)
+                                    else:
+                                        _, state = model.step(tokens, state)
                                 if r:  # (round 0 warms both up)
                                     times[side].append((time.perf_counter() - start) / args.steps)
 

@@ -1,4 +1,5 @@
-"""The CPU inference preparation: same parameters and names, same results (fp32), fp32-accurate bf16 steps.
+"""The CPU inference preparation: same parameters and names, same results (fp32), bf16 products (bf16 weights
+times activations rounded to bf16, fp32 sums) on every level.
 
 Every test runs at each level of the CPU kernels this machine has (RWKV_LM_CPU_ISA, if set, caps them) and
 states which kernels it expects at that level; the tolerance follows the path that level runs."""
@@ -25,8 +26,8 @@ from conftest import assert_close
 # every level builds every kernel; the levels differ in vector width and in the bf16 product
 ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "mask_logits"}
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "neon": 4}
-BF16_WIDENED_RTOL = 1e-5  # bf16 weights widened to fp32 in registers: an fp32 product, summed in another order
-BF16_SPLIT_RTOL = 2e-4  # avx512_bf16 splits activations into two bf16 halves: about 2^-16 relative
+BF16_MODEL_RTOL = 5e-3  # (see assert_bf16_close)
+BF16_RTOL = 1e-5  # one bf16 product against torch's on the same rounded inputs: exact products, sums in another order
 BF16_MATMUL_RTOL = 3e-2  # oneDNN's bf16 matmul (a long prompt's logits at every position) rounds the activations too
 
 
@@ -43,12 +44,6 @@ def isa(request, monkeypatch):
     assert set(kernels()) == ALL_KERNELS and kernels().level == level
     assert kernels().vector_width == VECTOR_WIDTH[level], "built for another instruction set than the level's"
     return level
-
-
-def bf16_rtol(in_features: int) -> float:
-    """The bf16 kernel's tolerance at the current level: the avx512_bf16 dot product where the input fits it."""
-    split = isa_level() == "avx512_bf16" and in_features % 64 == 0 and in_features <= 16384
-    return BF16_SPLIT_RTOL if split else BF16_WIDENED_RTOL
 
 
 @pytest.fixture
@@ -69,12 +64,13 @@ def test_fp32_layout_changes_nothing_but_speed(model, tmp_path):
 
 
 def _rounded(model):
-    """The fp32 model with its Linear weights rounded to bf16: what the bf16 path must compute."""
+    """The fp32 model with its Linear weights and their inputs rounded to bf16: what the bf16 path must compute."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(m.weight.bfloat16().float())
+                m.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
     return ref
 
 
@@ -131,12 +127,12 @@ def test_block_steps_match_the_plain_model(batch, weights, through, monkeypatch)
     ref = model if weights is None else _rounded(model)
     out_fast, s_fast = _steps(fast, tokens)
     out_ref, s_ref = _steps(ref, tokens)
-    rtol = 1e-5 if weights is None else bf16_rtol(128)  # (every input of this model is 128 or 512 wide)
-    assert_close(out_fast, out_ref, rtol, "step logits")
+    check = (lambda a, b, name: assert_close(a, b, 1e-5, name)) if weights is None else assert_bf16_close
+    check(out_fast, out_ref, "step logits")
     with torch.no_grad():  # from the zero state the recurrence's outputs are small, and ln_x's eps shows
-        assert_close(fast.step(tokens[:, 0])[0], ref.step(tokens[:, 0])[0], rtol, "first step logits")
+        check(fast.step(tokens[:, 0])[0], ref.step(tokens[:, 0])[0], "first step logits")
     for name, a in s_fast.tensors().items():
-        assert_close(a, s_ref.tensors()[name], rtol, name)
+        check(a, s_ref.tensors()[name], name)
     assert calls, f"the steps ran in {through}"
 
 
@@ -214,13 +210,15 @@ def test_prompts_run_in_the_fused_block(batch, length, weights, monkeypatch):
     piece = length if batch * length <= MAX_DECODE_ROWS else MAX_DECODE_ROWS // batch
     pieces = [min(piece, length - i) for i in range(0, length, piece)]
     assert calls == pieces * cfg.n_layer, "each block in C calls of up to MAX_DECODE_ROWS rows"
-    rtol = bf16_rtol(128) if weights == "bf16" else 1e-5
-    check = (lambda a, b, _, name: assert_quantized_close(a, b, name)) if weights in QUANTIZED else assert_close
-    # (the head's rows of a long prompt at every position go through torch's matmul: bf16 there rounds x too)
-    head_rtol = BF16_MATMUL_RTOL if weights == "bf16" and batch * length > MAX_DECODE_ROWS else rtol
-    check(logits, ref_logits, head_rtol, "prompt logits")
+    check = (assert_quantized_close if weights in QUANTIZED else assert_bf16_close if weights == "bf16"
+             else lambda a, b, name: assert_close(a, b, 1e-5, name))
+    if weights == "bf16" and batch * length > MAX_DECODE_ROWS:
+        # (the head's rows of a long prompt at every position go through torch's matmul: bf16 there rounds y too)
+        assert_close(logits, ref_logits, BF16_MATMUL_RTOL, "prompt logits")
+    else:
+        check(logits, ref_logits, "prompt logits")
     for name, t in new_state.tensors().items():
-        check(t, ref_state.tensors()[name], rtol, name)
+        check(t, ref_state.tensors()[name], name)
     assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
 
 
@@ -292,7 +290,7 @@ def test_fp32_linear_kernel(in_features, out_features):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_bf16_steps_are_fp32_accurate(model, batch):
+def test_bf16_steps_compute_bf16_products(model, batch):
     fast = optimize(copy.deepcopy(model), weights="bf16")
     assert isinstance(fast.head, KernelLinear) and fast.head.weight.dtype == torch.bfloat16
     assert fast.emb.weight.dtype == torch.float32, "only Linear weights change"
@@ -303,14 +301,14 @@ def test_bf16_steps_are_fp32_accurate(model, batch):
         for t in tokens.T:
             out_fast, s_fast = fast.step(t, s_fast)
             out_ref, s_ref = ref.step(t, s_ref)
-    assert_close(out_fast, out_ref, bf16_rtol(64), "step logits")  # (the model's inputs are 64 and 256 wide)
+    assert_bf16_close(out_fast, out_ref, "step logits")
 
 
 def test_bf16_prefill_close(model):
     fast = optimize(copy.deepcopy(model), weights="bf16")
     tokens = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert_close(fast(tokens)[0], _rounded(model)(tokens)[0], bf16_rtol(64), "prefill logits")
+        assert_bf16_close(fast(tokens)[0], _rounded(model)(tokens)[0], "prefill logits")
     assert fast.state_dict().keys() == model.state_dict().keys()
 
 
@@ -341,6 +339,14 @@ def _with_rounded_activations(ref):
             if isinstance(m, torch.nn.Linear) and m.in_features % ACT_GROUP == 0:
                 m.register_forward_pre_hook(lambda _, args: (round_activations(args[0]),))
     return ref
+
+
+def assert_bf16_close(actual, expected, name):
+    """A bf16 model's outputs against `_rounded`'s. Rows match to the sums' order (~1e-7) until an input rounds
+    to the other bf16 neighbour in one of them (its fp32 value an ulp off upstream), which moves that row and,
+    through the state, those after it by up to ~1e-3 of the largest magnitude. The products' own rounding is
+    pinned exactly by test_bf16_products_round_activations_to_nearest_even."""
+    assert_close(actual, expected, BF16_MODEL_RTOL, name)
 
 
 def assert_quantized_close(actual, expected, name):
@@ -459,16 +465,31 @@ def test_quantized_saves_and_loads_as_it_is(model, tmp_path, weights):
     assert_quantized_close(_steps(plain, tokens)[0], expected, "dequantized steps")
 
 
-def test_bf16_after_fp32_layout_and_wide_inputs():
-    """A column-major fp32 weight still feeds the row-streaming kernel right; inputs wider than the avx512_bf16
-    product takes are widened instead."""
+def test_bf16_after_fp32_layout_and_inputs_the_dot_product_does_not_take():
+    """A column-major fp32 weight still feeds the row-streaming kernel right; inputs no multiple of 32 wide (which
+    avx512_bf16's dot product does not take) are widened instead, their activations rounded alike."""
     torch.manual_seed(0)
-    for in_features in (128, 16448):
+    for in_features in (128, 16448, 100):
         linear = torch.nn.Linear(in_features, 8, bias=False)
         linear.weight.data = linear.weight.data.t().contiguous().t()  # what optimize() does to fp32 weights
-        x = torch.randn(1, in_features)
-        expected = x @ linear.weight.detach().bfloat16().float().T
-        assert_close(KernelLinear(linear, torch.bfloat16)(x), expected, bf16_rtol(in_features), f"in_features={in_features}")
+        x = torch.randn(3, in_features)
+        expected = x.bfloat16().float() @ linear.weight.detach().bfloat16().float().T
+        assert_close(KernelLinear(linear, torch.bfloat16)(x), expected, BF16_RTOL, f"in_features={in_features}")
+
+
+@pytest.mark.parametrize("in_features", [64, 40])
+def test_bf16_products_round_activations_to_nearest_even(in_features):
+    """Activations meet bf16 weights rounded to bf16, ties to the even neighbour, NaN kept, on every level and
+    both paths (avx512_bf16's dot product for inputs a multiple of 32 wide, the widening one else): 1 + 2^-8 lies
+    halfway between 1 and 1 + 2^-7 and rounds down to 1, 1 + 3 * 2^-8 up to 1 + 2^-6."""
+    linear = torch.nn.Linear(in_features, 2, bias=False)
+    linear.weight.data = torch.ones(2, in_features)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8]).repeat(in_features // 2)
+    x = torch.stack([ties, ties.neg(), ties.clone().index_fill_(0, torch.tensor([5]), float("nan"))])
+    y = KernelLinear(linear, torch.bfloat16)(x)
+    half = in_features // 2
+    assert torch.equal(y[:2], torch.tensor([[half * (2 + 2**-6)] * 2, [-half * (2 + 2**-6)] * 2]))
+    assert y[2].isnan().all()
 
 
 def test_optimized_model_under_autograd_keeps_the_gradient(model):
@@ -550,7 +571,7 @@ def test_optimize_again_with_bf16_weights(model, tmp_path):
     assert all(m.weight.dtype == torch.bfloat16 for m in fast.modules() if isinstance(m, torch.nn.Linear))
     assert all(type(b) is StepBlock and torch.bfloat16 in b.step_plan.dtypes for b in fast.blocks)
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(9))
-    assert_close(_steps(fast, tokens)[0], _steps(_rounded(model), tokens)[0], bf16_rtol(64), "step logits")
+    assert_bf16_close(_steps(fast, tokens)[0], _steps(_rounded(model), tokens)[0], "step logits")
 
 
 def test_without_a_c_compiler(model, monkeypatch):

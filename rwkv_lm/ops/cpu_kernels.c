@@ -8,8 +8,8 @@
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
  * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product where the CPU has it), int8
  * with one fp32 scale per output row, or int4 with one fp32 scale per INT4_GROUP inputs of a row (dequantized
- * in registers); activations are fp32, but for the int4 and int8 products on CPUs with VNNI (gemv_vnni), which
- * round them to int8 per ACT_GROUP inputs. */
+ * in registers); activations are fp32, but bf16 products round them to bf16 (round_to_bf16), and the int4 and
+ * int8 products on CPUs with VNNI (gemv_vnni) to int8 per ACT_GROUP inputs. */
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -513,59 +513,65 @@ GEMV(gemv_bf16_rows, BF16)
 GEMV(gemv_i8_rows, I8)
 GEMV(gemv_i4_rows, I4)
 
-#ifdef __AVX512BF16__
-/* bf16 weights on avx512_bf16: W is fed straight to the bf16 dot-product instruction, which takes bf16 on both
- * sides. To keep fp32 accuracy in x, each row of x is split here as x_hi + x_lo, both bf16 (x_lo holds the
- * bits x_hi drops), and both halves are applied: the result matches an fp32 product with the bf16 weight to
- * about 2^-16 of x's magnitude, at half the instructions of widening W. `in` a multiple of 64, at most MAX_IN
- * (else the widening kernel runs). In tiles, as `tile`: each output by the same operations whatever the batch. */
-#define BF16_BATCH_BLOCK 4 /* both halves of x: 6 rows of them would not fit in the registers */
-#define MAX_IN 16384
-
-/* x [batch, in] fp32 -> hi, lo [batch, in] bf16 with x ~= hi + lo */
-static void split(const float *x, uint16_t *hi, uint16_t *lo, int64_t n) {
-    for (int64_t i = 0; i < n; i += 32) {
-        __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
-        __m512bh h = _mm512_cvtne2ps_pbh(b, a);
-        __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256((__m512i)h)), 16));
-        __m512 hb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64((__m512i)h, 1)), 16));
-        _mm512_storeu_si512(hi + i, (__m512i)h);
-        _mm512_storeu_si512(lo + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha)));
+/* bf16 weights multiply x rounded to bf16 (to nearest even), as llama.cpp's BF16 and bf16 matmuls do: the
+ * products are then exact in fp32 and only the sums round. x's rounding costs about as much accuracy as the
+ * weights' own (both 8 bits of mantissa); the default model's bits per byte in bench/RESULTS.md. Every level rounds
+ * x the same way, so a bf16 model gives the same logits, to the sums' order, on every CPU. */
+static void round_to_bf16(const float *x, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) {
+        const vu u = (vu)load(x + i), rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+        const vi nan = load(x + i) != load(x + i); /* (a NaN stays NaN, quieted, as the conversion instruction does) */
+        store(out + i, (vf)(((vu)nan & (u | 0x00400000u)) | (~(vu)nan & rounded)));
+    }
+    for (; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        u = x[i] != x[i] ? u | 0x00400000u : (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+        memcpy(out + i, &u, 4);
     }
 }
 
-/* rows first .. first + nr - 1 of a bf16 tile against `batch` rows of x (hi and lo halves) into acc */
-INLINE void tile_bf16_pass(const uint16_t *const *wr, int first, int nr, const uint16_t *x_hi, const uint16_t *x_lo,
-                           int64_t in, int batch, const uint16_t *later, __m512 acc[ROWS][BF16_BATCH_BLOCK]) {
+#ifdef __AVX512BF16__
+/* On avx512_bf16, W and the rounded x go straight to the bf16 dot-product instruction (32 products a
+ * vector: half the instructions of widening W, twice the products an FMA does). `in` a multiple of 32 (else the
+ * widening kernel runs). In tiles, as `tile`: each output by the same operations whatever the batch. */
+#define BF16_BATCH_BLOCK 6 /* 24 accumulators, 6 rows of x and a row of W: 31 of the 32 registers */
+
+/* x [batch, in] fp32 -> bf16, rounded to nearest even (in a multiple of 32) */
+static void to_bf16(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32)
+        _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+}
+
+/* rows first .. first + nr - 1 of a bf16 tile against `batch` rows of x (in bf16) into acc */
+INLINE void tile_bf16_pass(const uint16_t *const *wr, int first, int nr, const uint16_t *x, int64_t in, int batch,
+                           const uint16_t *later, __m512 acc[ROWS][BF16_BATCH_BLOCK]) {
     __m512 a[ROWS][BF16_BATCH_BLOCK];
     for (int r = 0; r < nr; r++)
         for (int b = 0; b < batch; b++) a[r][b] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in; i += 32) {
         for (int r = 0; later && r < nr; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
-        __m512bh hi[BF16_BATCH_BLOCK], lo[BF16_BATCH_BLOCK];
-        for (int b = 0; b < batch; b++) {
-            hi[b] = (__m512bh)_mm512_loadu_si512(x_hi + b * in + i);
-            lo[b] = (__m512bh)_mm512_loadu_si512(x_lo + b * in + i);
-        }
+        __m512bh xv[BF16_BATCH_BLOCK];
+        for (int b = 0; b < batch; b++) xv[b] = (__m512bh)_mm512_loadu_si512(x + b * in + i);
         for (int r = 0; r < nr; r++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[first + r] + i);
-            for (int b = 0; b < batch; b++) a[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(a[r][b], wv, lo[b]), wv, hi[b]);
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[first + r] + i);
+            for (int b = 0; b < batch; b++) a[r][b] = _mm512_dpbf16_ps(a[r][b], wv, xv[b]);
         }
     }
     for (int r = 0; r < nr; r++)
         for (int b = 0; b < batch; b++) acc[first + r][b] = a[r][b];
 }
 
-INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x_lo, float *y, int64_t in, int64_t out,
-                      int batch, int rows) {
+INLINE void tile_bf16(const uint16_t *w, const uint16_t *x, float *y, int64_t in, int64_t out, int batch, int rows) {
     const uint16_t *wr[ROWS]; /* each row's weights (the last row repeated past `rows`) */
     for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
     __m512 acc[ROWS][BF16_BATCH_BLOCK];
     if (batch == 1) { /* the rows in turn: one stream to the hardware prefetcher */
-        for (int r = 0; r < rows; r++) tile_bf16_pass(wr, r, 1, x_hi, x_lo, in, 1, NULL, acc);
+        for (int r = 0; r < rows; r++) tile_bf16_pass(wr, r, 1, x, in, 1, NULL, acc);
         for (int r = rows; r < ROWS; r++) acc[r][0] = _mm512_setzero_ps();
     } else
-        tile_bf16_pass(wr, 0, ROWS, x_hi, x_lo, in, batch, w + L2_AHEAD * ROWS * in, acc);
+        tile_bf16_pass(wr, 0, ROWS, x, in, batch, w + L2_AHEAD * ROWS * in, acc);
     for (int b = 0; b < batch; b++) {
         float sums[ROWS];
         store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
@@ -574,7 +580,7 @@ INLINE void tile_bf16(const uint16_t *w, const uint16_t *x_hi, const uint16_t *x
 }
 
 struct bf16_job {
-    const uint16_t *W, *x_hi, *x_lo;
+    const uint16_t *W, *x;
     float *y;
     int64_t out, in, batch;
 };
@@ -582,27 +588,30 @@ static void gemv_bf16_dp_part(const void *job, int64_t begin, int64_t end) {
     const struct bf16_job *j = job;
     const int64_t in = j->in, out = j->out, batch = j->batch;
     for (int64_t o = begin * ROWS; o < end * ROWS && o < out; o += ROWS) {
-        const uint16_t *w = j->W + o * in, *x_hi = j->x_hi, *x_lo = j->x_lo;
-        float *y = j->y;
+        const uint16_t *w = j->W + o * in, *x = j->x;
+        float *y = j->y + o;
         const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
         int64_t b = 0;
         for (; b + BF16_BATCH_BLOCK <= batch; b += BF16_BATCH_BLOCK)
-            tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, BF16_BATCH_BLOCK, rows);
-        switch (batch - b) {
-            case 3: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 3, rows); break;
-            case 2: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 2, rows); break;
-            case 1: tile_bf16(w, x_hi + b * in, x_lo + b * in, y + b * out + o, in, out, 1, rows); break;
+            tile_bf16(w, x + b * in, y + b * out, in, out, BF16_BATCH_BLOCK, rows);
+        switch (batch - b) { /* constant tile sizes, so the loops unroll into registers */
+            case 5: tile_bf16(w, x + b * in, y + b * out, in, out, 5, rows); break;
+            case 4: tile_bf16(w, x + b * in, y + b * out, in, out, 4, rows); break;
+            case 3: tile_bf16(w, x + b * in, y + b * out, in, out, 3, rows); break;
+            case 2: tile_bf16(w, x + b * in, y + b * out, in, out, 2, rows); break;
+            case 1: tile_bf16(w, x + b * in, y + b * out, in, out, 1, rows); break;
         }
     }
 }
 
+/* up to MAX_BATCH rows of x; returns 2 where the buffer could not be allocated */
 static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
-    uint16_t *x_hi = malloc(2 * batch * in * sizeof(uint16_t)), *x_lo = x_hi + batch * in;
-    if (!x_hi) return 2;
-    split(x, x_hi, x_lo, batch * in);
-    const struct bf16_job job = {W, x_hi, x_lo, y, out, in, batch};
+    uint16_t *x_bf16 = malloc(batch * in * sizeof(uint16_t));
+    if (!x_bf16) return 2;
+    to_bf16(x, x_bf16, batch * in);
+    const struct bf16_job job = {W, x_bf16, y, out, in, batch};
     parallel(tiles(out), threads, out * in, gemv_bf16_dp_part, &job);
-    free(x_hi);
+    free(x_bf16);
     return 0;
 }
 #endif
@@ -811,15 +820,23 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
  * where a buffer could not be allocated. */
 static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
+    if (type == BF16) {
 #ifdef __AVX512BF16__
-    if (type == BF16 && in % 64 == 0 && in <= MAX_IN) {
-        for (int64_t b = 0; b < batch; b += MAX_BATCH) {
-            int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;
-            if (gemv_bf16_dp(W, x + b * in, y + b * out, out, in, rows, threads)) return 2;
+        if (in % 32 == 0) {
+            for (int64_t b = 0; b < batch; b += MAX_BATCH) {
+                int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;
+                if (gemv_bf16_dp(W, x + b * in, y + b * out, out, in, rows, threads)) return 2;
+            }
+            return 0;
         }
+#endif
+        float *rounded = malloc(batch * in * sizeof(float));
+        if (!rounded) return 2;
+        round_to_bf16(x, rounded, batch * in);
+        gemv_bf16_rows(W, NULL, rounded, y, out, in, batch, threads);
+        free(rounded);
         return 0;
     }
-#endif
 #ifdef __AVX512VNNI__
     if ((type == I4 || type == I8) && in % ACT_GROUP == 0) {
         for (int64_t b = 0; b < batch; b += MAX_BATCH) {
@@ -830,7 +847,6 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
     }
 #endif
     if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
-    else if (type == BF16) gemv_bf16_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
     else if (in % INT4_GROUP) return 1;
     else gemv_i4_rows(W, scale, x, y, out, in, batch, threads);

@@ -17,9 +17,10 @@ the number of rows, so a decode step's logits for a sequence are bit for bit tho
 and a prompt read in pieces gives the bits of one read (the serving engine splits prompts by its budget and
 cache). The head's rows of one token each (steps, `last_only`) therefore take the kernels at any batch size.
 - fp32 (the default): the weights stay as they are;
-- bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes), everything else and
-  every activation stays fp32. A step widens the weights to fp32 in registers (with avx512_bf16: feeds them to
-  its dot product, fp32-accurate in the activations), and so does a prompt.
+- bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes) and multiply their inputs
+  rounded to bf16 (as llama.cpp's BF16 and torch's bf16 matmul do), with fp32 sums; everything else stays fp32.
+  A step widens both to fp32 in registers (with avx512_bf16: feeds them to its dot product, twice the products
+  of an FMA), and so does a prompt; every level rounds alike.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
   fp32 in registers, prompts too; torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
