@@ -961,18 +961,20 @@ INLINE vf exp_v(vf x) {
 INLINE vf sigmoid_v(vf x) { return 1.0f / (1.0f + exp_v(-x)); }
 
 enum { TANH, SIGMOID, RELU_SQUARED };
+INLINE vf apply(vf v, int f) {
+    if (f == TANH) return 2.0f * sigmoid_v(v + v) - 1.0f; /* tanh(h) = 2 sigmoid(2h) - 1 */
+    if (f == SIGMOID) return sigmoid_v(v);
+    return vmax(v, splat(0)) * vmax(v, splat(0));
+}
 /* f(x) in place over n values, any n (the last vector padded) */
 static void map(float *x, int64_t n, int f) {
-    for (int64_t i = 0; i < n; i += VW) {
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) store(x + i, apply(load(x + i), f));
+    if (i < n) {
         float pad[VW] = {0};
-        const int64_t m = n - i < VW ? n - i : VW;
-        memcpy(pad, x + i, m * sizeof(float));
-        vf v = load(pad);
-        if (f == TANH) v = 2.0f * sigmoid_v(v + v) - 1.0f; /* tanh(h) = 2 sigmoid(2h) - 1 */
-        else if (f == SIGMOID) v = sigmoid_v(v);
-        else v = vmax(v, splat(0)) * vmax(v, splat(0));
-        store(pad, v);
-        memcpy(x + i, pad, m * sizeof(float));
+        memcpy(pad, x + i, (n - i) * sizeof(float));
+        store(pad, apply(load(pad), f));
+        memcpy(x + i, pad, (n - i) * sizeof(float));
     }
 }
 
@@ -1006,119 +1008,161 @@ static void last_tokens(float *shift_out, const float *xn, int64_t batch, int64_
  * matrix products and the recurrence, not ~130 small torch ops and their Python per layer (those cost as much
  * as a third of the step). Every token is a row of the products and the elementwise work; the token shifts
  * and the recurrence follow each sequence. Activations fp32; the six Linear weights of type `type` (int8 and
- * int4 with their scales); the LoRA matrices fp32 and stored as their kernel reads them ([out, in] row-major). */
+ * int4 with their scales); the LoRA matrices fp32 and stored as their kernel reads them ([out, in] row-major).
+ * The elementwise work between the products runs in phases over rows (`slice_part`), split between threads as
+ * the products are: a prompt's rows of it in the caller alone left the other threads idle. */
+struct slice {
+    const void *const *params;
+    const float *x, *att_shift, *ffn_shift;
+    float *x_out, *v_first, *mix, *r, *k, *v, *w, *a, *g, *minus_kk, *kk_a, *y, *up, *xn, *key;
+    int64_t len, C, n, ffn, BC;
+    float ln_eps, ln_x_eps, decay_scale;
+};
+enum { NORM_IN, ATT_MIX, ATT_INPUTS, ATT_OUT, NORM_FFN, FFN_MIX, RELU_SQ, RESIDUAL };
+struct slice_phase {
+    const struct slice *s;
+    int phase;
+};
+
+/* one phase of block_step_slice for rows begin .. end - 1 */
+static void slice_part(const void *job, int64_t begin, int64_t end) {
+    const struct slice *j = ((const struct slice_phase *)job)->s;
+    const int phase = ((const struct slice_phase *)job)->phase;
+    const int64_t C = j->C, n = j->n, BC = j->BC;
+#define P(name) ((const float *)j->params[name])
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t row = i * C;
+        switch (phase) {
+        case NORM_IN: /* the block's input (through ln0 in the first block) to x_out, ln1 of it to xn */
+            if (j->params[LN0_W]) normalize(j->x + row, j->x_out + row, P(LN0_W), P(LN0_B), C, j->ln_eps);
+            else memcpy(j->x_out + row, j->x + row, C * sizeof(float));
+            normalize(j->x_out + row, j->xn + row, P(LN1_W), P(LN1_B), C, j->ln_eps);
+            break;
+        case ATT_MIX: { /* the six token-shift mixes xr, xw, xk, xv, xa, xg */
+            const float *prev = previous(j->xn, j->att_shift, i, j->len, C);
+            for (int64_t c = 0; c < C; c += VW) {
+                vf xi = load(j->xn + row + c), d = load(prev + c) - xi;
+                for (int m = 0; m < 6; m++) store(j->mix + m * BC + row + c, d * load(P(X_R + m) + c) + xi);
+            }
+            break;
+        }
+        case ATT_INPUTS: /* the recurrence's inputs from the products and the LoRAs' outputs (w, a, up: the value's) */
+            for (int64_t c = 0, e = row; c < C; c += VW, e += VW) {
+                store(j->w + e, exp_v(-j->decay_scale * sigmoid_v(load(P(W0) + c) + load(j->w + e)))); /* the decay */
+                store(j->a + e, sigmoid_v(load(P(A0) + c) + load(j->a + e)));
+                if (j->params[V0]) {
+                    vf vi_ = load(j->v + e);
+                    store(j->v + e, (load(j->v_first + e) - vi_) * sigmoid_v(load(P(V0) + c) + load(j->up + e)) + vi_);
+                }
+            }
+            if (!j->params[V0]) memcpy(j->v_first + row, j->v + row, C * sizeof(float));
+            /* kk = normalize(k * k_k) per head (F.normalize's eps 1e-12); the recurrence's a = -kk, b = kk * a; then
+             * k's scaling */
+            for (int64_t h = row; h < row + C; h += n) {
+                const int64_t c0 = h - row;
+                vf sq = splat(0);
+                for (int64_t q = 0; q < n; q += VW) {
+                    vf kk = load(j->k + h + q) * load(P(K_K) + c0 + q);
+                    sq += kk * kk;
+                }
+                const vf inv_norm = splat(1.0f / fmaxf(sqrtf(hsum(sq)), 1e-12f));
+                for (int64_t q = 0; q < n; q += VW) {
+                    vf ki = load(j->k + h + q), ai = load(j->a + h + q);
+                    vf kk = ki * load(P(K_K) + c0 + q) * inv_norm;
+                    store(j->minus_kk + h + q, -kk);
+                    store(j->kk_a + h + q, kk * ai);
+                    store(j->k + h + q, ki * ((ai - 1.0f) * load(P(K_A) + c0 + q) + 1.0f));
+                }
+            }
+            break;
+        case ATT_OUT: /* ln_x per head, the bonus for the current token, the gate */
+            for (int64_t h = row; h < row + C; h += n) {
+                const int64_t c0 = h - row;
+                normalize(j->y + h, j->y + h, P(LN_X_W) + c0, P(LN_X_B) + c0, n, j->ln_x_eps);
+                vf dot_ = splat(0);
+                for (int64_t q = 0; q < n; q += VW) dot_ += load(j->r + h + q) * load(j->k + h + q) * load(P(R_K) + c0 + q);
+                const vf bonus = splat(hsum(dot_));
+                for (int64_t q = 0; q < n; q += VW)
+                    store(j->y + h + q, (bonus * load(j->v + h + q) + load(j->y + h + q)) * load(j->g + h + q));
+            }
+            break;
+        case NORM_FFN: /* the time mix's output added, ln2 of the sum */
+            for (int64_t c = 0; c < C; c += VW) store(j->x_out + row + c, load(j->x_out + row + c) + load(j->up + row + c));
+            normalize(j->x_out + row, j->xn + row, P(LN2_W), P(LN2_B), C, j->ln_eps);
+            break;
+        case FFN_MIX: { /* the channel mix's token-shift mix, into the first mix buffer */
+            const float *prev = previous(j->xn, j->ffn_shift, i, j->len, C);
+            for (int64_t c = 0; c < C; c += VW) {
+                vf xi = load(j->xn + row + c);
+                store(j->mix + row + c, (load(prev + c) - xi) * load(P(FFN_X_K) + c) + xi);
+            }
+            break;
+        }
+        case RELU_SQ:
+            map(j->key + i * j->ffn, j->ffn, RELU_SQUARED);
+            break;
+        case RESIDUAL: /* the channel mix's output added */
+            for (int64_t c = 0; c < C; c += VW) store(j->x_out + row + c, load(j->x_out + row + c) + load(j->up + row + c));
+            break;
+        }
+    }
+#undef P
+}
+
 static int block_step_slice(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
                             const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out,
                             float *ffn_shift_out, int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, int64_t rank_w,
                             int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
                             float decay_scale, int type, int threads, float *mix) {
-#define P(name) ((const float *)params[name])
-#define EACH(i, c) for (int64_t r_ = 0; r_ < rows; r_++) for (int64_t c = 0, i = r_ * C; c < C; c += VW, i += VW)
-#define LINEAR(name, x, y, out, in) linear(params[name], P(name##_S), type, x, y, out, in, rows, threads)
+#define LINEAR(name, x, y, out, in) linear(params[name], (const float *)params[name##_S], type, x, y, out, in, rows, threads)
 #define LORA(name, x, y, out, in) gemv_f32_rows(params[name], NULL, x, y, out, in, rows, threads)
+#define PHASE(p) parallel(rows, threads, rows * C, slice_part, &(struct slice_phase){&s, p})
     const int64_t rows = batch * len, BC = rows * C;
     /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step, the normalized
      * inputs of the shifts, and the LoRAs' and the channel mix's hidden vectors */
     float *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *w = v + BC, *a = w + BC, *g = a + BC, *minus_kk = g + BC,
           *kk_a = minus_kk + BC, *y = kk_a + BC, *up = y + BC, *xn = up + BC, *hidden = xn + BC;
+    const struct slice s = {params, x, att_shift, ffn_shift, x_out, v_first, mix, r, k, v, w, a, g, minus_kk, kk_a, y,
+                            up, xn, hidden, len, C, n, ffn, BC, ln_eps, ln_x_eps, decay_scale};
     int err = 0;
 
-    for (int64_t i = 0; i < rows; i++) {
-        if (params[LN0_W]) normalize(x + i * C, x_out + i * C, P(LN0_W), P(LN0_B), C, ln_eps);
-        else memcpy(x_out + i * C, x + i * C, C * sizeof(float));
-        normalize(x_out + i * C, xn + i * C, P(LN1_W), P(LN1_B), C, ln_eps);
-    }
-
     /* time mix */
-    for (int64_t i = 0; i < rows; i++) {
-        const float *prev = previous(xn, att_shift, i, len, C);
-        for (int64_t c = 0; c < C; c += VW) {
-            vf xi = load(xn + i * C + c), d = load(prev + c) - xi;
-            for (int m = 0; m < 6; m++) store(mix + m * BC + i * C + c, d * load(P(X_R + m) + c) + xi);
-        }
-    }
+    PHASE(NORM_IN);
+    PHASE(ATT_MIX);
     last_tokens(att_shift_out, xn, batch, len, C);
     const float *xr = mix, *xw = mix + BC, *xk = mix + 2 * BC, *xv = mix + 3 * BC, *xa = mix + 4 * BC, *xg = mix + 5 * BC;
     err |= LINEAR(RECEPTANCE, xr, r, C, C);
     err |= LINEAR(KEY, xk, k, C, C);
     err |= LINEAR(VALUE, xv, v, C, C);
-
     LORA(W1, xw, hidden, rank_w, C);
     map(hidden, rows * rank_w, TANH);
-    LORA(W2, hidden, up, C, rank_w);
-    EACH(i, c) /* the decay itself, what the recurrence takes */
-        store(w + i, exp_v(-decay_scale * sigmoid_v(load(P(W0) + c) + load(up + i))));
-
+    LORA(W2, hidden, w, C, rank_w);
     LORA(A1, xa, hidden, rank_a, C);
-    LORA(A2, hidden, up, C, rank_a);
-    EACH(i, c) store(a + i, sigmoid_v(load(P(A0) + c) + load(up + i)));
-
+    LORA(A2, hidden, a, C, rank_a);
     LORA(G1, xg, hidden, rank_g, C);
     map(hidden, rows * rank_g, SIGMOID);
     LORA(G2, hidden, g, C, rank_g);
-
     if (params[V0]) {
         LORA(V1, xv, hidden, rank_v, C);
         LORA(V2, hidden, up, C, rank_v);
-        EACH(i, c) {
-            vf vi_ = load(v + i);
-            store(v + i, (load(v_first + i) - vi_) * sigmoid_v(load(P(V0) + c) + load(up + i)) + vi_);
-        }
-    } else {
-        memcpy(v_first, v, BC * sizeof(float));
     }
-
-    /* kk = normalize(k * k_k) per head (F.normalize's eps 1e-12); the recurrence's a = -kk, b = kk * a; then k's scaling */
-    for (int64_t h = 0; h < BC; h += n) {
-        const int64_t c0 = h % C;
-        vf sq = splat(0);
-        for (int64_t j = 0; j < n; j += VW) {
-            vf kk = load(k + h + j) * load(P(K_K) + c0 + j);
-            sq += kk * kk;
-        }
-        const vf inv_norm = splat(1.0f / fmaxf(sqrtf(hsum(sq)), 1e-12f));
-        for (int64_t j = 0; j < n; j += VW) {
-            vf ki = load(k + h + j), ai = load(a + h + j);
-            vf kk = ki * load(P(K_K) + c0 + j) * inv_norm;
-            store(minus_kk + h + j, -kk);
-            store(kk_a + h + j, kk * ai);
-            store(k + h + j, ki * ((ai - 1.0f) * load(P(K_A) + c0 + j) + 1.0f));
-        }
-    }
+    PHASE(ATT_INPUTS);
     err |= wkv7_f32(wkv, wkv_out, r, w, k, v, minus_kk, kk_a, y, batch, len, C / n, n, threads);
-
-    /* ln_x per head, the bonus for the current token, the gate */
-    for (int64_t h = 0; h < BC; h += n) {
-        const int64_t c0 = h % C;
-        normalize(y + h, y + h, P(LN_X_W) + c0, P(LN_X_B) + c0, n, ln_x_eps);
-        vf dot_ = splat(0);
-        for (int64_t j = 0; j < n; j += VW) dot_ += load(r + h + j) * load(k + h + j) * load(P(R_K) + c0 + j);
-        const vf bonus = splat(hsum(dot_));
-        for (int64_t j = 0; j < n; j += VW) store(y + h + j, (bonus * load(v + h + j) + load(y + h + j)) * load(g + h + j));
-    }
+    PHASE(ATT_OUT);
     err |= LINEAR(OUTPUT, y, up, C, C);
-    EACH(i, c) store(x_out + i, load(x_out + i) + load(up + i));
 
     /* channel mix: relu(key(mix))^2 through value */
-    float *xk_ffn = mix, *key = hidden;
-    for (int64_t i = 0; i < rows; i++) normalize(x_out + i * C, xn + i * C, P(LN2_W), P(LN2_B), C, ln_eps);
-    for (int64_t i = 0; i < rows; i++) {
-        const float *prev = previous(xn, ffn_shift, i, len, C);
-        for (int64_t c = 0; c < C; c += VW) {
-            vf xi = load(xn + i * C + c);
-            store(xk_ffn + i * C + c, (load(prev + c) - xi) * load(P(FFN_X_K) + c) + xi);
-        }
-    }
+    PHASE(NORM_FFN);
+    PHASE(FFN_MIX);
     last_tokens(ffn_shift_out, xn, batch, len, C);
-    err |= LINEAR(FFN_KEY, xk_ffn, key, ffn, C);
-    map(key, rows * ffn, RELU_SQUARED);
-    err |= LINEAR(FFN_VALUE, key, up, C, ffn);
-    EACH(i, c) store(x_out + i, load(x_out + i) + load(up + i));
+    err |= LINEAR(FFN_KEY, mix, hidden, ffn, C);
+    PHASE(RELU_SQ);
+    err |= LINEAR(FFN_VALUE, hidden, up, C, ffn);
+    PHASE(RESIDUAL);
     return err;
-#undef P
-#undef EACH
 #undef LINEAR
 #undef LORA
+#undef PHASE
 }
 
 /* the floats block_step's workspace holds for `rows` token rows: the 17 [rows, C] vectors of block_step_slice and
