@@ -753,13 +753,28 @@ INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq,
 
 struct vnni_job {
     const void *W;
-    const float *scale;
-    const char *xq;
-    const float *xs;
+    const float *scale, *x;
+    char *xq; /* x quantized (quantize_rows_part), with its scales xs (int8; int4 keeps them in xq) */
+    float *xs;
     float *y;
     int64_t out, in, batch, stride;
     int type;
 };
+/* rows begin .. end - 1 of x quantized for the product */
+static void quantize_rows_part(const void *job, int64_t begin, int64_t end) {
+    const struct vnni_job *j = job;
+    const int64_t in = j->in, stride = j->stride;
+    for (int64_t b = begin; b < end; b++) {
+        char *q = j->xq + b * stride;
+        if (j->type == I4) {
+            quantize_act_i4(j->x + b * in, q, in);
+            continue;
+        }
+        quantize_act(j->x + b * in, (int8_t *)q, j->xs + b * (in / ACT_GROUP), in);
+        for (int64_t i = 0; i < in; i += 64) /* q + 128 as u8 */
+            _mm512_storeu_si512(q + i, _mm512_xor_si512(_mm512_loadu_si512(q + i), _mm512_set1_epi8((char)128)));
+    }
+}
 static void gemv_vnni_part(const void *job, int64_t begin, int64_t end) {
     const struct vnni_job *j = job;
     const void *W = j->W;
@@ -799,16 +814,8 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
     char *xq = malloc(batch * stride + batch * (in / ACT_GROUP) * sizeof(float));
     if (!xq) return 2;
     float *xs = (float *)(xq + batch * stride);
-    for (int64_t b = 0; b < batch; b++) {
-        if (type == I4) {
-            quantize_act_i4(x + b * in, xq + b * stride, in);
-            continue;
-        }
-        quantize_act(x + b * in, (int8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), in);
-        for (int64_t i = 0; i < in; i += 64) /* q + 128 as u8 */
-            _mm512_storeu_si512(xq + b * stride + i, _mm512_xor_si512(_mm512_loadu_si512(xq + b * stride + i), _mm512_set1_epi8((char)128)));
-    }
-    const struct vnni_job job = {W, scale, xq, xs, y, out, in, batch, stride, type};
+    const struct vnni_job job = {W, scale, x, xq, xs, y, out, in, batch, stride, type};
+    parallel(batch, threads, batch * in, quantize_rows_part, &job);
     parallel(tiles(out), threads, out * in, gemv_vnni_part, &job);
     free(xq);
     return 0;
