@@ -31,7 +31,7 @@
 #include <arm_neon.h>
 #endif
 
-#define MAX_BATCH 16 /* rows per pass over the weights: a wider batch runs in slices of this many */
+#define MAX_BATCH 16 /* rows per pass over the weights: a wider batch runs in even slices of up to this many */
 const int max_batch = MAX_BATCH;
 
 /* the parameters of a block in the order the Python side passes their pointers (rwkv_lm/cpu_kernels.py reads
@@ -496,6 +496,12 @@ struct gemv_job {
     int64_t out, in, batch;
 };
 INLINE int64_t tiles(int64_t out) { return (out + ROWS - 1) / ROWS; }
+/* rows of x for the next pass over the weights, of `left`: at most MAX_BATCH, the passes as even as they can be
+ * (a 33-token prompt: 11 + 11 + 11, not 16 + 16 + 1, whose last pass reads every weight for one row) */
+INLINE int64_t pass_rows(int64_t left) {
+    const int64_t passes = (left + MAX_BATCH - 1) / MAX_BATCH;
+    return (left + passes - 1) / passes;
+}
 #define GEMV(name, type)                                                                                          \
     static void name##_part(const void *job, int64_t begin, int64_t end) {                                      \
         const struct gemv_job *j = job;                                                                          \
@@ -503,8 +509,9 @@ INLINE int64_t tiles(int64_t out) { return (out + ROWS - 1) / ROWS; }
     }                                                                                                            \
     static void name(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,     \
                      int64_t batch, int threads) {                                                               \
-        for (int64_t b = 0; b < batch; b += MAX_BATCH) {                                                         \
-            const struct gemv_job job = {W, scale, x + b * in, y + b * out, out, in, batch - b < MAX_BATCH ? batch - b : MAX_BATCH}; \
+        for (int64_t b = 0, rows; b < batch; b += rows) {                                                        \
+            rows = pass_rows(batch - b);                                                                         \
+            const struct gemv_job job = {W, scale, x + b * in, y + b * out, out, in, rows};                      \
             parallel(tiles(out), threads, out * in, name##_part, &job);                                          \
         }                                                                                                        \
     }
@@ -830,8 +837,8 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
     if (type == BF16) {
 #ifdef __AVX512BF16__
         if (in % 32 == 0) {
-            for (int64_t b = 0; b < batch; b += MAX_BATCH) {
-                int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;
+            for (int64_t b = 0, rows; b < batch; b += rows) {
+                rows = pass_rows(batch - b);
                 if (gemv_bf16_dp(W, x + b * in, y + b * out, out, in, rows, threads)) return 2;
             }
             return 0;
@@ -846,8 +853,8 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
     }
 #ifdef __AVX512VNNI__
     if ((type == I4 || type == I8) && in % ACT_GROUP == 0) {
-        for (int64_t b = 0; b < batch; b += MAX_BATCH) {
-            int64_t rows = batch - b < MAX_BATCH ? batch - b : MAX_BATCH;
+        for (int64_t b = 0, rows; b < batch; b += rows) {
+            rows = pass_rows(batch - b);
             if (gemv_vnni(W, scale, type, x + b * in, y + b * out, out, in, rows, threads)) return 2;
         }
         return 0;
