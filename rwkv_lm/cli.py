@@ -44,7 +44,7 @@ def _add_model_args(p):
                                        "(default: the one the checkpoint names)")
     p.add_argument("--dtype", choices=WEIGHTS, default="fp32",
                    help="default fp32; bf16 halves the memory read per token (on a CPU the weights only, "
-                        "activations stay fp32; on a GPU the whole model); int8 (CPU only) halves it again, "
+                        "activations stay fp32 but for each product's input; on a GPU the whole model); int8 (CPU only) halves it again, "
                         "int4 (CPU only, 4 bits and a scale per 64 inputs) again")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda where a GPU is visible)")

@@ -90,7 +90,8 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class KernelLinear(nn.Linear):
-    """A bias-free Linear (fp32, bf16, int8 or int4 weight, fp32 activations) whose decode steps run in a C kernel.
+    """A bias-free Linear (fp32, bf16, int8 or int4 weight; fp32 activations, rounded as the module docstring says)
+    whose decode steps run in a C kernel.
 
     The weight keeps its name and is stored row-major, the order the kernels stream it; int8 weights have one
     fp32 `scale` per output row beside them (a buffer, saved with the model), int4 weights (packed, [out, in / 2]
