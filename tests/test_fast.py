@@ -479,17 +479,22 @@ def test_bf16_after_fp32_layout_and_inputs_the_dot_product_does_not_take():
 
 @pytest.mark.parametrize("in_features", [64, 40])
 def test_bf16_products_round_activations_to_nearest_even(in_features):
-    """Activations meet bf16 weights rounded to bf16, ties to the even neighbour, NaN kept, on every level and
-    both paths (avx512_bf16's dot product for inputs a multiple of 32 wide, the widening one else): 1 + 2^-8 lies
-    halfway between 1 and 1 + 2^-7 and rounds down to 1, 1 + 3 * 2^-8 up to 1 + 2^-6."""
+    """Activations meet bf16 weights rounded to bf16 as avx512_bf16's conversion rounds them, on every level and
+    both paths (that level's dot product for inputs a multiple of 32 wide, the widening one else): ties to the
+    even neighbour (1 + 2^-8 lies halfway between 1 and 1 + 2^-7 and rounds down to 1, 1 + 3 * 2^-8 up to
+    1 + 2^-6), denormals to zero, every NaN kept NaN (payloads below bf16's bits too)."""
+    even = torch.arange(in_features) % 2 == 0
     linear = torch.nn.Linear(in_features, 2, bias=False)
-    linear.weight.data = torch.ones(2, in_features)
+    linear.weight.data = torch.stack([even, ~even]).float()  # row 0 sums the inputs at even places, row 1 the odd
     ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8]).repeat(in_features // 2)
-    x = torch.stack([ties, ties.neg(), ties.clone().index_fill_(0, torch.tensor([5]), float("nan"))])
+    nans = [ties.clone().index_fill_(0, torch.tensor([2]), 0.0) for _ in range(3)]
+    for row, bits in zip(nans, (0x7FFFFFFF, 0x7F800001, -0x3FFFFF)):  # (the last: 0xFFC00001)
+        row.view(torch.int32)[2] = bits
+    x = torch.stack([ties, ties.neg(), torch.full((in_features,), 1e-40), *nans])
     y = KernelLinear(linear, torch.bfloat16)(x)
     half = in_features // 2
-    assert torch.equal(y[:2], torch.tensor([[half * (2 + 2**-6)] * 2, [-half * (2 + 2**-6)] * 2]))
-    assert y[2].isnan().all()
+    assert torch.equal(y[:3], torch.tensor([[half, half * (1 + 2**-6)], [-half, -half * (1 + 2**-6)], [0.0, 0.0]]))
+    assert y[3:].isnan().all(), "a NaN input makes its row's sums NaN (times a zero weight too)"
 
 
 def test_optimized_model_under_autograd_keeps_the_gradient(model):

@@ -523,18 +523,26 @@ GEMV(gemv_i4_rows, I4)
 /* bf16 weights multiply x rounded to bf16 (to nearest even), as llama.cpp's BF16 and bf16 matmuls do: the
  * products are then exact in fp32 and only the sums round. x's rounding costs about as much accuracy as the
  * weights' own (both 8 bits of mantissa); the default model's bits per byte in bench/RESULTS.md. Every level rounds
- * x the same way, so a bf16 model gives the same logits, to the sums' order, on every CPU. */
+ * x the same way as avx512_bf16's conversion instruction (denormals to zero, NaN quieted), so a bf16 model gives the
+ * same logits, to the sums' order, on every CPU (but for denormal weights and products, which that level's dot
+ * product also flushes to zero). */
+INLINE uint32_t bf16_bits(uint32_t u) { /* the fp32 bits of u rounded to bf16 */
+    if ((u & 0x7F800000u) == 0) return u & 0x80000000u;
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u | 0x00400000u) & 0xFFFF0000u;
+    return (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+}
 static void round_to_bf16(const float *x, float *out, int64_t n) {
     int64_t i = 0;
     for (; i + VW <= n; i += VW) {
-        const vu u = (vu)load(x + i), rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
-        const vi nan = load(x + i) != load(x + i); /* (a NaN stays NaN, quieted, as the conversion instruction does) */
-        store(out + i, (vf)(((vu)nan & (u | 0x00400000u)) | (~(vu)nan & rounded)));
+        const vu u = (vu)load(x + i), magnitude = u & 0x7FFFFFFFu;
+        const vu denormal = (vu)((u & 0x7F800000u) == 0), nan = (vu)(magnitude > 0x7F800000u);
+        const vu rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u, quiet = (u | 0x00400000u) & 0xFFFF0000u;
+        store(out + i, (vf)((denormal & (u & 0x80000000u)) | (nan & quiet) | (~(denormal | nan) & rounded)));
     }
     for (; i < n; i++) {
         uint32_t u;
         memcpy(&u, x + i, 4);
-        u = x[i] != x[i] ? u | 0x00400000u : (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+        u = bf16_bits(u);
         memcpy(out + i, &u, 4);
     }
 }
@@ -1212,7 +1220,7 @@ int block_step(const void *const *params, const float *x, float *x_out, float *v
                const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out, float *ffn_shift_out,
                int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, int64_t rank_w, int64_t rank_a,
                int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps, float decay_scale, int type, int threads) {
-    if (C % 16 || n % 16 || len < 1) return 1;
+    if (C % 16 || n % 16 || C % n || len < 1) return 1;
     const int64_t ranks[] = {rank_w, rank_a, rank_v, rank_g};
     const int64_t rows = (len == 1 && batch > MAX_BATCH ? MAX_BATCH : batch) * len;
     float *work = malloc(sizeof(float) * workspace_floats(rows, C, ffn, ranks));
@@ -1238,7 +1246,7 @@ int model_step(int64_t n_layer, const void *const *const *block_params, const in
     int64_t floats = 0;
     for (int64_t l = 0; l < n_layer; l++) {
         const int64_t *z = sizes + 7 * l, need = workspace_floats(rows, z[0], z[2], z + 3);
-        if (z[0] != C || z[0] % 16 || z[1] % 16) return 1;
+        if (z[0] != C || z[0] % 16 || z[1] % 16 || z[0] % z[1]) return 1;
         floats = need > floats ? need : floats;
     }
     /* the workspace, then x in and out of a block (swapped between blocks, the last block's out is x_out) and v_first */
