@@ -70,7 +70,7 @@ def main():
                 def measure():
                     torch.set_num_threads(threads)  # (torch's setting is the calling thread's)
                     with torch.no_grad():
-                        _, state = model.step(tokens[:, 0] if args.prefill else tokens, None)
+                        state = None if args.prefill else model.step(tokens, None)[1]
                         for r in range(args.rounds + 1):
                             for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
                                 use(side)

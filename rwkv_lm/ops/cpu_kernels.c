@@ -508,12 +508,9 @@ INLINE int64_t pass_rows(int64_t left) {
         for (int64_t t = begin; t < end; t++) gemv_rows(j->W, j->scale, j->x, j->y, j->out, j->in, j->batch, t * ROWS, type); \
     }                                                                                                            \
     static void name(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,     \
-                     int64_t batch, int threads) {                                                               \
-        for (int64_t b = 0, rows; b < batch; b += rows) {                                                        \
-            rows = pass_rows(batch - b);                                                                         \
-            const struct gemv_job job = {W, scale, x + b * in, y + b * out, out, in, rows};                      \
-            parallel(tiles(out), threads, out * in, name##_part, &job);                                          \
-        }                                                                                                        \
+                     int64_t batch, int threads) { /* up to MAX_BATCH rows of x */                               \
+        const struct gemv_job job = {W, scale, x, y, out, in, batch};                                            \
+        parallel(tiles(out), threads, out * in, name##_part, &job);                                              \
     }
 GEMV(gemv_f32_rows, F32)
 GEMV(gemv_bf16_rows, BF16)
@@ -526,24 +523,20 @@ GEMV(gemv_i4_rows, I4)
  * x the same way as avx512_bf16's conversion instruction (denormals to zero, NaN quieted), so a bf16 model gives the
  * same logits, to the sums' order, on every CPU (but for denormal weights and products, which that level's dot
  * product also flushes to zero). */
-INLINE uint32_t bf16_bits(uint32_t u) { /* the fp32 bits of u rounded to bf16 */
-    if ((u & 0x7F800000u) == 0) return u & 0x80000000u;
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u | 0x00400000u) & 0xFFFF0000u;
-    return (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+INLINE vf bf16_rounded(vf x) {
+    const vu u = (vu)x, denormal = (vu)((u & 0x7F800000u) == 0), nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    const vu rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u, quiet = (u | 0x00400000u) & 0xFFFF0000u;
+    return (vf)((denormal & (u & 0x80000000u)) | (nan & quiet) | (~(denormal | nan) & rounded));
 }
+/* x rounded to bf16 into out (as fp32 values), any n (the last vector padded) */
 static void round_to_bf16(const float *x, float *out, int64_t n) {
     int64_t i = 0;
-    for (; i + VW <= n; i += VW) {
-        const vu u = (vu)load(x + i), magnitude = u & 0x7FFFFFFFu;
-        const vu denormal = (vu)((u & 0x7F800000u) == 0), nan = (vu)(magnitude > 0x7F800000u);
-        const vu rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u, quiet = (u | 0x00400000u) & 0xFFFF0000u;
-        store(out + i, (vf)((denormal & (u & 0x80000000u)) | (nan & quiet) | (~(denormal | nan) & rounded)));
-    }
-    for (; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, x + i, 4);
-        u = bf16_bits(u);
-        memcpy(out + i, &u, 4);
+    for (; i + VW <= n; i += VW) store(out + i, bf16_rounded(load(x + i)));
+    if (i < n) {
+        float pad[VW] = {0};
+        memcpy(pad, x + i, (n - i) * sizeof(float));
+        store(pad, bf16_rounded(load(pad)));
+        memcpy(out + i, pad, (n - i) * sizeof(float));
     }
 }
 
@@ -837,20 +830,12 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
 }
 #endif
 
-/* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
- * int4 weights times scale[o, i / INT4_GROUP]. Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, or 2
- * where a buffer could not be allocated. */
-static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
-                  int64_t batch, int threads) {
+/* one pass over W: up to MAX_BATCH rows of x (see linear) */
+static int linear_pass(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+                       int64_t batch, int threads) {
     if (type == BF16) {
 #ifdef __AVX512BF16__
-        if (in % 32 == 0) {
-            for (int64_t b = 0, rows; b < batch; b += rows) {
-                rows = pass_rows(batch - b);
-                if (gemv_bf16_dp(W, x + b * in, y + b * out, out, in, rows, threads)) return 2;
-            }
-            return 0;
-        }
+        if (in % 32 == 0) return gemv_bf16_dp(W, x, y, out, in, batch, threads);
 #endif
         float *rounded = malloc(batch * in * sizeof(float));
         if (!rounded) return 2;
@@ -860,18 +845,25 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
         return 0;
     }
 #ifdef __AVX512VNNI__
-    if ((type == I4 || type == I8) && in % ACT_GROUP == 0) {
-        for (int64_t b = 0, rows; b < batch; b += rows) {
-            rows = pass_rows(batch - b);
-            if (gemv_vnni(W, scale, type, x + b * in, y + b * out, out, in, rows, threads)) return 2;
-        }
-        return 0;
-    }
+    if ((type == I4 || type == I8) && in % ACT_GROUP == 0) return gemv_vnni(W, scale, type, x, y, out, in, batch, threads);
 #endif
     if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
-    else if (in % INT4_GROUP) return 1;
     else gemv_i4_rows(W, scale, x, y, out, in, batch, threads);
+    return 0;
+}
+
+/* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
+ * int4 weights times scale[o, i / INT4_GROUP]. Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, or 2
+ * where a buffer could not be allocated. */
+static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+                  int64_t batch, int threads) {
+    if (type == I4 && in % INT4_GROUP) return 1;
+    for (int64_t b = 0, rows; b < batch; b += rows) {
+        rows = pass_rows(batch - b);
+        const int err = linear_pass(W, scale, type, x + b * in, y + b * out, out, in, rows, threads);
+        if (err) return err;
+    }
     return 0;
 }
 
@@ -1046,11 +1038,21 @@ struct slice_phase {
     int phase;
 };
 
+/* row i's token-shift mixes: `count` of them, with the mix vectors params[first ..], into mix, BC apart */
+INLINE void shift_mixes(const struct slice *j, int64_t i, const float *shift, int first, int count) {
+    const int64_t C = j->C, row = i * C;
+    const float *prev = previous(j->xn, shift, i, j->len, C);
+    for (int64_t c = 0; c < C; c += VW) {
+        vf xi = load(j->xn + row + c), d = load(prev + c) - xi;
+        for (int m = 0; m < count; m++) store(j->mix + m * j->BC + row + c, d * load((const float *)j->params[first + m] + c) + xi);
+    }
+}
+
 /* one phase of block_step_slice for rows begin .. end - 1 */
 static void slice_part(const void *job, int64_t begin, int64_t end) {
     const struct slice *j = ((const struct slice_phase *)job)->s;
     const int phase = ((const struct slice_phase *)job)->phase;
-    const int64_t C = j->C, n = j->n, BC = j->BC;
+    const int64_t C = j->C, n = j->n;
 #define P(name) ((const float *)j->params[name])
     for (int64_t i = begin; i < end; i++) {
         const int64_t row = i * C;
@@ -1060,14 +1062,9 @@ static void slice_part(const void *job, int64_t begin, int64_t end) {
             else memcpy(j->x_out + row, j->x + row, C * sizeof(float));
             normalize(j->x_out + row, j->xn + row, P(LN1_W), P(LN1_B), C, j->ln_eps);
             break;
-        case ATT_MIX: { /* the six token-shift mixes xr, xw, xk, xv, xa, xg */
-            const float *prev = previous(j->xn, j->att_shift, i, j->len, C);
-            for (int64_t c = 0; c < C; c += VW) {
-                vf xi = load(j->xn + row + c), d = load(prev + c) - xi;
-                for (int m = 0; m < 6; m++) store(j->mix + m * BC + row + c, d * load(P(X_R + m) + c) + xi);
-            }
+        case ATT_MIX: /* xr, xw, xk, xv, xa, xg */
+            shift_mixes(j, i, j->att_shift, X_R, 6);
             break;
-        }
         case ATT_INPUTS: /* the recurrence's inputs from the products and the LoRAs' outputs (w, a, up: the value's) */
             for (int64_t c = 0, e = row; c < C; c += VW, e += VW) {
                 store(j->w + e, exp_v(-j->decay_scale * sigmoid_v(load(P(W0) + c) + load(j->w + e)))); /* the decay */
@@ -1108,23 +1105,16 @@ static void slice_part(const void *job, int64_t begin, int64_t end) {
                     store(j->y + h + q, (bonus * load(j->v + h + q) + load(j->y + h + q)) * load(j->g + h + q));
             }
             break;
-        case NORM_FFN: /* the time mix's output added, ln2 of the sum */
+        case NORM_FFN: /* the time mix's output added (then ln2 of the sum), or the channel mix's */
+        case RESIDUAL:
             for (int64_t c = 0; c < C; c += VW) store(j->x_out + row + c, load(j->x_out + row + c) + load(j->up + row + c));
-            normalize(j->x_out + row, j->xn + row, P(LN2_W), P(LN2_B), C, j->ln_eps);
+            if (phase == NORM_FFN) normalize(j->x_out + row, j->xn + row, P(LN2_W), P(LN2_B), C, j->ln_eps);
             break;
-        case FFN_MIX: { /* the channel mix's token-shift mix, into the first mix buffer */
-            const float *prev = previous(j->xn, j->ffn_shift, i, j->len, C);
-            for (int64_t c = 0; c < C; c += VW) {
-                vf xi = load(j->xn + row + c);
-                store(j->mix + row + c, (load(prev + c) - xi) * load(P(FFN_X_K) + c) + xi);
-            }
+        case FFN_MIX: /* the channel mix's, into the first mix buffer */
+            shift_mixes(j, i, j->ffn_shift, FFN_X_K, 1);
             break;
-        }
         case RELU_SQ:
             map(j->key + i * j->ffn, j->ffn, RELU_SQUARED);
-            break;
-        case RESIDUAL: /* the channel mix's output added */
-            for (int64_t c = 0; c < C; c += VW) store(j->x_out + row + c, load(j->x_out + row + c) + load(j->up + row + c));
             break;
         }
     }
@@ -1137,7 +1127,7 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
                             int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
                             float decay_scale, int type, int threads, float *mix) {
 #define LINEAR(name, x, y, out, in) linear(params[name], (const float *)params[name##_S], type, x, y, out, in, rows, threads)
-#define LORA(name, x, y, out, in) gemv_f32_rows(params[name], NULL, x, y, out, in, rows, threads)
+#define LORA(name, x, y, out, in) linear(params[name], NULL, F32, x, y, out, in, rows, threads)
 #define PHASE(p) parallel(rows, threads, rows * C, slice_part, &(struct slice_phase){&s, p})
     const int64_t rows = batch * len, BC = rows * C;
     /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step, the normalized
