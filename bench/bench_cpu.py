@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import rwkv_lm  # noqa: E402
 from rwkv_lm.model import Block  # noqa: E402
-from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, cpu_level, kernels  # noqa: E402
+from rwkv_lm.ops.cpu_kernels import BLOCK_STEP_PARAMS, ISA_ENV, LEVELS, cpu_level, kernels  # noqa: E402
 from rwkv_lm.runtime.cpu import optimize  # noqa: E402
 
 SECTION = "## CPU runtime: bench_cpu.py with {threads} thread{s}"  # one section per thread count
@@ -147,8 +147,14 @@ def step_agreement(a, b, windows, level: str) -> float:
 
 
 def weight_bytes(model) -> int:
-    """What a one-token step reads: every tensor but the embedding (one row of it per token)."""
-    return sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if not name.startswith("emb."))
+    """What a one-token step reads: every tensor but the embedding (one row of it per token); an int8 or int4
+    model's LoRAs as the int8 copies its C step reads (`StepPlan.lora_copies`), not their fp32 Parameters."""
+    read = {name: t.nbytes for name, t in model.state_dict().items() if not name.startswith("emb.")}
+    for i, block in enumerate(getattr(model, "blocks", ())):
+        plan = getattr(block, "step_plan", None)
+        for where, (int8, scale) in zip(plan.int8_loras, plan.lora_copies or ()) if plan else ():
+            read[f"blocks.{i}.{BLOCK_STEP_PARAMS[plan.slots[where]]}"] = int8.nbytes + scale.nbytes
+    return sum(read.values())
 
 
 def tokenizer_speed(rounds):

@@ -17,8 +17,8 @@ from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import RWKV, Block
 from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, dequantize_int4, round_activations
-from rwkv_lm.runtime.cpu import (KERNEL_OF, MAX_DECODE_ROWS, KernelLinear, StepBlock, StepRWKV, _gemv_kernel, optimize,
-                                quantize_int4)
+from rwkv_lm.runtime.cpu import (KERNEL_OF, LORA_PARAMS, MAX_DECODE_ROWS, KernelLinear, StepBlock, StepRWKV, _gemv_kernel,
+                                optimize, quantize_int4, quantize_int8)
 from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
@@ -321,13 +321,17 @@ def test_bad_weights_option(model):
 
 
 def _dequantized(model, quantized):
-    """The fp32 model with the int8 or int4 model's weights as its own: what the quantized path must compute
-    (with each such Linear's input rounded as the kernels round it, at the levels whose kernels do)."""
+    """The fp32 model with the int8 or int4 model's weights as its own (its LoRAs as they were rounded to int8):
+    what the quantized path must compute (with each such Linear's input rounded as the kernels round it, at the
+    levels whose kernels do)."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, m in quantized.named_modules():
             if isinstance(m, KernelLinear):
                 ref.get_submodule(name).weight.copy_(m.dense_weight())
+        for name, p in quantized.named_parameters():
+            if name.rpartition(".")[2] in LORA_PARAMS:
+                ref.get_parameter(name).copy_(p)
     return _with_rounded_activations(ref)
 
 
@@ -442,6 +446,43 @@ def test_quantized_products_keep_a_nan_in_its_row(weights):
     y = fast(x)
     assert not y[2:4].isfinite().any() and y[[0, 1, 4]].isfinite().all()
     assert torch.equal(y[:1], alone)
+
+
+@pytest.mark.parametrize("weights", QUANTIZED)
+def test_quantized_models_round_their_loras_to_int8(model, weights):
+    """int8 and int4 models keep their LoRAs in int8 with one scale per output: the Parameters hold the rounded
+    values (so model.py computes what the kernels do), rounding them again changes no bit, and LoRAs loaded in
+    place after optimize() are rounded and stepped with, not the copies from before.
+    While the model is being trained nothing is rounded under the optimizer."""
+    fast = optimize(copy.deepcopy(model), weights=weights)
+    loras = {name: p for name, p in fast.named_parameters() if name.rpartition(".")[2] in LORA_PARAMS}
+    assert len(loras) == 8 * len(fast.blocks) - 2  # (the first block has no value LoRA)
+    for name, p in loras.items():
+        int8, scale = quantize_int8(p.t())
+        assert torch.equal(int8.float() * scale[:, None], p.t()), name
+        assert not torch.equal(p, model.get_parameter(name)), f"{name} was not rounded"
+    tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(7))
+    other = random_model(model.config, seed=7)
+    other_fast = optimize(copy.deepcopy(other), weights=weights)
+    # its quantized weights, its LoRAs as they were before rounding
+    sd = other_fast.state_dict() | {k: v for k, v in other.state_dict().items() if k.rpartition(".")[2] in LORA_PARAMS}
+    for assign in (False, True):
+        _steps(fast, tokens)  # (the copies of the LoRAs before the load are made and kept)
+        fast.load_state_dict(sd, assign=assign)
+        if assign:  # new Parameters in model.py's layouts, which take model.py's path until optimize() again
+            optimize(fast, weights=weights)
+        assert torch.equal(_steps(fast, tokens)[0], _steps(other_fast, tokens)[0]), f"steps after a load ({assign=})"
+        state = other.init_state(2)
+        assert torch.equal(fast(tokens, state)[0], other_fast(tokens, state)[0]), f"a prompt after a load ({assign=})"
+        assert all(torch.equal(p, other_fast.get_parameter(name)) for name, p in fast.named_parameters())
+    w1 = fast.blocks[0].att.w1.requires_grad_()  # (a quantized model's int weights cannot be trained)
+    with torch.no_grad():
+        w1 += 1e-3 * torch.randn(w1.shape)
+    trained = w1.detach().clone()
+    fast(tokens)[0].sum().backward()
+    with torch.no_grad():
+        fast(tokens)
+    assert torch.equal(w1, trained) and w1.grad is not None
 
 
 @pytest.mark.parametrize("weights", QUANTIZED)

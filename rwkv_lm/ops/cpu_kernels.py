@@ -55,6 +55,9 @@ BLOCK_STEP_PARAMS = (
     "att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight", "att.ln_x.weight", "att.ln_x.bias",
     "ffn.x_k", "ffn.key.weight", "ffn.value.weight",
     *(f"{name}.scale" for name in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")),
+    # a quantized model's LoRAs go in as int8 copies (in the slots of att.w1 ...) with one scale per output here;
+    # the copies are the StepPlan's, not the module's
+    *(f"att.{name}_scale" for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")),
 )
 _POINTER, _INT64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {

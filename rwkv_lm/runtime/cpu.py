@@ -26,7 +26,11 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
   a multiple of INT4_GROUP wide.
-- int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16): their products round the activations to int8,
+- int4 and int8 models keep the time mix's LoRAs (the small low-rank matrices x @ w1 ... feeds) in int8 too, one
+  scale per output: the Parameters are rounded to those values (model.py multiplies them), the C step reads int8
+  copies of them against fp32 inputs, made again after a LoRA changes (a fifth of a 0.1B int4 step's bytes before:
+  97 -> 82 MB a token; the default model's bits per byte unchanged, bench/RESULTS.md).
+- int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16): their Linear products round the activations to int8,
   one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd), several times fewer
   instructions than widening the weights; torch's matmul for long prompts rounds them alike, so every path gives
   the same logits. The other levels keep fp32 activations.
@@ -158,11 +162,13 @@ class StepPlan:
     strides: list[tuple]
     sizes: tuple  # C, head size, ffn width and the four LoRA ranks
     weight_type: int  # WEIGHT_TYPES of the Linear weights
-    key: list | None = None  # (id, address, dtype, stride) of each tensor when `params` was built
+    int8_loras: list[int]  # where the LoRA matrices are among `sources` when the Linear weights are int8 or int4
+    key: list | None = None  # (id, address, dtype, stride, version) of each tensor when `params` was built
     params: object | None = None  # the ctypes array of pointers for those tensors
+    lora_copies: list | None = None  # the int8 LoRAs and their scales `params` points to
 
     def __getstate__(self):  # (copy.deepcopy and pickle): the cached pointers are into the original's memory
-        return {**self.__dict__, "key": None, "params": None}
+        return {**self.__dict__, "key": None, "params": None, "lora_copies": None}
 
 
 class StepBlock(Block):
@@ -229,21 +235,42 @@ class StepBlock(Block):
     def _step_params(self, current):
         """The C step's array of parameter pointers for these tensors, or None where they are no longer in the
         dtypes, device and layouts optimize() prepared. Kept while the same tensors hold the same memory in the
-        same layout, so a step does not check ~40 tensors again (with the lookups above: 54 -> 18 us of Python a
-        block, 27 with the layout checked too)."""
+        same layout and nothing wrote to them, so a step does not check ~40 tensors again (with the lookups above:
+        54 -> 18 us of Python a block, 27 with the layout checked too). With int8 or int4 weights the LoRAs go in
+        as int8 copies (`_int8_lora`), made again whenever a LoRA changes."""
         plan = self.step_plan
-        key = [(id(p), p.data_ptr(), p.dtype, p.stride()) for p in current]
+        key = [(id(p), p.data_ptr(), p.dtype, p.stride(), p._version) for p in current]
         if key == plan.key:
             return plan.params
-        plan.key = plan.params = None
+        plan.key = plan.params = plan.lora_copies = None
         if not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride
                    for p, dtype, stride in zip(current, plan.dtypes, plan.strides)):
             return None
+        loras = [current[i] for i in plan.int8_loras]
+        if any(p.requires_grad for p in loras):  # being trained: rounding them would fight the optimizer
+            return None
         pointers = [None] * len(BLOCK_STEP_PARAMS)
-        for slot, (_, pointer, _, _) in zip(plan.slots, key):
-            pointers[slot] = pointer
-        plan.key, plan.params = key, (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
+        for slot, p in zip(plan.slots, current):
+            pointers[slot] = p.data_ptr()
+        plan.lora_copies = [_int8_lora(p) for p in loras]
+        for i, (weight, scale) in zip(plan.int8_loras, plan.lora_copies):
+            slot = plan.slots[i]
+            pointers[slot] = weight.data_ptr()
+            pointers[BLOCK_STEP_PARAMS.index(BLOCK_STEP_PARAMS[slot] + "_scale")] = scale.data_ptr()
+        plan.key = [(id(p), p.data_ptr(), p.dtype, p.stride(), p._version) for p in current]  # (after the rounding)
+        plan.params = (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
         return plan.params
+
+
+@torch.no_grad()
+def _int8_lora(lora: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA matrix of a model with int8 or int4 weights (stored transposed, as the kernels read it), rounded in place
+    to int8 with one scale per output (`quantize_int8`), so model.py multiplies what the kernels do: (int8 [out,
+    in], scale [out]), the kernels' copy. A rounded matrix rounds to the same bits, so one saved from a quantized
+    model loads back as it was."""
+    weight, scale = quantize_int8(lora.t())
+    lora.t().copy_(weight.float() * scale[:, None])
+    return weight, scale
 
 
 def _fused_steps(block: Block, isa: str):
@@ -269,13 +296,15 @@ def _fused_steps(block: Block, isa: str):
         module = block.get_submodule(owner)
         sources.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
+    weight_type = WEIGHT_TYPES[str(att.receptance.weight.dtype).removeprefix("torch.")]
+    quantized = weight_type in (WEIGHT_TYPES["int8"], WEIGHT_TYPES["uint8"])
     plan = StepPlan(
         isa=isa, slots=slots, sources=sources,
         tree=[(parent, key, child) for parent in block.modules() for key, child in parent._modules.items()],
         modules=tuple(block.modules()),
         dtypes=[names[name].dtype for name in present], strides=[names[name].stride() for name in present],
-        sizes=(att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks),
-        weight_type=WEIGHT_TYPES[str(att.receptance.weight.dtype).removeprefix("torch.")])
+        sizes=(att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks), weight_type=weight_type,
+        int8_loras=[i for i, name in enumerate(present) if quantized and name.removeprefix("att.") in LORA_PARAMS])
     block.__class__ = StepBlock  # (a class swap keeps the module's parameters, names and hooks where they are)
     block.step_plan = plan
 
@@ -294,14 +323,17 @@ class ModelPlan:
     # where every tensor the step reads is (dict, name), as two lists: the blocks', then the embeddings'
     holders: list[dict]
     names: list[str]
+    int8_loras: list[int]  # where the blocks' int8 LoRAs (StepPlan.int8_loras) are among those
     tensors: list | None = None  # those tensors when `args` was built, and their addresses and strides then
     pointers: list | None = None
     strides: list | None = None
+    versions: list | None = None  # the int8 LoRAs' versions then (their copies are made again after a write)
     block_params: list | None = None  # the blocks' parameter arrays (StepPlan.params) `args` points to
     args: tuple | None = None  # model_step's arrays: of those arrays' addresses, the blocks' sizes, their weight types
 
     def __getstate__(self):  # (copy.deepcopy and pickle): the cached arguments point into the original's memory
-        return {**self.__dict__, "tensors": None, "pointers": None, "strides": None, "block_params": None, "args": None}
+        return {**self.__dict__, "tensors": None, "pointers": None, "strides": None, "versions": None,
+                "block_params": None, "args": None}
 
 
 class StepRWKV(RWKV):
@@ -357,9 +389,10 @@ class StepRWKV(RWKV):
             return None
         if (plan.tensors is not None and all(map(operator.is_, current, plan.tensors))
                 and list(map(torch.Tensor.data_ptr, current)) == plan.pointers
-                and list(map(torch.Tensor.stride, current)) == plan.strides):  # (w.data = w.data.t(): same address)
+                and list(map(torch.Tensor.stride, current)) == plan.strides  # (w.data = w.data.t(): same address)
+                and [current[i]._version for i in plan.int8_loras] == plan.versions):
             return plan.args
-        plan.tensors = plan.pointers = plan.strides = plan.block_params = plan.args = None
+        plan.tensors = plan.pointers = plan.strides = plan.versions = plan.block_params = plan.args = None
         blocks = [block._step_tensors() for block in self.blocks]
         params = [None if c is None else block._step_params(c) for block, c in zip(self.blocks, blocks)]
         emb = self.emb.weight
@@ -369,6 +402,7 @@ class StepRWKV(RWKV):
         first = self.blocks[0]
         plan.tensors, plan.block_params = current, params
         plan.pointers, plan.strides = list(map(torch.Tensor.data_ptr, current)), list(map(torch.Tensor.stride, current))
+        plan.versions = [current[i]._version for i in plan.int8_loras]
         plan.args = (len(params), (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params)),
                      (ctypes.c_int64 * len(sizes))(*sizes),
                      (ctypes.c_int * len(params))(*(block.step_plan.weight_type for block in self.blocks)),
@@ -388,13 +422,18 @@ def _fused_model(model: nn.Module, isa: str):
         if type(model) is StepRWKV:
             model.__class__ = RWKV
         return
-    sources = [source for b in blocks for source in b.step_plan.sources] + [(model.emb._parameters, "weight")]
+    sources, int8_loras = [], []
+    for b in blocks:
+        int8_loras += [len(sources) + i for i in b.step_plan.int8_loras]
+        sources += b.step_plan.sources
+    sources.append((model.emb._parameters, "weight"))
     modules = (model.emb, *(m for b in blocks for m in b.modules()))
     tree = [(model._modules, "emb", model.emb), (model._modules, "blocks", model.blocks)]
     tree += [(parent._modules, key, child) for parent in (model.blocks, *modules) for key, child in parent._modules.items()]
     model.__class__ = StepRWKV
     model.model_plan = ModelPlan(isa, *map(list, zip(*tree)), modules=modules,
-                                 holders=[holder for holder, _ in sources], names=[name for _, name in sources])
+                                 holders=[holder for holder, _ in sources], names=[name for _, name in sources],
+                                 int8_loras=int8_loras)
 
 
 @torch.no_grad()
@@ -430,4 +469,8 @@ def optimize(model: nn.Module, weights: str | None = None, isa: str | None = Non
         if isinstance(module, Block):
             _fused_steps(module, isa)
     _fused_model(model, isa)
-    return model.requires_grad_(False).eval()
+    model.requires_grad_(False).eval()
+    for module in model.modules():
+        if type(module) is StepBlock and module.step_plan.int8_loras:  # their LoRAs rounded to int8 now
+            module._step_params(module._step_tensors())
+    return model
