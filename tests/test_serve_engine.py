@@ -150,6 +150,46 @@ def test_a_conversation_sent_again_reads_only_its_new_message(rwkv, world):
     assert again.cached_tokens == len(followup), "the same prompt again: the state and logits after it are cached"
 
 
+def test_a_prompt_state_is_copied_into_the_cache_after_its_first_token_is_out(rwkv, world):
+    """The state after a whole prompt is copied into the cache once the first token is streamed, so the copy adds
+    nothing to the time to first token; a read-only request (no token drawn) still leaves it there."""
+    copies = []
+
+    class Watched(StateCache):
+        def insert(self, tokens, state, logits=None, hashes=None, origin=""):
+            copies.append((len(tokens), len(stream.tokens), logits is not None))
+            return super().insert(tokens, state, logits, hashes, origin)
+
+    engine = Engine(rwkv, world, cache=Watched(64 << 20))
+    prompt = world.encode("The quick brown fox jumps over the lazy dog. " * 30)  # past one cache point
+    stream = engine.submit(Request(prompt, SamplingParams(max_tokens=3, temperature=0)))
+    stream.text()
+    assert copies[:2] == [(256, 0, False), (len(prompt), 1, True)], "a cache point in the prompt, then its end"
+    stream = engine.submit(Request(prompt[:300], SamplingParams(max_tokens=1), read_only=True))
+    stream.text()
+    assert copies[-1] == (300, 0, True) and engine.cache.lookup(prompt[:300]).logits is not None
+
+
+def test_logprobs_leave_out_the_ids_the_tokenizer_cannot_spell(world):
+    """A model's ids past its tokenizer's (World: 65,530 of 65,536) are never drawn, and the logprobs leave them out
+    of the distribution too, even where they are the model's most likely: a caller gets only tokens it can read."""
+    cfg = RWKVConfig(vocab_size=65536, n_layer=1, n_embd=32, head_size=16, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
+    model = random_model(cfg, seed=3)
+    with torch.no_grad():  # every position's logits: the head's row sums, the unspellable rows on top
+        model.ln_out.weight.zero_(), model.ln_out.bias.fill_(1.0)
+        model.head.weight[world.vocab_size:] = 1.0
+    logits = model.head.weight.sum(1)
+    expected = logits[:world.vocab_size].log_softmax(-1)
+    prompt = world.encode("Hello")
+    stream = Engine(model, world).submit(Request(prompt, SamplingParams(max_tokens=2, temperature=0), logprobs=3,
+                                                 prompt_logprobs=3))
+    stream.text()
+    for entry in [*stream.logprobs, *stream.prompt_logprobs[1:]]:
+        assert [t for t, _ in entry.top] == expected.topk(3).indices.tolist()
+        assert entry.logprob == pytest.approx(expected[entry.token].item(), abs=1e-5)
+    assert all(t < world.vocab_size for t in stream.tokens)
+
+
 def test_the_cache_keeps_to_its_budget_dropping_the_least_recently_used(rwkv, world):
     # a state, the logits after it and its key (4 bytes a token; these prompts are at most 12 tokens)
     entry_bytes = rwkv.init_state(1).nbytes + 4 * rwkv.config.vocab_size + 4 * 12

@@ -44,7 +44,7 @@ def direct_accuracy(model, tokenizer) -> float:
         for choice in choices:
             whole = tokenizer.encode(question + choice)
             with torch.no_grad():
-                logits = model(torch.tensor([whole]))[0][0].float().log_softmax(-1)
+                logits = model(torch.tensor([whole]))[0][0, :, :tokenizer.vocab_size].float().log_softmax(-1)
             scores.append(sum(logits[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
         right += max(range(len(choices)), key=scores.__getitem__) == answer
     return right / len(QUESTIONS)

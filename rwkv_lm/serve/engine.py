@@ -374,8 +374,9 @@ class Engine:
                 row.step_s = elapsed
             ready, logits = list(self._decoding), [step_logits]
 
-        budget, joined = self.prefill_tokens, []
+        budget, joined, read = self.prefill_tokens, [], []
         for row in list(self._prefilling):
+            reading = row.logits is None
             try:
                 while row.logits is None and budget > 0:
                     budget -= self._prefill_some(row, budget)
@@ -386,8 +387,10 @@ class Engine:
             if row.logits is not None:
                 self._prefilling.remove(row)
                 if row.request.read_only:
+                    self._keep_prompt_state(row, row.state, row.logits)
                     self._end(row, "length", state=row.state)
                     continue
+                read += [row] * reading
                 joined += self._fork(row)
         ready += joined
         logits += [row.logits for row in joined]
@@ -397,10 +400,11 @@ class Engine:
         raw = torch.cat(logits)
         allowed = self._masks.finish(masks.result(), [row.matcher for row in ready])
         tokens = sample(raw, [row.sampler for row in ready], allowed).tolist()
-        chances = token_logprobs(raw, tokens, [row.request.logprobs for row in ready])
+        chances = token_logprobs(raw, tokens, [row.request.logprobs for row in ready], self.tokenizer.vocab_size)
 
         for row, token, chance in zip(ready, tokens, chances):
             self._take(row, token, chance)
+        read = [(row, row.state, row.logits) for row in read]
         self._leave([i for i, r in enumerate(self._decoding) if r.done], None)
         joining = [r for r in joined if not r.done]
         if joining:
@@ -409,6 +413,8 @@ class Engine:
             self._decoding += joining
             for row in joining:
                 row.state, row.logits, row.phase = None, None, Phase.DECODING
+        for row, state, logits in read:  # once their first tokens are out: the copy adds nothing to that wait
+            self._keep_prompt_state(row, state, logits)
 
     def _fork(self, row: _Row) -> list[_Row]:
         """A row whose prompt is read, and its followers, each with its own copy of the state."""
@@ -434,17 +440,22 @@ class Engine:
             ids = torch.tensor([list(prompt[start:end])], device=self.device)
             every, row.state = self.model(ids, row.state)
             before = every[0, :-1] if row.last_logits is None else torch.cat([row.last_logits, every[0, :-1]])
-            row.stream.prompt_logprobs += [None] * (start == 0) + prompt_logprobs(before, prompt[start + (start == 0):end], top)
+            scored = prompt_logprobs(before, prompt[start + (start == 0):end], top, self.tokenizer.vocab_size)
+            row.stream.prompt_logprobs += [None] * (start == 0) + scored
             logits = row.last_logits = every[0, -1:]
         row.fed = end
         self.counters.prompt_tokens += end - start
         row.step_s += time.perf_counter() - began  # the first token costs the whole prompt
         if end == len(prompt):
             row.logits = logits
-        if row.hashes is not None:
-            self.cache.insert(prompt[:end], row.state, row.logits if end == len(prompt) else None, row.hashes,
-                              row.request.state_key or "")
+        elif row.hashes is not None:  # (the whole prompt's state: _keep_prompt_state)
+            self.cache.insert(prompt[:end], row.state, None, row.hashes, row.request.state_key or "")
         return end - start
+
+    def _keep_prompt_state(self, row: _Row, state, logits) -> None:
+        """Cache the state and logits after a row's whole prompt (for a request that uses the cache)."""
+        if row.hashes is not None:
+            self.cache.insert(row.request.prompt, state, logits, row.hashes, row.request.state_key or "")
 
     def _take(self, row: _Row, token: int, chance=None) -> None:
         """A token drawn for a row (with its logprobs, if recorded): stream its text, decide whether the row is done."""
@@ -504,8 +515,10 @@ class Engine:
         stream = row.stream
         row.phase = Phase.DONE
         if state is not None and row.hashes is not None and stream.tokens and reason != "error":
-            # the state after the prompt and every drawn token but the last (which is never fed)
-            self.cache.insert([*row.request.prompt, *stream.tokens[:-1]], state, origin=row.request.state_key or "")
+            # the state after the prompt and every drawn token but the last (which is never fed); after the prompt
+            # alone (done at its first token), its logits too
+            logits = row.logits if len(stream.tokens) == 1 else None
+            self.cache.insert([*row.request.prompt, *stream.tokens[:-1]], state, logits, origin=row.request.state_key or "")
         if row.request.keep_state:
             stream.state = state
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1

@@ -32,8 +32,8 @@ class Request:
     grammar: what the text must be (`rwkv_lm.serve.grammar.Grammar`: a JSON schema, any JSON object, lark); a
       token the grammar forbids is never drawn, and the row ends where the grammar is complete.
     logprobs: record each drawn token's log-probability and its `logprobs` most likely alternatives
-      (`Stream.logprobs`); None records nothing. They are the model's own (log_softmax of its logits, before
-      penalties, bias, temperature or a grammar): what evaluation needs.
+      (`Stream.logprobs`); None records nothing. They are the model's own (log_softmax of its logits over the ids
+      the tokenizer can spell, before penalties, bias, temperature or a grammar): what evaluation needs.
     prompt_logprobs: the same for the prompt's tokens (`Stream.prompt_logprobs`; the first has none); such a
       prompt is read whole, past the prefix cache. read_only: read the prompt and end without drawing a token
       (OpenAI's echo with max_tokens 0).
