@@ -330,9 +330,14 @@ def _dequantized(model, quantized):
             if isinstance(m, KernelLinear):
                 ref.get_submodule(name).weight.copy_(m.dense_weight())
         for name, p in quantized.named_parameters():
-            if name.rpartition(".")[2] in LORA_PARAMS:
+            if _is_lora(name):
                 ref.get_parameter(name).copy_(p)
     return _with_rounded_activations(ref)
+
+
+def _is_lora(name: str) -> bool:
+    """Whether a parameter name is one of the time mix's LoRA matrices (att.w1 ...)."""
+    return name.rpartition(".")[2] in LORA_PARAMS
 
 
 def _with_rounded_activations(ref):
@@ -455,7 +460,7 @@ def test_quantized_models_round_their_loras_to_int8(model, weights):
     place after optimize() are rounded and stepped with, not the copies from before.
     While the model is being trained nothing is rounded under the optimizer."""
     fast = optimize(copy.deepcopy(model), weights=weights)
-    loras = {name: p for name, p in fast.named_parameters() if name.rpartition(".")[2] in LORA_PARAMS}
+    loras = {name: p for name, p in fast.named_parameters() if _is_lora(name)}
     assert len(loras) == 8 * len(fast.blocks) - 2  # (the first block has no value LoRA)
     for name, p in loras.items():
         int8, scale = quantize_int8(p.t())
@@ -465,7 +470,7 @@ def test_quantized_models_round_their_loras_to_int8(model, weights):
     other = random_model(model.config, seed=7)
     other_fast = optimize(copy.deepcopy(other), weights=weights)
     # its quantized weights, its LoRAs as they were before rounding
-    sd = other_fast.state_dict() | {k: v for k, v in other.state_dict().items() if k.rpartition(".")[2] in LORA_PARAMS}
+    sd = other_fast.state_dict() | {k: v for k, v in other.state_dict().items() if _is_lora(k)}
     for assign in (False, True):
         _steps(fast, tokens)  # (the copies of the LoRAs before the load are made and kept)
         fast.load_state_dict(sd, assign=assign)

@@ -54,11 +54,11 @@ const int max_batch = MAX_BATCH;
 enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
-enum { F32, BF16, I8, I4 }; /* weight types, as the Python side numbers them */
-/* int8 weights against fp32 activations at every level: a quantized model's LoRAs (rwkv_lm.runtime.cpu's
- * StepPlan copies), whose inputs stay as model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a
- * 0.1B int4 step reads (21 of 97 MB), in int8 5 of 82. */
-#define I8_FP32_X 4
+/* weight types: the first four as the Python side numbers them; I8_FP32_X, int8 weights against fp32 activations
+ * at every level, is a quantized model's LoRAs (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as
+ * model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in
+ * int8 5 of 82. */
+enum { F32, BF16, I8, I4, I8_FP32_X };
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
  * j + 16 in its high one (so a vector of any width up to 16 is one load of consecutive bytes and a mask or a
  * shift); a nibble n stands for (n - 8) * the scale of its group of INT4_GROUP inputs. Rows a multiple of 32 long. */

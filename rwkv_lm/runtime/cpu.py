@@ -239,7 +239,7 @@ class StepBlock(Block):
         54 -> 18 us of Python a block, 27 with the layout checked too). With int8 or int4 weights the LoRAs go in
         as int8 copies (`_int8_lora`), made again whenever a LoRA changes."""
         plan = self.step_plan
-        key = [(id(p), p.data_ptr(), p.dtype, p.stride(), p._version) for p in current]
+        key = _tensors_key(current)
         if key == plan.key:
             return plan.params
         plan.key = plan.params = plan.lora_copies = None
@@ -257,9 +257,15 @@ class StepBlock(Block):
             slot = plan.slots[i]
             pointers[slot] = weight.data_ptr()
             pointers[BLOCK_STEP_PARAMS.index(BLOCK_STEP_PARAMS[slot] + "_scale")] = scale.data_ptr()
-        plan.key = [(id(p), p.data_ptr(), p.dtype, p.stride(), p._version) for p in current]  # (after the rounding)
+        plan.key = _tensors_key(current) if loras else key  # (the rounding wrote to the LoRAs)
         plan.params = (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
         return plan.params
+
+
+def _tensors_key(tensors: list) -> list:
+    """What must not change for pointers kept to these tensors to hold: identity, address, dtype, layout, and the
+    version every write in place bumps."""
+    return [(id(p), p.data_ptr(), p.dtype, p.stride(), p._version) for p in tensors]
 
 
 @torch.no_grad()

@@ -374,7 +374,7 @@ class Engine:
                 row.step_s = elapsed
             ready, logits = list(self._decoding), [step_logits]
 
-        budget, joined, read = self.prefill_tokens, [], []
+        budget, joined, read = self.prefill_tokens, [], []  # read: rows whose prompts end in this iteration
         for row in list(self._prefilling):
             reading = row.logits is None
             try:
@@ -390,7 +390,8 @@ class Engine:
                     self._keep_prompt_state(row, row.state, row.logits)
                     self._end(row, "length", state=row.state)
                     continue
-                read += [row] * reading
+                if reading:
+                    read.append(row)
                 joined += self._fork(row)
         ready += joined
         logits += [row.logits for row in joined]
@@ -404,7 +405,7 @@ class Engine:
 
         for row, token, chance in zip(ready, tokens, chances):
             self._take(row, token, chance)
-        read = [(row, row.state, row.logits) for row in read]
+        kept = [(row, row.state, row.logits) for row in read]  # (joining the batch clears them)
         self._leave([i for i, r in enumerate(self._decoding) if r.done], None)
         joining = [r for r in joined if not r.done]
         if joining:
@@ -413,7 +414,7 @@ class Engine:
             self._decoding += joining
             for row in joining:
                 row.state, row.logits, row.phase = None, None, Phase.DECODING
-        for row, state, logits in read:  # once their first tokens are out: the copy adds nothing to that wait
+        for row, state, logits in kept:  # once their first tokens are out: the copy adds nothing to that wait
             self._keep_prompt_state(row, state, logits)
 
     def _fork(self, row: _Row) -> list[_Row]:
