@@ -215,7 +215,7 @@ class RWKV(nn.Module):
         if tokens.numel() == 0:
             raise ValueError("tokens is empty: give at least one token")
         if tokens.device.type == "cpu":
-            lo, hi = int(tokens.min()), int(tokens.max())
+            lo, hi = map(int, torch.aminmax(tokens))
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = hi if hi >= self.config.vocab_size else lo
                 raise ValueError(f"token id {bad} is outside this model's vocabulary [0, {self.config.vocab_size}); "

@@ -17,14 +17,15 @@ from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import RWKV, Block
 from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, dequantize_int4, round_activations
-from rwkv_lm.runtime.cpu import (KERNEL_OF, LORA_PARAMS, MAX_DECODE_ROWS, KernelLinear, StepBlock, StepRWKV, _gemv_kernel,
-                                optimize, quantize_int4, quantize_int8)
+from rwkv_lm.runtime.cpu import (KERNEL_OF, LORA_PARAMS, MAX_DECODE_ROWS, KernelLayerNorm, KernelLinear, StepBlock, StepRWKV,
+                                 _gemv_kernel, optimize, quantize_int4, quantize_int8)
 from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
 
 # every level builds every kernel; the levels differ in vector width and in the bf16 product
-ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "mask_logits"}
+ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "layer_norm",
+               "mask_logits"}
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "neon": 4}
 BF16_MODEL_RTOL = 5e-3  # (see assert_bf16_close)
 BF16_RTOL = 1e-5  # one bf16 product against torch's on the same rounded inputs: exact products, sums in another order
@@ -167,10 +168,12 @@ def test_model_step_gives_way(model, monkeypatch):
     expected = _steps(model, tokens)[0]
     calls = _counting(monkeypatch, "model_step")
     seen = []
-    handle = fast.blocks[1].ffn.key.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    assert_close(_steps(fast, tokens)[0], expected, 1e-5, "with a hook")
-    assert seen and not calls
-    handle.remove()
+    for module in (fast.blocks[1].ffn.key, fast.ln_out, fast.head):  # the step runs ln_out and the head too
+        handle = module.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert_close(_steps(fast, tokens)[0], expected, 1e-5, "with a hook")
+        assert seen and not calls
+        handle.remove()
+        seen.clear()
     assert_close(_steps(fast, tokens)[0], expected, 1e-5, "after it")
     assert len(calls) == 3
     fast.requires_grad_()
@@ -183,6 +186,35 @@ def test_model_step_gives_way(model, monkeypatch):
         m.blocks[0].ffn.value = copy.deepcopy(value)
     assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "another Linear")
     assert len(calls) == 3
+    head = torch.nn.Linear(64, 300, bias=False)
+    for m in (fast, model):
+        m.head = copy.deepcopy(head)
+    assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "another head")
+    assert len(calls) == 3
+
+
+def test_the_last_norm_runs_in_the_kernels_as_the_step_does(model):
+    """optimize() makes ln_out a KernelLayerNorm (the C step's own normalization, so a prompt's last token gets a
+    step's bits: test_a_prompt_read_in_pieces_gets_the_bits_of_one_read): nn.LayerNorm's values on any rows,
+    its gradients under autograd, and its parameters' names."""
+    fast = optimize(copy.deepcopy(model))
+    assert type(fast.ln_out) is KernelLayerNorm and fast.state_dict().keys() == model.state_dict().keys()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        fast.ln_out.weight.copy_(torch.randn(64, generator=g))
+        fast.ln_out.bias.copy_(torch.randn(64, generator=g))
+    reference = copy.deepcopy(fast.ln_out)
+    reference.__class__ = torch.nn.LayerNorm
+    x = torch.randn(3, 5, 64, generator=g) * 4 + 1
+    with torch.no_grad():
+        assert_close(fast.ln_out(x), reference(x), 1e-5, "rows")
+        assert not torch.equal(fast.ln_out(x), reference(x)), "not the kernel's own operations"
+    x.requires_grad_()
+    fast.ln_out(x).square().sum().backward()
+    mine = x.grad
+    x.grad = None
+    reference(x).square().sum().backward()
+    assert_close(mine, x.grad, 1e-5, "gradients")
 
 
 @pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])

@@ -589,7 +589,7 @@ INLINE void tile_bf16(const uint16_t *w, const uint16_t *x, float *y, int64_t in
     for (int b = 0; b < batch; b++) {
         float sums[ROWS];
         store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
-        memcpy(y + b * out, sums, rows * sizeof(float));
+        for (int r = 0; r < rows; r++) y[b * out + r] = sums[r];
     }
 }
 
@@ -721,7 +721,7 @@ INLINE void tile_i4_vnni(const uint8_t *w, const float *gs, const char *xq, int6
     for (int b = 0; b < batch; b++) {
         float sums[ROWS];
         store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
-        memcpy(y + b * out, sums, rows * sizeof(float));
+        for (int r = 0; r < rows; r++) y[b * out + r] = sums[r]; /* (memcpy of `rows` floats: a libc call each, 2% of a step) */
     }
 }
 
@@ -1233,16 +1233,41 @@ int block_step(const void *const *params, const float *x, float *x_out, float *v
     return err;
 }
 
-/* The blocks of a decode step of the model (rwkv_lm.runtime.cpu.StepRWKV) in one call: the embeddings of `tokens`
- * [batch] through every block in order (as block_step runs them, one token a sequence) to x_out [batch, C], so a
- * step pays for one call instead of a Python round trip per block (StepRWKV's docstring has the measured gain).
- * Block l's parameters are block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head
- * size, ffn, the ranks of w, a, v, g), its Linear weights' type types[l]; its state is read from att_shift[l],
- * wkv[l], ffn_shift[l] and written to the *_out arrays' tensors. Returns block_step's codes. */
+/* out [rows, n] = LayerNorm of each row of x (n a multiple of 16): the model's last norm (rwkv_lm.runtime.cpu.
+ * KernelLayerNorm), which model_step runs by the same operations, so a token stepped and the same token at the
+ * end of a prompt get the same bits. Returns 1 for n no multiple of 16. */
+struct norm_job {
+    const float *x, *weight, *bias;
+    float *out;
+    int64_t n;
+    float eps;
+};
+static void layer_norm_part(const void *job, int64_t begin, int64_t end) {
+    const struct norm_job *j = job;
+    for (int64_t r = begin; r < end; r++) normalize(j->x + r * j->n, j->out + r * j->n, j->weight, j->bias, j->n, j->eps);
+}
+int layer_norm(const float *x, float *out, const float *weight, const float *bias, int64_t rows, int64_t n, float eps,
+               int threads) {
+    if (n % 16) return 1;
+    const struct norm_job job = {x, weight, bias, out, n, eps};
+    parallel(rows, threads, rows * n, layer_norm_part, &job);
+    return 0;
+}
+
+/* A decode step of the model (rwkv_lm.runtime.cpu.StepRWKV) in one call: the embeddings of `tokens` [batch]
+ * through every block in order (as block_step runs them, one token a sequence), the last norm (layer_norm's
+ * operations) and the head (of type head_type, scales head_scale, as the gemv_* functions multiply) into logits
+ * [batch, vocab], so a step pays for one call instead of a Python round trip per block and module (StepRWKV's
+ * docstring has the measured gain). Block l's parameters are block_params[l] (block_step's order), its sizes
+ * sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its Linear weights' type types[l]; its state is
+ * read from att_shift[l], wkv[l], ffn_shift[l] and written to the *_out arrays' tensors. Returns block_step's
+ * codes (linear's for the head). */
 int model_step(int64_t n_layer, const void *const *const *block_params, const int64_t *sizes, const int *types,
                const float *emb, float ln_eps, float ln_x_eps, float decay_scale, const int64_t *tokens, int64_t batch,
                float *const *att_shift, float *const *wkv, float *const *ffn_shift, float *const *att_shift_out,
-               float *const *wkv_out, float *const *ffn_shift_out, float *x_out, int threads) {
+               float *const *wkv_out, float *const *ffn_shift_out, const float *ln_out_weight, const float *ln_out_bias,
+               float ln_out_eps, const void *head, const float *head_scale, int head_type, int64_t vocab, float *logits,
+               int threads) {
     const int64_t C = sizes[0], rows = batch < MAX_BATCH ? batch : MAX_BATCH;
     int64_t floats = 0;
     for (int64_t l = 0; l < n_layer; l++) {
@@ -1250,7 +1275,7 @@ int model_step(int64_t n_layer, const void *const *const *block_params, const in
         if (z[0] != C || z[0] % 16 || z[1] % 16 || z[0] % z[1]) return 1;
         floats = need > floats ? need : floats;
     }
-    /* the workspace, then x in and out of a block (swapped between blocks, the last block's out is x_out) and v_first */
+    /* the workspace, then x in and out of a block (swapped between blocks) and v_first */
     float *work = malloc(sizeof(float) * (floats + 3 * batch * C));
     if (!work) return 2;
     float *x = work + floats, *x_next = x + batch * C, *v_first = x_next + batch * C;
@@ -1258,12 +1283,14 @@ int model_step(int64_t n_layer, const void *const *const *block_params, const in
     int err = 0;
     for (int64_t l = 0; l < n_layer && !err; l++) {
         const int64_t *z = sizes + 7 * l;
-        float *out = l == n_layer - 1 ? x_out : x_next;
-        err = block_step_in(block_params[l], x, out, v_first, att_shift[l], wkv[l], ffn_shift[l], att_shift_out[l],
+        err = block_step_in(block_params[l], x, x_next, v_first, att_shift[l], wkv[l], ffn_shift[l], att_shift_out[l],
                             wkv_out[l], ffn_shift_out[l], batch, 1, C, z[1], z[2], z + 3, ln_eps, ln_x_eps,
                             decay_scale, types[l], threads, work);
-        x_next = x, x = out;
+        float *done = x_next;
+        x_next = x, x = done;
     }
+    if (!err) err = layer_norm(x, x, ln_out_weight, ln_out_bias, batch, C, ln_out_eps, threads);
+    if (!err) err = linear(head, head_scale, head_type, x, logits, vocab, C, batch, threads);
     free(work);
     return err;
 }

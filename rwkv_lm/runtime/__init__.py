@@ -7,7 +7,7 @@ every backend is tested against) and the fast paths.
 
 - CPU (`cpu.py`): bias-free Linear layers become `KernelLinear` (fp32, bf16, int8 or int4 weights streamed by the C
   kernels of `rwkv_lm/ops/cpu_kernels.c`) and each block a `StepBlock` (a decode step or a short prompt of a
-  block in one C call), the model a `StepRWKV` (a decode step's blocks all in one C call); `isa` caps the
+  block in one C call), the model a `StepRWKV` (a decode step, embedding to logits, in one C call); `isa` caps the
   kernels' instruction-set level.
 - GPU: the model in `weights`' dtype (fp32 or bf16); its batched decode step is model.step, or with
   `graphs=True` the fused CUDA step (`cuda_step.py`) replayed as CUDA graphs (`cuda_graphs.py`).

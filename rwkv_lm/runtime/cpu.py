@@ -7,8 +7,8 @@ Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small
 (`rwkv_lm/ops/cpu_kernels.c`, compiled at first use for the instruction-set level chosen here) that stream each
 weight once per step; inputs of more than one token a row and more than MAX_DECODE_ROWS rows go through torch's
 matmul. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
-batches wider than ROWS_PER_PASS in slices), and a one-token step of the model runs all its blocks in one C call
-(`StepRWKV`); a prompt runs each block in one C call (each token a row; a longer one in pieces of
+batches wider than ROWS_PER_PASS in slices), and a one-token step of the model runs in one C call from its
+embedding to its logits (`StepRWKV`; ln_out is a `KernelLayerNorm`, so prompts normalize as steps do); a prompt runs each block in one C call (each token a row; a longer one in pieces of
 MAX_DECODE_ROWS rows, the state carried); anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
 
@@ -56,7 +56,6 @@ from ..state import LayerState, RWKVState
 # this many sequences, or a prompt of up to this many tokens; beyond, torch's matmul is as fast (measured)
 MAX_DECODE_ROWS = 4 * ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
-_FORWARD_HOOKS, _PRE_HOOKS = operator.attrgetter("_forward_hooks"), operator.attrgetter("_forward_pre_hooks")
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
 WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
@@ -147,6 +146,28 @@ class KernelLinear(nn.Linear):
                              self.in_features, rows, torch.get_num_threads()):
             raise RuntimeError(f"{kernel} could not allocate its buffer for a [{rows}, {self.in_features}] input")
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class KernelLayerNorm(nn.LayerNorm):
+    """The model's last LayerNorm (ln_out) in the C kernels (`layer_norm`), the operations the one-call step
+    (`StepRWKV`) runs it by, so a token stepped and the same token at the end of a prompt get the same logits, bit
+    for bit. Anything the kernel does not take (autograd, another dtype or device) runs nn.LayerNorm's."""
+
+    isa: str  # the kernels' level, set where the module is made one
+
+    def forward(self, x):
+        weight, bias, n = self.weight, self.bias, self.normalized_shape[-1]
+        params = (weight, bias)
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or len(self.normalized_shape) != 1 or n % 16
+                or not all(p is not None and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+                or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+                or "layer_norm" not in kernels(self.isa)):
+            return super().forward(x)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        kernels(self.isa)["layer_norm"](x.data_ptr(), out.data_ptr(), weight.data_ptr(), bias.data_ptr(), x.numel() // n,
+                                        n, self.eps, torch.get_num_threads())
+        return out
 
 
 @dataclass
@@ -325,8 +346,9 @@ class ModelPlan:
     parents: list[dict]
     keys: list[str]
     children: list[nn.Module]
-    modules: tuple  # emb and the blocks' modules, whose hooks the C would skip
-    # where every tensor the step reads is (dict, name), as two lists: the blocks', then the embeddings'
+    hooks: list[dict]  # the forward hooks and pre-hooks of emb, the blocks' modules, ln_out and head: the C would skip them
+    # where every tensor the step reads is (dict, name), as two lists: the blocks', then the embeddings', ln_out's
+    # weight and bias, the head's weight (and scale)
     holders: list[dict]
     names: list[str]
     int8_loras: list[int]  # where the blocks' int8 LoRAs (StepPlan.int8_loras) are among those
@@ -335,19 +357,22 @@ class ModelPlan:
     strides: list | None = None
     versions: list | None = None  # the int8 LoRAs' versions then (their copies are made again after a write)
     block_params: list | None = None  # the blocks' parameter arrays (StepPlan.params) `args` points to
-    args: tuple | None = None  # model_step's arrays: of those arrays' addresses, the blocks' sizes, their weight types
+    args: tuple | None = None  # model_step's arguments before the step's own (the blocks' arrays, sizes, types, emb ...)
+    head: tuple | None = None  # and after them: ln_out's and the head's (weights, type, vocabulary)
 
     def __getstate__(self):  # (copy.deepcopy and pickle): the cached arguments point into the original's memory
         return {**self.__dict__, "tensors": None, "pointers": None, "strides": None, "versions": None,
-                "block_params": None, "args": None}
+                "block_params": None, "args": None, "head": None}
 
 
 class StepRWKV(RWKV):
-    """An RWKV whose one-token steps run their blocks in one C call (`model_step`: the embedding, then every block
-    as StepBlock runs it), so a step pays for one Python round trip instead of one a block (0.1B shape, one
-    sequence, 1 thread, one process against the blocks' path: int4 7.2 -> 6.6 ms a step, fp32 35.4 -> 33.1);
-    ln_out and the head are the modules'. Its state and logits are the bits the blocks give one by one. Prompts,
-    autograd and anything changed since optimize() take RWKV.forward (and the blocks' own fast paths)."""
+    """An RWKV whose one-token steps run in one C call (`model_step`: the embedding, every block as StepBlock runs
+    it, ln_out as KernelLayerNorm does, the head as KernelLinear does), so a step pays for one Python round trip
+    instead of one a block and module (0.1B shape, one sequence, 1 thread, one process against the blocks' path:
+    int4 7.2 -> 6.6 ms a step, fp32 35.4 -> 33.1; ln_out and the head in the call too: a further ~0.3 ms, the
+    modules' Python on caches the step's weights have just swept). Its state and logits are the bits the blocks
+    and modules give one by one. Prompts, autograd and anything changed since optimize() take RWKV.forward (and
+    the blocks' own fast paths)."""
 
     model_plan: ModelPlan
 
@@ -369,13 +394,12 @@ class StepRWKV(RWKV):
         pointers += [(ctypes.c_void_p * L)(*range(att.data_ptr(), att.data_ptr() + L * row, row)),
                      (ctypes.c_void_p * L)(*map(torch.Tensor.data_ptr, wkv)),
                      (ctypes.c_void_p * L)(*range(ffn.data_ptr(), ffn.data_ptr() + L * row, row))]
-        x = torch.empty(B, 1, C)
+        logits = torch.empty(B, 1, cfg.vocab_size)
         ids = tokens[:, 0].to(torch.int64).contiguous()
-        if kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, *pointers, x.data_ptr(),
-                                                      torch.get_num_threads()):
+        if kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, *pointers, *self.model_plan.head,
+                                                      logits.data_ptr(), torch.get_num_threads()):
             raise RuntimeError(f"model_step could not allocate its buffers for a batch of {B}")
-        # ln_out and the head as a prompt's last token takes them: the same bits for a token stepped or read
-        return self.head(self.ln_out(x)), RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
+        return logits, RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
 
     def _step_args(self):
         """model_step's arguments but the step's own (tokens, state, output, threads) for the tensors as they are
@@ -383,9 +407,8 @@ class StepRWKV(RWKV):
         dtype, device or layout. Kept while the same tensors hold the same memory (a step checks ~470 tensors
         in ~130 us; rebuilt, each block checks its own)."""
         plan = self.model_plan
-        if (any(map(_FORWARD_HOOKS, plan.modules)) or any(map(_PRE_HOOKS, plan.modules))
-                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or not all(map(operator.is_, map(dict.get, plan.parents, plan.keys), plan.children))):
+        if (not all(map(operator.is_, map(dict.get, plan.parents, plan.keys), plan.children)) or any(plan.hooks)
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
             return None
         try:
             current = list(map(dict.__getitem__, plan.holders, plan.names))
@@ -398,11 +421,15 @@ class StepRWKV(RWKV):
                 and list(map(torch.Tensor.stride, current)) == plan.strides  # (w.data = w.data.t(): same address)
                 and [current[i]._version for i in plan.int8_loras] == plan.versions):
             return plan.args
-        plan.tensors = plan.pointers = plan.strides = plan.versions = plan.block_params = plan.args = None
+        plan.tensors = plan.pointers = plan.strides = plan.versions = plan.block_params = plan.args = plan.head = None
         blocks = [block._step_tensors() for block in self.blocks]
         params = [None if c is None else block._step_params(c) for block, c in zip(self.blocks, blocks)]
-        emb = self.emb.weight
-        if any(p is None for p in params) or emb.dtype != torch.float32 or not emb.is_contiguous() or emb.device.type != "cpu":
+        emb, ln_out, head = self.emb.weight, self.ln_out, self.head
+        head_kernel = _gemv_kernel(head.weight)
+        if (any(p is None for p in params) or not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                                                      for t in (emb, ln_out.weight, ln_out.bias))
+                or head_kernel not in kernels(plan.isa) or head.weight.device.type != "cpu"
+                or head_kernel in ("gemv_i8", "gemv_i4") and head.scale.dtype != torch.float32):
             return None
         sizes = [n for block in self.blocks for n in block.step_plan.sizes]
         first = self.blocks[0]
@@ -413,31 +440,40 @@ class StepRWKV(RWKV):
                      (ctypes.c_int64 * len(sizes))(*sizes),
                      (ctypes.c_int * len(params))(*(block.step_plan.weight_type for block in self.blocks)),
                      emb.data_ptr(), first.ln1.eps, first.att.ln_x.eps, DECAY_SCALE)
+        plan.head = (ln_out.weight.data_ptr(), ln_out.bias.data_ptr(), ln_out.eps, head.weight.data_ptr(),
+                     head.scale.data_ptr() if head_kernel in ("gemv_i8", "gemv_i4") else None,
+                     WEIGHT_TYPES[str(head.weight.dtype).removeprefix("torch.")], head.out_features)
         return plan.args
 
 
 def _fused_model(model: nn.Module, isa: str):
     """Turn an RWKV whose blocks all became StepBlocks into a StepRWKV in place (or prepare one again) where the
-    one-call step fits: blocks with the same norms' eps."""
+    one-call step fits: blocks with the same norms' eps, ln_out a LayerNorm with a bias (made a KernelLayerNorm:
+    prompts then normalize as steps do), the head a KernelLinear."""
     if type(model) not in (RWKV, StepRWKV):
         return
-    blocks = list(model.blocks)
+    blocks, ln_out, head = list(model.blocks), model.ln_out, model.head
     if (not blocks or not all(type(b) is StepBlock and b.step_plan.isa == isa for b in blocks)
             or "model_step" not in kernels(isa)
-            or len({b.ln1.eps for b in blocks}) != 1 or len({b.att.ln_x.eps for b in blocks}) != 1):
+            or len({b.ln1.eps for b in blocks}) != 1 or len({b.att.ln_x.eps for b in blocks}) != 1
+            or type(ln_out) not in (nn.LayerNorm, KernelLayerNorm) or ln_out.bias is None
+            or type(head) is not KernelLinear or head.isa != isa):
         if type(model) is StepRWKV:
             model.__class__ = RWKV
         return
+    ln_out.__class__, ln_out.isa = KernelLayerNorm, isa
     sources, int8_loras = [], []
     for b in blocks:
         int8_loras += [len(sources) + i for i in b.step_plan.int8_loras]
         sources += b.step_plan.sources
-    sources.append((model.emb._parameters, "weight"))
-    modules = (model.emb, *(m for b in blocks for m in b.modules()))
-    tree = [(model._modules, "emb", model.emb), (model._modules, "blocks", model.blocks)]
+    sources += [(model.emb._parameters, "weight"), (ln_out._parameters, "weight"), (ln_out._parameters, "bias"),
+                (head._parameters, "weight")] + [(head._buffers, "scale")] * ("scale" in head._buffers)
+    modules = (model.emb, *(m for b in blocks for m in b.modules()), ln_out, head)
+    tree = [(model._modules, name, model._modules[name]) for name in ("emb", "blocks", "ln_out", "head")]
     tree += [(parent._modules, key, child) for parent in (model.blocks, *modules) for key, child in parent._modules.items()]
     model.__class__ = StepRWKV
-    model.model_plan = ModelPlan(isa, *map(list, zip(*tree)), modules=modules,
+    model.model_plan = ModelPlan(isa, *map(list, zip(*tree)),
+                                 hooks=[m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules],
                                  holders=[holder for holder, _ in sources], names=[name for _, name in sources],
                                  int8_loras=int8_loras)
 
