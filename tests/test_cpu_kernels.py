@@ -33,5 +33,5 @@ def test_kernels_cross_compile_for_aarch64(tmp_path, march):
                             "-Werror", "-o", str(lib), str(SOURCE), "-lm"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
-    for name in ("gemv_f32", "gemv_bf16", "gemv_i8", "wkv7_f32", "block_step", "block_step_params", "max_batch"):
+    for name in ("gemv_f32", "gemv_bf16", "gemv_i8", "wkv7_f32", "block_step", "block_step_params", "rows_per_pass"):
         assert f" {name}\n" in symbols, f"{name} missing from the aarch64 build"

@@ -23,7 +23,7 @@ RTOL = 1e-5  # fp32 accumulation, against the largest magnitude of the reference
 # (out, in): `in` a multiple of 4 vectors, of one vector but not four (the single-vector loop), of neither (the
 # scalar tails); out never a multiple of the 4-row tile, and 93 x 768 large enough for the threads to split it
 GEMV_SHAPES = [(13, 64), (13, 100), (13, 101), (93, 768)]
-GEMV_BATCHES = [1, 5, 16, 17]  # one row (no tiles); a part tile; ROWS_PER_PASS (6 + 6 + 4); a second slice of one row
+GEMV_BATCHES = [1, 5, 16, 65]  # one row (no tiles); a part tile; tiles of 6 + 6 + 4; two passes over the weights (33 + 32)
 # (batch, len, heads, n): decode steps and prompts, the last two large enough for the threads to split them
 WKV_SHAPES = [(1, 1, 2, 16), (17, 1, 2, 32), (5, 1, 4, 64), (2, 7, 3, 64)]
 THREADS = [1, 2]

@@ -94,7 +94,7 @@ def _steps(model, tokens):
 @pytest.mark.parametrize("batch", [1, 5, 16, 35])
 def test_fp32_steps_match_the_plain_model(batch, lora):
     """Decode steps in the fused C step, LoRA ranks of any size (5: no multiple of any vector width), batch sizes
-    over every tile of the kernel and above ROWS_PER_PASS (run in slices: 17, 35)."""
+    over every tile of the kernel and above the C step's slice of 16 sequences (17, 35: in slices)."""
     cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=64, head_size=32, decay_lora=lora, iclr_lora=lora,
                      value_lora=lora, gate_lora=2 * lora)
     model = random_model(cfg, seed=lora)
@@ -141,7 +141,7 @@ def test_block_steps_match_the_plain_model(batch, weights, through, monkeypatch)
 @pytest.mark.parametrize("batch", [1, 3, 16, 17])
 def test_model_step_is_the_blocks_steps(batch, weights, monkeypatch):
     """StepRWKV's one C call gives the logits and state bits the blocks' own C steps give one by one (the same
-    operations), at every weight type and across ROWS_PER_PASS (17: slices). The state it was given is left as it was."""
+    operations), at every weight type and across the C step's slice of 16 sequences (17: slices). The state it was given is left as it was."""
     cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=32, value_lora=16,
                      gate_lora=48)
     fast = optimize(random_model(cfg, seed=batch), weights=weights)
@@ -310,7 +310,7 @@ def test_optimized_model_moved_to_another_dtype(model, dtype):
 
 @pytest.mark.parametrize("in_features, out_features", [(48, 12), (768, 100), (64, 6), (37, 5)])
 def test_fp32_linear_kernel(in_features, out_features):
-    """Every batch size up to ROWS_PER_PASS, slices above it, and a prompt's rows (the matmul); inputs no multiple of
+    """Every batch size up to 17, 35 rows, and 65 (two passes over the weights: 33 + 32); inputs no multiple of
     the vector width or of its four chains, outputs that leave rows outside the kernel's tiles."""
     torch.manual_seed(in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=False)
@@ -457,8 +457,8 @@ def test_int4_packing():
 def test_quantized_linear_kernel(weights, in_features, out_features):
     """The int4 and int8 products against the dequantized weight in fp64, with the inputs as this level's kernels
     see them (at levels with VNNI: rounded to int8 steps per ACT_GROUP inputs, `round_activations`; int8 inputs no
-    multiple of ACT_GROUP stay fp32): every batch size up to MAX_BATCH, slices above it, more rows than the kernels
-    take (torch's matmul on the dequantized weight, the inputs rounded alike); outputs that fill no tile."""
+    multiple of ACT_GROUP stay fp32): every batch size up to 17, 35 rows, and 65 (two passes over the weights: 33 + 32); outputs that fill no
+    tile."""
     torch.manual_seed(in_features)
     dtype = QUANTIZED[weights][0]
     fast = KernelLinear(torch.nn.Linear(in_features, out_features, bias=False), dtype)

@@ -31,8 +31,12 @@
 #include <arm_neon.h>
 #endif
 
-#define MAX_BATCH 16 /* rows per pass over the weights: a wider batch runs in even slices of up to this many */
-const int max_batch = MAX_BATCH;
+/* rows of x per pass over the weights: more rows run in even passes of up to this many. 64, not 16: a 33-token
+ * prompt's rows in one pass instead of three, the prompt 1.11x as fast in fp32 and 1.06-1.11x in int8 (int4, bf16:
+ * level; bench/RESULTS.md, issue 20's eighth pass) */
+#define ROWS_PER_PASS 64
+const int rows_per_pass = ROWS_PER_PASS;
+#define MAX_BATCH 16 /* sequences of a decode step per slice of block_step (its workspace's rows) */
 
 /* the parameters of a block in the order the Python side passes their pointers (rwkv_lm/cpu_kernels.py reads
  * the names from here and checks its own list against them) */
@@ -472,7 +476,7 @@ INLINE void tile(const void *w, const float *x, float *y, const float *scale, co
         }
 }
 
-/* rows o .. o + ROWS - 1 (those below out) of y[b, o] = sum_i W[o, i] x[b, i], for up to MAX_BATCH rows of x;
+/* rows o .. o + ROWS - 1 (those below out) of y[b, o] = sum_i W[o, i] x[b, i], for up to ROWS_PER_PASS rows of x;
  * int8: times its row's scale[o], int4: each weight times its group's scale[o, i / INT4_GROUP] */
 INLINE void gemv_rows(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                       int64_t batch, int64_t o, int type) {
@@ -502,10 +506,10 @@ struct gemv_job {
     int64_t out, in, batch;
 };
 INLINE int64_t tiles(int64_t out) { return (out + ROWS - 1) / ROWS; }
-/* rows of x for the next pass over the weights, of `left`: at most MAX_BATCH, the passes as even as they can be
- * (a 33-token prompt: 11 + 11 + 11, not 16 + 16 + 1, whose last pass reads every weight for one row) */
+/* rows of x for the next pass over the weights, of `left`: at most ROWS_PER_PASS, the passes as even as they can
+ * be (the head's 65 rows: 33 + 32, not 64 + 1, whose last pass reads every weight for one row) */
 INLINE int64_t pass_rows(int64_t left) {
-    const int64_t passes = (left + MAX_BATCH - 1) / MAX_BATCH;
+    const int64_t passes = (left + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
     return (left + passes - 1) / passes;
 }
 #define GEMV(name, type)                                                                                          \
@@ -514,7 +518,7 @@ INLINE int64_t pass_rows(int64_t left) {
         for (int64_t t = begin; t < end; t++) gemv_rows(j->W, j->scale, j->x, j->y, j->out, j->in, j->batch, t * ROWS, type); \
     }                                                                                                            \
     static void name(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,     \
-                     int64_t batch, int threads) { /* up to MAX_BATCH rows of x */                               \
+                     int64_t batch, int threads) { /* up to ROWS_PER_PASS rows */                              \
         const struct gemv_job job = {W, scale, x, y, out, in, batch};                                            \
         parallel(tiles(out), threads, out * in, name##_part, &job);                                              \
     }
@@ -618,7 +622,7 @@ static void gemv_bf16_dp_part(const void *job, int64_t begin, int64_t end) {
     }
 }
 
-/* up to MAX_BATCH rows of x; returns 2 where the buffer could not be allocated */
+/* up to ROWS_PER_PASS rows of x; returns 2 where the buffer could not be allocated */
 static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     uint16_t *x_bf16 = malloc(batch * in * sizeof(uint16_t));
     if (!x_bf16) return 2;
@@ -736,10 +740,11 @@ INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8
         for (int r = 0; later && r < nr; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
         for (int r = 0; r < nr; r++) {
             const __m512i wv = _mm512_loadu_si512(wr[first + r] + i);
-            const __m512i bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv);
+            /* the dot of (q + 128) and w, less 128 times w's sum: the dot of q and w, each sum started from that */
+            const __m512i minus_bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv));
             for (int b = 0; b < batch; b++) {
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + b * x_stride + i), wv);
-                a[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, bias)),
+                const __m512i dot = _mm512_dpbusd_epi32(minus_bias, _mm512_loadu_si512(xq + b * x_stride + i), wv);
+                a[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                                           _mm512_set1_ps(xs[b * (x_stride / ACT_GROUP) + i / ACT_GROUP]), a[r][b]);
             }
         }
@@ -820,7 +825,7 @@ static void gemv_vnni_part(const void *job, int64_t begin, int64_t end) {
 }
 
 /* y [batch, out] = x [batch, in] W^T for int4 (type I4: in a multiple of ACT_GROUP) or int8 (I8: in a multiple of
- * ACT_GROUP) weights through VNNI; up to MAX_BATCH rows of x. Returns 2 where the buffer could not be allocated. */
+ * ACT_GROUP) weights through VNNI; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could not be allocated. */
 static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                      int64_t batch, int threads) {
     const int64_t chunks = (in + I4_CHUNK - 1) / I4_CHUNK;
@@ -836,7 +841,7 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
 }
 #endif
 
-/* one pass over W: up to MAX_BATCH rows of x (see linear) */
+/* one pass over W: up to ROWS_PER_PASS rows of x (see linear) */
 static int linear_pass(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                        int64_t batch, int threads) {
     if (type == I8_FP32_X) {

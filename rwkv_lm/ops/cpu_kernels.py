@@ -37,8 +37,8 @@ else:
                      "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16"]}
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
-# checked against when it loads (cpu_kernels.c's max_batch, int4_group and block_step_params)
-ROWS_PER_PASS = 16  # rows per pass over the weights; wider batches run in slices of this many
+# checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group and block_step_params)
+ROWS_PER_PASS = 64  # rows of x per pass over the weights; more run in several passes
 INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
 # inputs of a row of activations that share one int8 scale where the int4 and int8 products quantize them (levels
 # with VNNI: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
@@ -151,11 +151,11 @@ def _build(level: str) -> dict:
 def _check_interface(library):
     """The C and this module must agree on the limits and the parameter order (a mismatch would misread memory)."""
     names = ctypes.cast(ctypes.addressof(ctypes.c_char.in_dll(library, "block_step_params")), ctypes.c_char_p).value
-    max_batch = ctypes.c_int.in_dll(library, "max_batch").value
+    rows_per_pass = ctypes.c_int.in_dll(library, "rows_per_pass").value
     int4_group = ctypes.c_int.in_dll(library, "int4_group").value
-    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or (max_batch, int4_group) != (ROWS_PER_PASS, INT4_GROUP):
+    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or (rows_per_pass, int4_group) != (ROWS_PER_PASS, INT4_GROUP):
         raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
-                           f"ROWS_PER_PASS ({max_batch} in C, {ROWS_PER_PASS} here) or INT4_GROUP ({int4_group} in C, "
+                           f"ROWS_PER_PASS ({rows_per_pass} in C, {ROWS_PER_PASS} here) or INT4_GROUP ({int4_group} in C, "
                            f"{INT4_GROUP} here): change both together")
 
 

@@ -7,7 +7,7 @@ Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small
 (`rwkv_lm/ops/cpu_kernels.c`, compiled at first use for the instruction-set level chosen here) that stream each
 weight once per step; inputs of more than one token a row and more than MAX_DECODE_ROWS rows go through torch's
 matmul. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
-batches wider than ROWS_PER_PASS in slices), and a one-token step of the model runs in one C call from its
+batches wider than 16 sequences in slices), and a one-token step of the model runs in one C call from its
 embedding to its logits (`StepRWKV`; ln_out is a `KernelLayerNorm`, so prompts normalize as steps do); a prompt runs each block in one C call (each token a row; a longer one in pieces of
 MAX_DECODE_ROWS rows, the state carried); anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
@@ -52,9 +52,9 @@ from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GR
                                dequantize_int4, isa_level, kernels, round_activations)
 from ..state import LayerState, RWKVState
 
-# rows a KernelLinear (and a StepBlock) takes in the C kernels (in slices of ROWS_PER_PASS): a decode step of up to
-# this many sequences, or a prompt of up to this many tokens; beyond, torch's matmul is as fast (measured)
-MAX_DECODE_ROWS = 4 * ROWS_PER_PASS
+# rows a KernelLinear (and a StepBlock) takes in the C kernels (one pass over the weights): a decode step of up
+# to this many sequences, or a prompt of up to this many tokens; beyond, torch's matmul is as fast (measured)
+MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
