@@ -80,7 +80,8 @@ def gguf_step_bytes(path: Path) -> int:
 def llama_bench(path: Path, threads: int, prompt: int, decode: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one llama-bench repetition."""
     done = subprocess.run([str(llamacpp.build(llamacpp.BENCH) / "llama-bench"), "-m", str(path), "-p", str(prompt),
-                           "-n", str(decode), "-t", str(threads), "-r", "1", "-o", "json"],
+                           "-n", str(decode), "-t", str(threads), "-r", "1", "-o", "json",
+                           *(["--repack", "0"] if llamacpp.AMX_CRASH else [])],
                           capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"llama-bench failed on {path}: {done.stderr[-3000:]}")
@@ -200,7 +201,8 @@ def main():
     if args.write:
         command = "python bench/bench_llamacpp.py " + " ".join(sys.argv[1:])
         body = (f"{SECTION}\n\nMachine: {host}. llama.cpp: the llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON} sdist's "
-                f"vendor/llama.cpp, built by bench/llamacpp.py (native flags, CPU).\nCommand: `{command.strip()}` "
+                f"vendor/llama.cpp, built by bench/llamacpp.py (native flags, CPU)"
+                f"{'; weight repacking off (its AMX matmul crashes on these GGUFs, see llamacpp.AMX_CRASH)' * llamacpp.AMX_CRASH}.\nCommand: `{command.strip()}` "
                 f"(run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n\n{table}\n")
         write_at_end(SECTION, body)
 

@@ -163,7 +163,7 @@ def llama_server(gguf: Path, threads: int, slots: int, ctx_per_slot: int, log: P
     port = free_port()
     command = [str(llamacpp.build(llamacpp.SERVER) / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads),
-               "-tb", str(threads), "-cb", "--cache-prompt", "--no-webui"]
+               "-tb", str(threads), "-cb", "--cache-prompt", "--no-webui", *(["--no-repack"] if llamacpp.AMX_CRASH else [])]
     return Server(command, port, log)
 
 
@@ -259,7 +259,8 @@ def main():
         f"~{args.prompt_tokens} prompt tokens and {args.max_tokens} tokens each, greedy; turn 1 of "
         f"~{args.conversation_tokens} tokens; medians of {args.rounds} interleaved rounds, TTFT percentiles over every "
         f"request of every round; {args.threads} threads each; llama-server of the llama-cpp-python "
-        f"{llamacpp.LLAMA_CPP_PYTHON} sdist, run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})."])
+        f"{llamacpp.LLAMA_CPP_PYTHON} sdist{', weight repacking off (llamacpp.AMX_CRASH)' * llamacpp.AMX_CRASH}, "
+        f"run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})."])
     print(table)
     if args.write:
         write_at_end(SECTION, f"{SECTION}\n\n{INTRO}\n\n{table}\n")

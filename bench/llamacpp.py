@@ -34,6 +34,11 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
 ]
+# llama.cpp repacks Q8_0 and Q4_0 weights by default, on CPUs with AMX-INT8 into its AMX buffer, whose matmul
+# (ggml_backend_amx_mul_mat) crashes with SIGSEGV on our RWKV-7 GGUFs of the 0.1B shape: llama-bench, llama-server
+# and a library call alike (seen on a 2-core Xeon with AMX, 2026-12-04). There the tools run with repacking off
+# (`--repack 0`, `--no-repack`): llama.cpp's AVX-512 kernels, the fastest llama.cpp that runs there.
+AMX_CRASH = Path("/proc/cpuinfo").is_file() and "amx_int8" in Path("/proc/cpuinfo").read_text().split()
 
 
 def built(targets=GREEDY) -> Path | None:

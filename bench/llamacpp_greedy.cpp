@@ -30,6 +30,9 @@ int main(int argc, char ** argv) {
     llama_backend_init();
     llama_model_params model_params = llama_model_default_params();
     model_params.progress_callback = [](float, void *) { return true; };  // no progress dots on stdout
+    // llama.cpp's plain kernels on every CPU, not the weights it repacks for some (its default): the oracle gives the
+    // same ids everywhere, and runs where the repacked AMX matmul crashes (see llamacpp.py's AMX_CRASH)
+    model_params.use_extra_bufts = false;
     llama_model * model = llama_model_load_from_file(argv[1], model_params);
     if (model == nullptr) {
         fprintf(stderr, "cannot load %s\n", argv[1]);
