@@ -160,6 +160,31 @@ def test_model_step_is_the_blocks_steps(batch, weights, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
 
 
+@pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
+@pytest.mark.parametrize("batch, length", [(1, 2), (1, 33), (3, 21), (1, 150), (5, 30)])
+def test_a_last_only_prompt_in_model_step_is_the_blocks_prompt(batch, length, weights, monkeypatch):
+    """A last_only prompt runs in model_step, one call per MAX_DECODE_ROWS rows (150 tokens: 64 + 64 + 22; 5 x 30:
+    pieces of 12 tokens), and gives the last tokens' logits and the state bits the blocks' own C calls give
+    (RWKV.forward), at every weight type. The state it was given is left as it was."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=32, value_lora=16,
+                     gate_lora=48)
+    fast = optimize(random_model(cfg, seed=length), weights=weights)
+    g = torch.Generator().manual_seed(batch * 1000 + length)
+    tokens = torch.randint(0, 300, (batch, length), generator=g)
+    state = fast.init_state(batch).map(lambda t: torch.randn(t.shape, generator=g))
+    snapshot = state.clone()
+    calls = _counting(monkeypatch, "model_step")
+    with torch.no_grad():
+        logits, new = fast(tokens, state, last_only=True)
+        by_blocks, by_blocks_state = RWKV.forward(fast, tokens, state, last_only=True)
+    piece = max(1, MAX_DECODE_ROWS // batch)
+    assert len(calls) == -(-length // piece), "one call per piece of up to MAX_DECODE_ROWS rows"
+    for name, t in new.tensors().items():
+        assert torch.equal(t, by_blocks_state.tensors()[name]), name
+    assert logits.shape == by_blocks.shape == (batch, 1, 300) and torch.equal(logits, by_blocks)
+    assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
+
+
 def test_model_step_gives_way(model, monkeypatch):
     """Where the one-call step would skip something (a hook in a block, a Linear replaced in one, gradients wanted)
     the model runs RWKV.forward, hooks and all, and steps in one C call again once that is gone."""

@@ -1259,21 +1259,25 @@ int layer_norm(const float *x, float *out, const float *weight, const float *bia
     return 0;
 }
 
-/* A decode step of the model (rwkv_lm.runtime.cpu.StepRWKV) in one call: the embeddings of `tokens` [batch]
- * through every block in order (as block_step runs them, one token a sequence), the last norm (layer_norm's
- * operations) and the head (of type head_type, scales head_scale, as the gemv_* functions multiply) into logits
- * [batch, vocab], so a step pays for one call instead of a Python round trip per block and module (StepRWKV's
- * docstring has the measured gain). Block l's parameters are block_params[l] (block_step's order), its sizes
- * sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its Linear weights' type types[l]; its state is
- * read from att_shift[l], wkv[l], ffn_shift[l] and written to the *_out arrays' tensors. Returns block_step's
- * codes (linear's for the head). */
+/* `len` tokens of `batch` sequences through the model in one call (rwkv_lm.runtime.cpu.StepRWKV): a decode step
+ * (len 1) or a piece of a prompt (len > 1, batch x len rows at most ROWS_PER_PASS, as StepBlock reads one). The
+ * embeddings of tokens [batch, len] go through every block in order (as block_step runs them), then each
+ * sequence's last token through the last norm (layer_norm's operations) and the head (of type head_type, scales
+ * head_scale, as the gemv_* functions multiply) into logits [batch, vocab]; logits NULL stops after the blocks
+ * (a prompt's pieces before its last). So a step or a short prompt pays for one call instead of a Python round
+ * trip per block and module (StepRWKV's docstring has the measured gain). Block l's parameters are
+ * block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its
+ * Linear weights' type types[l]; its state is read from att_shift[l], wkv[l], ffn_shift[l] and written to the
+ * *_out arrays' tensors. Returns block_step's codes (linear's for the head). */
 int model_step(int64_t n_layer, const void *const *const *block_params, const int64_t *sizes, const int *types,
                const float *emb, float ln_eps, float ln_x_eps, float decay_scale, const int64_t *tokens, int64_t batch,
-               float *const *att_shift, float *const *wkv, float *const *ffn_shift, float *const *att_shift_out,
-               float *const *wkv_out, float *const *ffn_shift_out, const float *ln_out_weight, const float *ln_out_bias,
-               float ln_out_eps, const void *head, const float *head_scale, int head_type, int64_t vocab, float *logits,
-               int threads) {
-    const int64_t C = sizes[0], rows = batch < MAX_BATCH ? batch : MAX_BATCH;
+               int64_t len, float *const *att_shift, float *const *wkv, float *const *ffn_shift,
+               float *const *att_shift_out, float *const *wkv_out, float *const *ffn_shift_out,
+               const float *ln_out_weight, const float *ln_out_bias, float ln_out_eps, const void *head,
+               const float *head_scale, int head_type, int64_t vocab, float *logits, int threads) {
+    if (len < 1) return 1;
+    const int64_t C = sizes[0], tokens_in = batch * len;
+    const int64_t rows = len == 1 ? (batch < MAX_BATCH ? batch : MAX_BATCH) : tokens_in; /* (block_step_in's slices) */
     int64_t floats = 0;
     for (int64_t l = 0; l < n_layer; l++) {
         const int64_t *z = sizes + 7 * l, need = workspace_floats(rows, z[0], z[2], z + 3);
@@ -1281,21 +1285,25 @@ int model_step(int64_t n_layer, const void *const *const *block_params, const in
         floats = need > floats ? need : floats;
     }
     /* the workspace, then x in and out of a block (swapped between blocks) and v_first */
-    float *work = malloc(sizeof(float) * (floats + 3 * batch * C));
+    float *work = malloc(sizeof(float) * (floats + 3 * tokens_in * C));
     if (!work) return 2;
-    float *x = work + floats, *x_next = x + batch * C, *v_first = x_next + batch * C;
-    for (int64_t b = 0; b < batch; b++) memcpy(x + b * C, emb + tokens[b] * C, C * sizeof(float));
+    float *x = work + floats, *x_next = x + tokens_in * C, *v_first = x_next + tokens_in * C;
+    for (int64_t t = 0; t < tokens_in; t++) memcpy(x + t * C, emb + tokens[t] * C, C * sizeof(float));
     int err = 0;
     for (int64_t l = 0; l < n_layer && !err; l++) {
         const int64_t *z = sizes + 7 * l;
         err = block_step_in(block_params[l], x, x_next, v_first, att_shift[l], wkv[l], ffn_shift[l], att_shift_out[l],
-                            wkv_out[l], ffn_shift_out[l], batch, 1, C, z[1], z[2], z + 3, ln_eps, ln_x_eps,
+                            wkv_out[l], ffn_shift_out[l], batch, len, C, z[1], z[2], z + 3, ln_eps, ln_x_eps,
                             decay_scale, types[l], threads, work);
         float *done = x_next;
         x_next = x, x = done;
     }
-    if (!err) err = layer_norm(x, x, ln_out_weight, ln_out_bias, batch, C, ln_out_eps, threads);
-    if (!err) err = linear(head, head_scale, head_type, x, logits, vocab, C, batch, threads);
+    if (!err && logits) {
+        float *last = x_next; /* each sequence's last token, in the buffer the blocks are done with */
+        for (int64_t b = 0; b < batch; b++) memcpy(last + b * C, x + ((b + 1) * len - 1) * C, C * sizeof(float));
+        err = layer_norm(last, last, ln_out_weight, ln_out_bias, batch, C, ln_out_eps, threads);
+        if (!err) err = linear(head, head_scale, head_type, last, logits, vocab, C, batch, threads);
+    }
     free(work);
     return err;
 }

@@ -7,9 +7,11 @@ Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small
 (`rwkv_lm/ops/cpu_kernels.c`, compiled at first use for the instruction-set level chosen here) that stream each
 weight once per step; inputs of more than one token a row and more than MAX_DECODE_ROWS rows go through torch's
 matmul. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
-batches wider than 16 sequences in slices), and a one-token step of the model runs in one C call from its
-embedding to its logits (`StepRWKV`; ln_out is a `KernelLayerNorm`, so prompts normalize as steps do); a prompt runs each block in one C call (each token a row; a longer one in pieces of
-MAX_DECODE_ROWS rows, the state carried); anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
+batches wider than 16 sequences in slices), and a one-token step of the model, or a prompt that wants only its
+last token's logits (`last_only`), runs in one C call from its embedding to its logits (`StepRWKV`; a longer prompt
+in pieces of MAX_DECODE_ROWS rows, the state carried; ln_out is a `KernelLayerNorm`, so prompts normalize as steps
+do); a prompt with every position's logits runs each block in one C call (each token a row; in pieces as above);
+anything under autograd runs model.py's code. (The WKV-7 recurrence has its own C kernel for CPU
 inference in ops/wkv7/cpu.py, used by every model.)
 
 Batch invariance: the kernels compute each row of a product by the same operations in the same order whatever
@@ -366,26 +368,42 @@ class ModelPlan:
 
 
 class StepRWKV(RWKV):
-    """An RWKV whose one-token steps run in one C call (`model_step`: the embedding, every block as StepBlock runs
-    it, ln_out as KernelLayerNorm does, the head as KernelLinear does), so a step pays for one Python round trip
-    instead of one a block and module (0.1B shape, one sequence, 1 thread, one process against the blocks' path:
-    int4 7.2 -> 6.6 ms a step, fp32 35.4 -> 33.1; ln_out and the head in the call too: a further ~0.3 ms, the
-    modules' Python on caches the step's weights have just swept). Its state and logits are the bits the blocks
-    and modules give one by one. Prompts, autograd and anything changed since optimize() take RWKV.forward (and
-    the blocks' own fast paths)."""
+    """An RWKV whose one-token steps and `last_only` prompts run in C calls (`model_step`: the embedding, every
+    block as StepBlock runs it, the last token's ln_out as KernelLayerNorm does and its head as KernelLinear does),
+    so a step or a short prompt pays for one Python round trip instead of one a block and module (0.1B shape, one
+    sequence, 1 thread, one process against the blocks' path: int4 7.2 -> 6.6 ms a step, fp32 35.4 -> 33.1; ln_out
+    and the head in the call too: a further ~0.3 ms, the modules' Python on caches the step's weights have just
+    swept; a 33-token int8 prompt ~2.3 ms of Python around its blocks' C calls). A prompt longer than
+    MAX_DECODE_ROWS rows goes in pieces of that many, one call each, the state carried (the bits of the blocks'
+    own pieces). Its state and logits are the bits the blocks and modules give one by one. Prompts with every
+    position's logits, autograd and anything changed since optimize() take RWKV.forward (and the blocks' own fast
+    paths)."""
 
     model_plan: ModelPlan
 
     def forward(self, tokens, state=None, *, last_only: bool = False):
-        if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[1] == 1):
+        if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and (tokens.shape[1] == 1 or last_only)):
             return super().forward(tokens, state, last_only=last_only)
-        B, _ = self.check_tokens(tokens, 2)
+        B, T = self.check_tokens(tokens, 2)
         state = self.check_state(state, B)
-        args, cfg = self._step_args(), self.config
-        given = [t.contiguous() for s in state.layers for t in (s.att_shift, s.wkv, s.ffn_shift)]
-        if args is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in given):
+        args = self._step_args()
+        if args is None or not all(t.dtype == torch.float32 and t.device.type == "cpu"
+                                   for s in state.layers for t in (s.att_shift, s.wkv, s.ffn_shift)):
             return super().forward(tokens, state, last_only=last_only)  # (check_state checked the shapes)
+        ids = tokens.to(torch.int64).contiguous()
+        piece = T if T == 1 else max(1, MAX_DECODE_ROWS // B)  # (a step of any batch: model_step slices it)
+        logits = torch.empty(B, 1, self.config.vocab_size)
+        for start in range(0, T, piece):  # each piece from the state the one before it ends in
+            last = start + piece >= T
+            state = self._model_step(args, ids[:, start:start + piece].contiguous(), state, logits if last else None)
+        return logits, state
+
+    def _model_step(self, args, ids, state: RWKVState, logits) -> RWKVState:
+        """One model_step call for ids [B, len] from `state`: the new state; the last tokens' logits into `logits`
+        (None: no logits)."""
+        (B, T), cfg = ids.shape, self.config
         L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        given = [t.contiguous() for s in state.layers for t in (s.att_shift, s.wkv, s.ffn_shift)]
         # the new state: the shifts of all layers in one tensor each (a layer's a view of it), each layer's wkv in
         # its own (at B=16 all layers' would be 38 MB: past glibc's reuse limit, fresh pages every step, 20% slower)
         att, ffn, wkv = torch.empty(L, B, C), torch.empty(L, B, C), [torch.empty(B, H, N, N) for _ in range(L)]
@@ -394,12 +412,11 @@ class StepRWKV(RWKV):
         pointers += [(ctypes.c_void_p * L)(*range(att.data_ptr(), att.data_ptr() + L * row, row)),
                      (ctypes.c_void_p * L)(*map(torch.Tensor.data_ptr, wkv)),
                      (ctypes.c_void_p * L)(*range(ffn.data_ptr(), ffn.data_ptr() + L * row, row))]
-        logits = torch.empty(B, 1, cfg.vocab_size)
-        ids = tokens[:, 0].to(torch.int64).contiguous()
-        if kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, *pointers, *self.model_plan.head,
-                                                      logits.data_ptr(), torch.get_num_threads()):
-            raise RuntimeError(f"model_step could not allocate its buffers for a batch of {B}")
-        return logits, RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
+        if kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, T, *pointers, *self.model_plan.head,
+                                                      None if logits is None else logits.data_ptr(),
+                                                      torch.get_num_threads()):
+            raise RuntimeError(f"model_step could not allocate its buffers for {B} x {T} tokens")
+        return RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
 
     def _step_args(self):
         """model_step's arguments but the step's own (tokens, state, output, threads) for the tensors as they are
