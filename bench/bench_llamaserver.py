@@ -9,12 +9,13 @@ World vocabulary; both servers read the same ids), greedy, `ignore_eos` so every
 - Streams: 16 clients at once, one streaming completion each of ~32 prompt tokens (unique in the run) and 128
   tokens. Aggregate tokens/s = tokens / wall time from the first request sent to the last token; time to first
   token (TTFT) = from a request sent to the first text received.
-- Follow-up turn: one conversation at a time, nothing else running. Turn 1: a prompt of ~1,000 tokens and a
-  128-token answer (its token ids: our logprobs; llama-server's /completion `tokens`). Turn 2: turn 1's prompt + answer + a new
-  ~32-token message, as a chat client re-sends it; its TTFT is what our prefix state cache and llama-server's slot
+- Follow-up turn: `--conversations` of them a round (3), one at a time, nothing else running. Turn 1: a prompt
+  of ~1,000 tokens and a 128-token answer (its token ids: our logprobs; llama-server's /completion `tokens`).
+  Turn 2: turn 1's prompt + answer + a new ~32-token message, as a chat client re-sends it; its TTFT is what our prefix state cache and llama-server's slot
   prompt cache (with its context checkpoints for recurrent models) are for. Turn 1's TTFT is the uncached reference.
 
-Rounds alternate which server goes first; the table gives medians over the rounds and the goals' lines.
+Rounds alternate which server goes first; the table gives medians over the rounds (the follow-ups: over every
+conversation, each ratio ours / theirs on the same conversation) and the goals' lines.
 
     python bench/bench_llamaserver.py            # both precisions (builds llama-server once: see bench/llamacpp.py)
     python bench/bench_llamaserver.py --write    # and put the table at the end of bench/RESULTS.md
@@ -157,6 +158,11 @@ def follow_up_round(url: str, turn1: list[int], message: list[int], max_tokens: 
     return asyncio.run(_follow_up(url, turn1, message, max_tokens, slot, tokenizer, llama_server))
 
 
+def _counts(values: list) -> str:
+    """`1129 (all 9)` where every value is one, else the values in order."""
+    return f"{values[0]} (all {len(values)})" if len(set(values)) == 1 else ", ".join(map(str, values))
+
+
 def llama_server(gguf: Path, threads: int, slots: int, ctx_per_slot: int, log: Path) -> Server:
     """llama-server on `gguf`: `slots` parallel slots of `ctx_per_slot` tokens each, continuous batching (its
     default), prompt cache on (its default), no web UI."""
@@ -175,6 +181,8 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=32, help="about this many tokens per streams prompt")
     parser.add_argument("--conversation-tokens", type=int, default=1000, help="about the length of turn 1's prompt")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each measurement, interleaved")
+    parser.add_argument("--conversations", type=int, default=3,
+                        help="follow-up conversations a round (each its own turn 1: a first token is one sample)")
     parser.add_argument("--threads", type=int, default=2, help="threads of each server")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="0.1B")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny shape, 4 streams, 8 tokens, one round")
@@ -182,6 +190,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.shape, args.streams, args.max_tokens, args.conversation_tokens, args.rounds = "tiny", 4, 8, 64, 1
+        args.conversations = 1
         args.precisions = "fp32"
     precisions = args.precisions.split(",")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped run stops its servers too (the finally below)
@@ -213,15 +222,19 @@ def main():
                     results[precision, side] = ([], [])
                 for r in range(args.rounds):
                     batch = [tokenizer.encode(t) for t in prompts.take(args.streams)]
-                    turn1 = tokenizer.encode(Prompts(tokenizer, args.conversation_tokens).take(1)[0] + f" {r}")
-                    turn1 = [rng.randrange(1, tokenizer.vocab_size)] + turn1  # a conversation neither server has seen
-                    message = tokenizer.encode(prompts.take(1)[0])
+                    conversations = []
+                    for c in range(args.conversations):
+                        turn1 = tokenizer.encode(Prompts(tokenizer, args.conversation_tokens).take(1)[0] + f" {r}.{c}")
+                        turn1 = [rng.randrange(1, tokenizer.vocab_size)] + turn1  # one neither server has seen
+                        conversations.append((turn1, tokenizer.encode(prompts.take(1)[0])))
                     for side in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
                         url = servers[side].url
                         results[precision, side][0].append(streams_round(url, batch, args.max_tokens))
-                        results[precision, side][1].append(
-                            follow_up_round(url, turn1, message, args.max_tokens, r % args.streams, tokenizer,
-                                            llama_server=side == "llama.cpp"))
+                        for c, (turn1, message) in enumerate(conversations):
+                            slot = (r * args.conversations + c) % args.streams
+                            results[precision, side][1].append(
+                                follow_up_round(url, turn1, message, args.max_tokens, slot, tokenizer,
+                                                llama_server=side == "llama.cpp"))
                     print(f"{precision} round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}",
                           flush=True)
             finally:
@@ -242,11 +255,11 @@ def main():
             lines.append(f"| {precision if side == 'rwkv_lm' else PRECISIONS[precision]} | {side} "
                          f"| {med(s.tok_s for s in streams):.1f} | {ms(percentile(ttft, 50))} / {ms(percentile(ttft, 90))} "
                          f"| {ms(med(t.ttft_s for t in turns))} | {ms(med(t.first_ttft_s for t in turns))} "
-                         f"| {'n/a' if None in cached else ', '.join(map(str, cached))} |")
+                         f"| {'n/a' if None in cached else _counts(cached)} |")
         (ours_s, ours_t), (their_s, their_t) = results[precision, "rwkv_lm"], results[precision, "llama.cpp"]
         speed = [a.tok_s / b.tok_s for a, b in zip(ours_s, their_s)]
         follow = [a.ttft_s / b.ttft_s for a, b in zip(ours_t, their_t)]
-        span = lambda xs: "" if len(xs) == 1 else f" (rounds {min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
+        span = lambda xs: "" if len(xs) == 1 else f" (samples {min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
         goals += [f"- {'PASS' if med(speed) >= 1.5 else 'FAIL'}: {precision}, ours {med(speed):.2f}x llama-server's "
                   f"aggregate tokens/s at {args.streams} streams{span(speed)} (goal >= 1.5x)",
                   f"- {'PASS' if med(follow) <= 0.5 else 'FAIL'}: {precision}, our follow-up turn's first token in "
@@ -257,7 +270,8 @@ def main():
             f"{' / '.join(f'{x:.1f}' for x in load_end)} at the end (1 / 5 / 15 min).",
         f"Command: `{command.strip()}` ({args.shape} shape, random weights, World vocabulary; {args.streams} streams of "
         f"~{args.prompt_tokens} prompt tokens and {args.max_tokens} tokens each, greedy; turn 1 of "
-        f"~{args.conversation_tokens} tokens; medians of {args.rounds} interleaved rounds, TTFT percentiles over every "
+        f"~{args.conversation_tokens} tokens; medians of {args.rounds} interleaved rounds ({args.conversations} follow-up "
+        f"conversations a round, each ratio within its pair), TTFT percentiles over every "
         f"request of every round; {args.threads} threads each; llama-server of the llama-cpp-python "
         f"{llamacpp.LLAMA_CPP_PYTHON} sdist{', weight repacking off (llamacpp.AMX_CRASH)' * llamacpp.AMX_CRASH}, "
         f"run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})."])
