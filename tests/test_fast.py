@@ -201,6 +201,12 @@ def test_model_step_gives_way(model, monkeypatch):
         seen.clear()
     assert_close(_steps(fast, tokens)[0], expected, 1e-5, "after it")
     assert len(calls) == 3
+    fast.blocks[1].__class__ = Block  # made a plain Block again (bench_cpu.py's model.py-blocks side does this)
+    assert_close(_steps(fast, tokens)[0], expected, 1e-5, "a plain Block")
+    with torch.no_grad():
+        assert_close(fast(tokens, last_only=True)[0], model(tokens, last_only=True)[0], 1e-5, "a prompt, a plain Block")
+    assert len(calls) == 3
+    fast.blocks[1].__class__ = StepBlock
     fast.requires_grad_()
     logits, _ = fast.step(tokens[:, 0])
     logits.sum().backward()

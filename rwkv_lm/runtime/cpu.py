@@ -425,7 +425,8 @@ class StepRWKV(RWKV):
         in ~130 us; rebuilt, each block checks its own)."""
         plan = self.model_plan
         if (not all(map(operator.is_, map(dict.get, plan.parents, plan.keys), plan.children)) or any(plan.hooks)
-                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or not all(type(block) is StepBlock for block in self.blocks)):  # (one made a Block again)
             return None
         try:
             current = list(map(dict.__getitem__, plan.holders, plan.names))
