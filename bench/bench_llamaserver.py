@@ -259,11 +259,11 @@ def main():
         (ours_s, ours_t), (their_s, their_t) = results[precision, "rwkv_lm"], results[precision, "llama.cpp"]
         speed = [a.tok_s / b.tok_s for a, b in zip(ours_s, their_s)]
         follow = [a.ttft_s / b.ttft_s for a, b in zip(ours_t, their_t)]
-        span = lambda xs: "" if len(xs) == 1 else f" (samples {min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
+        span = lambda xs, of: "" if len(xs) == 1 else f" ({of} {min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
         goals += [f"- {'PASS' if med(speed) >= 1.5 else 'FAIL'}: {precision}, ours {med(speed):.2f}x llama-server's "
-                  f"aggregate tokens/s at {args.streams} streams{span(speed)} (goal >= 1.5x)",
+                  f"aggregate tokens/s at {args.streams} streams{span(speed, 'rounds')} (goal >= 1.5x)",
                   f"- {'PASS' if med(follow) <= 0.5 else 'FAIL'}: {precision}, our follow-up turn's first token in "
-                  f"{med(follow):.2f} of llama-server's time{span(follow)} (goal <= 1/2)"]
+                  f"{med(follow):.2f} of llama-server's time{span(follow, 'conversations')} (goal <= 1/2)"]
     command = "python bench/bench_llamaserver.py " + " ".join(sys.argv[1:])
     table = "\n".join(lines + [""] + goals + [
         "", f"Machine: {host}; load average {' / '.join(f'{x:.1f}' for x in load_start)} at the start, "

@@ -79,6 +79,7 @@ def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
         # each binary is made beside its place and renamed into it: a half-made one never looks built
         tmp = bin_dir / f".{target}.tmp"
         if target == "rwkv-greedy":
+            source_hash = _greedy_hash()  # (of the source compiled: one edited during the build is built next time)
             _run(["nice", "cmake", "--build", str(build_dir), "-j", jobs, "--target", "llama"], log)
             libs = [build_dir / "src" / "libllama.a"] + [build_dir / "ggml" / "src" / f"libggml{part}.a"
                                                          for part in ("", "-cpu", "-base")]
@@ -90,7 +91,7 @@ def build(targets=GREEDY, jobs: int | None = None, log=sys.stderr) -> Path:
             shutil.copy2(build_dir / "bin" / target, tmp)
         os.replace(tmp, bin_dir / target)
         if target == "rwkv-greedy":
-            (bin_dir / ".rwkv-greedy.sha256").write_text(_greedy_hash())
+            (bin_dir / ".rwkv-greedy.sha256").write_text(source_hash)
     return bin_dir
 
 

@@ -97,6 +97,8 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, *, banned: Sequence[int] = (), device="cpu"):
         self.params, self.banned, self.device = params, tuple(banned), torch.device(device)
+        if any(i < 0 for i in self.banned):
+            raise ValueError(f"banned token ids must be >= 0, got {min(self.banned)}")
         self.banned_set = frozenset(self.banned)
         self.banned_ids = torch.tensor(self.banned, dtype=torch.long, device=device)  # (made once, used every step)
         self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)

@@ -161,10 +161,10 @@ def test_model_step_is_the_blocks_steps(batch, weights, monkeypatch):
 
 
 @pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
-@pytest.mark.parametrize("batch, length", [(1, 2), (1, 33), (3, 21), (1, 150), (5, 30)])
+@pytest.mark.parametrize("batch, length", [(1, 2), (1, 33), (3, 21), (1, 150), (5, 30), (20, 3), (65, 2)])
 def test_a_last_only_prompt_in_model_step_is_the_blocks_prompt(batch, length, weights, monkeypatch):
     """A last_only prompt runs in model_step, one call per MAX_DECODE_ROWS rows (150 tokens: 64 + 64 + 22; 5 x 30:
-    pieces of 12 tokens), and gives the last tokens' logits and the state bits the blocks' own C calls give
+    pieces of 12 tokens; 20 x 3: pieces of 3; 65 x 2: pieces of one token, the C's slices of 16), and gives the last tokens' logits and the state bits the blocks' own C calls give
     (RWKV.forward), at every weight type. The state it was given is left as it was."""
     cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=32, value_lora=16,
                      gate_lora=48)
@@ -183,6 +183,24 @@ def test_a_last_only_prompt_in_model_step_is_the_blocks_prompt(batch, length, we
         assert torch.equal(t, by_blocks_state.tensors()[name]), name
     assert logits.shape == by_blocks.shape == (batch, 1, 300) and torch.equal(logits, by_blocks)
     assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
+
+
+def test_a_state_of_other_shapes_never_reaches_the_c(monkeypatch):
+    """The C step reads every layer's state at exactly [B, C] and [B, H, N, N]: a state whose later layer differs
+    (check_state looks at the first) goes to RWKV.forward, which refuses it as torch does, where the C would have
+    read past the tensor."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=64, head_size=32)
+    fast = optimize(random_model(cfg, seed=5))
+    tokens = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(5))
+    state = fast.init_state(3).map(lambda t: torch.randn(t.shape, generator=torch.Generator().manual_seed(6)))
+    state.layers[2].att_shift = state.layers[2].att_shift[:1]  # [1, C]
+    calls = _counting(monkeypatch, "model_step")
+    with torch.no_grad():
+        for args in ((tokens, state), (tokens[:, :1], state)):  # a prompt, a step
+            for forward in (fast, lambda *a, **k: RWKV.forward(fast, *a, **k)):
+                with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+                    forward(*args, last_only=True)
+    assert not calls
 
 
 def test_model_step_gives_way(model, monkeypatch):

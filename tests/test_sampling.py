@@ -74,12 +74,19 @@ def test_greedy_rows_with_banned_tokens_take_the_masked_argmax():
         assert sample(logits, rows).tolist() == masked.argmax(-1).tolist(), trial
 
 
+def test_a_negative_banned_id_is_refused():
+    with pytest.raises(ValueError, match="banned token ids must be >= 0"):
+        RowSampler(SamplingParams(temperature=0), banned=(3, -1))
+
+
 def test_greedy_tokens_are_argmax_with_ties_and_nan():
     g = torch.Generator().manual_seed(1)
     for trial in range(100):
         logits = torch.randint(0, 4, (6, 3000), generator=g).float()
         if trial % 3 == 0:
             logits[trial % 6, (trial * 37) % 3000] = float("nan")
+        if trial % 5 == 0:  # two NaNs in one row: the first wins
+            logits[0, [2999 - trial, 1500 + trial]] = float("nan")
         assert torch.equal(greedy_tokens(logits), logits.argmax(-1)), trial
 
 

@@ -54,8 +54,9 @@ from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GR
                                dequantize_int4, isa_level, kernels, round_activations)
 from ..state import LayerState, RWKVState
 
-# rows a KernelLinear (and a StepBlock) takes in the C kernels (one pass over the weights): a decode step of up
-# to this many sequences, or a prompt of up to this many tokens; beyond, torch's matmul is as fast (measured)
+# rows of several tokens a KernelLinear takes in the C kernels (one pass over the weights; rows of one token each,
+# a step's or a last_only head's, it takes at any count), and the rows of a prompt's piece in a StepBlock or
+# StepRWKV call; beyond, torch's matmul is as fast (measured)
 MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
@@ -340,7 +341,7 @@ def _fused_steps(block: Block, isa: str):
 
 @dataclass
 class ModelPlan:
-    """What a model's one-call decode step (`StepRWKV`, C `model_step`) was prepared for, and the arguments it last
+    """What a model's one-call steps and last_only prompts (`StepRWKV`, C `model_step`) were prepared for, and the arguments it last
     built. Its blocks' own StepPlans say what each block needs; this holds what the whole step adds."""
 
     isa: str
@@ -386,13 +387,16 @@ class StepRWKV(RWKV):
             return super().forward(tokens, state, last_only=last_only)
         B, T = self.check_tokens(tokens, 2)
         state = self.check_state(state, B)
-        args = self._step_args()
-        if args is None or not all(t.dtype == torch.float32 and t.device.type == "cpu"
-                                   for s in state.layers for t in (s.att_shift, s.wkv, s.ffn_shift)):
-            return super().forward(tokens, state, last_only=last_only)  # (check_state checked the shapes)
+        args, cfg = self._step_args(), self.config
+        shift, wkv = (B, cfg.n_embd), (B, cfg.n_head, cfg.head_size, cfg.head_size)
+        if (args is None or tokens.device.type != "cpu"  # (the C reads every layer's state as these exact shapes)
+                or not all(s.att_shift.shape == shift and s.ffn_shift.shape == shift and s.wkv.shape == wkv
+                           and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (s.att_shift, s.wkv, s.ffn_shift))
+                           for s in state.layers)):
+            return super().forward(tokens, state, last_only=last_only)
         ids = tokens.to(torch.int64).contiguous()
         piece = T if T == 1 else max(1, MAX_DECODE_ROWS // B)  # (a step of any batch: model_step slices it)
-        logits = torch.empty(B, 1, self.config.vocab_size)
+        logits = torch.empty(B, 1, self.model_plan.head[-1])  # (the head's outputs, what the C writes)
         for start in range(0, T, piece):  # each piece from the state the one before it ends in
             last = start + piece >= T
             state = self._model_step(args, ids[:, start:start + piece].contiguous(), state, logits if last else None)
@@ -415,7 +419,7 @@ class StepRWKV(RWKV):
         if kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, T, *pointers, *self.model_plan.head,
                                                       None if logits is None else logits.data_ptr(),
                                                       torch.get_num_threads()):
-            raise RuntimeError(f"model_step could not allocate its buffers for {B} x {T} tokens")
+            raise RuntimeError(f"model_step failed for {B} x {T} tokens (its buffers could not be allocated)")
         return RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
 
     def _step_args(self):
