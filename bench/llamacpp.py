@@ -19,6 +19,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from rwkv_lm.ops.cpu_kernels import cpu_flags
+
 # the sdist whose vendor/llama.cpp we build: pinned, so the cache key names one llama.cpp
 LLAMA_CPP_PYTHON = "0.3.36"
 # what the tests need; what bench_llamacpp.py needs; what bench_llamaserver.py needs
@@ -40,7 +42,7 @@ CMAKE_OPTIONS = [
 # and a library call alike (seen on a 2-core Xeon with AMX, 2026-12-04; llama.cpp issue #20824, closed without a
 # fix; our small LoRAs kept f32 as llama-quantize keeps them crash too). There the tools run with repacking off
 # (`--repack 0`, `--no-repack`): llama.cpp's AVX-512 kernels, the fastest llama.cpp that runs there.
-AMX_CRASH = Path("/proc/cpuinfo").is_file() and "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+AMX_CRASH = "amx_int8" in cpu_flags()
 
 
 def built(targets=GREEDY) -> Path | None:

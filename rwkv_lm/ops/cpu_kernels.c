@@ -1193,6 +1193,10 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
 #undef PHASE
 }
 
+/* the token rows of one call of block_step_slice: a step's slice of up to MAX_BATCH sequences, or every token of a
+ * prompt */
+INLINE int64_t slice_rows(int64_t batch, int64_t len) { return (len == 1 && batch > MAX_BATCH ? MAX_BATCH : batch) * len; }
+
 /* the floats block_step's workspace holds for `rows` token rows: the 17 [rows, C] vectors of block_step_slice and
  * its widest hidden vector (the LoRAs' and the channel mix's), plus VW to spare */
 static int64_t workspace_floats(int64_t rows, int64_t C, int64_t ffn, const int64_t *ranks) {
@@ -1228,8 +1232,7 @@ int block_step(const void *const *params, const float *x, float *x_out, float *v
                int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps, float decay_scale, int type, int threads) {
     if (C % 16 || n % 16 || C % n || len < 1) return 1;
     const int64_t ranks[] = {rank_w, rank_a, rank_v, rank_g};
-    const int64_t rows = (len == 1 && batch > MAX_BATCH ? MAX_BATCH : batch) * len;
-    float *work = malloc(sizeof(float) * workspace_floats(rows, C, ffn, ranks));
+    float *work = malloc(sizeof(float) * workspace_floats(slice_rows(batch, len), C, ffn, ranks));
     if (!work) return 2;
     const int err = block_step_in(params, x, x_out, v_first, att_shift, wkv, ffn_shift, att_shift_out, wkv_out,
                                   ffn_shift_out, batch, len, C, n, ffn, ranks, ln_eps, ln_x_eps, decay_scale, type,
@@ -1276,8 +1279,7 @@ int model_step(int64_t n_layer, const void *const *const *block_params, const in
                const float *ln_out_weight, const float *ln_out_bias, float ln_out_eps, const void *head,
                const float *head_scale, int head_type, int64_t vocab, float *logits, int threads) {
     if (len < 1) return 1;
-    const int64_t C = sizes[0], tokens_in = batch * len;
-    const int64_t rows = len == 1 ? (batch < MAX_BATCH ? batch : MAX_BATCH) : tokens_in; /* (block_step_in's slices) */
+    const int64_t C = sizes[0], tokens_in = batch * len, rows = slice_rows(batch, len);
     int64_t floats = 0;
     for (int64_t l = 0; l < n_layer; l++) {
         const int64_t *z = sizes + 7 * l, need = workspace_floats(rows, z[0], z[2], z + 3);
@@ -1300,7 +1302,7 @@ int model_step(int64_t n_layer, const void *const *const *block_params, const in
     }
     if (!err && logits) {
         float *last = x_next; /* each sequence's last token, in the buffer the blocks are done with */
-        for (int64_t b = 0; b < batch; b++) memcpy(last + b * C, x + ((b + 1) * len - 1) * C, C * sizeof(float));
+        last_tokens(last, x, batch, len, C);
         err = layer_norm(last, last, ln_out_weight, ln_out_bias, batch, C, ln_out_eps, threads);
         if (!err) err = linear(head, head_scale, head_type, last, logits, vocab, C, batch, threads);
     }

@@ -75,10 +75,16 @@ SIGNATURES = {
 
 
 @cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's /proc/cpuinfo flags (none where it cannot be read)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return frozenset(cpuinfo.read_text().split()) if cpuinfo.exists() else frozenset()
+
+
+@cache
 def cpu_level() -> str:
     """The best level of LEVELS this CPU runs (its /proc/cpuinfo flags; generic where they cannot be read)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    flags = cpu_flags()
     level = "generic"
     for candidate in LEVELS[1:]:
         if not LEVEL_FLAGS[candidate] <= flags:

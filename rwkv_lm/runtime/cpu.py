@@ -173,6 +173,13 @@ class KernelLayerNorm(nn.LayerNorm):
         return out
 
 
+def _c_reads(state: LayerState, B: int, C: int, H: int, N: int) -> bool:
+    """Whether a layer's state is what the C step reads it as: fp32 on the CPU, [B, C] shifts and a [B, H, N, N]
+    wkv (the C would read another shape past its end)."""
+    return (state.att_shift.shape == (B, C) and state.ffn_shift.shape == (B, C) and state.wkv.shape == (B, H, N, N)
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (state.att_shift, state.wkv, state.ffn_shift)))
+
+
 @dataclass
 class StepPlan:
     """What a block's C step was prepared for (by `_fused_steps`), and the pointer array it last built."""
@@ -216,8 +223,7 @@ class StepBlock(Block):
                 or "block_step" not in kernels(plan.isa)
                 or any(m._forward_hooks or m._forward_pre_hooks for m in plan.modules)  # the C would skip them
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or state.att_shift.shape != (B, C) or state.ffn_shift.shape != (B, C) or state.wkv.shape != (B, H, N, N)
-                or state.att_shift.dtype != fp32 or state.ffn_shift.dtype != fp32 or state.wkv.dtype != fp32):
+                or not _c_reads(state, B, C, H, N)):
             return super().forward(x, v_first, state)  # training, or anything changed
         # a longer prompt in pieces of up to MAX_DECODE_ROWS rows, the state carried: against model.py's ops and
         # torch's matmul, fp32 128 tokens 1.8x faster, 512 1.4x; int8 (dequantized there) 2.7x and 1.8x
@@ -388,14 +394,11 @@ class StepRWKV(RWKV):
         B, T = self.check_tokens(tokens, 2)
         state = self.check_state(state, B)
         args, cfg = self._step_args(), self.config
-        shift, wkv = (B, cfg.n_embd), (B, cfg.n_head, cfg.head_size, cfg.head_size)
-        if (args is None or tokens.device.type != "cpu"  # (the C reads every layer's state as these exact shapes)
-                or not all(s.att_shift.shape == shift and s.ffn_shift.shape == shift and s.wkv.shape == wkv
-                           and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (s.att_shift, s.wkv, s.ffn_shift))
-                           for s in state.layers)):
+        if (args is None or tokens.device.type != "cpu"  # (check_state looks at the first layer only)
+                or not all(_c_reads(s, B, cfg.n_embd, cfg.n_head, cfg.head_size) for s in state.layers)):
             return super().forward(tokens, state, last_only=last_only)
         ids = tokens.to(torch.int64).contiguous()
-        piece = T if T == 1 else max(1, MAX_DECODE_ROWS // B)  # (a step of any batch: model_step slices it)
+        piece = max(1, MAX_DECODE_ROWS // B)  # (a step is one piece at any batch: model_step slices it)
         logits = torch.empty(B, 1, self.model_plan.head[-1])  # (the head's outputs, what the C writes)
         for start in range(0, T, piece):  # each piece from the state the one before it ends in
             last = start + piece >= T
