@@ -40,6 +40,8 @@ def test_follow_up_turn_reads_the_answer_back_and_hits_our_cache(our_server, wor
     # the answer's ids came back from the logprobs (else turn 2 would not extend turn 1 and nothing would be cached)
     assert turn.cached_tokens >= len(turn1), turn
     assert turn.ttft_s > 0 and turn.first_ttft_s > 0
+    # the send comes after the call (the client's own work on the ids between), the first text after both
+    assert 0 < turn.sent_ttft_s < turn.ttft_s
 
 
 def test_answer_ids_from_our_logprobs_shape(world):
