@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, SOURCE, cpu_level, isa_level, kernels
+from rwkv_lm.ops.cpu_kernels import COMPILE_FLAGS, ISA_ENV, LEVELS, SOURCE, cpu_level, isa_level, kernels
 
 
 def test_isa_cap(monkeypatch):
@@ -35,3 +35,40 @@ def test_kernels_cross_compile_for_aarch64(tmp_path, march):
     symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
     for name in ("gemv_f32", "gemv_bf16", "gemv_i8", "wkv7_f32", "block_step", "block_step_params", "rows_per_pass"):
         assert f" {name}\n" in symbols, f"{name} missing from the aarch64 build"
+
+
+@pytest.mark.skipif(LEVELS[-1] != "amx", reason="x86 levels only")
+@pytest.mark.parametrize("level", LEVELS)
+def test_kernels_compile_at_every_x86_level(tmp_path, level):
+    """Every level's code compiles warning-free, those above this CPU's too (built, never run: a CI machine
+    without AMX still compiles the AMX tiles' code)."""
+    build = subprocess.run(["cc", "-O3", *COMPILE_FLAGS[level], "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wall",
+                            "-Wextra", "-Werror", "-o", str(tmp_path / "k.so"), str(SOURCE), "-lm"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+
+
+def test_a_compiler_without_a_levels_flags_builds_the_level_below(tmp_path, monkeypatch):
+    """A compiler older than the CPU (no -mamx-tile before GCC 11) gives the level below, with a warning that
+    says so, not torch ops."""
+    import os
+    import stat
+
+    from rwkv_lm.ops import cpu_kernels
+
+    top, below = LEVELS[-1], LEVELS[-2]
+    flag = next(f for f in COMPILE_FLAGS[top] if f not in COMPILE_FLAGS[below])
+    fake = tmp_path / "bin" / "cc"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ncase \" $* \" in *\" {flag} \"*) echo \"cc: error: unrecognized option '{flag}'\" >&2; "
+                    f"exit 1;; esac\nexec {shutil.which('cc')} \"$@\"\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HOME", str(tmp_path))  # (a cache of its own)
+    cpu_kernels._build.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"could not be built for {top} .*{flag}.*built for {below} instead"):
+            built = cpu_kernels._build(top)  # loaded, not run: this CPU need not have the level
+        assert built.level == below and set(built) == set(cpu_kernels.SIGNATURES)
+    finally:
+        cpu_kernels._build.cache_clear()

@@ -26,7 +26,7 @@ from conftest import assert_close
 # every level builds every kernel; the levels differ in vector width and in the bf16 product
 ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "layer_norm",
                "mask_logits"}
-VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "neon": 4}
+VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "amx": 16, "neon": 4}
 BF16_MODEL_RTOL = 5e-3  # (see assert_bf16_close)
 BF16_RTOL = 1e-5  # one bf16 product against torch's on the same rounded inputs: exact products, sums in another order
 BF16_MATMUL_RTOL = 3e-2  # oneDNN's bf16 matmul (a long prompt's logits at every position) rounds the activations too

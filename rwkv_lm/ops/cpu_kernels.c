@@ -6,7 +6,7 @@
  * rows. One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
  * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
- * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product where the CPU has it), int8
+ * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product or AMX's tiles where the CPU has them), int8
  * with one fp32 scale per output row, or int4 with one fp32 scale per INT4_GROUP inputs of a row (dequantized
  * in registers); activations are fp32, but bf16 products round them to bf16 (round_to_bf16), and the int4 and
  * int8 products on CPUs with VNNI (gemv_vnni) to int8 per ACT_GROUP inputs. */
@@ -634,6 +634,126 @@ static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out
 }
 #endif
 
+#ifdef __AMX_BF16__
+/* On CPUs with AMX (Sapphire Rapids and later Xeons), bf16 products run on its tiles: TDPBF16PS multiplies a
+ * 16 x 32 tile of W (16 rows of it, 64 bytes each, read in place: W's own layout) by a 32 x 16 tile of x and adds
+ * into 16 x 16 fp32 sums, 8,192 products an instruction. A pass of 64 rows of x over the 0.1B block's 3072 x 768
+ * key takes 0.74 ms on one core against 3.1 with vdpbf16ps, and one row of x (decode) reads W as fast as that
+ * kernel (13-15 GB/s either; 0.1B prompts 2.6-3.2x as fast, decode level: bench/RESULTS.md, issue 20's ninth pass). Every batch takes this path, one
+ * row of x too, so each output is still the same operations whatever the batch: x's columns of a tile never
+ * meet, and each sum runs over the chunks of 32 inputs in order (the tile's own order of adding, which no
+ * sequence of fp32 additions we tried reproduces, differs from vdpbf16ps's: bits differ from the
+ * avx512_bf16 level's, as every level's do). Linux lends a process the tiles' 8 KB of state only when
+ * asked (arch_prctl); where it refuses, the process keeps vdpbf16ps throughout. */
+#include <sys/syscall.h>
+#include <immintrin.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define AMX_ROWS 16 /* rows of W in a tile (and of x in its other operand) */
+#define AMX_AHEAD 2 /* the tile of W AMX_AHEAD on is prefetched into L2, a line a row with each chunk of this one */
+
+static int amx_granted(void) { /* asked once a process, from the caller's thread, before any worker uses a tile */
+    static atomic_int granted = -1;
+    int g = atomic_load(&granted);
+    if (g < 0) atomic_store(&granted, g = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0);
+    return g;
+}
+
+/* every tile register 16 rows of 64 bytes: 0-3 the sums of up to 4 x 16 rows of x, 4 W, 5 and 7 x */
+static void amx_configure(void) {
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t bytes_per_row[16]; uint8_t rows[16]; } config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = AMX_ROWS;
+    _tile_loadconfig(&config);
+}
+
+struct amx_job {
+    const uint16_t *W, *last; /* last: the final 16 rows, zero past W's end where its rows are no multiple of 16 */
+    const uint32_t *x;        /* x in pairs: [ceil(batch / 16)][in / 2][16] (two bf16 inputs of one row per word) */
+    float *y;
+    int64_t out, in, batch;
+};
+
+/* x [batch, in] fp32 -> bf16 (round to nearest even) in the layout of the tiles' second operand: for each 16 rows
+ * of x, word [i / 2][r] holds inputs i and i + 1 of row r; rows past the batch are zero */
+static void to_bf16_pairs(const float *x, uint16_t *bf16, uint32_t *pairs, int64_t batch, int64_t in) {
+    const int64_t blocks = (batch + AMX_ROWS - 1) / AMX_ROWS;
+    memset(pairs, 0, blocks * in / 2 * AMX_ROWS * sizeof(uint32_t));
+    to_bf16(x, bf16, batch * in);
+    for (int64_t b = 0; b < batch; b++) {
+        uint32_t *to = pairs + (b / AMX_ROWS) * (in / 2) * AMX_ROWS + b % AMX_ROWS;
+        for (int64_t i = 0; i < in / 2; i++) memcpy(to + i * AMX_ROWS, bf16 + b * in + 2 * i, sizeof(uint32_t));
+    }
+}
+
+/* one tile's rows of W (w: 16 rows of `in`) against `blocks` x 16 rows of x into sums[0 .. blocks - 1][16][16] */
+static void amx_tile(const uint16_t *w, const uint32_t *x, int64_t in, int blocks, const uint16_t *later,
+                     float sums[4][AMX_ROWS][AMX_ROWS]) {
+    const int64_t stride = in * sizeof(uint16_t), block = in / 2 * AMX_ROWS;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t i = 0; i < in; i += 32) {
+        for (int r = 0; later && r < AMX_ROWS; r++) _mm_prefetch((const char *)(later + r * in + i), _MM_HINT_T1);
+        const uint32_t *xi = x + i / 2 * AMX_ROWS;
+        _tile_loadd(4, w + i, stride);
+        _tile_loadd(5, xi, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (blocks > 1) {
+            _tile_loadd(7, xi + block, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (blocks > 2) {
+            _tile_loadd(5, xi + 2 * block, 64);
+            _tile_dpbf16ps(2, 4, 5);
+        }
+        if (blocks > 3) {
+            _tile_loadd(7, xi + 3 * block, 64);
+            _tile_dpbf16ps(3, 4, 7);
+        }
+    }
+    _tile_stored(0, sums[0], 64);
+    if (blocks > 1) _tile_stored(1, sums[1], 64);
+    if (blocks > 2) _tile_stored(2, sums[2], 64);
+    if (blocks > 3) _tile_stored(3, sums[3], 64);
+}
+
+static void gemv_bf16_amx_part(const void *job, int64_t begin, int64_t end) {
+    const struct amx_job *j = job;
+    const int64_t in = j->in, out = j->out, batch = j->batch, tiles = (out + AMX_ROWS - 1) / AMX_ROWS;
+    const int blocks = (int)((batch + AMX_ROWS - 1) / AMX_ROWS);
+    float sums[4][AMX_ROWS][AMX_ROWS] __attribute__((aligned(64)));
+    amx_configure();
+    for (int64_t t = begin; t < end; t++) {
+        const int64_t o = t * AMX_ROWS, rows = out - o < AMX_ROWS ? out - o : AMX_ROWS;
+        const uint16_t *w = rows < AMX_ROWS ? j->last : j->W + o * in;
+        const uint16_t *later = t + AMX_AHEAD < tiles - 1 ? j->W + (o + AMX_AHEAD * AMX_ROWS) * in : NULL;
+        amx_tile(w, j->x, in, blocks, later, sums);
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t r = 0; r < rows; r++) j->y[b * out + o + r] = sums[b / AMX_ROWS][r][b % AMX_ROWS];
+    }
+    _tile_release(); /* the thread gives its tile state back (else every context switch saves 8 KB more) */
+}
+
+/* up to ROWS_PER_PASS rows of x (4 x 16: tile registers 0-3); returns 2 where a buffer could not be allocated */
+static int gemv_bf16_amx(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
+                         int threads) {
+    const int64_t blocks = (batch + AMX_ROWS - 1) / AMX_ROWS, rows = out % AMX_ROWS;
+    uint32_t *pairs = malloc(blocks * in / 2 * AMX_ROWS * sizeof(uint32_t));
+    uint16_t *bf16 = malloc(batch * in * sizeof(uint16_t)), *last = rows ? calloc(AMX_ROWS * in, sizeof(uint16_t)) : NULL;
+    if (!pairs || !bf16 || (rows && !last)) {
+        free(pairs), free(bf16), free(last);
+        return 2;
+    }
+    to_bf16_pairs(x, bf16, pairs, batch, in);
+    if (rows) memcpy(last, W + (out - rows) * in, rows * in * sizeof(uint16_t));
+    const struct amx_job job = {W, last, pairs, y, out, in, batch};
+    parallel((out + AMX_ROWS - 1) / AMX_ROWS, threads, out * in, gemv_bf16_amx_part, &job);
+    free(pairs), free(bf16), free(last);
+    return 0;
+}
+#endif
+
 #ifdef __AVX512VNNI__
 /* int4 and int8 weights on CPUs with VNNI (vpdpbusd: four u8 x s8 products summed into each int32 lane): the
  * activations are quantized once per product to int8, one fp32 scale per ACT_GROUP inputs of a row (the
@@ -849,6 +969,9 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
         return 0;
     }
     if (type == BF16) {
+#ifdef __AMX_BF16__
+        if (in % 32 == 0 && amx_granted()) return gemv_bf16_amx(W, x, y, out, in, batch, threads);
+#endif
 #ifdef __AVX512BF16__
         if (in % 32 == 0) return gemv_bf16_dp(W, x, y, out, in, batch, threads);
 #endif

@@ -28,13 +28,14 @@ if platform.machine() in ("aarch64", "arm64"):
     LEVEL_FLAGS = {"neon": {"asimd"}}
     COMPILE_FLAGS = {"generic": ["-march=armv8-a+nosimd"], "neon": []}
 else:
-    # (every CPU with avx512_bf16 has VNNI too: Cooper Lake, Sapphire Rapids, Zen 4)
-    LEVELS = ("generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16")
+    # (every CPU with avx512_bf16 has VNNI too: Cooper Lake, Sapphire Rapids, Zen 4; every one with AMX has both)
+    LEVELS = ("generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
     LEVEL_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f"}, "avx512_vnni": {"avx512_vnni"},
-                   "avx512_bf16": {"avx512_bf16"}}
+                   "avx512_bf16": {"avx512_bf16"}, "amx": {"amx_tile", "amx_bf16"}}
     COMPILE_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mfma"],
                      "avx512_vnni": ["-mavx512f", "-mfma", "-mavx512vnni"],
-                     "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16"]}
+                     "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16"],
+                     "amx": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]}
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
 # checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group and block_step_params)
@@ -124,6 +125,30 @@ def kernels(level: str | None = None) -> dict:
 
 @cache
 def _build(level: str) -> dict:
+    # a compiler older than the CPU (AMX needs GCC 11 or clang 12) builds the level below instead, with a warning
+    why = {}
+    for built in reversed(LEVELS[:LEVELS.index(level) + 1]):
+        library, why[built] = _compile(built)
+        if library is not None:
+            break
+    else:
+        warnings.warn(f"rwkv_lm: the CPU kernels ({level}) could not be built ({why[level].strip()[:200]}); "
+                      "using torch ops instead (slower; bf16 weights: bf16-rounded activations)")
+        return {}
+    if built != level:
+        warnings.warn(f"rwkv_lm: the CPU kernels could not be built for {level} ({why[level].strip()[:200]}); "
+                      f"built for {built} instead")
+    _check_interface(library)
+    found = {}
+    for name, argtypes in SIGNATURES.items():
+        kernel = found[name] = getattr(library, name)
+        kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
+    return Kernels(found, built, ctypes.c_int.in_dll(library, "vector_width").value,
+                   bool(ctypes.c_int.in_dll(library, "int8_activations").value))
+
+
+def _compile(level: str) -> tuple[ctypes.CDLL | None, str]:
+    """The kernels built for `level` and loaded (cached by source and command), or None and why not."""
     source = SOURCE.read_bytes()
     cache_dir = Path.home() / ".cache" / "rwkv_lm"
     base = ["cc", "-O3", *COMPILE_FLAGS[level], "-pthread", "-shared", "-fPIC"]
@@ -137,21 +162,10 @@ def _build(level: str) -> dict:
                 tmp = lib.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never write one file
                 subprocess.run(command + ["-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
                 tmp.replace(lib)
-            library = ctypes.CDLL(str(lib))
-            break
+            return ctypes.CDLL(str(lib)), ""
         except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or e
-    else:
-        warnings.warn(f"rwkv_lm: the CPU kernels ({level}) could not be built ({str(detail).strip()[:200]}); "
-                      "using torch ops instead (slower; bf16 weights: bf16-rounded activations)")
-        return {}
-    _check_interface(library)
-    found = {}
-    for name, argtypes in SIGNATURES.items():
-        kernel = found[name] = getattr(library, name)
-        kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
-    return Kernels(found, level, ctypes.c_int.in_dll(library, "vector_width").value,
-                   bool(ctypes.c_int.in_dll(library, "int8_activations").value))
+            detail = getattr(e, "stderr", "") or str(e)
+    return None, detail
 
 
 def _check_interface(library):

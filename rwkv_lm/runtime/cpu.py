@@ -22,7 +22,8 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes) and multiply their inputs
   rounded to bf16 (as llama.cpp's BF16 and torch's bf16 matmul do), with fp32 sums; everything else stays fp32.
   A step widens both to fp32 in registers (with avx512_bf16: feeds them to its dot product, twice the products
-  of an FMA), and so does a prompt; every level rounds alike.
+  of an FMA; with AMX: to its tiles, 16 rows of W by up to 16 of x an instruction), and so does a prompt; every
+  level rounds alike.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
   fp32 in registers, prompts too; torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
@@ -32,7 +33,7 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   scale per output: the Parameters are rounded to those values (model.py multiplies them), the C step reads int8
   copies of them against fp32 inputs, made again after a LoRA changes (a fifth of a 0.1B int4 step's bytes before:
   97 -> 82 MB a token; the default model's bits per byte unchanged, bench/RESULTS.md).
-- int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16): their Linear products round the activations to int8,
+- int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16, amx): their Linear products round the activations to int8,
   one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd), several times fewer
   instructions than widening the weights; torch's matmul for long prompts rounds them alike, so every path gives
   the same logits. The other levels keep fp32 activations.
