@@ -48,23 +48,14 @@ def test_kernels_compile_at_every_x86_level(tmp_path, level):
     assert build.returncode == 0, build.stderr
 
 
-def test_a_compiler_without_a_levels_flags_builds_the_level_below(tmp_path, monkeypatch):
+def test_a_compiler_without_a_levels_flags_builds_the_level_below(refusing_compiler):
     """A compiler older than the CPU (no -mamx-tile before GCC 11) gives the level below, with a warning that
     says so, not torch ops."""
-    import os
-    import stat
-
     from rwkv_lm.ops import cpu_kernels
 
     top, below = LEVELS[-1], LEVELS[-2]
     flag = next(f for f in COMPILE_FLAGS[top] if f not in COMPILE_FLAGS[below])
-    fake = tmp_path / "bin" / "cc"
-    fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\ncase \" $* \" in *\" {flag} \"*) echo \"cc: error: unrecognized option '{flag}'\" >&2; "
-                    f"exit 1;; esac\nexec {shutil.which('cc')} \"$@\"\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("HOME", str(tmp_path))  # (a cache of its own)
+    refusing_compiler(flag, f"cc: error: unrecognized command-line option '{flag}'")
     cpu_kernels._build.cache_clear()
     try:
         with pytest.warns(UserWarning, match=f"could not be built for {top} .*{flag}.*built for {below} instead"):

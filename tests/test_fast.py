@@ -717,12 +717,9 @@ def test_without_a_c_compiler(model, monkeypatch):
     assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "step logits")
 
 
-def test_a_compiler_without_openmp(isa, tmp_path, monkeypatch):
+def test_a_compiler_without_openmp(isa, refusing_compiler):
     """Apple's clang has no -fopenmp: the kernels are built without it and every loop, the main thread's too, runs
     on their own threads, with the bits of the OpenMP build."""
-    import shutil
-    import stat
-
     from rwkv_lm.ops import cpu_kernels
 
     if isa != "generic":
@@ -734,14 +731,7 @@ def test_a_compiler_without_openmp(isa, tmp_path, monkeypatch):
     torch.set_num_threads(2)
     try:
         expected = _steps_from(fast, tokens)
-        calls = tmp_path / "calls"
-        fake = tmp_path / "bin" / "cc"
-        fake.parent.mkdir()
-        fake.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\ncase \" $* \" in *\" -fopenmp \"*) "
-                        f"echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1;; esac\nexec {shutil.which('cc')} \"$@\"\n")
-        fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-        monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-        monkeypatch.setenv("HOME", str(tmp_path))  # (a cache of its own)
+        calls = refusing_compiler("-fopenmp", "clang: error: unsupported option '-fopenmp'")
         cpu_kernels._build.cache_clear()
         assert kernels(), "no kernels without -fopenmp"
         tried = calls.read_text().splitlines()
