@@ -634,6 +634,34 @@ static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out
 }
 #endif
 
+#ifdef __AMX_TILE__
+/* AMX's tiles (Sapphire Rapids and later Xeons), for bf16 and int8 products below. Linux lends a process the
+ * tiles' 8 KB of state only when asked (arch_prctl); where it refuses, the process keeps the AVX-512 kernels
+ * throughout. */
+#include <sys/syscall.h>
+#include <immintrin.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define AMX_ROWS 16 /* rows of W in a tile (and of x in its other operand) */
+#define AMX_AHEAD 2 /* the tile of W AMX_AHEAD on is prefetched into L2, a line a row with each step of this one */
+
+static int amx_granted(void) { /* asked once a process, from the caller's thread, before any worker uses a tile */
+    static atomic_int granted = -1;
+    int g = atomic_load(&granted);
+    if (g < 0) atomic_store(&granted, g = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0);
+    return g;
+}
+
+/* every tile register 16 rows: 4 holds W (64 bytes a row), the others x or sums, x_bytes a row (bf16: 64, 16 rows
+ * of x in pairs; int8: 4 a row of x, in quads). bf16 uses 0-3 for sums, 5 and 7 for x; int8 0 and 5. */
+static void amx_configure(int x_bytes) {
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t bytes_per_row[16]; uint8_t rows[16]; } config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = t == 4 ? 64 : x_bytes, config.rows[t] = AMX_ROWS;
+    _tile_loadconfig(&config);
+}
+
+#endif
+
 #ifdef __AMX_BF16__
 /* On CPUs with AMX (Sapphire Rapids and later Xeons), bf16 products run on its tiles: TDPBF16PS multiplies a
  * 16 x 32 tile of W (16 rows of it, 64 bytes each, read in place: W's own layout) by a 32 x 16 tile of x and adds
@@ -643,29 +671,7 @@ static int gemv_bf16_dp(const uint16_t *W, const float *x, float *y, int64_t out
  * row of x too, so each output is still the same operations whatever the batch: x's columns of a tile never
  * meet, and each sum runs over the chunks of 32 inputs in order (the tile's own order of adding, which no
  * sequence of fp32 additions we tried reproduces, differs from vdpbf16ps's: bits differ from the
- * avx512_bf16 level's, as every level's do). Linux lends a process the tiles' 8 KB of state only when
- * asked (arch_prctl); where it refuses, the process keeps vdpbf16ps throughout. */
-#include <sys/syscall.h>
-#include <immintrin.h>
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-#define AMX_ROWS 16 /* rows of W in a tile (and of x in its other operand) */
-#define AMX_AHEAD 2 /* the tile of W AMX_AHEAD on is prefetched into L2, a line a row with each chunk of this one */
-
-static int amx_granted(void) { /* asked once a process, from the caller's thread, before any worker uses a tile */
-    static atomic_int granted = -1;
-    int g = atomic_load(&granted);
-    if (g < 0) atomic_store(&granted, g = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0);
-    return g;
-}
-
-/* every tile register 16 rows of 64 bytes: 0-3 the sums of up to 4 x 16 rows of x, 4 W, 5 and 7 x */
-static void amx_configure(void) {
-    struct { uint8_t palette, start_row, reserved[14]; uint16_t bytes_per_row[16]; uint8_t rows[16]; } config = {.palette = 1};
-    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = AMX_ROWS;
-    _tile_loadconfig(&config);
-}
-
+ * avx512_bf16 level's, as every level's do). */
 struct amx_job {
     const uint16_t *W, *last; /* last: the final 16 rows, zero past W's end where its rows are no multiple of 16 */
     const uint32_t *x;        /* x in pairs: [ceil(batch / 16)][in / 2][16] (two bf16 inputs of one row per word) */
@@ -723,7 +729,7 @@ static void gemv_bf16_amx_part(const void *job, int64_t begin, int64_t end) {
     const int64_t in = j->in, out = j->out, batch = j->batch, tiles = (out + AMX_ROWS - 1) / AMX_ROWS;
     const int blocks = (int)((batch + AMX_ROWS - 1) / AMX_ROWS);
     float sums[4][AMX_ROWS][AMX_ROWS] __attribute__((aligned(64)));
-    amx_configure();
+    amx_configure(64);
     for (int64_t t = begin; t < end; t++) {
         const int64_t o = t * AMX_ROWS, rows = out - o < AMX_ROWS ? out - o : AMX_ROWS;
         const uint16_t *w = rows < AMX_ROWS ? j->last : j->W + o * in;
@@ -961,6 +967,108 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
 }
 #endif
 
+#ifdef __AMX_INT8__
+/* int8 weights on AMX: TDPBSSD multiplies 16 rows of W (64 inputs, one activation group, read in place) by the
+ * quantized x of up to 16 rows into the group's exact int32 sums, 16,384 products an instruction. Each output then
+ * takes its groups in order, acc = fma(sum, the row of x's group scale, acc), and its weight row's scale last. Every
+ * batch takes this path at the amx level (decode too), so each output is the same operations whatever the batch;
+ * the VNNI levels' float sums run per lane of 4 products instead, so the bits differ between them. */
+struct amx_i8_job {
+    const int8_t *W, *last; /* last: the final 16 rows, zero past W's end (as struct amx_job) */
+    const float *scale;
+    const int8_t *xq; /* x quantized, in quads: [16-row blocks][groups][16 quads][cols][4] */
+    const float *xs;  /* its scales: [16-row blocks][groups][16] (zero past the batch) */
+    float *y;
+    int64_t out, in, batch;
+    int cols; /* columns of x a tile holds: the batch, up to 16 */
+};
+
+/* x [batch, in] quantized as quantize_act does, into the quads and scales of struct amx_i8_job */
+static int quantize_act_quads(const float *x, int8_t *xq, float *xs, int64_t batch, int64_t in, int cols) {
+    const int64_t groups = in / ACT_GROUP, blocks = (batch + AMX_ROWS - 1) / AMX_ROWS;
+    int8_t *q = malloc(in + groups * sizeof(float));
+    if (!q) return 2;
+    float *s = (float *)(q + in);
+    memset(xq, 0, blocks * groups * AMX_ROWS * cols * 4), memset(xs, 0, blocks * groups * AMX_ROWS * sizeof(float));
+    for (int64_t b = 0; b < batch; b++) {
+        quantize_act(x + b * in, q, s, in);
+        const int64_t block = b / AMX_ROWS, n = b % AMX_ROWS;
+        for (int64_t g = 0; g < groups; g++) {
+            xs[(block * groups + g) * AMX_ROWS + n] = s[g];
+            int8_t *to = xq + ((block * groups + g) * AMX_ROWS * cols + n) * 4;
+            for (int k = 0; k < ACT_GROUP / 4; k++) memcpy(to + k * cols * 4, q + g * ACT_GROUP + 4 * k, 4);
+        }
+    }
+    free(q);
+    return 0;
+}
+
+static void gemv_i8_amx_part(const void *job, int64_t begin, int64_t end) {
+    const struct amx_i8_job *j = job;
+    const int64_t in = j->in, out = j->out, batch = j->batch, groups = in / ACT_GROUP, tiles = (out + AMX_ROWS - 1) / AMX_ROWS;
+    const int cols = j->cols, x_bytes = 4 * cols;
+    const __mmask16 valid = (__mmask16)((1u << cols) - 1);
+    int32_t sums[AMX_ROWS][AMX_ROWS] __attribute__((aligned(64)));
+    amx_configure(x_bytes);
+    for (int64_t t = begin; t < end; t++) {
+        const int64_t o = t * AMX_ROWS, rows = out - o < AMX_ROWS ? out - o : AMX_ROWS;
+        const int8_t *w = rows < AMX_ROWS ? j->last : j->W + o * in;
+        const int8_t *later = t + AMX_AHEAD < tiles - 1 ? j->W + (o + AMX_AHEAD * AMX_ROWS) * in : NULL;
+        for (int64_t block = 0; block * AMX_ROWS < batch; block++) {
+            __m512 acc[AMX_ROWS]; /* cols == 1: acc[0] holds the 16 outputs; else acc[m]: output m, one lane per column */
+            for (int m = 0; m < AMX_ROWS; m++) acc[m] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < groups; g++) {
+                for (int r = 0; later && block == 0 && r < AMX_ROWS; r++)
+                    _mm_prefetch((const char *)(later + r * in + g * ACT_GROUP), _MM_HINT_T1);
+                const int64_t at = block * groups + g;
+                _tile_loadd(4, w + g * ACT_GROUP, in);
+                _tile_loadd(5, j->xq + at * AMX_ROWS * x_bytes, x_bytes);
+                _tile_zero(0);
+                _tile_dpbssd(0, 4, 5);
+                _tile_stored(0, sums, x_bytes);
+                if (cols == 1) /* the 16 outputs' sums lie in a row */
+                    acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums)), _mm512_set1_ps(j->xs[at * AMX_ROWS]), acc[0]);
+                else {
+                    const __m512 xs = _mm512_loadu_ps(j->xs + at * AMX_ROWS);
+                    for (int m = 0; m < AMX_ROWS; m++)
+                        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(valid, (const int32_t *)sums + m * cols)), xs, acc[m]);
+                }
+            }
+            float done[AMX_ROWS][AMX_ROWS] __attribute__((aligned(64)));
+            for (int m = 0; m < AMX_ROWS; m++) _mm512_store_ps(done[m], acc[m]);
+            const int64_t here = batch - block * AMX_ROWS < cols ? batch - block * AMX_ROWS : cols;
+            for (int64_t n = 0; n < here; n++)
+                for (int64_t m = 0; m < rows; m++)
+                    j->y[(block * AMX_ROWS + n) * out + o + m] = (cols == 1 ? done[0][m] : done[m][n]) * j->scale[o + m];
+        }
+    }
+    _tile_release();
+}
+
+/* up to ROWS_PER_PASS rows of x; returns 2 where a buffer could not be allocated */
+static int gemv_i8_amx(const int8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
+                       int64_t batch, int threads) {
+    const int64_t groups = in / ACT_GROUP, blocks = (batch + AMX_ROWS - 1) / AMX_ROWS, rows = out % AMX_ROWS;
+    const int cols = batch < AMX_ROWS ? (int)batch : AMX_ROWS;
+    int8_t *xq = malloc(blocks * groups * AMX_ROWS * cols * 4 + blocks * groups * AMX_ROWS * sizeof(float));
+    int8_t *last = rows ? calloc(AMX_ROWS, in) : NULL;
+    if (!xq || (rows && !last)) {
+        free(xq), free(last);
+        return 2;
+    }
+    float *xs = (float *)(xq + blocks * groups * AMX_ROWS * cols * 4);
+    if (quantize_act_quads(x, xq, xs, batch, in, cols)) {
+        free(xq), free(last);
+        return 2;
+    }
+    if (rows) memcpy(last, W + (out - rows) * in, rows * in);
+    const struct amx_i8_job job = {W, last, scale, xq, xs, y, out, in, batch, cols};
+    parallel((out + AMX_ROWS - 1) / AMX_ROWS, threads, out * in, gemv_i8_amx_part, &job);
+    free(xq), free(last);
+    return 0;
+}
+#endif
+
 /* one pass over W: up to ROWS_PER_PASS rows of x (see linear) */
 static int linear_pass(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                        int64_t batch, int threads) {
@@ -982,6 +1090,9 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
         free(rounded);
         return 0;
     }
+#ifdef __AMX_INT8__
+    if (type == I8 && in % ACT_GROUP == 0 && amx_granted()) return gemv_i8_amx(W, scale, x, y, out, in, batch, threads);
+#endif
 #ifdef __AVX512VNNI__
     if ((type == I4 || type == I8) && in % ACT_GROUP == 0) return gemv_vnni(W, scale, type, x, y, out, in, batch, threads);
 #endif

@@ -31,11 +31,12 @@ else:
     # (every CPU with avx512_bf16 has VNNI too: Cooper Lake, Sapphire Rapids, Zen 4; every one with AMX has both)
     LEVELS = ("generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
     LEVEL_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f"}, "avx512_vnni": {"avx512_vnni"},
-                   "avx512_bf16": {"avx512_bf16"}, "amx": {"amx_tile", "amx_bf16"}}
+                   "avx512_bf16": {"avx512_bf16"}, "amx": {"amx_tile", "amx_bf16", "amx_int8"}}
     COMPILE_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mfma"],
                      "avx512_vnni": ["-mavx512f", "-mfma", "-mavx512vnni"],
                      "avx512_bf16": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16"],
-                     "amx": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]}
+                     "amx": ["-mavx512f", "-mfma", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+                             "-mamx-int8"]}
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
 # checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group and block_step_params)
