@@ -34,7 +34,8 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   copies of them against fp32 inputs, made again after a LoRA changes (a fifth of a 0.1B int4 step's bytes before:
   97 -> 82 MB a token; the default model's bits per byte unchanged, bench/RESULTS.md).
 - int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16, amx): their Linear products round the activations to int8,
-  one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd), several times fewer
+  one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd; int8 at the amx level
+  on AMX's tiles, each group's exact sum then one fp32 chain per output), several times fewer
   instructions than widening the weights; torch's matmul for long prompts rounds them alike, so every path gives
   the same logits. The other levels keep fp32 activations.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
