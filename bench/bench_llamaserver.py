@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -90,7 +91,7 @@ class Stream:
 
 async def _stream(client, prompt: list[int], max_tokens: int, slot: int | None = None) -> Stream:
     """One streaming completion, timed from the call and from its HTTP request's sending."""
-    called, tag = time.perf_counter(), f"{id(prompt)}-{time.perf_counter_ns()}"
+    called, tag = time.perf_counter(), str(next(_TAGS))
     extra = EXTRA if slot is None else {**EXTRA, "id_slot": slot}
     stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
                                              stream=True, stream_options={"include_usage": True}, extra_body=extra,
@@ -110,13 +111,13 @@ async def _stream(client, prompt: list[int], max_tokens: int, slot: int | None =
 
 
 SENT_TAG = "x-bench-request"  # a header naming each request, so the client's send hook can stamp when it left
+_TAGS = itertools.count()
 
 
 def _client(url: str):
     """The openai async client, over an httpx client whose request hook notes when each request is sent
     (`client.sent_at[tag]`)."""
-    import httpx
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
     sent_at = {}
 
@@ -124,7 +125,8 @@ def _client(url: str):
         if SENT_TAG in request.headers:
             sent_at[request.headers[SENT_TAG]] = time.perf_counter()
 
-    http = httpx.AsyncClient(timeout=3600, event_hooks={"request": [note_sent]})
+    # (the openai client's own httpx defaults: its connection limits and redirects, with the hook added)
+    http = DefaultAsyncHttpxClient(timeout=3600, event_hooks={"request": [note_sent]})
     client = AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=3600, http_client=http)
     client.sent_at = sent_at
     return client

@@ -44,6 +44,8 @@ def isa(request, monkeypatch):
         pytest.skip(f"the {level} kernels could not be built here (see the warning: is a C compiler installed?)")
     assert set(kernels()) == ALL_KERNELS and kernels().level == level
     assert kernels().vector_width == VECTOR_WIDTH[level], "built for another instruction set than the level's"
+    # the amx level's products really run on the tiles (not quietly on the AVX-512 kernels), and no other's do
+    assert kernels().amx_tiles == (level == "amx"), f"AMX tiles in use at {level}: {kernels().amx_tiles}"
     return level
 
 

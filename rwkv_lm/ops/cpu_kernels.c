@@ -659,8 +659,16 @@ static void amx_configure(int x_bytes) {
     for (int t = 0; t < 8; t++) config.bytes_per_row[t] = t == 4 ? 64 : x_bytes, config.rows[t] = AMX_ROWS;
     _tile_loadconfig(&config);
 }
-
 #endif
+
+/* whether this build's bf16 and int8 products run on AMX's tiles: the amx level where Linux lends them (Kernels.amx_tiles) */
+int amx_tiles(void) {
+#ifdef __AMX_TILE__
+    return amx_granted();
+#else
+    return 0;
+#endif
+}
 
 #ifdef __AMX_BF16__
 /* On CPUs with AMX (Sapphire Rapids and later Xeons), bf16 products run on its tiles: TDPBF16PS multiplies a
@@ -672,6 +680,7 @@ static void amx_configure(int x_bytes) {
  * meet, and each sum runs over the chunks of 32 inputs in order (the tile's own order of adding, which no
  * sequence of fp32 additions we tried reproduces, differs from vdpbf16ps's: bits differ from the
  * avx512_bf16 level's, as every level's do). */
+_Static_assert(ROWS_PER_PASS <= 4 * AMX_ROWS, "a pass's rows of x fill at most the four tiles of sums (0-3)");
 struct amx_job {
     const uint16_t *W, *last; /* last: the final 16 rows, zero past W's end where its rows are no multiple of 16 */
     const uint32_t *x;        /* x in pairs: [ceil(batch / 16)][in / 2][16] (two bf16 inputs of one row per word) */

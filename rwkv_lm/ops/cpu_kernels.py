@@ -110,12 +110,14 @@ def isa_level(cap: str | None = None) -> str:
 
 
 class Kernels(dict):
-    """The C functions by name, and the build they come from: its level, vector width (floats per register) and
-    whether its int4 and int8 products quantize the activations to int8 (`round_activations`) for VNNI."""
+    """The C functions by name, and the build they come from: its level, vector width (floats per register),
+    whether its int4 and int8 products quantize the activations to int8 (`round_activations`) for VNNI, and
+    whether its bf16 and int8 products run on AMX's tiles (the amx level, where Linux lends them)."""
 
-    def __init__(self, functions: dict, level: str, vector_width: int, int8_activations: bool):
+    def __init__(self, functions: dict, level: str, vector_width: int, int8_activations: bool, amx_tiles: bool):
         super().__init__(functions)
         self.level, self.vector_width, self.int8_activations = level, vector_width, int8_activations
+        self.amx_tiles = amx_tiles
 
 
 def kernels(level: str | None = None) -> dict:
@@ -145,7 +147,7 @@ def _build(level: str) -> dict:
         kernel = found[name] = getattr(library, name)
         kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
     return Kernels(found, built, ctypes.c_int.in_dll(library, "vector_width").value,
-                   bool(ctypes.c_int.in_dll(library, "int8_activations").value))
+                   bool(ctypes.c_int.in_dll(library, "int8_activations").value), bool(library.amx_tiles()))
 
 
 def _compile(level: str) -> tuple[ctypes.CDLL | None, str]:
