@@ -50,14 +50,14 @@ from rwkv_lm.testing import random_model  # noqa: E402
 from rwkv_lm.tokenizer import load_tokenizer  # noqa: E402
 
 SECTION = "## Serving beside llama-server: bench_llamaserver.py"
-PRECISIONS = {"fp32": "f32", "int8": "q8_0"}  # our --dtype -> the GGUF type llama-server runs beside it
+PRECISIONS = {"fp32": "f32", "int8": "q8_0", "bf16": "bf16"}  # our --dtype -> the GGUF type llama-server runs beside it
 # the fields both servers get: a fixed-length answer, llama-server's prompt cache on (our server ignores it)
 EXTRA = {"ignore_eos": True, "cache_prompt": True}
 INTRO = """`rwkv-lm serve --max-batch 16` against `llama-server -np 16 -c 32768 -cb --cache-prompt` (16 slots of 2,048
 tokens, continuous batching, prompt cache; llama-server built from the llama-cpp-python sdist by
 `python bench/llamacpp.py --server`), the same random 0.1B-shaped weights (ours `rwkv_lm.save`, theirs
 `rwkv_lm.export_gguf` of the same model with the World vocabulary), the same precision on both (fp32 / F32,
-int8 / Q8_0), one client (the `openai` package) sending both the same token ids with the same fields (greedy,
+int8 / Q8_0; bf16 / BF16 with `--precisions`), one client (the `openai` package) sending both the same token ids with the same fields (greedy,
 `ignore_eos`, `cache_prompt`, `id_slot`). Ratios: **ours / llama-server** (tokens/s: > 1 we are faster; follow-up
 TTFT: < 1 we are faster)."""
 
