@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn as nn
 
 import rwkv_lm
 from rwkv_lm import RWKVConfig
@@ -17,8 +18,8 @@ from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import RWKV, Block
 from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, dequantize_int4, round_activations
-from rwkv_lm.runtime.cpu import (KERNEL_OF, LORA_PARAMS, MAX_DECODE_ROWS, KernelLayerNorm, KernelLinear, StepBlock, StepRWKV,
-                                 _gemv_kernel, optimize, quantize_int4, quantize_int8)
+from rwkv_lm.runtime.cpu import (HUGE_PAGE, KERNEL_OF, LORA_PARAMS, MAX_DECODE_ROWS, KernelLayerNorm, KernelLinear, StepBlock,
+                                 StepRWKV, _gemv_kernel, optimize, quantize_int4, quantize_int8)
 from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
@@ -864,3 +865,45 @@ def test_kernels_in_a_thread_of_a_forked_child(two_threads):
         data = pipe.read()
     assert data, "the forked child's step failed"
     assert torch.equal(pickle.loads(data), expected[0]), "the forked child's logits differ from the parent's"
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            span = line.split(" ", 1)[0]
+            if "-" in span and all(c in "0123456789abcdef-" for c in span):
+                low, high = (int(a, 16) for a in span.split("-"))
+                inside = low <= address < high
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []
+
+
+def test_big_weights_lie_on_huge_pages(isa):
+    """An fp32 weight of 2 MiB or more is copied to memory advised for huge pages (one TLB entry per 2 MiB as a step
+    streams it), from a 2 MiB boundary; its values, its layer's output, copies and pickles are what they were, and a
+    small weight stays where it is."""
+    import mmap
+
+    if isa != "generic":
+        pytest.skip("the placement does not depend on the level: tested at one")
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no transparent huge pages to ask for here (Linux only)")
+    big, small = nn.Linear(1024, 1024, bias=False), nn.Linear(64, 64, bias=False)
+    for linear in (big, small):
+        layer = KernelLinear(linear, torch.float32)
+        assert torch.equal(layer.weight, linear.weight)
+        x = torch.randn(3, linear.in_features)
+        assert_close(layer(x), linear(x), 1e-5, "output")
+    layer = KernelLinear(big, torch.float32)
+    address = layer.weight.data_ptr()
+    assert address % HUGE_PAGE == 0 and "hg" in _vm_flags(address), _vm_flags(address)
+    assert layer.weight.untyped_storage().nbytes() == layer.weight.nbytes, "no slack in the storage"
+    for copied in (copy.deepcopy(layer.weight), pickle.loads(pickle.dumps(layer.weight))):
+        assert torch.equal(copied, big.weight) and copied.untyped_storage().nbytes() == copied.nbytes
+    small_weight = small.weight.detach()
+    assert KernelLinear(small, torch.float32).weight.data_ptr() == small_weight.data_ptr(), "a small weight moved"
+    int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them: only fp32 moves)
+    assert "hg" not in _vm_flags(int4.data_ptr())
