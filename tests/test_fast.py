@@ -892,18 +892,17 @@ def test_big_weights_lie_on_huge_pages(isa):
     if not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         pytest.skip("no transparent huge pages to ask for here (a Linux kernel built with them)")
     big, small = nn.Linear(1024, 1024, bias=False), nn.Linear(64, 64, bias=False)
-    for linear in (big, small):
-        layer = KernelLinear(linear, torch.float32)
-        assert torch.equal(layer.weight, linear.weight)
+    small_weight = small.weight.detach()
+    layer, small_layer = KernelLinear(big, torch.float32), KernelLinear(small, torch.float32)
+    for linear, made in ((big, layer), (small, small_layer)):
+        assert torch.equal(made.weight, linear.weight)
         x = torch.randn(3, linear.in_features)
-        assert_close(layer(x), linear(x), 1e-5, "output")
-    layer = KernelLinear(big, torch.float32)
+        assert_close(made(x), linear(x), 1e-5, "output")
     address = layer.weight.data_ptr()
     assert address % HUGE_PAGE == 0 and "hg" in _vm_flags(address), _vm_flags(address)
     assert layer.weight.untyped_storage().nbytes() == layer.weight.nbytes, "no slack in the storage"
     for copied in (copy.deepcopy(layer.weight), pickle.loads(pickle.dumps(layer.weight))):
         assert torch.equal(copied, big.weight) and copied.untyped_storage().nbytes() == copied.nbytes
-    small_weight = small.weight.detach()
-    assert KernelLinear(small, torch.float32).weight.data_ptr() == small_weight.data_ptr(), "a small weight moved"
+    assert small_layer.weight.data_ptr() == small_weight.data_ptr(), "a small weight moved"
     int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them: only fp32 moves)
     assert "hg" not in _vm_flags(int4.data_ptr())

@@ -659,6 +659,17 @@ static void amx_configure(int x_bytes) {
     for (int t = 0; t < 8; t++) config.bytes_per_row[t] = t == 4 ? 64 : x_bytes, config.rows[t] = AMX_ROWS;
     _tile_loadconfig(&config);
 }
+
+INLINE int64_t amx_row_tiles(int64_t out) { return (out + AMX_ROWS - 1) / AMX_ROWS; }
+
+/* W's rows past its last whole tile (`out % 16` rows of row_bytes) in a tile of their own, zero below them: NULL
+ * where there are none, or where it could not be allocated (out % AMX_ROWS says which) */
+static void *amx_last_tile(const void *W, int64_t out, size_t row_bytes) {
+    const int64_t rows = out % AMX_ROWS;
+    char *last = rows ? calloc(AMX_ROWS, row_bytes) : NULL;
+    if (last) memcpy(last, (const char *)W + (out - rows) * row_bytes, rows * row_bytes);
+    return last;
+}
 #endif
 
 /* whether this build's bf16 and int8 products run on AMX's tiles: the amx level where Linux lends them (Kernels.amx_tiles) */
@@ -735,7 +746,7 @@ static void amx_tile(const uint16_t *w, const uint32_t *x, int64_t in, int block
 
 static void gemv_bf16_amx_part(const void *job, int64_t begin, int64_t end) {
     const struct amx_job *j = job;
-    const int64_t in = j->in, out = j->out, batch = j->batch, tiles = (out + AMX_ROWS - 1) / AMX_ROWS;
+    const int64_t in = j->in, out = j->out, batch = j->batch, tiles = amx_row_tiles(out);
     const int blocks = (int)((batch + AMX_ROWS - 1) / AMX_ROWS);
     float sums[4][AMX_ROWS][AMX_ROWS] __attribute__((aligned(64)));
     amx_configure(64);
@@ -753,17 +764,16 @@ static void gemv_bf16_amx_part(const void *job, int64_t begin, int64_t end) {
 /* up to ROWS_PER_PASS rows of x (4 x 16: tile registers 0-3); returns 2 where a buffer could not be allocated */
 static int gemv_bf16_amx(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
                          int threads) {
-    const int64_t blocks = (batch + AMX_ROWS - 1) / AMX_ROWS, rows = out % AMX_ROWS;
+    const int64_t blocks = (batch + AMX_ROWS - 1) / AMX_ROWS;
     uint32_t *pairs = malloc(blocks * in / 2 * AMX_ROWS * sizeof(uint32_t));
-    uint16_t *bf16 = malloc(batch * in * sizeof(uint16_t)), *last = rows ? calloc(AMX_ROWS * in, sizeof(uint16_t)) : NULL;
-    if (!pairs || !bf16 || (rows && !last)) {
+    uint16_t *bf16 = malloc(batch * in * sizeof(uint16_t)), *last = amx_last_tile(W, out, in * sizeof(uint16_t));
+    if (!pairs || !bf16 || (out % AMX_ROWS && !last)) {
         free(pairs), free(bf16), free(last);
         return 2;
     }
     to_bf16_pairs(x, bf16, pairs, batch, in);
-    if (rows) memcpy(last, W + (out - rows) * in, rows * in * sizeof(uint16_t));
     const struct amx_job job = {W, last, pairs, y, out, in, batch};
-    parallel((out + AMX_ROWS - 1) / AMX_ROWS, threads, out * in, gemv_bf16_amx_part, &job);
+    parallel(amx_row_tiles(out), threads, out * in, gemv_bf16_amx_part, &job);
     free(pairs), free(bf16), free(last);
     return 0;
 }
@@ -992,12 +1002,11 @@ struct amx_i8_job {
     int cols; /* columns of x a tile holds: the batch, up to 16 */
 };
 
-/* x [batch, in] quantized as quantize_act does, into the quads and scales of struct amx_i8_job */
-static int quantize_act_quads(const float *x, int8_t *xq, float *xs, int64_t batch, int64_t in, int cols) {
+/* x [batch, in] quantized as quantize_act does (a row at a time into q [in] and s [in / ACT_GROUP]), into the quads
+ * and scales of struct amx_i8_job */
+static void quantize_act_quads(const float *x, int8_t *q, float *s, int8_t *xq, float *xs, int64_t batch, int64_t in,
+                               int cols) {
     const int64_t groups = in / ACT_GROUP, blocks = (batch + AMX_ROWS - 1) / AMX_ROWS;
-    int8_t *q = malloc(in + groups * sizeof(float));
-    if (!q) return 2;
-    float *s = (float *)(q + in);
     memset(xq, 0, blocks * groups * AMX_ROWS * cols * 4), memset(xs, 0, blocks * groups * AMX_ROWS * sizeof(float));
     for (int64_t b = 0; b < batch; b++) {
         quantize_act(x + b * in, q, s, in);
@@ -1008,13 +1017,11 @@ static int quantize_act_quads(const float *x, int8_t *xq, float *xs, int64_t bat
             for (int k = 0; k < ACT_GROUP / 4; k++) memcpy(to + k * cols * 4, q + g * ACT_GROUP + 4 * k, 4);
         }
     }
-    free(q);
-    return 0;
 }
 
 static void gemv_i8_amx_part(const void *job, int64_t begin, int64_t end) {
     const struct amx_i8_job *j = job;
-    const int64_t in = j->in, out = j->out, batch = j->batch, groups = in / ACT_GROUP, tiles = (out + AMX_ROWS - 1) / AMX_ROWS;
+    const int64_t in = j->in, out = j->out, batch = j->batch, groups = in / ACT_GROUP, tiles = amx_row_tiles(out);
     const int cols = j->cols, x_bytes = 4 * cols;
     const __mmask16 valid = (__mmask16)((1u << cols) - 1);
     int32_t sums[AMX_ROWS][AMX_ROWS] __attribute__((aligned(64)));
@@ -1057,22 +1064,19 @@ static void gemv_i8_amx_part(const void *job, int64_t begin, int64_t end) {
 /* up to ROWS_PER_PASS rows of x; returns 2 where a buffer could not be allocated */
 static int gemv_i8_amx(const int8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                        int64_t batch, int threads) {
-    const int64_t groups = in / ACT_GROUP, blocks = (batch + AMX_ROWS - 1) / AMX_ROWS, rows = out % AMX_ROWS;
+    const int64_t groups = in / ACT_GROUP, blocks = (batch + AMX_ROWS - 1) / AMX_ROWS;
     const int cols = batch < AMX_ROWS ? (int)batch : AMX_ROWS;
-    int8_t *xq = malloc(blocks * groups * AMX_ROWS * cols * 4 + blocks * groups * AMX_ROWS * sizeof(float));
-    int8_t *last = rows ? calloc(AMX_ROWS, in) : NULL;
-    if (!xq || (rows && !last)) {
+    const int64_t quads = blocks * groups * AMX_ROWS * cols * 4, scales = blocks * groups * AMX_ROWS;
+    /* the quads, their scales, and one row's q and s as quantize_act_quads makes them */
+    int8_t *xq = malloc(quads + scales * sizeof(float) + groups * sizeof(float) + in), *last = amx_last_tile(W, out, in);
+    if (!xq || (out % AMX_ROWS && !last)) {
         free(xq), free(last);
         return 2;
     }
-    float *xs = (float *)(xq + blocks * groups * AMX_ROWS * cols * 4);
-    if (quantize_act_quads(x, xq, xs, batch, in, cols)) {
-        free(xq), free(last);
-        return 2;
-    }
-    if (rows) memcpy(last, W + (out - rows) * in, rows * in);
+    float *xs = (float *)(xq + quads), *s = xs + scales;
+    quantize_act_quads(x, (int8_t *)(s + groups), s, xq, xs, batch, in, cols);
     const struct amx_i8_job job = {W, last, scale, xq, xs, y, out, in, batch, cols};
-    parallel((out + AMX_ROWS - 1) / AMX_ROWS, threads, out * in, gemv_i8_amx_part, &job);
+    parallel(amx_row_tiles(out), threads, out * in, gemv_i8_amx_part, &job);
     free(xq), free(last);
     return 0;
 }
