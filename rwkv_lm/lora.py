@@ -77,8 +77,11 @@ class LoRA(nn.Module):
         """Add each adapter into its Linear's weight and take the adapters out: the model alone now computes
         what model + adapters did (dropout aside)."""
         for name, adapter in self.named_adapters():
-            weight = self._layers[name].weight
-            weight.copy_((weight.float() + adapter.delta().float().to(weight.device)).to(weight.dtype))
+            layer = self._layers[name]
+            # through the state dict: [out, in] whatever layout the layer keeps (a CPU-prepared fp32 one: panels)
+            weight = layer.state_dict()["weight"]
+            merged = (weight.float() + adapter.delta().float().to(weight.device)).to(weight.dtype)
+            layer.load_state_dict({"weight": merged}, strict=False)
         self.remove()
 
     def tensors(self) -> dict[str, torch.Tensor]:

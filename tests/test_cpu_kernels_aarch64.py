@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from rwkv_lm.ops.cpu_kernels import INT4_GROUP, SOURCE, dequantize_int4
 from rwkv_lm.ops.wkv7 import wkv7_naive
+from rwkv_lm.runtime.cpu import to_panels
 from rwkv_lm.testing import rel_err
 
 DRIVER = Path(__file__).with_name("aarch64_driver.c")
@@ -40,6 +41,7 @@ def gemv_cases(gen):
             w_i8 = torch.randint(-128, 128, (out, in_), generator=gen, dtype=torch.int8)
             scale = torch.rand(out, generator=gen) * 0.02 + 0.001
             yield "gemv_f32", dims, dict(W=w, x=x), dict(y=x.double() @ w.double().T)
+            yield "gemv_f32_panels", dims, dict(W=to_panels(w), x=x), dict(y=x.double() @ w.double().T)
             yield "gemv_bf16", dims, dict(W=w_bf16.view(torch.int16), x=x), dict(y=x.bfloat16().double() @ w_bf16.double().T)
             yield ("gemv_i8", dims, dict(W=w_i8, scale=scale, x=x),
                    dict(y=x.double() @ (w_i8.double() * scale.double()[:, None]).T))
@@ -71,7 +73,7 @@ def wkv_cases(gen):
 
 @pytest.mark.parametrize("march", ["armv8-a", "armv8-a+nosimd"], ids=["neon", "generic"])
 def test_kernels_run_on_aarch64(tmp_path, march):
-    """gemv_f32, gemv_bf16, gemv_i8, gemv_i4 and wkv7_f32 built for aarch64 match torch in fp64 (bf16, int8 and
+    """gemv_f32, gemv_f32_panels, gemv_bf16, gemv_i8, gemv_i4 and wkv7_f32 built for aarch64 match torch in fp64 (bf16, int8 and
     int4 weights widened and scaled exactly; bf16 products take x rounded to bf16) to fp32 accuracy, at 1 and 2
     threads."""
     compiler, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")

@@ -25,7 +25,7 @@ from rwkv_lm.testing import random_model, rel_err
 from conftest import assert_close
 
 # every level builds every kernel; the levels differ in vector width and in the bf16 product
-ALL_KERNELS = {"gemv_f32", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "layer_norm",
+ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "layer_norm",
                "mask_logits"}
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "amx": 16, "neon": 4}
 BF16_MODEL_RTOL = 5e-3  # (see assert_bf16_close)
@@ -67,6 +67,24 @@ def test_fp32_layout_changes_nothing_but_speed(model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_fp32_panels_load_and_save_as_dense_weights(model, assign):
+    """fp32 weights live in panels, but state_dict() gives [out, in] (what checkpoints and adapters read), and
+    load_state_dict takes [out, in] into the panels, copied or assigned: the kernels then compute the new model."""
+    fast = optimize(copy.deepcopy(model))
+    assert fast.head.weight.dim() == 3 and _gemv_kernel(fast.head.weight) == "gemv_f32_panels"
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in model.state_dict().items())
+    other = random_model(model.config, seed=99)
+    fast.load_state_dict(other.state_dict(), assign=assign)
+    assert _gemv_kernel(fast.head.weight) == "gemv_f32_panels"
+    # (assigned, the LoRAs lose the transposed layout the C step reads: the blocks' torch ops, the head's kernel)
+    assert assign or fast._step_args() is not None, "the one-call C step"
+    tokens = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(fast(tokens, last_only=True)[0], other(tokens, last_only=True)[0], 1e-5, "logits after loading")
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in other.state_dict().items())
+
+
 def _rounded(model):
     """The fp32 model with its Linear weights and their inputs rounded to bf16: what the bf16 path must compute."""
     ref = copy.deepcopy(model)
@@ -102,7 +120,7 @@ def test_fp32_steps_match_the_plain_model(batch, lora):
                      value_lora=lora, gate_lora=2 * lora)
     model = random_model(cfg, seed=lora)
     fast = optimize(copy.deepcopy(model))
-    assert all(type(block) is StepBlock for block in fast.blocks) and _gemv_kernel(fast.head.weight) == "gemv_f32"
+    assert all(type(block) is StepBlock for block in fast.blocks) and _gemv_kernel(fast.head.weight) == "gemv_f32_panels"
     tokens = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(batch))
     out_fast, s_fast = _steps(fast, tokens)
     out_ref, s_ref = _steps(model, tokens)
@@ -337,9 +355,9 @@ def test_a_module_replaced_after_steps(model):
     fast = optimize(copy.deepcopy(model))
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(6))
     _steps(fast, tokens)
-    for m in (fast, model):  # the same tensor and memory, another layout: the kept pointers must not be used
-        w = m.blocks[0].att.receptance.weight
-        w.data = w.data.t()
+    for m in (fast, model):  # the same values in another layout (fp32 panels no longer contiguous): the kept
+        w = m.blocks[0].att.receptance.weight  # pointers must not be used
+        w.data = w.data.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert_close(_steps(fast, tokens)[0], _steps(model, tokens)[0], 1e-5, "step logits after a layout change")
     replacement = torch.nn.Linear(64, 64, bias=False)
     for m in (fast, model):
@@ -367,7 +385,7 @@ def test_fp32_linear_kernel(in_features, out_features):
     torch.manual_seed(in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     fast = KernelLinear(linear, torch.float32)
-    assert _gemv_kernel(fast.weight) == "gemv_f32"
+    assert _gemv_kernel(fast.weight) == "gemv_f32_panels"
     for rows in (*range(1, 18), 35, MAX_DECODE_ROWS + 1):
         x = torch.randn(rows, in_features)
         assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
@@ -884,7 +902,7 @@ def _vm_flags(address: int) -> list[str]:
 def test_big_weights_lie_on_huge_pages(isa):
     """An fp32 weight of 2 MiB or more is copied to memory advised for huge pages (one TLB entry per 2 MiB as a step
     streams it), from a 2 MiB boundary; its values, its layer's output, copies and pickles are what they were, and a
-    small weight stays where it is."""
+    small weight is not advised onto them."""
     import mmap
 
     if isa != "generic":
@@ -892,17 +910,16 @@ def test_big_weights_lie_on_huge_pages(isa):
     if not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         pytest.skip("no transparent huge pages to ask for here (a Linux kernel built with them)")
     big, small = nn.Linear(1024, 1024, bias=False), nn.Linear(64, 64, bias=False)
-    small_weight = small.weight.detach()
     layer, small_layer = KernelLinear(big, torch.float32), KernelLinear(small, torch.float32)
     for linear, made in ((big, layer), (small, small_layer)):
-        assert torch.equal(made.weight, linear.weight)
+        assert torch.equal(made.dense_weight(), linear.weight)
         x = torch.randn(3, linear.in_features)
         assert_close(made(x), linear(x), 1e-5, "output")
     address = layer.weight.data_ptr()
     assert address % HUGE_PAGE == 0 and "hg" in _vm_flags(address), _vm_flags(address)
     assert layer.weight.untyped_storage().nbytes() == layer.weight.nbytes, "no slack in the storage"
     for copied in (copy.deepcopy(layer.weight), pickle.loads(pickle.dumps(layer.weight))):
-        assert torch.equal(copied, big.weight) and copied.untyped_storage().nbytes() == copied.nbytes
-    assert small_layer.weight.data_ptr() == small_weight.data_ptr(), "a small weight moved"
+        assert torch.equal(copied, layer.weight) and copied.untyped_storage().nbytes() == copied.nbytes
+    assert "hg" not in _vm_flags(small_layer.weight.data_ptr()), "a weight under one huge page advised onto them"
     int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them: only fp32 moves)
     assert "hg" not in _vm_flags(int4.data_ptr())

@@ -58,11 +58,12 @@ const int rows_per_pass = ROWS_PER_PASS;
 enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
-/* weight types: the first four as the Python side numbers them; I8_FP32_X, int8 weights against fp32 activations
+/* weight types: the first five as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels);
+ * I8_FP32_X, int8 weights against fp32 activations
  * at every level, is a quantized model's LoRAs (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as
  * model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in
  * int8 5 of 82. */
-enum { F32, BF16, I8, I4, I8_FP32_X };
+enum { F32, BF16, I8, I4, F32_PANELS, I8_FP32_X };
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
  * j + 16 in its high one (so a vector of any width up to 16 is one load of consecutive bytes and a mask or a
  * shift); a nibble n stands for (n - 8) * the scale of its group of INT4_GROUP inputs. Rows a multiple of 32 long. */
@@ -111,7 +112,8 @@ typedef int8_t vb __attribute__((vector_size(VW)));
 #define INLINE static inline __attribute__((always_inline))
 INLINE vf load(const float *p) { return *(const vf_any *)p; }
 INLINE void store(float *p, vf v) { *(vf_any *)p = v; }
-INLINE vf splat(float x) { return (vf){0} + x; }
+/* x in every lane: x - 0 is x for every x, so this compiles to a broadcast alone (x + 0 is not x for -0: an addition) */
+INLINE vf splat(float x) { return x - (vf){0}; }
 INLINE vf vmax(vf a, vf b) { vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 INLINE vf vmin(vf a, vf b) { vi m = a < b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 INLINE float hsum(vf v) {
@@ -526,6 +528,100 @@ GEMV(gemv_f32_rows, F32)
 GEMV(gemv_bf16_rows, BF16)
 GEMV(gemv_i8_rows, I8)
 GEMV(gemv_i4_rows, I4)
+
+/* fp32 weights in panels (F32_PANELS): W [out, in] stored as [out / PANEL, in, PANEL] (rwkv_lm.runtime.cpu's
+ * `to_panels`; the last panel's missing rows zero), so a panel's PANEL outputs at input i are one run of memory and
+ * the whole weight one sequential stream. A register block takes PANEL_VECS vectors of a panel's outputs against
+ * PANEL_ROWS rows of x, each x[b, i] broadcast: with AVX-512 24 FMAs per 4 loads and 6 broadcasts, and no sums
+ * across lanes, where the row tiles above (a dot product per row: a chain per lane, the lanes summed at the end)
+ * spend 10 loads and their lane sums. Each output is the sum, in order, of its PANEL_K-input blocks, each block one
+ * fma chain over its inputs in order,
+ *   y[b, o] = c_0 + c_1 + ...,   c_k = (((0 + W[o, 16k] x[b, 16k]) + W[o, 16k + 1] x[b, 16k + 1]) + ...),
+ * whatever the batch or the register block it falls in: batch-invariant by construction, and rounding like the
+ * row tiles' 16 lanes (chains of 16 and in / 16 sums; one chain over all 768 inputs was 4-6x further from fp64).
+ * A block of a panel (4 KB) serves every row block of x from L1, and the row blocks share the prefetches of the
+ * stream PANEL_AHEAD bytes on into L2 (all of them in the first block's pass: 1.03-1.15x as long at B=16-64).
+ * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.05x, B=16 1.23x, B=33 1.41x, B=64 1.40x as
+ * fast (one thread: 1.12x, 1.27x, 1.41x, 1.42x); the 0.1B model's B=16 step 1.28x, a 32-token prompt 1.28x
+ * (bench/RESULTS.md, issue 20's tenth pass). */
+#define PANEL 64
+const int f32_panel = PANEL;
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define PANEL_VECS 4 /* 6 x 4 accumulators, 4 vectors of W and a broadcast: 29 of 32 registers */
+#define PANEL_ROWS 6
+#else
+#define PANEL_VECS 2 /* 4 x 2, 2 and 1: 11 of 16 */
+#define PANEL_ROWS 4
+#endif
+#define PANEL_K 16
+#define PANEL_AHEAD 16384
+_Static_assert(PANEL % (PANEL_VECS * VW) == 0, "a panel is whole register blocks");
+
+/* acc [m][PANEL] (a row block's sums; set where first) += the chain over inputs k0 .. k1 - 1 of a panel's vectors
+ * from `w` (its input 0) against m rows of x; `ahead`: the panel's input 0, whose stream this block prefetches for
+ * inputs ahead_from .. ahead_to - 1 */
+INLINE void panel_block(const float *w, const char *ahead, int64_t ahead_from, int64_t ahead_to, const float *x,
+                        int64_t in, int64_t k0, int64_t k1, int m, float *acc, int first) {
+    vf a[PANEL_ROWS][PANEL_VECS];
+    for (int r = 0; r < m; r++)
+        for (int v = 0; v < PANEL_VECS; v++) a[r][v] = splat(0);
+    for (int64_t i = k0; i < k1; i++) {
+        if (i >= ahead_from && i < ahead_to)
+            for (int l = 0; l < PANEL * 4 / LINE; l++)
+                __builtin_prefetch(ahead + i * PANEL * 4 + PANEL_AHEAD + l * LINE, 0, 2);
+        vf wv[PANEL_VECS];
+        for (int v = 0; v < PANEL_VECS; v++) wv[v] = load(w + i * PANEL + v * VW);
+        for (int r = 0; r < m; r++) {
+            const vf xb = splat(x[r * in + i]);
+            for (int v = 0; v < PANEL_VECS; v++) a[r][v] += wv[v] * xb;
+        }
+    }
+    for (int r = 0; r < m; r++)
+        for (int v = 0; v < PANEL_VECS; v++) {
+            float *sum = acc + r * PANEL + v * VW;
+            store(sum, first ? a[r][v] : load(sum) + a[r][v]);
+        }
+}
+
+/* panels begin .. end - 1 for up to ROWS_PER_PASS rows of x (a gemv_job without scales) */
+static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
+    const struct gemv_job *j = job;
+    const int64_t in = j->in, batch = j->batch, row_blocks = (batch + PANEL_ROWS - 1) / PANEL_ROWS;
+    const int64_t blocks = row_blocks * (PANEL / (PANEL_VECS * VW)); /* register blocks per input block */
+    float acc[ROWS_PER_PASS * PANEL] __attribute__((aligned(64)));
+    for (int64_t p = begin; p < end; p++) {
+        const float *panel = (const float *)j->W + p * in * PANEL;
+        const char *ahead = (const char *)panel;
+        for (int64_t k0 = 0; k0 < in; k0 += PANEL_K) {
+            const int64_t k1 = k0 + PANEL_K < in ? k0 + PANEL_K : in;
+            for (int s = 0; s < PANEL; s += PANEL_VECS * VW)
+                for (int64_t b = 0; b < batch; b += PANEL_ROWS) {
+                    /* the block's share of the prefetches: spread over all of them, not in a burst in the first */
+                    const int64_t nth = s / (PANEL_VECS * VW) * row_blocks + b / PANEL_ROWS;
+                    const int64_t from = k0 + (k1 - k0) * nth / blocks, to = k0 + (k1 - k0) * (nth + 1) / blocks;
+                    const float *xb = j->x + b * in;
+                    float *ab = acc + b * PANEL + s;
+                    switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
+#if PANEL_ROWS == 6
+                        case 6: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 6, ab, k0 == 0); break;
+                        case 5: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 5, ab, k0 == 0); break;
+#endif
+                        case 4: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 4, ab, k0 == 0); break;
+                        case 3: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 3, ab, k0 == 0); break;
+                        case 2: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 2, ab, k0 == 0); break;
+                        default: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 1, ab, k0 == 0); break;
+                    }
+                }
+        }
+        const int64_t n = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
+        for (int64_t b = 0; b < batch; b++) memcpy(j->y + b * j->out + p * PANEL, acc + b * PANEL, n * sizeof(float));
+    }
+}
+static void gemv_f32_panels_pass(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
+                                 int threads) {
+    const struct gemv_job job = {W, NULL, x, y, out, in, batch};
+    parallel((out + PANEL - 1) / PANEL, threads, out * in, gemv_f32_panels_part, &job);
+}
 
 /* bf16 weights multiply x rounded to bf16 (to nearest even), as llama.cpp's BF16 and bf16 matmuls do: the
  * products are then exact in fp32 and only the sums round. x's rounding costs about as much accuracy as the
@@ -1109,7 +1205,8 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
 #ifdef __AVX512VNNI__
     if ((type == I4 || type == I8) && in % ACT_GROUP == 0) return gemv_vnni(W, scale, type, x, y, out, in, batch, threads);
 #endif
-    if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
+    if (type == F32_PANELS) gemv_f32_panels_pass(W, x, y, out, in, batch, threads);
+    else if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
     else gemv_i4_rows(W, scale, x, y, out, in, batch, threads);
     return 0;
@@ -1131,6 +1228,11 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
 
 int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     return linear(W, NULL, F32, x, y, out, in, batch, threads);
+}
+
+/* W in panels ([out / PANEL, in, PANEL], see gemv_f32_panels_part) */
+int gemv_f32_panels(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
+    return linear(W, NULL, F32_PANELS, x, y, out, in, batch, threads);
 }
 
 int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {

@@ -39,15 +39,17 @@ else:
                              "-mamx-int8"]}
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
-# checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group and block_step_params)
+# checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group, f32_panel and block_step_params)
 ROWS_PER_PASS = 64  # rows of x per pass over the weights; more run in several passes
 INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
+F32_PANEL = 64  # outputs a panel of fp32 weights holds: [out, in] stored as [out / F32_PANEL, in, F32_PANEL]
 # inputs of a row of activations that share one int8 scale where the int4 and int8 products quantize them (levels
 # with VNNI: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
 ACT_GROUP = INT4_GROUP
 INT4_BLOCK = 32  # inputs packed into 16 bytes: byte j holds input j (low nibble) and input j + 16 (high nibble)
-# the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8
-WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3}
+# the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8; fp32 weights
+# in panels (runtime.cpu.to_panels) are "float32_panels"
+WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3, "float32_panels": 4}
 # the pointers block_step takes, in this order; a name the block lacks (ln0, v0 ... after the first, the int8
 # scales of other types) is passed as NULL
 BLOCK_STEP_PARAMS = (
@@ -64,6 +66,7 @@ BLOCK_STEP_PARAMS = (
 _POINTER, _INT64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
+    "gemv_f32_panels": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_i8": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "gemv_i4": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
@@ -176,10 +179,12 @@ def _check_interface(library):
     names = ctypes.cast(ctypes.addressof(ctypes.c_char.in_dll(library, "block_step_params")), ctypes.c_char_p).value
     rows_per_pass = ctypes.c_int.in_dll(library, "rows_per_pass").value
     int4_group = ctypes.c_int.in_dll(library, "int4_group").value
-    if tuple(names.decode().split()) != BLOCK_STEP_PARAMS or (rows_per_pass, int4_group) != (ROWS_PER_PASS, INT4_GROUP):
+    f32_panel = ctypes.c_int.in_dll(library, "f32_panel").value
+    if (tuple(names.decode().split()) != BLOCK_STEP_PARAMS
+            or (rows_per_pass, int4_group, f32_panel) != (ROWS_PER_PASS, INT4_GROUP, F32_PANEL)):
         raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
-                           f"ROWS_PER_PASS ({rows_per_pass} in C, {ROWS_PER_PASS} here) or INT4_GROUP ({int4_group} in C, "
-                           f"{INT4_GROUP} here): change both together")
+                           f"ROWS_PER_PASS ({rows_per_pass} in C, {ROWS_PER_PASS} here), INT4_GROUP ({int4_group} in C, "
+                           f"{INT4_GROUP} here) or F32_PANEL ({f32_panel} in C, {F32_PANEL} here): change both together")
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ Batch invariance: the kernels compute each row of a product by the same operatio
 the number of rows, so a decode step's logits for a sequence are bit for bit those it gets alone, in any batch,
 and a prompt read in pieces gives the bits of one read (the serving engine splits prompts by its budget and
 cache). The head's rows of one token each (steps, `last_only`) therefore take the kernels at any batch size.
-- fp32 (the default): the weights stay as they are;
+- fp32 (the default): the weights keep their values, stored in panels (`to_panels`: [out / 64, in, 64], each
+  output one fma chain over its inputs in order, with no sums across a register's lanes); checkpoints and
+  state_dict() hold them as [out, in];
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes) and multiply their inputs
   rounded to bf16 (as llama.cpp's BF16 and torch's bf16 matmul do), with fp32 sums; everything else stays fp32.
   A step widens both to fp32 in registers (with avx512_bf16: feeds them to its dot product, twice the products
@@ -53,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import DECAY_SCALE, RWKV, Block
-from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES,
+from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, F32_PANEL, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES,
                                dequantize_int4, isa_level, kernels, round_activations)
 from ..state import LayerState, RWKVState
 
@@ -62,15 +64,38 @@ from ..state import LayerState, RWKVState
 # StepRWKV call; beyond, torch's matmul is as fast (measured)
 MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+# the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels: gemv_f32_panels)
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
 WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
-    """The kernel that multiplies by this [out, in] weight where it is stored row-major (a weight assigned
-    after optimize() may not be), else None."""
+    """The kernel that multiplies by this weight: an [out, in] one stored row-major (a weight assigned after
+    optimize() may not be), or fp32 in panels (`to_panels`); else None."""
+    if weight.dim() == 3:
+        panels = weight.dtype == torch.float32 and weight.shape[2] == F32_PANEL and weight.is_contiguous()
+        return "gemv_f32_panels" if panels else None
     return KERNEL_OF.get(weight.dtype) if weight.stride() == (weight.shape[1], 1) else None
+
+
+def _weight_type(weight: torch.Tensor) -> int:
+    """The C enum (WEIGHT_TYPES) of a weight the kernels take."""
+    return WEIGHT_TYPES["float32_panels" if weight.dim() == 3 else str(weight.dtype).removeprefix("torch.")]
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 weight [out, in] -> [ceil(out / F32_PANEL), in, F32_PANEL], the layout gemv_f32_panels streams: each
+    panel's F32_PANEL outputs at an input side by side (the last panel's missing rows zero)."""
+    out, in_features = weight.shape
+    panels = -(-out // F32_PANEL)
+    padded = F.pad(weight, (0, 0, 0, panels * F32_PANEL - out))
+    return padded.reshape(panels, F32_PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def from_panels(panels: torch.Tensor, out: int) -> torch.Tensor:
+    """`to_panels` undone: the [out, in] weight (differentiable, so gradients reach the panels)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out]
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,10 +150,11 @@ class KernelLinear(nn.Linear):
     """A bias-free Linear (fp32, bf16, int8 or int4 weight; fp32 activations, rounded as the module docstring says)
     whose decode steps run in a C kernel.
 
-    The weight keeps its name and is stored row-major, the order the kernels stream it; int8 weights have one
-    fp32 `scale` per output row beside them (a buffer, saved with the model), int4 weights (packed, [out, in / 2]
-    uint8) one per group of INT4_GROUP inputs ([out, in / INT4_GROUP]). Still an nn.Linear, so what adapts Linear
-    layers (rwkv_lm.lora) adapts it too.
+    The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([out / F32_PANEL,
+    in, F32_PANEL], `to_panels`; state_dict() gives and takes it as [out, in], `dense_weight()` makes it so), the
+    others row-major; int8 weights have one fp32 `scale` per output row beside them (a buffer, saved with the
+    model), int4 weights (packed, [out, in / 2] uint8) one per group of INT4_GROUP inputs ([out, in /
+    INT4_GROUP]). Still an nn.Linear, so what adapts Linear layers (rwkv_lm.lora) adapts it too.
     """
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None):
@@ -139,19 +165,42 @@ class KernelLinear(nn.Linear):
         if dtype in (torch.int8, torch.uint8):
             weight, scale = (quantize_int8 if dtype == torch.int8 else quantize_int4)(weight)
             self.register_buffer("scale", scale)
-        weight = weight.to(dtype).contiguous()
-        # fp32 weights on huge pages: decode 1.11x (1 thread) and 1.14x (2) on the 0.1B shape; int4 was 0.92-0.96x
-        # there and bf16 and int8 level (bench/RESULTS.md, issue 20's ninth pass), so only fp32 moves
-        self.weight = nn.Parameter(on_huge_pages(weight) if dtype == torch.float32 else weight, requires_grad=False)
+        if dtype == torch.float32:
+            # in panels, on huge pages: decode 1.11x (1 thread) and 1.14x (2) on the 0.1B shape from the huge
+            # pages; int4 was 0.92-0.96x there and bf16 and int8 level (bench/RESULTS.md, issue 20's ninth pass), so
+            # only fp32 moves
+            self.weight = nn.Parameter(on_huge_pages(to_panels(weight.float())), requires_grad=False)
+        else:
+            self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
         self.bias = None
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a float tensor (int8 and int4 times their scales)."""
+        """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 out of its panels)."""
         if self.weight.dtype == torch.uint8:
             return dequantize_int4(self.weight, self.scale)
+        if self.weight.dim() == 3:
+            return from_panels(self.weight, self.out_features)
         if self.weight.dtype != torch.int8:
             return self.weight
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
+
+    # a checkpoint holds the [out, in] weight, whatever layout the kernels read it in
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.dim() == 3:
+            dense = self.dense_weight()
+            destination[prefix + "weight"] = dense if keep_vars else dense.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        given = state_dict.get(key)
+        if (self.weight.dim() == 3 and isinstance(given, torch.Tensor)
+                and given.shape == (self.out_features, self.in_features)):
+            panels = to_panels(given.detach().to(self.weight.dtype))  # (copied into the weight, or with assign=True the weight)
+            state_dict[key] = on_huge_pages(panels) if local_metadata.get("assign_to_params_buffers") else panels
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _rounds_activations(self) -> bool:
         """Whether this layer's kernel quantizes its inputs to int8 (int4 and int8 weights at a level with VNNI)."""
@@ -345,7 +394,7 @@ def _fused_steps(block: Block, isa: str):
     linears = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
     if (type(block) not in (Block, StepBlock) or "block_step" not in kernels(isa) or att.head_size % 16 or att.x_r.dtype != torch.float32
             or not all(isinstance(m, KernelLinear) and _gemv_kernel(m.weight) for m in linears)
-            or len({m.weight.dtype for m in linears}) != 1
+            or len({_weight_type(m.weight) for m in linears}) != 1
             or any(m.eps != block.ln1.eps for m in block.modules() if isinstance(m, nn.LayerNorm))):
         return
     for name in LORA_PARAMS:
@@ -361,7 +410,7 @@ def _fused_steps(block: Block, isa: str):
         module = block.get_submodule(owner)
         sources.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
-    weight_type = WEIGHT_TYPES[str(att.receptance.weight.dtype).removeprefix("torch.")]
+    weight_type = _weight_type(att.receptance.weight)
     quantized = weight_type in (WEIGHT_TYPES["int8"], WEIGHT_TYPES["uint8"])
     plan = StepPlan(
         isa=isa, slots=slots, sources=sources,
@@ -496,7 +545,7 @@ class StepRWKV(RWKV):
                      emb.data_ptr(), first.ln1.eps, first.att.ln_x.eps, DECAY_SCALE)
         plan.head = (ln_out.weight.data_ptr(), ln_out.bias.data_ptr(), ln_out.eps, head.weight.data_ptr(),
                      head.scale.data_ptr() if head_kernel in ("gemv_i8", "gemv_i4") else None,
-                     WEIGHT_TYPES[str(head.weight.dtype).removeprefix("torch.")], head.out_features)
+                     _weight_type(head.weight), head.out_features)
         return plan.args
 
 
