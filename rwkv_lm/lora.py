@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .files import CheckpointError, atomic_write, read_tagged
+from .runtime.cpu import KernelLinear
 
 FORMAT = "rwkv_lm.lora"
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
@@ -78,8 +79,9 @@ class LoRA(nn.Module):
         what model + adapters did (dropout aside)."""
         for name, adapter in self.named_adapters():
             layer = self._layers[name]
-            # through the state dict: [out, in] whatever layout the layer keeps (a CPU-prepared fp32 one: panels)
-            weight = layer.state_dict()["weight"]
+            # [out, in] in and out whatever the layer stores (a CPU-prepared one: fp32 panels, int8, int4), which
+            # its load_state_dict stores the merged weight as again
+            weight = layer.dense_weight() if isinstance(layer, KernelLinear) else layer.weight
             merged = (weight.float() + adapter.delta().float().to(weight.device)).to(weight.dtype)
             layer.load_state_dict({"weight": merged}, strict=False)
         self.remove()

@@ -15,6 +15,7 @@ import rwkv_lm
 from rwkv_lm import RWKVConfig
 from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, isa_level, kernels
 from rwkv_lm.runtime import cpu as fast_module
+from rwkv_lm.checkpoint import dequantize
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import RWKV, Block
 from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, dequantize_int4, round_activations
@@ -696,6 +697,28 @@ def test_loaded_model_copies_and_pickles(tmp_path):
             assert all(type(b) is StepBlock for b in other.blocks)
             assert torch.equal(other.step(tokens)[0], expected)
             assert other.tokenizer.encode("hi there") == loaded.tokenizer.encode("hi there")
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_adapters_merge_into_quantized_weights(model, weights):
+    """A LoRA merged into an int8 or int4 model: each layer holds its weight plus the adapter's delta, quantized
+    again with new scales (not the int8 values plus the delta cast to int8, which made a 93% error before)."""
+    fast = optimize(copy.deepcopy(model), weights=weights)
+    lora = LoRA(fast, rank=4)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.1)
+    quantize = quantize_int8 if weights == "int8" else quantize_int4
+    expected = {name: quantize(fast.get_submodule(name).dense_weight() + adapter.delta().detach())
+                for name, adapter in lora.named_adapters()}
+    lora.merge()
+    for name, (weight, scale) in expected.items():
+        layer = fast.get_submodule(name)
+        assert torch.equal(layer.weight, weight) and torch.equal(layer.scale, scale), name
+    tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(8))
+    plain = copy.deepcopy(model)  # the merged model's own values (its head and LoRAs rounded too) in model.py
+    plain.load_state_dict(dequantize(fast.state_dict(), "the merged model"))
+    assert_close(_steps(fast, tokens)[0], _steps(plain, tokens)[0], 3e-2, "step logits after merging")
 
 
 def test_adapters_on_a_loaded_model(model, tmp_path):

@@ -184,7 +184,7 @@ class KernelLinear(nn.Linear):
             return self.weight
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
-    # a checkpoint holds the [out, in] weight, whatever layout the kernels read it in
+    # a checkpoint holds an fp32 weight as [out, in], whatever layout the kernels read it in
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.dim() == 3:
@@ -193,12 +193,19 @@ class KernelLinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        """A float [out, in] weight goes in as this layer stores it: fp32 into panels, int8 and int4 quantized
+        (their scales with them; a merged LoRA, say). Stored int8 and int4 weights go in as they are."""
         key = prefix + "weight"
         given = state_dict.get(key)
-        if (self.weight.dim() == 3 and isinstance(given, torch.Tensor)
+        if (isinstance(given, torch.Tensor) and given.is_floating_point()
                 and given.shape == (self.out_features, self.in_features)):
-            panels = to_panels(given.detach().to(self.weight.dtype))  # (copied into the weight, or with assign=True the weight)
-            state_dict[key] = on_huge_pages(panels) if local_metadata.get("assign_to_params_buffers") else panels
+            given = given.detach()
+            if self.weight.dim() == 3:  # (copied into the weight, or with assign=True the weight)
+                panels = to_panels(given.to(self.weight.dtype))
+                state_dict[key] = on_huge_pages(panels) if local_metadata.get("assign_to_params_buffers") else panels
+            elif self.weight.dtype in (torch.int8, torch.uint8):
+                quantize = quantize_int8 if self.weight.dtype == torch.int8 else quantize_int4
+                state_dict[key], state_dict[prefix + "scale"] = quantize(given)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
