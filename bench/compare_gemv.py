@@ -1,10 +1,11 @@
 """The matrix-vector products (fp32, bf16, int8, int4) of two checkouts' cpu_kernels.c in one process: each source built
 with the avx512_bf16 level's flags (or --level), B=1 and one thread (or --batch, --threads), the decode step's shapes; the weights rotate
-through more than the L3 holds, so each call reads from memory as in a step; 40 interleaved rounds, medians and
-the median of the per-round ratios (old / new time).
+through --memory MB (more than the L3 holds, so each call reads from memory as in a step); 40 interleaved rounds,
+medians and the median of the per-round ratios (old / new time). fp32 weights go to each side's own fp32 kernel:
+gemv_f32_panels on weights in panels where the source has it, else gemv_f32 on row-major weights.
 
     git worktree add --detach /tmp/old main
-    python bench/compare_gemv.py /tmp/old .
+    python bench/compare_gemv.py /tmp/old . --memory 600   # (an L3 of 480 MB: the Xeon of bench/RESULTS.md)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rwkv_lm.ops.cpu_kernels import COMPILE_FLAGS  # noqa: E402
-from rwkv_lm.runtime.cpu import quantize_int4, quantize_int8  # noqa: E402
+from rwkv_lm.runtime.cpu import quantize_int4, quantize_int8, to_panels  # noqa: E402
 
 KINDS = {"fp32": lambda w: (w, None), "bf16": lambda w: (w.bfloat16(), None), "int8": quantize_int8, "int4": quantize_int4}
 FUNCTIONS = {"fp32": "gemv_f32", "bf16": "gemv_bf16", "int8": "gemv_i8", "int4": "gemv_i4"}
@@ -37,6 +38,7 @@ def main():
     parser.add_argument("--kinds", default="fp32,bf16,int8,int4", help="weight types, comma-separated")
     parser.add_argument("--batch", type=int, default=1, help="rows of x")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory", type=float, default=64, help="MB of weights to rotate through (above the L3)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     libs = {}
@@ -45,6 +47,7 @@ def main():
         subprocess.run(["cc", "-O3", *COMPILE_FLAGS[args.level], "-fopenmp", "-pthread", "-shared", "-fPIC", "-o", str(lib),
                         str(getattr(args, side) / "rwkv_lm" / "ops" / "cpu_kernels.c"), "-lm"], check=True)
         libs[side] = ctypes.CDLL(str(lib))
+    panels = {side: hasattr(lib, "gemv_f32_panels") for side, lib in libs.items()}
     P, I = ctypes.c_void_p, ctypes.c_int64
     torch.manual_seed(0)
     print(f"| {args.level} flags, B={args.batch}, {args.threads} thread(s), {args.rounds} rounds | old median, ms | new median, ms | old / new per round |")
@@ -54,14 +57,16 @@ def main():
             continue
         for out, inp in SHAPES:
             weights = [quantize(torch.randn(out, inp))]
-            while sum(w[0].nbytes for w in weights) < 64e6 or len(weights) < 3:
+            while sum(w[0].nbytes for w in weights) < args.memory * 1e6 or len(weights) < 3:
                 weights.append(quantize(torch.randn(out, inp)))
             x, y = torch.randn(args.batch, inp), torch.empty(args.batch, out)
             times = {side: [] for side in libs}
+            in_panels = {side: kind == "fp32" and panels[side] for side in libs}
+            laid = {side: [(to_panels(w), s) for w, s in weights] if in_panels[side] else weights for side in libs}
             for r in range(args.rounds):
                 for j, side in enumerate(("old", "new") if r % 2 == 0 else ("new", "old")):
-                    w, s = weights[(2 * r + j) % len(weights)]
-                    fn = getattr(libs[side], FUNCTIONS[kind])
+                    w, s = laid[side][(2 * r + j) % len(weights)]
+                    fn = getattr(libs[side], "gemv_f32_panels" if in_panels[side] else FUNCTIONS[kind])
                     scale = () if s is None else (P(s.data_ptr()),)
                     start = time.perf_counter()
                     fn(P(w.data_ptr()), *scale, P(x.data_ptr()), P(y.data_ptr()), I(out), I(inp), I(args.batch), args.threads)
