@@ -392,6 +392,18 @@ def test_fp32_linear_kernel(in_features, out_features):
         assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
 
 
+def test_fp32_panels_take_the_kernel_at_any_row_count(monkeypatch):
+    """Rows of several tokens past MAX_DECODE_ROWS (a prompt's logits at every position) go to the kernel too, in
+    passes: torch's matmul would first need the panels unpacked, a copy of the weight a call."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 130, bias=False)
+    fast = KernelLinear(linear, torch.float32)
+    x = torch.randn(2, MAX_DECODE_ROWS + 7, 96)
+    expected = linear(x).detach()
+    monkeypatch.setattr(fast_module.F, "linear", lambda *a: pytest.fail("torch's matmul on unpacked panels"))
+    assert_close(fast(x), expected, 1e-6, "rows of several tokens")
+
+
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_bf16_steps_compute_bf16_products(model, batch):
     fast = optimize(copy.deepcopy(model), weights="bf16")
