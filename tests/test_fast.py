@@ -14,8 +14,8 @@ import torch.nn as nn
 import rwkv_lm
 from rwkv_lm import RWKVConfig
 from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, isa_level, kernels
-from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.checkpoint import dequantize
+from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import RWKV, Block
 from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, dequantize_int4, round_activations
@@ -70,11 +70,14 @@ def test_fp32_layout_changes_nothing_but_speed(model, tmp_path):
 
 @pytest.mark.parametrize("assign", [False, True])
 def test_fp32_panels_load_and_save_as_dense_weights(model, assign):
-    """fp32 weights live in panels, but state_dict() gives [out, in] (what checkpoints and adapters read), and
-    load_state_dict takes [out, in] into the panels, copied or assigned: the kernels then compute the new model."""
+    """fp32 weights live in panels, but state_dict() gives [out, in] (contiguous copies, what checkpoints and adapters
+    read), and load_state_dict takes [out, in] into the panels, copied or assigned: the kernels then compute the new
+    model. A weight of another shape is refused in [out, in] terms."""
     fast = optimize(copy.deepcopy(model))
     assert fast.head.weight.dim() == 3 and _gemv_kernel(fast.head.weight) == "gemv_f32_panels"
-    assert all(torch.equal(fast.state_dict()[k], v) for k, v in model.state_dict().items())
+    saved = fast.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert saved["blocks.0.att.key.weight"].is_contiguous(), "(one panel: not a view of it, which safetensors refuses)"
     other = random_model(model.config, seed=99)
     fast.load_state_dict(other.state_dict(), assign=assign)
     assert _gemv_kernel(fast.head.weight) == "gemv_f32_panels"
@@ -83,7 +86,18 @@ def test_fp32_panels_load_and_save_as_dense_weights(model, assign):
     tokens = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert_close(fast(tokens, last_only=True)[0], other(tokens, last_only=True)[0], 1e-5, "logits after loading")
-    assert all(torch.equal(fast.state_dict()[k], v) for k, v in other.state_dict().items())
+    loaded = fast.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(RuntimeError, match=r"head.weight: copying a param with shape \(300, 32\) into a weight of shape \(300, 64\)"):
+        fast.load_state_dict({**other.state_dict(), "head.weight": torch.zeros(300, 32)}, assign=assign)
+
+
+def test_panels_moved_to_bf16_are_prepared_again(model):
+    """An fp32-prepared model moved to bf16 and prepared for bf16 gets row-major bf16 weights its kernel takes,
+    not bf16 panels that none does."""
+    fast = optimize(copy.deepcopy(model)).to(torch.bfloat16)
+    optimize(fast, weights="bf16")
+    assert all(_gemv_kernel(m.weight) == "gemv_bf16" for m in fast.modules() if isinstance(m, KernelLinear))
 
 
 def _rounded(model):

@@ -64,6 +64,7 @@ const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
  * model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in
  * int8 5 of 82. */
 enum { F32, BF16, I8, I4, F32_PANELS, I8_FP32_X };
+const int f32_panels_type = F32_PANELS; /* (checked against the Python side's WEIGHT_TYPES) */
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
  * j + 16 in its high one (so a vector of any width up to 16 is one load of consecutive bytes and a mask or a
  * shift); a nibble n stands for (n - 8) * the scale of its group of INT4_GROUP inputs. Rows a multiple of 32 long. */
@@ -529,16 +530,17 @@ GEMV(gemv_bf16_rows, BF16)
 GEMV(gemv_i8_rows, I8)
 GEMV(gemv_i4_rows, I4)
 
-/* fp32 weights in panels (F32_PANELS): W [out, in] stored as [out / PANEL, in, PANEL] (rwkv_lm.runtime.cpu's
+/* fp32 weights in panels (F32_PANELS): W [out, in] stored as [ceil(out / PANEL), in, PANEL] (rwkv_lm.runtime.cpu's
  * `to_panels`; the last panel's missing rows zero), so a panel's PANEL outputs at input i are one run of memory and
  * the whole weight one sequential stream. A register block takes PANEL_VECS vectors of a panel's outputs against
  * PANEL_ROWS rows of x, each x[b, i] broadcast: with AVX-512 24 FMAs per 4 loads and 6 broadcasts, and no sums
  * across lanes, where the row tiles above (a dot product per row: a chain per lane, the lanes summed at the end)
  * spend 10 loads and their lane sums. Each output is the sum, in order, of its PANEL_K-input blocks, each block one
- * fma chain over its inputs in order,
+ * multiply-add chain over its inputs in order (fused where the level has FMA),
  *   y[b, o] = c_0 + c_1 + ...,   c_k = (((0 + W[o, 16k] x[b, 16k]) + W[o, 16k + 1] x[b, 16k + 1]) + ...),
  * whatever the batch or the register block it falls in: batch-invariant by construction, and rounding like the
- * row tiles' 16 lanes (chains of 16 and in / 16 sums; one chain over all 768 inputs was 4-6x further from fp64).
+ * AVX-512 row tiles' 16 lanes (chains of 16 and in / 16 sums; one chain over all 768 inputs was 4-6x further from
+ * fp64).
  * A block of a panel (4 KB) serves every row block of x from L1, and the row blocks share the prefetches of the
  * stream PANEL_AHEAD bytes on into L2 (all of them in the first block's pass: 1.03-1.15x as long at B=16-64).
  * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.05x, B=16 1.23x, B=33 1.41x, B=64 1.40x as
@@ -1230,7 +1232,7 @@ int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, 
     return linear(W, NULL, F32, x, y, out, in, batch, threads);
 }
 
-/* W in panels ([out / PANEL, in, PANEL], see gemv_f32_panels_part) */
+/* W in whole panels ([ceil(out / PANEL), in, PANEL], the last one's missing rows zero; see gemv_f32_panels_part) */
 int gemv_f32_panels(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     return linear(W, NULL, F32_PANELS, x, y, out, in, batch, threads);
 }

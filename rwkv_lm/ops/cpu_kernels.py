@@ -42,7 +42,7 @@ else:
 # checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group, f32_panel and block_step_params)
 ROWS_PER_PASS = 64  # rows of x per pass over the weights; more run in several passes
 INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
-F32_PANEL = 64  # outputs a panel of fp32 weights holds: [out, in] stored as [out / F32_PANEL, in, F32_PANEL]
+F32_PANEL = 64  # outputs a panel of fp32 weights holds: [out, in] stored as [ceil(out / F32_PANEL), in, F32_PANEL]
 # inputs of a row of activations that share one int8 scale where the int4 and int8 products quantize them (levels
 # with VNNI: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
 ACT_GROUP = INT4_GROUP
@@ -180,11 +180,13 @@ def _check_interface(library):
     rows_per_pass = ctypes.c_int.in_dll(library, "rows_per_pass").value
     int4_group = ctypes.c_int.in_dll(library, "int4_group").value
     f32_panel = ctypes.c_int.in_dll(library, "f32_panel").value
-    if (tuple(names.decode().split()) != BLOCK_STEP_PARAMS
+    panels_type = ctypes.c_int.in_dll(library, "f32_panels_type").value
+    if (tuple(names.decode().split()) != BLOCK_STEP_PARAMS or panels_type != WEIGHT_TYPES["float32_panels"]
             or (rows_per_pass, int4_group, f32_panel) != (ROWS_PER_PASS, INT4_GROUP, F32_PANEL)):
         raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
                            f"ROWS_PER_PASS ({rows_per_pass} in C, {ROWS_PER_PASS} here), INT4_GROUP ({int4_group} in C, "
-                           f"{INT4_GROUP} here) or F32_PANEL ({f32_panel} in C, {F32_PANEL} here): change both together")
+                           f"{INT4_GROUP} here), F32_PANEL ({f32_panel} in C, {F32_PANEL} here) or the weight types' "
+                           f"numbers (F32_PANELS {panels_type} in C): change both together")
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,9 @@ Batch invariance: the kernels compute each row of a product by the same operatio
 the number of rows, so a decode step's logits for a sequence are bit for bit those it gets alone, in any batch,
 and a prompt read in pieces gives the bits of one read (the serving engine splits prompts by its budget and
 cache). The head's rows of one token each (steps, `last_only`) therefore take the kernels at any batch size.
-- fp32 (the default): the weights keep their values, stored in panels (`to_panels`: [out / 64, in, 64], each
-  output the in-order sum of fma chains over 16 inputs each, no sums across a register's lanes); checkpoints and
-  state_dict() hold them as [out, in];
+- fp32 (the default): the weights keep their values, stored in panels (`to_panels`: [ceil(out / 64), in, 64], each
+  output the in-order sum of multiply-add chains over 16 inputs each, no sums across a register's lanes);
+  checkpoints and state_dict() hold them as [out, in] (a copy of each: saving needs that much memory again);
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes) and multiply their inputs
   rounded to bf16 (as llama.cpp's BF16 and torch's bf16 matmul do), with fp32 sums; everything else stays fp32.
   A step widens both to fp32 in registers (with avx512_bf16: feeds them to its dot product, twice the products
@@ -60,8 +60,8 @@ from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, F32_PANEL, INT4_BLO
 from ..state import LayerState, RWKVState
 
 # rows of several tokens a KernelLinear takes in the C kernels (one pass over the weights; rows of one token each,
-# a step's or a last_only head's, it takes at any count), and the rows of a prompt's piece in a StepBlock or
-# StepRWKV call; beyond, torch's matmul is as fast (measured)
+# a step's or a last_only head's, and fp32 panels it takes at any count), and the rows of a prompt's piece in a
+# StepBlock or StepRWKV call; beyond, torch's matmul on row-major weights is as fast (measured)
 MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 # the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels: gemv_f32_panels)
@@ -94,8 +94,8 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
 
 
 def from_panels(panels: torch.Tensor, out: int) -> torch.Tensor:
-    """`to_panels` undone: the [out, in] weight (differentiable, so gradients reach the panels)."""
-    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out]
+    """`to_panels` undone: the [out, in] weight, a contiguous copy (differentiable, so gradients reach the panels)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out].contiguous()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +150,8 @@ class KernelLinear(nn.Linear):
     """A bias-free Linear (fp32, bf16, int8 or int4 weight; fp32 activations, rounded as the module docstring says)
     whose decode steps run in a C kernel.
 
-    The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([out / F32_PANEL,
-    in, F32_PANEL], `to_panels`; state_dict() gives and takes it as [out, in], `dense_weight()` makes it so), the
+    The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([ceil(out /
+    F32_PANEL), in, F32_PANEL], `to_panels`; state_dict() gives and takes it as [out, in], `dense_weight()` makes it so), the
     others row-major; int8 weights have one fp32 `scale` per output row beside them (a buffer, saved with the
     model), int4 weights (packed, [out, in / 2] uint8) one per group of INT4_GROUP inputs ([out, in /
     INT4_GROUP]). Still an nn.Linear, so what adapts Linear layers (rwkv_lm.lora) adapts it too.
@@ -197,8 +197,12 @@ class KernelLinear(nn.Linear):
         (their scales with them; a merged LoRA, say). Stored int8 and int4 weights go in as they are."""
         key = prefix + "weight"
         given = state_dict.get(key)
-        if (isinstance(given, torch.Tensor) and given.is_floating_point()
-                and given.shape == (self.out_features, self.in_features)):
+        shape = (self.out_features, self.in_features)
+        if self.weight.dim() == 3 and isinstance(given, torch.Tensor) and given.shape not in (shape, self.weight.shape):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(given.shape)} into a weight "
+                              f"of shape {shape}")
+            return
+        if isinstance(given, torch.Tensor) and given.is_floating_point() and given.shape == shape:
             given = given.detach()
             if self.weight.dim() == 3:  # (copied into the weight, or with assign=True the weight)
                 panels = to_panels(given.to(self.weight.dtype))
@@ -220,7 +224,7 @@ class KernelLinear(nn.Linear):
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)  # (the kernels have no backward)
         one_token_rows = x.dim() <= 2 or x.shape[-2] == 1  # steps, last_only heads: the kernels at any batch (invariance)
         # fp32 panels take the kernel at any count: torch would need them unpacked first (a 0.1B head's 65 rows:
-        # 99 ms so against 24 in the kernel; row-major, torch took 29)
+        # 99 ms that way against 24 in the kernel; row-major, torch took 29)
         fits = (self.weight.device.type == "cpu" and (rows <= MAX_DECODE_ROWS or one_token_rows or self.weight.dim() == 3)
                 and not wants_grad)
         kernel = _gemv_kernel(self.weight) if fits else None
@@ -612,8 +616,8 @@ def optimize(model: nn.Module, weights: str | None = None, isa: str | None = Non
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None:
                 continue
-            if dtype is not None:
-                if child.weight.dtype != dtype or type(child) is not KernelLinear:
+            if dtype is not None:  # (again where no kernel takes the weight: moved to another dtype, say)
+                if child.weight.dtype != dtype or type(child) is not KernelLinear or _gemv_kernel(child.weight) is None:
                     setattr(parent, name, KernelLinear(child, dtype, isa))
             elif type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 if "gemv_f32" in kernels(isa):
