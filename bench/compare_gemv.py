@@ -47,7 +47,6 @@ def main():
         subprocess.run(["cc", "-O3", *COMPILE_FLAGS[args.level], "-fopenmp", "-pthread", "-shared", "-fPIC", "-o", str(lib),
                         str(getattr(args, side) / "rwkv_lm" / "ops" / "cpu_kernels.c"), "-lm"], check=True)
         libs[side] = ctypes.CDLL(str(lib))
-    panels = {side: hasattr(lib, "gemv_f32_panels") for side, lib in libs.items()}
     P, I = ctypes.c_void_p, ctypes.c_int64
     torch.manual_seed(0)
     print(f"| {args.level} flags, B={args.batch}, {args.threads} thread(s), {args.rounds} rounds | old median, ms | new median, ms | old / new per round |")
@@ -61,7 +60,7 @@ def main():
                 weights.append(quantize(torch.randn(out, inp)))
             x, y = torch.randn(args.batch, inp), torch.empty(args.batch, out)
             times = {side: [] for side in libs}
-            in_panels = {side: kind == "fp32" and panels[side] for side in libs}
+            in_panels = {side: kind == "fp32" and hasattr(lib, "gemv_f32_panels") for side, lib in libs.items()}
             laid = {side: [(to_panels(w), s) for w, s in weights] if in_panels[side] else weights for side in libs}
             for r in range(args.rounds):
                 for j, side in enumerate(("old", "new") if r % 2 == 0 else ("new", "old")):

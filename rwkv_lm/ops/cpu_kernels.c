@@ -543,8 +543,8 @@ GEMV(gemv_i4_rows, I4)
  * fp64).
  * A block of a panel (4 KB) serves every row block of x from L1, and the row blocks share the prefetches of the
  * stream PANEL_AHEAD bytes on into L2 (all of them in the first block's pass: 1.03-1.15x as long at B=16-64).
- * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.05x, B=16 1.23x, B=33 1.41x, B=64 1.40x as
- * fast (one thread: 1.12x, 1.27x, 1.41x, 1.42x); the 0.1B model's B=16 step 1.28x, a 32-token prompt 1.28x
+ * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.03x, B=16 1.28x, B=33 1.40x, B=64 1.51x as
+ * fast; the 0.1B model's 16-sequence steps 1.35-1.37x, its 33-token prompts 1.44-1.56x, one sequence level
  * (bench/RESULTS.md, issue 20's tenth pass). */
 #define PANEL 64
 const int f32_panel = PANEL;

@@ -123,6 +123,10 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 
+
+# the quantizer of each quantized weight dtype (int4: packed in uint8)
+QUANTIZERS = {torch.int8: quantize_int8, torch.uint8: quantize_int4}
+
 HUGE_PAGE = 2 << 20  # bytes: a transparent huge page on x86-64 (and on aarch64 with 4 KiB base pages)
 
 
@@ -163,12 +167,11 @@ class KernelLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.dense_weight() if isinstance(linear, KernelLinear) else linear.weight.detach()
         if dtype in (torch.int8, torch.uint8):
-            weight, scale = (quantize_int8 if dtype == torch.int8 else quantize_int4)(weight)
+            weight, scale = QUANTIZERS[dtype](weight)
             self.register_buffer("scale", scale)
         if dtype == torch.float32:
-            # in panels, on huge pages: decode 1.11x (1 thread) and 1.14x (2) on the 0.1B shape from the huge
-            # pages; int4 was 0.92-0.96x there and bf16 and int8 level (bench/RESULTS.md, issue 20's ninth pass), so
-            # only fp32 moves
+            # on huge pages too: 0.1B fp32 decode 1.11x (1 thread) and 1.14x (2); int4 was 0.92-0.96x there and
+            # bf16 and int8 level, so only fp32 moves (bench/RESULTS.md, issue 20's ninth pass)
             self.weight = nn.Parameter(on_huge_pages(to_panels(weight.float())), requires_grad=False)
         else:
             self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
@@ -207,9 +210,8 @@ class KernelLinear(nn.Linear):
             if self.weight.dim() == 3:  # (copied into the weight, or with assign=True the weight)
                 panels = to_panels(given.to(self.weight.dtype))
                 state_dict[key] = on_huge_pages(panels) if local_metadata.get("assign_to_params_buffers") else panels
-            elif self.weight.dtype in (torch.int8, torch.uint8):
-                quantize = quantize_int8 if self.weight.dtype == torch.int8 else quantize_int4
-                state_dict[key], state_dict[prefix + "scale"] = quantize(given)
+            elif self.weight.dtype in QUANTIZERS:
+                state_dict[key], state_dict[prefix + "scale"] = QUANTIZERS[self.weight.dtype](given)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
