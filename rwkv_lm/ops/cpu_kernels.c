@@ -541,8 +541,12 @@ GEMV(gemv_i4_rows, I4)
  * whatever the batch or the register block it falls in: batch-invariant by construction, and rounding like the
  * AVX-512 row tiles' 16 lanes (chains of 16 and in / 16 sums; one chain over all 768 inputs was 4-6x further from
  * fp64).
- * A block of a panel (4 KB) serves every row block of x from L1, and the row blocks share the prefetches of the
- * stream PANEL_AHEAD bytes on into L2 (all of them in the first block's pass: 1.03-1.15x as long at B=16-64).
+ * A block of a panel (4 KB) serves every row block of x from L1, and from PANEL_PREFETCH_BATCH rows of x the row
+ * blocks share the prefetches of the stream PANEL_AHEAD bytes on into L2 (all of them in the first block's pass:
+ * 1.03-1.15x as long at B=16-64). Fewer rows leave the stream to the hardware prefetcher, which follows one
+ * sequential read unaided and which a prefetch of every line only slows where there is little compute per line
+ * (AMD EPYC, 600 MB of weights: without them 1.2-1.4x as fast at B=1-8 on one thread, 1.02-1.13x on two; with
+ * them 1.1-1.25x as fast from B=12).
  * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.03x, B=16 1.28x, B=33 1.40x, B=64 1.51x as
  * fast; the 0.1B model's 16-sequence steps 1.35-1.37x, its 33-token prompts 1.44-1.56x, one sequence level
  * (bench/RESULTS.md, issue 20's tenth pass). */
@@ -557,6 +561,7 @@ const int f32_panel = PANEL;
 #endif
 #define PANEL_K 16
 #define PANEL_AHEAD 16384
+#define PANEL_PREFETCH_BATCH 10
 _Static_assert(PANEL % (PANEL_VECS * VW) == 0, "a panel is whole register blocks");
 
 /* acc [m][PANEL] (a row block's sums; set where first) += the chain over inputs k0 .. k1 - 1 of a panel's vectors
@@ -590,6 +595,7 @@ static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
     const struct gemv_job *j = job;
     const int64_t in = j->in, batch = j->batch, row_blocks = (batch + PANEL_ROWS - 1) / PANEL_ROWS;
     const int64_t blocks = row_blocks * (PANEL / (PANEL_VECS * VW)); /* register blocks per input block */
+    const int prefetch = batch >= PANEL_PREFETCH_BATCH;
     float acc[ROWS_PER_PASS * PANEL] __attribute__((aligned(64)));
     for (int64_t p = begin; p < end; p++) {
         const float *panel = (const float *)j->W + p * in * PANEL;
@@ -600,7 +606,8 @@ static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
                 for (int64_t b = 0; b < batch; b += PANEL_ROWS) {
                     /* the block's share of the prefetches: spread over all of them, not in a burst in the first */
                     const int64_t nth = s / (PANEL_VECS * VW) * row_blocks + b / PANEL_ROWS;
-                    const int64_t from = k0 + (k1 - k0) * nth / blocks, to = k0 + (k1 - k0) * (nth + 1) / blocks;
+                    const int64_t from = prefetch ? k0 + (k1 - k0) * nth / blocks : 0;
+                    const int64_t to = prefetch ? k0 + (k1 - k0) * (nth + 1) / blocks : 0;
                     const float *xb = j->x + b * in;
                     float *ab = acc + b * PANEL + s;
                     switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
