@@ -11,10 +11,10 @@ import threading
 import gradio as gr
 
 from rwkv_lm import RWKV
+from rwkv_lm.model import parameter_count
 from rwkv_lm.serve import Engine
 
 from . import arena_tab, chat_tab
-from .arena import num_params
 
 # Context lengths of the sweep: a few points are enough to see a flat line beside a rising one.
 SWEEP_LENGTHS = [256, 1024, 2048, 4096, 8192]
@@ -53,13 +53,13 @@ class Engines:
 
 def describe(model) -> str:
     cfg = model.config
-    return f"{cfg.n_layer} layers × {cfg.n_embd} wide, {num_params(model) / 1e6:,.1f}M parameters"
+    return f"{cfg.n_layer} layers × {cfg.n_embd} wide, {parameter_count(model) / 1e6:,.1f}M parameters"
 
 
 def size_warning(models: dict) -> str:
     """A warning (Markdown) when the largest of `models` (name -> model) has more than twice the parameters of the
     smallest, else ''. Their speeds then say more about their sizes than about their architectures."""
-    counts = {name: num_params(model) for name, model in models.items()}
+    counts = {name: parameter_count(model) for name, model in models.items()}
     (small, n_small), (large, n_large) = min(counts.items(), key=lambda kv: kv[1]), max(counts.items(), key=lambda kv: kv[1])
     if n_large <= 2 * n_small:
         return ""

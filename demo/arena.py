@@ -26,10 +26,6 @@ def format_bytes(n: int) -> str:
     return f"{n / 1e6:,.1f} MB" if n >= 1_000_000 else f"{n / 1e3:,.1f} kB"
 
 
-def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def memory_label(model) -> str:
     """What the bytes a model carries between tokens are called: an RNN state or a transformer's KV cache."""
     return "state" if isinstance(model, RWKV) else "KV cache"

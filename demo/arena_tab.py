@@ -8,9 +8,10 @@ from contextlib import closing
 
 import gradio as gr
 
+from rwkv_lm.model import parameter_count
 from rwkv_lm.serve import Engine
 
-from .arena import Lane, num_params, race, readings_frame, sweep
+from .arena import Lane, race, readings_frame, sweep
 from .inputs import MAX_MESSAGE_CHARS, UserError, check_message, named_errors, sampling_params
 
 # Redrawing per token would cost the browser more than the models (a busy page stops answering clicks,
@@ -34,7 +35,7 @@ def render(engines: dict[str, Engine], sweep_lengths: list[int], device_lock: th
     differ much in size."""
     names = list(engines)
     lanes_state = gr.State(None)
-    sizes = " · ".join(f"**{name}**: {num_params(engine.model) / 1e6:,.1f}M parameters" for name, engine in engines.items())
+    sizes = " · ".join(f"**{name}**: {parameter_count(engine.model) / 1e6:,.1f}M parameters" for name, engine in engines.items())
     gr.Markdown(sizes + (f"\n\n{size_warning}" if size_warning else ""), elem_id="arena-sizes")
     # the prompt comes first: on a phone the panes stack, and it would be two screens down
     prompt = gr.Textbox(placeholder="One prompt for both models (Enter to send)", label="Prompt", show_label=False,

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import RWKV
+from .model import RWKV, parameter_count
 from .state import ModelState
 
 
@@ -207,7 +207,7 @@ class GPT(nn.Module):
         return state
 
     def num_params(self, include_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = parameter_count(self)
         return n if include_embedding else n - self.wte.weight.numel()
 
     @torch.no_grad()

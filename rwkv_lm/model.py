@@ -26,6 +26,19 @@ def _suggested_lora(n_embd: int, factor: float) -> int:
     return max(32, int(round(factor * n_embd**0.5 / 32)) * 32)
 
 
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters as its architecture has them: a Linear's weight counts in x out however the CPU
+    runtime stores it (fp32 in panels padded to whole ones, int4 two to a byte); a shared parameter counts once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                linear_weight = isinstance(module, nn.Linear) and name == "weight"
+                total += module.in_features * module.out_features if linear_weight else p.numel()
+    return total
+
+
 @dataclass
 class RWKVConfig:
     vocab_size: int = 65536
@@ -236,7 +249,7 @@ class RWKV(nn.Module):
         return state
 
     def num_params(self, include_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = parameter_count(self)
         return n if include_embedding else n - self.emb.weight.numel()
 
     @torch.no_grad()

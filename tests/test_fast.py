@@ -972,3 +972,14 @@ def test_big_weights_lie_on_huge_pages(isa):
     assert "hg" not in _vm_flags(small_layer.weight.data_ptr()), "a weight under one huge page advised onto them"
     int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them: only fp32 moves)
     assert "hg" not in _vm_flags(int4.data_ptr())
+
+
+@pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
+def test_parameter_counts_do_not_change_when_prepared(model, weights):
+    """num_params() counts a Linear's in x out however the runtime stores its weight: fp32 panels pad the
+    300-token head to 320 rows, int4 packs two weights a byte."""
+    fast = optimize(copy.deepcopy(model), weights=weights)
+    stored = sum(p.numel() for p in fast.parameters())
+    assert stored != model.num_params() or weights in ("bf16", "int8"), "(the layout this test is about)"
+    assert fast.num_params() == model.num_params() == sum(p.numel() for p in model.parameters())
+    assert fast.num_params(include_embedding=False) == model.num_params(include_embedding=False)
