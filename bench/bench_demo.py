@@ -155,14 +155,15 @@ def arena(args) -> None:
     import torch
 
     from demo.app import Engines, baseline_name, describe
-    from demo.arena import Lane, num_params, race
+    from demo.arena import Lane, race
+    from rwkv_lm.model import parameter_count
     from rwkv_lm.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
     rwkv, baseline = arena_models(args.models)
     names = {"RWKV-7": rwkv, baseline_name(baseline): baseline}
     for name, model in names.items():
-        print(f"{name}: {describe(model)} ({num_params(model):,})")
+        print(f"{name}: {describe(model)} ({parameter_count(model):,})")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_p=0.8, seed=1, stop=())
     print(f"\narena: {ARENA_PROMPT!r}, max_tokens {args.max_tokens}, temperature 1, top_p 0.8, seed 1, "
           f"{args.threads} threads")

@@ -545,8 +545,8 @@ GEMV(gemv_i4_rows, I4)
  * blocks share the prefetches of the stream PANEL_AHEAD bytes on into L2 (all of them in the first block's pass:
  * 1.03-1.15x as long at B=16-64). Fewer rows leave the stream to the hardware prefetcher, which follows one
  * sequential read unaided and which a prefetch of every line only slows where there is little compute per line
- * (AMD EPYC, 600 MB of weights: without them 1.2-1.4x as fast at B=1-8 on one thread, 1.02-1.13x on two; with
- * them 1.1-1.25x as fast from B=12).
+ * (AMD EPYC, 600 MB of weights: without them 1.04-1.5x as fast at B=1-8 on one thread, level at B=6, 0.98-1.13x
+ * on two; with them 1.1-1.25x as fast from B=12; bench/RESULTS.md, issue 20's eleventh pass).
  * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.03x, B=16 1.28x, B=33 1.40x, B=64 1.51x as
  * fast; the 0.1B model's 16-sequence steps 1.35-1.37x, its 33-token prompts 1.44-1.56x, one sequence level
  * (bench/RESULTS.md, issue 20's tenth pass). */
