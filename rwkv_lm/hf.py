@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .gpt import GPTState
-from .model import RWKV
+from .model import RWKV, parameter_count
 from .tokenizer import BPETokenizer
 
 
@@ -88,7 +88,7 @@ class HFCausalLM(nn.Module):
         return state
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return parameter_count(self)
 
 
 def is_hf_model(spec: str | Path) -> bool:
