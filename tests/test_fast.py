@@ -948,34 +948,29 @@ def _vm_flags(address: int) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_big_weights_lie_on_huge_pages(isa, dtype):
-    """An fp32, bf16 or int8 weight of 2 MiB or more is copied to memory advised for huge pages (one TLB entry per
-    2 MiB as a step streams it), from a 2 MiB boundary; its values, its layer's output, copies and pickles are what
-    they were, and a small weight is not advised onto them."""
+def test_big_weights_lie_on_huge_pages(isa):
+    """An fp32 weight of 2 MiB or more is copied to memory advised for huge pages (one TLB entry per 2 MiB as a step
+    streams it), from a 2 MiB boundary; its values, its layer's output, copies and pickles are what they were, and a
+    small weight is not advised onto them."""
     import mmap
 
     if isa != "generic":
         pytest.skip("the placement does not depend on the level: tested at one")
     if not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
         pytest.skip("no transparent huge pages to ask for here (a Linux kernel built with them)")
-    big, small = nn.Linear(2048, 1024, bias=False), nn.Linear(64, 64, bias=False)  # (2 MiB in int8 too)
-    layer, small_layer = KernelLinear(big, dtype), KernelLinear(small, dtype)
+    big, small = nn.Linear(1024, 1024, bias=False), nn.Linear(64, 64, bias=False)
+    layer, small_layer = KernelLinear(big, torch.float32), KernelLinear(small, torch.float32)
     for linear, made in ((big, layer), (small, small_layer)):
-        plain = KernelLinear(linear, dtype)
-        plain.weight = nn.Parameter(made.weight.clone(), requires_grad=False)  # (a clone: ordinary memory)
-        assert torch.equal(made.dense_weight(), plain.dense_weight())
-        if dtype == torch.float32:
-            assert torch.equal(made.dense_weight(), linear.weight)
+        assert torch.equal(made.dense_weight(), linear.weight)
         x = torch.randn(3, linear.in_features)
-        assert torch.equal(made(x), plain(x)), "the same output as from ordinary memory"
+        assert_close(made(x), linear(x), 1e-5, "output")
     address = layer.weight.data_ptr()
     assert address % HUGE_PAGE == 0 and "hg" in _vm_flags(address), _vm_flags(address)
     assert layer.weight.untyped_storage().nbytes() == layer.weight.nbytes, "no slack in the storage"
     for copied in (copy.deepcopy(layer.weight), pickle.loads(pickle.dumps(layer.weight))):
         assert torch.equal(copied, layer.weight) and copied.untyped_storage().nbytes() == copied.nbytes
     assert "hg" not in _vm_flags(small_layer.weight.data_ptr()), "a weight under one huge page advised onto them"
-    int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them on an Intel Xeon)
+    int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them: only fp32 moves)
     assert "hg" not in _vm_flags(int4.data_ptr())
 
 

@@ -169,14 +169,12 @@ class KernelLinear(nn.Linear):
         if dtype in (torch.int8, torch.uint8):
             weight, scale = QUANTIZERS[dtype](weight)
             self.register_buffer("scale", scale)
-        # on huge pages, but for int4: 0.1B decode of one sequence on the Intel Xeon fp32 1.11-1.14x, bf16 and int8
-        # level, int4 0.92-0.96x; on the AMD EPYC bf16 1.04-1.06x, int8 1.02-1.04x, int4 1.02x (bench/RESULTS.md,
-        # issue 20's ninth and eleventh passes)
         if dtype == torch.float32:
+            # on huge pages too: 0.1B fp32 decode 1.11x (1 thread) and 1.14x (2); int4 was 0.92-0.96x there and
+            # bf16 and int8 level, so only fp32 moves (bench/RESULTS.md, issue 20's ninth pass)
             self.weight = nn.Parameter(on_huge_pages(to_panels(weight.float())), requires_grad=False)
         else:
-            weight = weight.to(dtype).contiguous()
-            self.weight = nn.Parameter(weight if dtype == torch.uint8 else on_huge_pages(weight), requires_grad=False)
+            self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
         self.bias = None
 
     def dense_weight(self) -> torch.Tensor:
