@@ -975,9 +975,11 @@ def test_big_weights_lie_on_huge_pages(isa):
 
 
 @pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
-def test_parameter_counts_do_not_change_when_prepared(model, weights):
+def test_parameter_counts_do_not_change_when_prepared(isa, model, weights):
     """num_params() counts a Linear's in x out however the runtime stores its weight: fp32 panels pad the
     300-token head to 320 rows, int4 packs two weights a byte."""
+    if isa != "generic":
+        pytest.skip("the count does not depend on the level: tested at one")
     fast = optimize(copy.deepcopy(model), weights=weights)
     stored = sum(p.numel() for p in fast.parameters())
     assert stored != model.num_params() or weights in ("bf16", "int8"), "(the layout this test is about)"

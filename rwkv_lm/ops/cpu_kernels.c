@@ -546,7 +546,7 @@ GEMV(gemv_i4_rows, I4)
  * 1.03-1.15x as long at B=16-64). Fewer rows leave the stream to the hardware prefetcher, which follows one
  * sequential read unaided and which a prefetch of every line only slows where there is little compute per line
  * (AMD EPYC, 600 MB of weights: without them 1.04-1.5x as fast at B=1-8 on one thread, level at B=6, 0.98-1.13x
- * on two; with them 1.1-1.25x as fast from B=12; bench/RESULTS.md, issue 20's eleventh pass).
+ * on two; level at B=10-12; with them 1.1-1.3x as fast from B=16; bench/RESULTS.md, issue 20's eleventh pass).
  * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.03x, B=16 1.28x, B=33 1.40x, B=64 1.51x as
  * fast; the 0.1B model's 16-sequence steps 1.35-1.37x, its 33-token prompts 1.44-1.56x, one sequence level
  * (bench/RESULTS.md, issue 20's tenth pass). */
@@ -606,8 +606,8 @@ static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
                 for (int64_t b = 0; b < batch; b += PANEL_ROWS) {
                     /* the block's share of the prefetches: spread over all of them, not in a burst in the first */
                     const int64_t nth = s / (PANEL_VECS * VW) * row_blocks + b / PANEL_ROWS;
-                    const int64_t from = prefetch ? k0 + (k1 - k0) * nth / blocks : 0;
-                    const int64_t to = prefetch ? k0 + (k1 - k0) * (nth + 1) / blocks : 0;
+                    const int64_t from = k0 + (k1 - k0) * nth / blocks;
+                    const int64_t to = prefetch ? k0 + (k1 - k0) * (nth + 1) / blocks : from; /* (none: empty) */
                     const float *xb = j->x + b * in;
                     float *ab = acc + b * PANEL + s;
                     switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
