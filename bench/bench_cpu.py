@@ -147,13 +147,13 @@ def step_agreement(a, b, windows, level: str) -> float:
 
 
 def weight_bytes(model) -> int:
-    """What a one-token step reads: every tensor but the embedding (one row of it per token); an int8 or int4
-    model's LoRAs as the int8 copies its C step reads (`StepPlan.lora_copies`), not their fp32 Parameters."""
+    """What a one-token step reads: every tensor but the embedding (one row of it per token); a bf16, int8 or int4
+    model's LoRAs as the copies its C step reads (`StepPlan.lora_copies`), not their fp32 Parameters."""
     read = {name: t.nbytes for name, t in model.state_dict().items() if not name.startswith("emb.")}
     for i, block in enumerate(getattr(model, "blocks", ())):
         plan = getattr(block, "step_plan", None)
-        for where, (int8, scale) in zip(plan.int8_loras, plan.lora_copies or ()) if plan else ():
-            read[f"blocks.{i}.{BLOCK_STEP_PARAMS[plan.slots[where]]}"] = int8.nbytes + scale.nbytes
+        for where, (weight, scale) in zip(plan.rounded_loras, plan.lora_copies or ()) if plan else ():
+            read[f"blocks.{i}.{BLOCK_STEP_PARAMS[plan.slots[where]]}"] = weight.nbytes + (0 if scale is None else scale.nbytes)
     return sum(read.values())
 
 

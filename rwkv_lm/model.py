@@ -214,20 +214,20 @@ class RWKV(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: RWKVState | None = None):
         """RNN mode: one token per row. tokens [B] -> (logits [B, V], new state)."""
-        self.check_tokens(tokens, 1)
+        self.check_tokens(tokens, 1, ids=False)  # (forward checks the ids)
         logits, state = self(tokens.unsqueeze(1), state)
         return logits[:, 0], state
 
-    def check_tokens(self, tokens, dims):
+    def check_tokens(self, tokens, dims, *, ids: bool = True):
         """The shape of `tokens` ([B, T] for dims=2, [B] for 1), or a ValueError saying what does not fit. Ids are
-        range-checked on the CPU only: on a GPU that would wait for the device at every step (an id out of range
-        fails in the embedding there)."""
+        range-checked on the CPU only (ids=False: not at all, the caller does): on a GPU that would wait for the
+        device at every step (an id out of range fails in the embedding there)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != dims or tokens.is_floating_point():
             shape = "[B, T]" if dims == 2 else "[B]"
             raise ValueError(f"tokens must be an integer tensor of shape {shape}, got {getattr(tokens, 'shape', type(tokens))}")
         if tokens.numel() == 0:
             raise ValueError("tokens is empty: give at least one token")
-        if tokens.device.type == "cpu":
+        if ids and tokens.device.type == "cpu":
             lo, hi = map(int, torch.aminmax(tokens))
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = hi if hi >= self.config.vocab_size else lo

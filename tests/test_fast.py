@@ -101,13 +101,17 @@ def test_panels_moved_to_bf16_are_prepared_again(model):
 
 
 def _rounded(model):
-    """The fp32 model with its Linear weights and their inputs rounded to bf16: what the bf16 path must compute."""
+    """The fp32 model with its Linear weights and their inputs rounded to bf16, and its LoRAs' weights (not their
+    inputs): what the bf16 path must compute."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(m.weight.bfloat16().float())
                 m.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
+        for name, p in ref.named_parameters():
+            if _is_lora(name):
+                p.copy_(p.bfloat16().float())
     return ref
 
 
@@ -193,6 +197,25 @@ def test_model_step_is_the_blocks_steps(batch, weights, monkeypatch):
     for name, t in new.tensors().items():
         assert torch.equal(t, by_blocks_state.tensors()[name]), name
     assert torch.equal(logits, by_blocks)
+    assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
+
+
+def test_model_step_refuses_ids_outside_the_vocabulary(model, monkeypatch):
+    """StepRWKV's steps and last_only prompts leave the ids' range check to its C call (no torch op a step): an id
+    outside the vocabulary, at either end and anywhere in the batch, gets model.py's ValueError from that call,
+    and the state given is left as it was."""
+    fast = optimize(copy.deepcopy(model))
+    calls = _counting(monkeypatch, "model_step")
+    state = fast.init_state(2).map(lambda t: torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
+    snapshot = state.clone()
+    with torch.no_grad():
+        for bad in (300, -1):
+            with pytest.raises(ValueError, match=f"token id {bad} is outside this model's vocabulary"):
+                fast.step(torch.tensor([5, bad]), state)
+            with pytest.raises(ValueError, match=f"token id {bad} is outside"):
+                fast(torch.tensor([[1, 2, 3], [4, bad, 6]]), state, last_only=True)
+        fast.step(torch.tensor([0, 299]), state)  # (the ends of the range)
+    assert calls == ["model_step"] * 5
     assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), snapshot.tensors().values()))
 
 
@@ -582,23 +605,31 @@ def test_quantized_products_keep_a_nan_in_its_row(weights):
     assert torch.equal(y[:1], alone)
 
 
-@pytest.mark.parametrize("weights", QUANTIZED)
-def test_quantized_models_round_their_loras_to_int8(model, weights):
-    """int8 and int4 models keep their LoRAs in int8 with one scale per output: the Parameters hold the rounded
-    values (so model.py computes what the kernels do), rounding them again changes no bit, and LoRAs loaded in
-    place after optimize() are rounded and stepped with, not the copies from before.
+def _lora_rounded(lora: torch.Tensor, weights: str) -> torch.Tensor:
+    """A LoRA matrix rounded as a model with these weights keeps it: bf16, else int8 with one scale per output."""
+    if weights == "bf16":
+        return lora.bfloat16().float()
+    int8, scale = quantize_int8(lora.t())
+    return (int8.float() * scale[:, None]).t()
+
+
+@pytest.mark.parametrize("weights", ["bf16", *QUANTIZED])
+def test_models_round_their_loras(model, weights):
+    """bf16 models keep their LoRAs in bf16, int8 and int4 ones in int8 with one scale per output: the Parameters
+    hold the rounded values (so model.py computes what the kernels do), rounding them again changes no bit, and
+    LoRAs loaded in place after optimize() are rounded and stepped with, not the copies from before.
     While the model is being trained nothing is rounded under the optimizer."""
     fast = optimize(copy.deepcopy(model), weights=weights)
     loras = {name: p for name, p in fast.named_parameters() if _is_lora(name)}
     assert len(loras) == 8 * len(fast.blocks) - 2  # (the first block has no value LoRA)
     for name, p in loras.items():
-        int8, scale = quantize_int8(p.t())
-        assert torch.equal(int8.float() * scale[:, None], p.t()), name
+        assert torch.equal(_lora_rounded(p, weights), p), name
+        assert torch.equal(_lora_rounded(model.get_parameter(name), weights), p), name
         assert not torch.equal(p, model.get_parameter(name)), f"{name} was not rounded"
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(7))
     other = random_model(model.config, seed=7)
     other_fast = optimize(copy.deepcopy(other), weights=weights)
-    # its quantized weights, its LoRAs as they were before rounding
+    # its prepared weights, its LoRAs as they were before rounding
     sd = other_fast.state_dict() | {k: v for k, v in other.state_dict().items() if _is_lora(k)}
     for assign in (False, True):
         _steps(fast, tokens)  # (the copies of the LoRAs before the load are made and kept)

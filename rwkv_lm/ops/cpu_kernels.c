@@ -59,11 +59,11 @@ enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
 /* weight types: the first five as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels);
- * I8_FP32_X, int8 weights against fp32 activations
- * at every level, is a quantized model's LoRAs (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as
- * model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in
- * int8 5 of 82. */
-enum { F32, BF16, I8, I4, F32_PANELS, I8_FP32_X };
+ * I8_FP32_X and BF16_FP32_X, int8 and bf16 weights against fp32 activations at every level, are the LoRAs of a
+ * quantized and of a bf16 model (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as model.py's `x @ w1`
+ * multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in int8 5 of 82; in
+ * a bf16 step 21 of 292 MB, in bf16 11 of 281. */
+enum { F32, BF16, I8, I4, F32_PANELS, I8_FP32_X, BF16_FP32_X };
 const int f32_panels_type = F32_PANELS; /* (checked against the Python side's WEIGHT_TYPES) */
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
  * j + 16 in its high one (so a vector of any width up to 16 is one load of consecutive bytes and a mask or a
@@ -1190,8 +1190,8 @@ static int gemv_i8_amx(const int8_t *W, const float *scale, const float *x, floa
 /* one pass over W: up to ROWS_PER_PASS rows of x (see linear) */
 static int linear_pass(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                        int64_t batch, int threads) {
-    if (type == I8_FP32_X) {
-        gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
+    if (type == I8_FP32_X || type == BF16_FP32_X) {
+        (type == I8_FP32_X ? gemv_i8_rows : gemv_bf16_rows)(W, scale, x, y, out, in, batch, threads);
         return 0;
     }
     if (type == BF16) {
@@ -1395,7 +1395,8 @@ static void last_tokens(float *shift_out, const float *xn, int64_t batch, int64_
  * matrix products and the recurrence, not ~130 small torch ops and their Python per layer (those cost as much
  * as a third of the step). Every token is a row of the products and the elementwise work; the token shifts
  * and the recurrence follow each sequence. Activations fp32; the six Linear weights of type `type` (int8 and
- * int4 with their scales); the LoRA matrices fp32 and stored as their kernel reads them ([out, in] row-major).
+ * int4 with their scales); the LoRA matrices stored as their kernel reads them ([out, in] row-major): int8 with
+ * their scales where those are given (int8 and int4 blocks), bf16 in a bf16 block, else fp32.
  * The elementwise work between the products runs in phases over rows (`slice_part`), split between threads as
  * the products are: a prompt's rows of it in the caller alone left the other threads idle. */
 struct slice {
@@ -1500,10 +1501,10 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
                             int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
                             float decay_scale, int type, int threads, float *mix) {
 #define LINEAR(name, x, y, out, in) linear(params[name], (const float *)params[name##_S], type, x, y, out, in, rows, threads)
-#define LORA(name, x, y, out, in) \
-    linear(params[name], params[name##_S], params[name##_S] ? I8_FP32_X : F32, x, y, out, in, rows, threads)
+#define LORA(name, x, y, out, in) linear(params[name], params[name##_S], lora_type, x, y, out, in, rows, threads)
 #define PHASE(p) parallel(rows, threads, rows * C, slice_part, &(struct slice_phase){&s, p})
     const int64_t rows = batch * len, BC = rows * C;
+    const int lora_type = params[W1_S] ? I8_FP32_X : type == BF16 ? BF16_FP32_X : F32;
     /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step, the normalized
      * inputs of the shifts, and the LoRAs' and the channel mix's hidden vectors */
     float *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *w = v + BC, *a = w + BC, *g = a + BC, *minus_kk = g + BC,
@@ -1629,15 +1630,20 @@ int layer_norm(const float *x, float *out, const float *weight, const float *bia
  * trip per block and module (StepRWKV's docstring has the measured gain). Block l's parameters are
  * block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its
  * Linear weights' type types[l]; its state is read from att_shift[l], wkv[l], ffn_shift[l] and written to the
- * *_out arrays' tensors. Returns block_step's codes (linear's for the head). */
+ * *_out arrays' tensors. Returns block_step's codes (linear's for the head), or 3 for a token id outside the
+ * embedding's emb_rows rows (checked here, not by the caller: torch's check of a step's ids, cold after the
+ * weights' sweep, was ~0.1 ms of Python a step). */
 int model_step(int64_t n_layer, const void *const *const *block_params, const int64_t *sizes, const int *types,
-               const float *emb, float ln_eps, float ln_x_eps, float decay_scale, const int64_t *tokens, int64_t batch,
+               const float *emb, int64_t emb_rows, float ln_eps, float ln_x_eps, float decay_scale,
+               const int64_t *tokens, int64_t batch,
                int64_t len, float *const *att_shift, float *const *wkv, float *const *ffn_shift,
                float *const *att_shift_out, float *const *wkv_out, float *const *ffn_shift_out,
                const float *ln_out_weight, const float *ln_out_bias, float ln_out_eps, const void *head,
                const float *head_scale, int head_type, int64_t vocab, float *logits, int threads) {
     if (len < 1) return 1;
     const int64_t C = sizes[0], tokens_in = batch * len, rows = slice_rows(batch, len);
+    for (int64_t t = 0; t < tokens_in; t++)
+        if (tokens[t] < 0 || tokens[t] >= emb_rows) return 3;
     int64_t floats = 0;
     for (int64_t l = 0; l < n_layer; l++) {
         const int64_t *z = sizes + 7 * l, need = workspace_floats(rows, z[0], z[2], z + 3);

@@ -22,7 +22,8 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   output the in-order sum of multiply-add chains over 16 inputs each, no sums across a register's lanes);
   checkpoints and state_dict() hold them as [out, in] (a copy of each: saving needs that much memory again);
 - bf16 weights (`weights="bf16"`): Linear weights are kept in bf16 (half the bytes) and multiply their inputs
-  rounded to bf16 (as llama.cpp's BF16 and torch's bf16 matmul do), with fp32 sums; everything else stays fp32.
+  rounded to bf16 (as llama.cpp's BF16 and torch's bf16 matmul do), with fp32 sums; the LoRAs (below) in bf16 too;
+  everything else stays fp32.
   A step widens both to fp32 in registers (with avx512_bf16: feeds them to its dot product, twice the products
   of an FMA; with AMX: to its tiles, 16 rows of W by up to 16 of x an instruction), and so does a prompt; every
   level rounds alike.
@@ -31,10 +32,11 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
   a multiple of INT4_GROUP wide.
-- int4 and int8 models keep the time mix's LoRAs (the small low-rank matrices x @ w1 ... feeds) in int8 too, one
-  scale per output: the Parameters are rounded to those values (model.py multiplies them), the C step reads int8
-  copies of them against fp32 inputs, made again after a LoRA changes (a fifth of a 0.1B int4 step's bytes before:
-  97 -> 82 MB a token; the default model's bits per byte unchanged, bench/RESULTS.md).
+- bf16, int4 and int8 models keep the time mix's LoRAs (the small low-rank matrices x @ w1 ... feeds) in bf16 and
+  int8 (one scale per output) too: the Parameters are rounded to those values (model.py multiplies them), the C
+  step reads bf16 or int8 copies of them against fp32 inputs, made again after a LoRA changes (int8: a fifth of a
+  0.1B int4 step's bytes before, 97 -> 82 MB a token; bf16: 292 -> 281 MB; the default model's bits per byte
+  unchanged, bench/RESULTS.md).
 - int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16, amx): their Linear products round the activations to int8,
   one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd; int8 at the amx level
   on AMX's tiles, each group's exact sum then one fp32 chain per output), several times fewer
@@ -287,10 +289,12 @@ class StepPlan:
     strides: list[tuple]
     sizes: tuple  # C, head size, ffn width and the four LoRA ranks
     weight_type: int  # WEIGHT_TYPES of the Linear weights
-    int8_loras: list[int]  # where the LoRA matrices are among `sources` when the Linear weights are int8 or int4
+    # where the LoRA matrices are among `sources` when the Linear weights are bf16, int8 or int4 (their C step reads
+    # copies of them in bf16, int8 and int8: `_lora_copy`)
+    rounded_loras: list[int]
     key: list | None = None  # (id, address, dtype, stride, version) of each tensor when `params` was built
     params: object | None = None  # the ctypes array of pointers for those tensors
-    lora_copies: list | None = None  # the int8 LoRAs and their scales `params` points to
+    lora_copies: list | None = None  # the LoRAs' copies `params` points to: (weight, int8's scale or None) each
 
     def __getstate__(self):  # (copy.deepcopy and pickle): the cached pointers are into the original's memory
         return {**self.__dict__, "key": None, "params": None, "lora_copies": None}
@@ -360,8 +364,8 @@ class StepBlock(Block):
         """The C step's array of parameter pointers for these tensors, or None where they are no longer in the
         dtypes, device and layouts optimize() prepared. Kept while the same tensors hold the same memory in the
         same layout and nothing wrote to them, so a step does not check ~40 tensors again (with the lookups above:
-        54 -> 18 us of Python a block, 27 with the layout checked too). With int8 or int4 weights the LoRAs go in
-        as int8 copies (`_int8_lora`), made again whenever a LoRA changes."""
+        54 -> 18 us of Python a block, 27 with the layout checked too). With bf16, int8 or int4 weights the LoRAs go
+        in as copies in bf16 or int8 (`_lora_copy`), made again whenever a LoRA changes."""
         plan = self.step_plan
         key = _tensors_key(current)
         if key == plan.key:
@@ -370,17 +374,18 @@ class StepBlock(Block):
         if not all(p.dtype == dtype and p.device.type == "cpu" and p.stride() == stride
                    for p, dtype, stride in zip(current, plan.dtypes, plan.strides)):
             return None
-        loras = [current[i] for i in plan.int8_loras]
+        loras = [current[i] for i in plan.rounded_loras]
         if any(p.requires_grad for p in loras):  # being trained: rounding them would fight the optimizer
             return None
         pointers = [None] * len(BLOCK_STEP_PARAMS)
         for slot, p in zip(plan.slots, current):
             pointers[slot] = p.data_ptr()
-        plan.lora_copies = [_int8_lora(p) for p in loras]
-        for i, (weight, scale) in zip(plan.int8_loras, plan.lora_copies):
+        plan.lora_copies = [_lora_copy(p, plan.weight_type) for p in loras]
+        for i, (weight, scale) in zip(plan.rounded_loras, plan.lora_copies):
             slot = plan.slots[i]
             pointers[slot] = weight.data_ptr()
-            pointers[BLOCK_STEP_PARAMS.index(BLOCK_STEP_PARAMS[slot] + "_scale")] = scale.data_ptr()
+            if scale is not None:
+                pointers[BLOCK_STEP_PARAMS.index(BLOCK_STEP_PARAMS[slot] + "_scale")] = scale.data_ptr()
         plan.key = _tensors_key(current) if loras else key  # (the rounding wrote to the LoRAs)
         plan.params = (ctypes.c_void_p * len(BLOCK_STEP_PARAMS))(*pointers)
         return plan.params
@@ -393,11 +398,16 @@ def _tensors_key(tensors: list) -> list:
 
 
 @torch.no_grad()
-def _int8_lora(lora: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A LoRA matrix of a model with int8 or int4 weights (stored transposed, as the kernels read it), rounded in place
-    to int8 with one scale per output (`quantize_int8`), so model.py multiplies what the kernels do: (int8 [out,
-    in], scale [out]), the kernels' copy. A rounded matrix rounds to the same bits, so one saved from a quantized
-    model loads back as it was."""
+def _lora_copy(lora: torch.Tensor, weight_type: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A LoRA matrix (stored transposed, as the kernels read it) of a model whose Linear weights are of `weight_type`
+    rounded in place to the width the kernels read it in, so model.py multiplies what they do, and the kernels' copy
+    [out, in]: bf16 for bf16 weights (half a bf16 step's LoRA bytes, as the official bf16 checkpoints hold them),
+    (None for the scale); else int8 with one scale per output (`quantize_int8`). A rounded matrix rounds to the
+    same bits, so one saved from such a model loads back as it was."""
+    if weight_type == WEIGHT_TYPES["bfloat16"]:
+        weight = lora.t().to(torch.bfloat16).contiguous()
+        lora.t().copy_(weight.float())
+        return weight, None
     weight, scale = quantize_int8(lora.t())
     lora.t().copy_(weight.float() * scale[:, None])
     return weight, scale
@@ -427,14 +437,14 @@ def _fused_steps(block: Block, isa: str):
         sources.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
     weight_type = _weight_type(att.receptance.weight)
-    quantized = weight_type in (WEIGHT_TYPES["int8"], WEIGHT_TYPES["uint8"])
+    rounded = weight_type in (WEIGHT_TYPES["bfloat16"], WEIGHT_TYPES["int8"], WEIGHT_TYPES["uint8"])
     plan = StepPlan(
         isa=isa, slots=slots, sources=sources,
         tree=[(parent, key, child) for parent in block.modules() for key, child in parent._modules.items()],
         modules=tuple(block.modules()),
         dtypes=[names[name].dtype for name in present], strides=[names[name].stride() for name in present],
         sizes=(att.n_head * att.head_size, att.head_size, ffn.key.out_features, *ranks), weight_type=weight_type,
-        int8_loras=[i for i, name in enumerate(present) if quantized and name.removeprefix("att.") in LORA_PARAMS])
+        rounded_loras=[i for i, name in enumerate(present) if rounded and name.removeprefix("att.") in LORA_PARAMS])
     block.__class__ = StepBlock  # (a class swap keeps the module's parameters, names and hooks where they are)
     block.step_plan = plan
 
@@ -454,11 +464,11 @@ class ModelPlan:
     # weight and bias, the head's weight (and scale)
     holders: list[dict]
     names: list[str]
-    int8_loras: list[int]  # where the blocks' int8 LoRAs (StepPlan.int8_loras) are among those
+    rounded_loras: list[int]  # where the blocks' rounded LoRAs (StepPlan.rounded_loras) are among those
     tensors: list | None = None  # those tensors when `args` was built, and their addresses and strides then
     pointers: list | None = None
     strides: list | None = None
-    versions: list | None = None  # the int8 LoRAs' versions then (their copies are made again after a write)
+    versions: list | None = None  # the rounded LoRAs' versions then (their copies are made again after a write)
     block_params: list | None = None  # the blocks' parameter arrays (StepPlan.params) `args` points to
     args: tuple | None = None  # model_step's arguments before the step's own (the blocks' arrays, sizes, types, emb ...)
     head: tuple | None = None  # and after them: ln_out's and the head's (weights, type, vocabulary)
@@ -485,7 +495,7 @@ class StepRWKV(RWKV):
     def forward(self, tokens, state=None, *, last_only: bool = False):
         if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and (tokens.shape[1] == 1 or last_only)):
             return super().forward(tokens, state, last_only=last_only)
-        B, T = self.check_tokens(tokens, 2)
+        B, T = self.check_tokens(tokens, 2, ids=False)  # (model_step checks the ids)
         state = self.check_state(state, B)
         args, cfg = self._step_args(), self.config
         if (args is None or tokens.device.type != "cpu"  # (check_state looks at the first layer only)
@@ -513,9 +523,13 @@ class StepRWKV(RWKV):
         pointers += [(ctypes.c_void_p * L)(*range(att.data_ptr(), att.data_ptr() + L * row, row)),
                      (ctypes.c_void_p * L)(*map(torch.Tensor.data_ptr, wkv)),
                      (ctypes.c_void_p * L)(*range(ffn.data_ptr(), ffn.data_ptr() + L * row, row))]
-        if kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, T, *pointers, *self.model_plan.head,
-                                                      None if logits is None else logits.data_ptr(),
-                                                      torch.get_num_threads()):
+        failed = kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, T, *pointers, *self.model_plan.head,
+                                                            None if logits is None else logits.data_ptr(),
+                                                            torch.get_num_threads())
+        if failed == 3:  # an id outside the embedding: check_tokens's message
+            self.check_tokens(ids, 2)
+            raise ValueError(f"a token id of {ids.tolist()} is outside the embedding's {args[5]} rows")
+        if failed:
             raise RuntimeError(f"model_step failed for {B} x {T} tokens (its buffers could not be allocated)")
         return RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
 
@@ -538,7 +552,7 @@ class StepRWKV(RWKV):
         if (plan.tensors is not None and all(map(operator.is_, current, plan.tensors))
                 and list(map(torch.Tensor.data_ptr, current)) == plan.pointers
                 and list(map(torch.Tensor.stride, current)) == plan.strides  # (w.data = w.data.t(): same address)
-                and [current[i]._version for i in plan.int8_loras] == plan.versions):
+                and [current[i]._version for i in plan.rounded_loras] == plan.versions):
             return plan.args
         plan.tensors = plan.pointers = plan.strides = plan.versions = plan.block_params = plan.args = plan.head = None
         blocks = [block._step_tensors() for block in self.blocks]
@@ -554,11 +568,11 @@ class StepRWKV(RWKV):
         first = self.blocks[0]
         plan.tensors, plan.block_params = current, params
         plan.pointers, plan.strides = list(map(torch.Tensor.data_ptr, current)), list(map(torch.Tensor.stride, current))
-        plan.versions = [current[i]._version for i in plan.int8_loras]
+        plan.versions = [current[i]._version for i in plan.rounded_loras]
         plan.args = (len(params), (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params)),
                      (ctypes.c_int64 * len(sizes))(*sizes),
                      (ctypes.c_int * len(params))(*(block.step_plan.weight_type for block in self.blocks)),
-                     emb.data_ptr(), first.ln1.eps, first.att.ln_x.eps, DECAY_SCALE)
+                     emb.data_ptr(), emb.shape[0], first.ln1.eps, first.att.ln_x.eps, DECAY_SCALE)
         plan.head = (ln_out.weight.data_ptr(), ln_out.bias.data_ptr(), ln_out.eps, head.weight.data_ptr(),
                      head.scale.data_ptr() if head_kernel in ("gemv_i8", "gemv_i4") else None,
                      _weight_type(head.weight), head.out_features)
@@ -581,9 +595,9 @@ def _fused_model(model: nn.Module, isa: str):
             model.__class__ = RWKV
         return
     ln_out.__class__, ln_out.isa = KernelLayerNorm, isa
-    sources, int8_loras = [], []
+    sources, rounded_loras = [], []
     for b in blocks:
-        int8_loras += [len(sources) + i for i in b.step_plan.int8_loras]
+        rounded_loras += [len(sources) + i for i in b.step_plan.rounded_loras]
         sources += b.step_plan.sources
     sources += [(model.emb._parameters, "weight"), (ln_out._parameters, "weight"), (ln_out._parameters, "bias"),
                 (head._parameters, "weight")] + [(head._buffers, "scale")] * ("scale" in head._buffers)
@@ -594,7 +608,7 @@ def _fused_model(model: nn.Module, isa: str):
     model.model_plan = ModelPlan(isa, *map(list, zip(*tree)),
                                  hooks=[m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules],
                                  holders=[holder for holder, _ in sources], names=[name for _, name in sources],
-                                 int8_loras=int8_loras)
+                                 rounded_loras=rounded_loras)
 
 
 @torch.no_grad()
@@ -632,6 +646,6 @@ def optimize(model: nn.Module, weights: str | None = None, isa: str | None = Non
     _fused_model(model, isa)
     model.requires_grad_(False).eval()
     for module in model.modules():
-        if type(module) is StepBlock and module.step_plan.int8_loras:  # their LoRAs rounded to int8 now
+        if type(module) is StepBlock and module.step_plan.rounded_loras:  # their LoRAs rounded now
             module._step_params(module._step_tensors())
     return model
