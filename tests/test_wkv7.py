@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rwkv_lm.ops.cpu_kernels import kernels
+from rwkv_lm.ops.cpu_kernels import ISA_ENV, LEVELS, isa_level, kernels
 from rwkv_lm.ops.wkv7 import cpu, wkv7, wkv7_chunked, wkv7_naive, wkv7_one, wkv7_step
 from rwkv_lm.testing import random_inputs
 
@@ -84,9 +84,15 @@ needs_cpu_kernel = pytest.mark.skipif("wkv7_f32" not in kernels(), reason="the C
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("B, T, H, N, with_state", [(1, 1, 1, 16, True), (2, 37, 3, 64, True), (3, 20, 2, 32, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_matches_naive(B, T, H, N, with_state, dtype):
+def test_cpu_kernel_matches_naive(B, T, H, N, with_state, dtype, level, monkeypatch):
+    """At every level this CPU has: heads of 64 (RWKV-7's, their vectors kept in registers) and of other sizes."""
+    if LEVELS.index(level) > LEVELS.index(isa_level()):
+        pytest.skip(f"the kernels run up to {isa_level()} here, not {level}")
+    monkeypatch.setenv(ISA_ENV, level)
+    assert kernels().level == level
     xs, s0 = random_inputs(B, T, H, N, dtype=dtype)  # a fresh seed every run
     s0 = s0 if with_state else None
     before = None if s0 is None else s0.clone()

@@ -224,20 +224,6 @@ INLINE float scalar_w(const void *w, int64_t i, int type) {
     return ((const int8_t *)w)[i];
 }
 
-/* sum_i w[i] x[i] over n values (a multiple of VW): the recurrence's S a; four chains hide the FMA latency */
-INLINE float dot(const float *w, const float *x, int64_t n) {
-    vf acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
-    int64_t i = 0;
-    for (; i + 4 * VW <= n; i += 4 * VW) {
-        acc0 += load(w + i) * load(x + i);
-        acc1 += load(w + i + VW) * load(x + i + VW);
-        acc2 += load(w + i + 2 * VW) * load(x + i + 2 * VW);
-        acc3 += load(w + i + 3 * VW) * load(x + i + 3 * VW);
-    }
-    for (; i < n; i += VW) acc0 += load(w + i) * load(x + i);
-    return hsum((acc0 + acc1) + (acc2 + acc3));
-}
-
 /* y[0..3] = the sums of a0 .. a3: on AVX-512 a shuffle tree, a quarter of four full reductions' instructions
  * (at width 768 those cost a sixth of the tile's time) */
 INLINE void store_sum4(vf a0, vf a1, vf a2, vf a3, float *y) {
@@ -1276,20 +1262,38 @@ INLINE void store_stream(float *p, vf v, int stream) {
  * several times over, and a decode step is the same call with len = 1. S, S_new [batch, heads, n, n] (S_new
  * may be S); r, w (the decay itself, not its log), k, v, a, b, y [batch, len, heads, n]; n a multiple of 16.
  * Heads are split between threads. */
-static void wkv7_token(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
+/* one token of a head of n: the token's r, w, k, a, b loaded once for all the rows (the stores into S_new might alias
+ * them as far as the compiler knows: it would load them again for every row), which with n a constant (HEAD64, every
+ * RWKV-7 model's head) stay in registers; four rows at a time, their sums across lanes in one store_sum4 each
+ * (0.1B-shaped heads, a 33-token prompt on one core: 1.4x as fast as a row at a time with those loads in the loop) */
+INLINE void wkv7_token(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
                        const float *a, const float *b, float *y, int64_t n, int stream) {
-    for (int64_t i = 0; i < n; i++) {
+    vf rv[n / VW], wv[n / VW], kv[n / VW], av[n / VW], bv[n / VW];
+    for (int64_t j = 0; j < n / VW; j++)
+        rv[j] = load(r + j * VW), wv[j] = load(w + j * VW), kv[j] = load(k + j * VW), av[j] = load(a + j * VW), bv[j] = load(b + j * VW);
+    for (int64_t i = 0; i < n; i += 4) {
         const float *s = S + i * n;
         float *s_new = S_new + i * n;
-        vf sa = splat(dot(s, a, n)), vi_ = splat(v[i]), acc = splat(0);
-        for (int64_t j = 0; j < n; j += VW) {
-            vf sj = load(s + j) * load(w + j) + sa * load(b + j) + vi_ * load(k + j);
-            store_stream(s_new + j, sj, stream);
-            acc += sj * load(r + j);
+        vf d[4], acc[4];
+        float sa[4];
+        for (int q = 0; q < 4; q++) {
+            d[q] = splat(0);
+            for (int64_t j = 0; j < n / VW; j++) d[q] += load(s + q * n + j * VW) * av[j];
         }
-        y[i] = hsum(acc);
+        store_sum4(d[0], d[1], d[2], d[3], sa);
+        for (int q = 0; q < 4; q++) {
+            const vf sa_ = splat(sa[q]), vi_ = splat(v[i + q]);
+            acc[q] = splat(0);
+            for (int64_t j = 0; j < n / VW; j++) {
+                vf sj = load(s + q * n + j * VW) * wv[j] + sa_ * bv[j] + vi_ * kv[j];
+                store_stream(s_new + q * n + j * VW, sj, stream);
+                acc[q] += sj * rv[j];
+            }
+        }
+        store_sum4(acc[0], acc[1], acc[2], acc[3], y + i);
     }
 }
+#define HEAD64 64
 
 struct wkv_job {
     const float *S;
@@ -1307,8 +1311,9 @@ static void wkv7_part(const void *job, int64_t begin, int64_t end) {
         const int64_t bi = bh / heads, h = bh % heads;
         for (int64_t t = 0; t < len; t++) {
             const int64_t x = ((bi * len + t) * heads + h) * n;
-            wkv7_token(t ? s : j->S + bh * n * n, s, j->r + x, j->w + x, j->k + x, j->v + x, j->a + x, j->b + x, j->y + x,
-                       n, j->stream);
+            const float *from = t ? s : j->S + bh * n * n;
+            if (n == HEAD64) wkv7_token(from, s, j->r + x, j->w + x, j->k + x, j->v + x, j->a + x, j->b + x, j->y + x, HEAD64, j->stream);
+            else wkv7_token(from, s, j->r + x, j->w + x, j->k + x, j->v + x, j->a + x, j->b + x, j->y + x, n, j->stream);
         }
     }
 #if defined(__x86_64__) || defined(__i386__)
