@@ -143,7 +143,9 @@ def main():
 
     ours = {w: our_weights(loaded, w) for w in dict.fromkeys(w for w, _ in PAIRS)}
     ggufs = {t: rwkv_lm.export_gguf(plain, tmp / f"bench-{t}.gguf", type=t) for _, t in PAIRS}
-    step_bytes = {**{w: weight_bytes(m) for w, m in ours.items()}, **{t: gguf_step_bytes(p) for t, p in ggufs.items()}}
+    # (by side: our "bf16" and llama.cpp's "bf16" GGUF are different files)
+    step_bytes = {**{("ours", w): weight_bytes(m) for w, m in ours.items()},
+                  **{("llama", t): gguf_step_bytes(p) for t, p in ggufs.items()}}
     bandwidth = {t: stream_read_gbps(t) for t in threads}
 
     def ours_side(model, t):
@@ -192,8 +194,8 @@ def main():
             read = lambda rate, key: f"{100 * rate * step_bytes[key] / 1e9 / bandwidth[t]:.0f}%"  # noqa: E731
             lines.append(f"| {t} | {w} | {gguf_type} | {tok_s(('ours', w, t), 0, P):.1f} "
                          f"| {tok_s(('llama', gguf_type, t), 0, P):.1f} | {od:.1f} | {ld:.1f} "
-                         f"| {step_bytes[w] / 1e6:.1f} | {step_bytes[gguf_type] / 1e6:.1f} "
-                         f"| {read(od, w)} | {read(ld, gguf_type)} |")
+                         f"| {step_bytes['ours', w] / 1e6:.1f} | {step_bytes['llama', gguf_type] / 1e6:.1f} "
+                         f"| {read(od, ('ours', w))} | {read(ld, ('llama', gguf_type))} |")
     lines += ["", f"Load average (1 / 5 / 15 min): {' / '.join(f'{x:.1f}' for x in load_start)} at the start, "
               f"{' / '.join(f'{x:.1f}' for x in load_end)} at the end."]
     table = "\n".join(lines)
