@@ -111,7 +111,7 @@ def _rounded(model):
                 m.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
         for name, p in ref.named_parameters():
             if _is_lora(name):
-                p.copy_(p.bfloat16().float())
+                p.copy_(_lora_rounded(p, "bf16"))
     return ref
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_serve_http import Server
 
-from rwkv_lm import ChatSession, RWKVConfig, SamplingParams
+from rwkv_lm import ChatSession, RWKVConfig, SamplingParams, prepare
 from rwkv_lm.serve import Engine, Request
 from rwkv_lm.testing import random_model
 
@@ -30,8 +30,11 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 @pytest.fixture(scope="module")
 def model():
+    """Prepared as `rwkv-lm serve` prepares what it loads: the batch-invariant kernels, so n choices decoded side by
+    side get the bits each gets alone (model.py's torch ops round a batch's rows differently, which flips a sample
+    now and then)."""
     cfg = RWKVConfig(vocab_size=65536, n_layer=2, n_embd=32, head_size=16, decay_lora=8, iclr_lora=8, value_lora=4, gate_lora=8)
-    return random_model(cfg, seed=23)
+    return prepare(random_model(cfg, seed=23))
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ needs_cpu_kernel = pytest.mark.skipif("wkv7_f32" not in kernels(), reason="the C
 @pytest.mark.parametrize("B, T, H, N, with_state", [(1, 1, 1, 16, True), (2, 37, 3, 64, True), (3, 20, 2, 32, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_matches_naive(B, T, H, N, with_state, dtype, level, monkeypatch):
-    """At every level this CPU has: heads of 64 (RWKV-7's, their vectors kept in registers) and of other sizes."""
+    """At every level this CPU has: heads of 64 (RWKV-7's, the kernel's size known when compiled) and of other sizes."""
     if LEVELS.index(level) > LEVELS.index(isa_level()):
         pytest.skip(f"the kernels run up to {isa_level()} here, not {level}")
     monkeypatch.setenv(ISA_ENV, level)

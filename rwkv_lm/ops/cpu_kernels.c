@@ -62,7 +62,7 @@ const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
  * I8_FP32_X and BF16_FP32_X, int8 and bf16 weights against fp32 activations at every level, are the LoRAs of a
  * quantized and of a bf16 model (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as model.py's `x @ w1`
  * multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in int8 5 of 82; in
- * a bf16 step 21 of 292 MB, in bf16 11 of 281. */
+ * a bf16 step 21 of 292 MB, in bf16 11 of 282. */
 enum { F32, BF16, I8, I4, F32_PANELS, I8_FP32_X, BF16_FP32_X };
 const int f32_panels_type = F32_PANELS; /* (checked against the Python side's WEIGHT_TYPES) */
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
@@ -1262,10 +1262,12 @@ INLINE void store_stream(float *p, vf v, int stream) {
  * several times over, and a decode step is the same call with len = 1. S, S_new [batch, heads, n, n] (S_new
  * may be S); r, w (the decay itself, not its log), k, v, a, b, y [batch, len, heads, n]; n a multiple of 16.
  * Heads are split between threads. */
+#define RWKV7_HEAD_SIZE 64 /* every RWKV-7 model's */
 /* one token of a head of n: the token's r, w, k, a, b loaded once for all the rows (the stores into S_new might alias
- * them as far as the compiler knows: it would load them again for every row), which with n a constant (HEAD64, every
- * RWKV-7 model's head) stay in registers; four rows at a time, their sums across lanes in one store_sum4 each
- * (0.1B-shaped heads, a 33-token prompt on one core: 1.4x as fast as a row at a time with those loads in the loop) */
+ * them as far as the compiler knows: it would load them again for every row), which with n a constant
+ * (RWKV7_HEAD_SIZE) stay in registers where there are enough (AVX-512: 20 of its 32; narrower levels spill some);
+ * four rows at a time, their sums across lanes in one store_sum4 each (0.1B-shaped heads, a 33-token prompt on one
+ * AVX-512 core: 1.4x as fast as a row at a time with those loads in the loop) */
 INLINE void wkv7_token(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
                        const float *a, const float *b, float *y, int64_t n, int stream) {
     vf rv[n / VW], wv[n / VW], kv[n / VW], av[n / VW], bv[n / VW];
@@ -1293,7 +1295,6 @@ INLINE void wkv7_token(const float *S, float *S_new, const float *r, const float
         store_sum4(acc[0], acc[1], acc[2], acc[3], y + i);
     }
 }
-#define HEAD64 64
 
 struct wkv_job {
     const float *S;
@@ -1312,7 +1313,8 @@ static void wkv7_part(const void *job, int64_t begin, int64_t end) {
         for (int64_t t = 0; t < len; t++) {
             const int64_t x = ((bi * len + t) * heads + h) * n;
             const float *from = t ? s : j->S + bh * n * n;
-            if (n == HEAD64) wkv7_token(from, s, j->r + x, j->w + x, j->k + x, j->v + x, j->a + x, j->b + x, j->y + x, HEAD64, j->stream);
+            if (n == RWKV7_HEAD_SIZE)
+                wkv7_token(from, s, j->r + x, j->w + x, j->k + x, j->v + x, j->a + x, j->b + x, j->y + x, RWKV7_HEAD_SIZE, j->stream);
             else wkv7_token(from, s, j->r + x, j->w + x, j->k + x, j->v + x, j->a + x, j->b + x, j->y + x, n, j->stream);
         }
     }
@@ -1636,8 +1638,9 @@ int layer_norm(const float *x, float *out, const float *weight, const float *bia
  * block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its
  * Linear weights' type types[l]; its state is read from att_shift[l], wkv[l], ffn_shift[l] and written to the
  * *_out arrays' tensors. Returns block_step's codes (linear's for the head), or 3 for a token id outside the
- * embedding's emb_rows rows (checked here, not by the caller: torch's check of a step's ids, cold after the
- * weights' sweep, was ~0.1 ms of Python a step). */
+ * embedding's emb_rows rows (checked here, where the ids are read, instead of by two torch ops a step on the Python
+ * side, ~0.07 ms each with the caches cold after the weights' sweep; what that bought was below the noise,
+ * bench/RESULTS.md, issue 20's twelfth pass). */
 int model_step(int64_t n_layer, const void *const *const *block_params, const int64_t *sizes, const int *types,
                const float *emb, int64_t emb_rows, float ln_eps, float ln_x_eps, float decay_scale,
                const int64_t *tokens, int64_t batch,

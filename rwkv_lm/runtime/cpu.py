@@ -35,7 +35,7 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
 - bf16, int4 and int8 models keep the time mix's LoRAs (the small low-rank matrices x @ w1 ... feeds) in bf16 and
   int8 (one scale per output) too: the Parameters are rounded to those values (model.py multiplies them), the C
   step reads bf16 or int8 copies of them against fp32 inputs, made again after a LoRA changes (int8: a fifth of a
-  0.1B int4 step's bytes before, 97 -> 82 MB a token; bf16: 292 -> 281 MB; the default model's bits per byte
+  0.1B int4 step's bytes before, 97 -> 82 MB a token; bf16: 292 -> 282 MB; the default model's bits per byte
   unchanged, bench/RESULTS.md).
 - int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16, amx): their Linear products round the activations to int8,
   one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd; int8 at the amx level
@@ -526,11 +526,11 @@ class StepRWKV(RWKV):
         failed = kernels(self.model_plan.isa)["model_step"](*args, ids.data_ptr(), B, T, *pointers, *self.model_plan.head,
                                                             None if logits is None else logits.data_ptr(),
                                                             torch.get_num_threads())
-        if failed == 3:  # an id outside the embedding: check_tokens's message
+        if failed == 3:  # an id outside the embedding: check_tokens's message says which
             self.check_tokens(ids, 2)
-            raise ValueError(f"a token id of {ids.tolist()} is outside the embedding's {args[5]} rows")
         if failed:
-            raise RuntimeError(f"model_step failed for {B} x {T} tokens (its buffers could not be allocated)")
+            raise RuntimeError(f"model_step failed for {B} x {T} tokens (code {failed}: 2, its buffers could not be "
+                               "allocated; 3, a token id outside the embedding)")
         return RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
 
     def _step_args(self):
