@@ -71,7 +71,7 @@ class HFCausalLM(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: GPTState | None = None):
         """One token per row. tokens [B] -> (logits [B, V], new state)."""
-        self.check_tokens(tokens, 1)
+        self.check_tokens(tokens, 1, ids=False)  # (forward checks the ids)
         logits, state = self(tokens.unsqueeze(1), state)
         return logits[:, 0], state
 

@@ -289,8 +289,8 @@ class StepPlan:
     strides: list[tuple]
     sizes: tuple  # C, head size, ffn width and the four LoRA ranks
     weight_type: int  # WEIGHT_TYPES of the Linear weights
-    # where the LoRA matrices are among `sources` when the Linear weights are bf16, int8 or int4 (their C step reads
-    # copies of them in bf16, int8 and int8: `_lora_copy`)
+    # where the LoRA matrices are among `sources` when the Linear weights are bf16, int8 or int4 (the C step reads
+    # copies of them, `_lora_copy`: bf16 for bf16 weights, int8 for the other two)
     rounded_loras: list[int]
     key: list | None = None  # (id, address, dtype, stride, version) of each tensor when `params` was built
     params: object | None = None  # the ctypes array of pointers for those tensors
