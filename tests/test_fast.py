@@ -18,16 +18,17 @@ from rwkv_lm.checkpoint import dequantize
 from rwkv_lm.runtime import cpu as fast_module
 from rwkv_lm.lora import LoRA
 from rwkv_lm.model import RWKV, Block
-from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, dequantize_int4, round_activations
+from rwkv_lm.ops.cpu_kernels import ACT_GROUP, INT4_GROUP, QUAD_ROWS, WEIGHT_TYPES, dequantize_int4, round_activations
 from rwkv_lm.runtime.cpu import (HUGE_PAGE, KERNEL_OF, LORA_PARAMS, MAX_DECODE_ROWS, KernelLayerNorm, KernelLinear, StepBlock,
                                  StepRWKV, _gemv_kernel, optimize, quantize_int4, quantize_int8)
 from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
 
-# every level builds every kernel; the levels differ in vector width and in the bf16 product
+# every level builds every kernel but int8 in quads (VNNI's); the levels differ in vector width and in the bf16 product
 ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "layer_norm",
                "mask_logits"}
+VNNI_LEVELS = ("avx512_vnni", "avx512_bf16", "amx")
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "amx": 16, "neon": 4}
 BF16_MODEL_RTOL = 5e-3  # (see assert_bf16_close)
 BF16_RTOL = 1e-5  # one bf16 product against torch's on the same rounded inputs: exact products, sums in another order
@@ -44,7 +45,10 @@ def isa(request, monkeypatch):
     monkeypatch.setenv(ISA_ENV, level)
     if not kernels():
         pytest.skip(f"the {level} kernels could not be built here (see the warning: is a C compiler installed?)")
-    assert set(kernels()) == ALL_KERNELS and kernels().level == level
+    assert set(kernels()) == (ALL_KERNELS | {"gemv_i8_quads"} if level in VNNI_LEVELS else ALL_KERNELS)
+    assert kernels().level == level
+    # int8 weights in quads where VNNI multiplies them (and AMX's tiles do not)
+    assert kernels().int8_quads == (level in VNNI_LEVELS and level != "amx")
     assert kernels().vector_width == VECTOR_WIDTH[level], "built for another instruction set than the level's"
     # the amx level's products really run on the tiles (not quietly on the AVX-512 kernels), and no other's do
     assert kernels().amx_tiles == (level == "amx"), f"AMX tiles in use at {level}: {kernels().amx_tiles}"
@@ -528,19 +532,25 @@ ROUNDING_FLIP_RTOL = 2e-2  # (see assert_quantized_close)
 QUANTIZED = {"int8": (torch.int8, 2, (300,), 3e-2), "int4": (torch.uint8, 3, (300, 128 // INT4_GROUP), 0.3)}
 
 
+def quantized_type(weights: str) -> int:
+    """The C weight type of a model quantized to `weights` at this level: int8 in quads where VNNI multiplies them."""
+    return WEIGHT_TYPES["int8_quads"] if weights == "int8" and kernels().int8_quads else QUANTIZED[weights][1]
+
+
 @pytest.mark.parametrize("weights", QUANTIZED)
 @pytest.mark.parametrize("batch", [1, 6, 17])
 def test_quantized_steps(batch, weights):
     """int8 weights (head included) with one scale per row, int4 with one per INT4_GROUP inputs: steps in the
     fused C step compute the dequantized model's steps in fp32, and stay near the fp32 model; so do prompts,
     short (one C call a block) and long (pieces of MAX_DECODE_ROWS rows; the head's rows in torch's matmul)."""
-    dtype, weight_type, scale_shape, rtol_fp32 = QUANTIZED[weights]
+    dtype, _, scale_shape, rtol_fp32 = QUANTIZED[weights]
+    weight_type = quantized_type(weights)
     cfg = RWKVConfig(vocab_size=300, n_layer=3, n_embd=128, head_size=32, decay_lora=16, iclr_lora=20, value_lora=8,
                      gate_lora=48)
     model = random_model(cfg, seed=batch)
     fast = optimize(copy.deepcopy(model), weights=weights)
     assert all(type(block) is StepBlock and block.step_plan.weight_type == weight_type for block in fast.blocks)
-    assert fast.head.weight.dtype == dtype and fast.head.scale.shape == scale_shape
+    assert fast.head.weights == dtype and fast.head.scale.shape == scale_shape
     ref = _dequantized(model, fast)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
     out_fast, s_fast = _steps(fast, tokens)
@@ -571,6 +581,18 @@ def test_int4_packing():
     assert ((by_hand - weight).abs() <= torch.where(nibbles == 15, step, step / 2) * (1 + 1e-6)).all()
 
 
+def test_int8_quads_layout():
+    """to_quads's layout, which the VNNI kernel reads (tile_i8_quads): byte [block, k, r, m] holds input 4 k + m of
+    row 16 block + r as w + 128, the last block's missing rows w = 0; from_quads gives the int8 weight back."""
+    weight = torch.randint(-127, 128, (37, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    quads = fast_module.to_quads(weight)
+    assert quads.dtype == torch.uint8 and quads.shape == (3, 16, QUAD_ROWS, 4)
+    for block, k, r, m in [(0, 0, 0, 0), (1, 5, 3, 2), (2, 15, 4, 3), (0, 7, 15, 1)]:
+        assert quads[block, k, r, m].item() == weight[QUAD_ROWS * block + r, 4 * k + m].item() + 128
+    assert (quads[2, :, 5:] == 128).all()  # rows 37 .. 47: zero weights
+    assert torch.equal(fast_module.from_quads(quads, 37), weight)
+
+
 @pytest.mark.parametrize("weights, in_features, out_features", [
     ("int4", 64, 12), ("int4", 768, 100), ("int4", 192, 5), ("int8", 64, 12), ("int8", 768, 100), ("int8", 192, 5),
     ("int8", 100, 7)])  # (int4: one weight group per activation group, two per 64-byte load: 192 ends in half a load)
@@ -582,7 +604,8 @@ def test_quantized_linear_kernel(weights, in_features, out_features):
     torch.manual_seed(in_features)
     dtype = QUANTIZED[weights][0]
     fast = KernelLinear(torch.nn.Linear(in_features, out_features, bias=False), dtype)
-    assert _gemv_kernel(fast.weight) == KERNEL_OF[dtype]
+    quads = weights == "int8" and kernels().int8_quads and in_features % ACT_GROUP == 0
+    assert _gemv_kernel(fast.weight) == ("gemv_i8_quads" if quads else KERNEL_OF[dtype])
     dense = fast.dense_weight()
     for rows in (*range(1, 18), 35, MAX_DECODE_ROWS + 1):
         x = torch.randn(rows, in_features)
@@ -654,14 +677,14 @@ def test_models_round_their_loras(model, weights):
 def test_quantized_saves_and_loads_as_it_is(model, tmp_path, weights):
     """A quantized model saves in our format and loads back as it was (int8, or int4 packed), not requantized;
     fast=False dequantizes it."""
-    dtype, weight_type, _, _ = QUANTIZED[weights]
+    dtype, weight_type = QUANTIZED[weights][0], quantized_type(weights)
     fast = optimize(copy.deepcopy(model), weights=weights)
     path = rwkv_lm.save(fast, tmp_path / "q.safetensors")
     loaded = rwkv_lm.load(path)
     assert loaded.state_dict().keys() == fast.state_dict().keys()
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(loaded.state_dict().values(), fast.state_dict().values()))
     assert all(type(block) is StepBlock and block.step_plan.weight_type == weight_type for block in loaded.blocks)
-    assert loaded.head.weight.dtype == dtype
+    assert loaded.head.weights == dtype
     plain = rwkv_lm.load(path, fast=False)
     assert type(plain.head) is torch.nn.Linear and plain.state_dict().keys() == model.state_dict().keys()
     _with_rounded_activations(plain)
@@ -771,7 +794,7 @@ def test_adapters_merge_into_quantized_weights(model, weights):
     lora.merge()
     for name, (weight, scale) in expected.items():
         layer = fast.get_submodule(name)
-        assert torch.equal(layer.weight, weight) and torch.equal(layer.scale, scale), name
+        assert torch.equal(layer.state_dict()["weight"], weight) and torch.equal(layer.scale, scale), name
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(8))
     plain = copy.deepcopy(model)  # the merged model's own values (its head and LoRAs rounded too) in model.py
     plain.load_state_dict(dequantize(fast.state_dict(), "the merged model"))

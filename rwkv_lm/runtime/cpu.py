@@ -29,6 +29,9 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   level rounds alike.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
   fp32 in registers, prompts too; torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
+  Where VNNI multiplies them (below; not on AMX's tiles) they are stored in quads (`to_quads`: four inputs of 16
+  rows a 64-byte vector), which one vpdpbusd takes against four inputs of x: 33-token int8 prompts 1.5x as fast as
+  row-major, at one thread and two (bench/RESULTS.md, issue 20's thirteenth pass); checkpoints hold them [out, in].
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
   a multiple of INT4_GROUP wide.
@@ -57,8 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import DECAY_SCALE, RWKV, Block
-from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, F32_PANEL, INT4_BLOCK, INT4_GROUP, ROWS_PER_PASS, WEIGHT_TYPES,
-                               dequantize_int4, isa_level, kernels, round_activations)
+from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, F32_PANEL, INT4_BLOCK, INT4_GROUP, QUAD_ROWS, ROWS_PER_PASS,
+                               WEIGHT_TYPES, dequantize_int4, isa_level, kernels, round_activations)
 from ..state import LayerState, RWKVState
 
 # rows of several tokens a KernelLinear takes in the C kernels (one pass over the weights; rows of one token each,
@@ -68,22 +71,27 @@ MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 # the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels: gemv_f32_panels)
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
+SCALED_KERNELS = ("gemv_i8", "gemv_i4", "gemv_i8_quads")  # those whose weights have scales beside them
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
 WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
     """The kernel that multiplies by this weight: an [out, in] one stored row-major (a weight assigned after
-    optimize() may not be), or fp32 in panels (`to_panels`); else None."""
+    optimize() may not be), fp32 in panels (`to_panels`) or int8 in quads (`to_quads`); else None."""
     if weight.dim() == 3:
         panels = weight.dtype == torch.float32 and weight.shape[2] == F32_PANEL and weight.is_contiguous()
         return "gemv_f32_panels" if panels else None
+    if weight.dim() == 4:
+        quads = weight.dtype == torch.uint8 and weight.shape[2:] == (QUAD_ROWS, 4) and weight.is_contiguous()
+        return "gemv_i8_quads" if quads else None
     return KERNEL_OF.get(weight.dtype) if weight.stride() == (weight.shape[1], 1) else None
 
 
 def _weight_type(weight: torch.Tensor) -> int:
     """The C enum (WEIGHT_TYPES) of a weight `_gemv_kernel` finds a kernel for."""
-    return WEIGHT_TYPES["float32_panels" if weight.dim() == 3 else str(weight.dtype).removeprefix("torch.")]
+    layout = {3: "float32_panels", 4: "int8_quads"}.get(weight.dim())
+    return WEIGHT_TYPES[layout or str(weight.dtype).removeprefix("torch.")]
 
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -98,6 +106,22 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
 def from_panels(panels: torch.Tensor, out: int) -> torch.Tensor:
     """`to_panels` undone: the [out, in] weight, a contiguous copy (differentiable, so gradients reach the panels)."""
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out].contiguous()
+
+
+def to_quads(weight: torch.Tensor) -> torch.Tensor:
+    """int8 weight [out, in] (in a multiple of 4) -> uint8 [ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4] of w + 128,
+    the layout the VNNI kernel streams (cpu_kernels.c's tile_i8_quads): each 64 bytes four consecutive inputs of
+    QUAD_ROWS rows (the last block's missing rows w = 0)."""
+    out, in_features = weight.shape
+    blocks = -(-out // QUAD_ROWS)
+    padded = F.pad(weight.to(torch.int16) + 128, (0, 0, 0, blocks * QUAD_ROWS - out), value=128).to(torch.uint8)
+    return padded.reshape(blocks, QUAD_ROWS, in_features // 4, 4).transpose(1, 2).contiguous()
+
+
+def from_quads(quads: torch.Tensor, out: int) -> torch.Tensor:
+    """`to_quads` undone: the int8 weight [out, in]."""
+    rows = quads.transpose(1, 2).reshape(-1, quads.shape[1] * 4)[:out]
+    return (rows.to(torch.int16) - 128).to(torch.int8)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,10 +181,11 @@ class KernelLinear(nn.Linear):
     whose decode steps run in a C kernel.
 
     The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([ceil(out /
-    F32_PANEL), in, F32_PANEL], `to_panels`; state_dict() gives and takes it as [out, in], `dense_weight()` makes it so), the
-    others row-major; int8 weights have one fp32 `scale` per output row beside them (a buffer, saved with the
-    model), int4 weights (packed, [out, in / 2] uint8) one per group of INT4_GROUP inputs ([out, in /
-    INT4_GROUP]). Still an nn.Linear, so what adapts Linear layers (rwkv_lm.lora) adapts it too.
+    F32_PANEL), in, F32_PANEL], `to_panels`), int8 in quads where VNNI multiplies it (`to_quads`; state_dict() gives
+    and takes both as [out, in], fp32 and int8, `dense_weight()` makes them so), the others row-major; int8 weights
+    have one fp32 `scale` per output row beside them (a buffer, saved with the model), int4 weights (packed, [out,
+    in / 2] uint8) one per group of INT4_GROUP inputs ([out, in / INT4_GROUP]). Still an nn.Linear, so what adapts
+    Linear layers (rwkv_lm.lora) adapts it too.
     """
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None):
@@ -175,35 +200,55 @@ class KernelLinear(nn.Linear):
             # on huge pages too: 0.1B fp32 decode 1.11x (1 thread) and 1.14x (2); int4 was 0.92-0.96x there and
             # bf16 and int8 level, so only fp32 moves (bench/RESULTS.md, issue 20's ninth pass)
             self.weight = nn.Parameter(on_huge_pages(to_panels(weight.float())), requires_grad=False)
+        elif dtype == torch.int8 and self._quads_here():
+            self.weight = nn.Parameter(to_quads(weight), requires_grad=False)
         else:
             self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
         self.bias = None
 
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 out of its panels)."""
-        if self.weight.dtype == torch.uint8:
-            return dequantize_int4(self.weight, self.scale)
+    def _quads_here(self) -> bool:
+        """Whether this layer's int8 weight goes into quads: where its level's VNNI kernel multiplies them."""
+        return self.in_features % ACT_GROUP == 0 and getattr(kernels(self.isa), "int8_quads", False)
+
+    @property
+    def weights(self) -> torch.dtype:
+        """What the weight is stored as, whatever the layout (`optimize`'s choice): fp32, bf16, int8 or int4 (uint8)."""
+        return torch.int8 if self.weight.dim() == 4 else self.weight.dtype
+
+    def _stored_weight(self) -> torch.Tensor:
+        """The weight as a checkpoint holds it: [out, in] (fp32 out of its panels, int8 out of its quads), else as
+        stored."""
         if self.weight.dim() == 3:
             return from_panels(self.weight, self.out_features)
-        if self.weight.dtype != torch.int8:
-            return self.weight
-        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+        if self.weight.dim() == 4:
+            return from_quads(self.weight, self.out_features)
+        return self.weight
 
-    # a checkpoint holds an fp32 weight as [out, in], whatever layout the kernels read it in
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 out of its panels)."""
+        if self.weights == torch.uint8:
+            return dequantize_int4(self.weight, self.scale)
+        weight = self._stored_weight()
+        if weight.dtype != torch.int8:
+            return weight
+        return weight.to(self.scale.dtype) * self.scale[:, None]
+
+    # a checkpoint holds fp32 and int8 weights as [out, in], whatever layout the kernels read them in
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight.dim() == 3:
-            dense = self.dense_weight()
-            destination[prefix + "weight"] = dense if keep_vars else dense.detach()
+        if self.weight.dim() > 2:
+            weight = self._stored_weight()
+            destination[prefix + "weight"] = weight if keep_vars else weight.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """A float [out, in] weight goes in as this layer stores it: fp32 into panels, int8 and int4 quantized
-        (their scales with them; a merged LoRA, say). Stored int8 and int4 weights go in as they are."""
+        (their scales with them; a merged LoRA, say), int8 into quads where it is stored so. Stored int8 and int4
+        weights go in as they are (int8 into quads too)."""
         key = prefix + "weight"
         given = state_dict.get(key)
         shape = (self.out_features, self.in_features)
-        if self.weight.dim() == 3 and isinstance(given, torch.Tensor) and given.shape not in (shape, self.weight.shape):
+        if self.weight.dim() > 2 and isinstance(given, torch.Tensor) and given.shape not in (shape, self.weight.shape):
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(given.shape)} into a weight "
                               f"of shape {shape}")
             return
@@ -212,8 +257,11 @@ class KernelLinear(nn.Linear):
             if self.weight.dim() == 3:  # (copied into the weight, or with assign=True the weight)
                 panels = to_panels(given.to(self.weight.dtype))
                 state_dict[key] = on_huge_pages(panels) if local_metadata.get("assign_to_params_buffers") else panels
-            elif self.weight.dtype in QUANTIZERS:
-                state_dict[key], state_dict[prefix + "scale"] = QUANTIZERS[self.weight.dtype](given)
+            elif self.weights in QUANTIZERS:
+                given, state_dict[prefix + "scale"] = QUANTIZERS[self.weights](given)
+                state_dict[key] = given
+        if self.weight.dim() == 4 and isinstance(given, torch.Tensor) and given.dtype == torch.int8 and given.shape == shape:
+            state_dict[key] = to_quads(given)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -227,12 +275,12 @@ class KernelLinear(nn.Linear):
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)  # (the kernels have no backward)
         one_token_rows = x.dim() <= 2 or x.shape[-2] == 1  # steps, last_only heads: the kernels at any batch (invariance)
-        # fp32 panels take the kernel at any count: torch would need them unpacked first (a 0.1B head's 65 rows:
-        # 99 ms that way against 24 in the kernel; row-major, torch took 29)
-        fits = (self.weight.device.type == "cpu" and (rows <= MAX_DECODE_ROWS or one_token_rows or self.weight.dim() == 3)
+        # fp32 panels and int8 quads take the kernel at any count: torch would need them unpacked first (a 0.1B
+        # head's 65 rows: 99 ms that way against 24 in the kernel; row-major, torch took 29)
+        fits = (self.weight.device.type == "cpu" and (rows <= MAX_DECODE_ROWS or one_token_rows or self.weight.dim() > 2)
                 and not wants_grad)
         kernel = _gemv_kernel(self.weight) if fits else None
-        quantized = kernel in ("gemv_i8", "gemv_i4")
+        quantized = kernel in SCALED_KERNELS
         if kernel not in kernels(self.isa) or quantized and self.scale.dtype != torch.float32:
             weight = self.dense_weight()  # a prompt's rows: torch's matmul, int8 and int4 weights dequantized for it
             if self._rounds_activations() and not wants_grad:  # what the kernels would multiply (same logits)
@@ -419,7 +467,7 @@ def _fused_steps(block: Block, isa: str):
     att, ffn = block.att, block.ffn
     linears = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
     if (type(block) not in (Block, StepBlock) or "block_step" not in kernels(isa) or att.head_size % 16 or att.x_r.dtype != torch.float32
-            or not all(isinstance(m, KernelLinear) and _gemv_kernel(m.weight) for m in linears)
+            or not all(isinstance(m, KernelLinear) and _gemv_kernel(m.weight) in kernels(isa) for m in linears)
             or len({_weight_type(m.weight) for m in linears}) != 1
             or any(m.eps != block.ln1.eps for m in block.modules() if isinstance(m, nn.LayerNorm))):
         return
@@ -437,7 +485,7 @@ def _fused_steps(block: Block, isa: str):
         sources.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
     ranks = [getattr(att, name).shape[1] if hasattr(att, name) else 0 for name in ("w1", "a1", "v1", "g1")]
     weight_type = _weight_type(att.receptance.weight)
-    rounded = weight_type in (WEIGHT_TYPES["bfloat16"], WEIGHT_TYPES["int8"], WEIGHT_TYPES["uint8"])
+    rounded = weight_type != WEIGHT_TYPES["float32"] and weight_type != WEIGHT_TYPES["float32_panels"]
     plan = StepPlan(
         isa=isa, slots=slots, sources=sources,
         tree=[(parent, key, child) for parent in block.modules() for key, child in parent._modules.items()],
@@ -562,7 +610,7 @@ class StepRWKV(RWKV):
         if (any(p is None for p in params) or not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
                                                       for t in (emb, ln_out.weight, ln_out.bias))
                 or head_kernel not in kernels(plan.isa) or head.weight.device.type != "cpu"
-                or head_kernel in ("gemv_i8", "gemv_i4") and head.scale.dtype != torch.float32):
+                or head_kernel in SCALED_KERNELS and head.scale.dtype != torch.float32):
             return None
         sizes = [n for block in self.blocks for n in block.step_plan.sizes]
         first = self.blocks[0]
@@ -574,7 +622,7 @@ class StepRWKV(RWKV):
                      (ctypes.c_int * len(params))(*(block.step_plan.weight_type for block in self.blocks)),
                      emb.data_ptr(), emb.shape[0], first.ln1.eps, first.att.ln_x.eps, DECAY_SCALE)
         plan.head = (ln_out.weight.data_ptr(), ln_out.bias.data_ptr(), ln_out.eps, head.weight.data_ptr(),
-                     head.scale.data_ptr() if head_kernel in ("gemv_i8", "gemv_i4") else None,
+                     head.scale.data_ptr() if head_kernel in SCALED_KERNELS else None,
                      _weight_type(head.weight), head.out_features)
         return plan.args
 
@@ -633,7 +681,7 @@ def optimize(model: nn.Module, weights: str | None = None, isa: str | None = Non
             if not isinstance(child, nn.Linear) or child.bias is not None:
                 continue
             if dtype is not None:  # (again where no kernel takes the weight: moved to another dtype, say)
-                if child.weight.dtype != dtype or type(child) is not KernelLinear or _gemv_kernel(child.weight) is None:
+                if type(child) is not KernelLinear or child.weights != dtype or _gemv_kernel(child.weight) is None:
                     setattr(parent, name, KernelLinear(child, dtype, isa))
             elif type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 if "gemv_f32" in kernels(isa):
