@@ -25,7 +25,7 @@ from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
 
-# every level builds every kernel but int8 in quads (VNNI's); the levels differ in vector width and in the bf16 product
+# every level builds every kernel but those of weights in quads (VNNI's); the levels differ in vector width and in the bf16 product
 ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "layer_norm",
                "mask_logits"}
 VNNI_LEVELS = ("avx512_vnni", "avx512_bf16", "amx")
@@ -45,10 +45,11 @@ def isa(request, monkeypatch):
     monkeypatch.setenv(ISA_ENV, level)
     if not kernels():
         pytest.skip(f"the {level} kernels could not be built here (see the warning: is a C compiler installed?)")
-    assert set(kernels()) == (ALL_KERNELS | {"gemv_i8_quads"} if level in VNNI_LEVELS else ALL_KERNELS)
+    assert set(kernels()) == (ALL_KERNELS | {"gemv_i8_quads", "gemv_i4_quads"} if level in VNNI_LEVELS else ALL_KERNELS)
     assert kernels().level == level
-    # int8 weights in quads where VNNI multiplies them (and AMX's tiles do not)
+    # int8 and int4 weights in quads where VNNI multiplies them (int8: where AMX's tiles do not)
     assert kernels().int8_quads == (level in VNNI_LEVELS and level != "amx")
+    assert kernels().int4_quads == (level in VNNI_LEVELS)
     assert kernels().vector_width == VECTOR_WIDTH[level], "built for another instruction set than the level's"
     # the amx level's products really run on the tiles (not quietly on the AVX-512 kernels), and no other's do
     assert kernels().amx_tiles == (level == "amx"), f"AMX tiles in use at {level}: {kernels().amx_tiles}"
@@ -533,8 +534,10 @@ QUANTIZED = {"int8": (torch.int8, 2, (300,), 3e-2), "int4": (torch.uint8, 3, (30
 
 
 def quantized_type(weights: str) -> int:
-    """The C weight type of a model quantized to `weights` at this level: int8 in quads where VNNI multiplies them."""
-    return WEIGHT_TYPES["int8_quads"] if weights == "int8" and kernels().int8_quads else QUANTIZED[weights][1]
+    """The C weight type of a model quantized to `weights` at this level: in quads where VNNI multiplies them."""
+    if getattr(kernels(), f"{weights}_quads"):
+        return WEIGHT_TYPES[f"{weights}_quads"]
+    return QUANTIZED[weights][1]
 
 
 @pytest.mark.parametrize("weights", QUANTIZED)
@@ -550,7 +553,7 @@ def test_quantized_steps(batch, weights):
     model = random_model(cfg, seed=batch)
     fast = optimize(copy.deepcopy(model), weights=weights)
     assert all(type(block) is StepBlock and block.step_plan.weight_type == weight_type for block in fast.blocks)
-    assert fast.head.weights == dtype and fast.head.scale.shape == scale_shape
+    assert fast.head.weights == dtype and fast.head.state_dict()["scale"].shape == scale_shape
     ref = _dequantized(model, fast)
     tokens = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(batch))
     out_fast, s_fast = _steps(fast, tokens)
@@ -593,6 +596,25 @@ def test_int8_quads_layout():
     assert torch.equal(fast_module.from_quads(quads, 37), weight)
 
 
+def test_int4_quads_layout():
+    """to_int4_quads's layout, which the VNNI kernel reads (tile_i4_quads): byte [block, g, j, r, m] holds input
+    64 g + 4 j + m of row 16 block + r in its low nibble and input 64 g + 4 (j + 8) + m in its high one (as quantize_int4's
+    nibbles), the scales [block, g, r]; the last block's missing rows w = 0; from_int4_quads gives both back."""
+    weight = torch.randn(37, 2 * INT4_GROUP, generator=torch.Generator().manual_seed(0))
+    packed, scale = quantize_int4(weight)
+    quads, scales = fast_module.to_int4_quads(packed, scale)
+    assert quads.shape == (3, 2, 8, QUAD_ROWS, 4) and scales.shape == (3, 2, QUAD_ROWS)
+    halves = packed.reshape(37, -1, 16)
+    nibbles = torch.cat([halves & 15, halves >> 4], -1).reshape(37, -1)  # quantize_int4's, input by input
+    for block, g, j, r, m in [(0, 0, 0, 0, 0), (1, 1, 5, 3, 2), (2, 0, 7, 4, 3), (0, 1, 2, 15, 1)]:
+        row, first = QUAD_ROWS * block + r, 64 * g + 4 * j + m
+        assert quads[block, g, j, r, m].item() == nibbles[row, first] | nibbles[row, first + 32] << 4
+        assert scales[block, g, r] == scale[row, g]
+    assert (quads[2, :, :, 5:] == 0x88).all()  # rows 37 .. 47: zero weights
+    back = fast_module.from_int4_quads(quads, scales, 37)
+    assert torch.equal(back[0], packed) and torch.equal(back[1], scale)
+
+
 @pytest.mark.parametrize("weights, in_features, out_features", [
     ("int4", 64, 12), ("int4", 768, 100), ("int4", 192, 5), ("int8", 64, 12), ("int8", 768, 100), ("int8", 192, 5),
     ("int8", 100, 7)])  # (int4: one weight group per activation group, two per 64-byte load: 192 ends in half a load)
@@ -604,8 +626,8 @@ def test_quantized_linear_kernel(weights, in_features, out_features):
     torch.manual_seed(in_features)
     dtype = QUANTIZED[weights][0]
     fast = KernelLinear(torch.nn.Linear(in_features, out_features, bias=False), dtype)
-    quads = weights == "int8" and kernels().int8_quads and in_features % ACT_GROUP == 0
-    assert _gemv_kernel(fast.weight) == ("gemv_i8_quads" if quads else KERNEL_OF[dtype])
+    quads = getattr(kernels(), f"{weights}_quads") and in_features % ACT_GROUP == 0
+    assert _gemv_kernel(fast.weight) == (f"gemv_i{weights[-1]}_quads" if quads else KERNEL_OF[dtype])
     dense = fast.dense_weight()
     for rows in (*range(1, 18), 35, MAX_DECODE_ROWS + 1):
         x = torch.randn(rows, in_features)
@@ -794,7 +816,8 @@ def test_adapters_merge_into_quantized_weights(model, weights):
     lora.merge()
     for name, (weight, scale) in expected.items():
         layer = fast.get_submodule(name)
-        assert torch.equal(layer.state_dict()["weight"], weight) and torch.equal(layer.scale, scale), name
+        stored = layer.state_dict()
+        assert torch.equal(stored["weight"], weight) and torch.equal(stored["scale"], scale), name
     tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(8))
     plain = copy.deepcopy(model)  # the merged model's own values (its head and LoRAs rounded too) in model.py
     plain.load_state_dict(dequantize(fast.state_dict(), "the merged model"))

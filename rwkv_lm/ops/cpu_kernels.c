@@ -58,14 +58,14 @@ const int rows_per_pass = ROWS_PER_PASS;
 enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
-/* weight types: the first six as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels;
- * I8_QUADS: int8 in blocks of quads, gemv_vnni); I8_FP32_X and BF16_FP32_X, int8 and bf16 weights against fp32 activations at every level, are the LoRAs of a
+/* weight types: the first seven as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels;
+ * I8_QUADS and I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni); I8_FP32_X and BF16_FP32_X, int8 and bf16 weights against fp32 activations at every level, are the LoRAs of a
  * quantized and of a bf16 model (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as model.py's `x @ w1`
  * multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in int8 5 of 82; in
  * a bf16 step 21 of 292 MB, in bf16 11 of 282. */
-enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I8_FP32_X, BF16_FP32_X };
-const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS; /* (checked against the Python side's WEIGHT_TYPES) */
-#define QUAD_ROWS 16 /* rows of an int8 weight a block of quads holds (tile_i8_quads) */
+enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I4_QUADS, I8_FP32_X, BF16_FP32_X };
+const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS, i4_quads_type = I4_QUADS; /* (checked against the Python side's WEIGHT_TYPES) */
+#define QUAD_ROWS 16 /* rows of an int8 or int4 weight a block of quads holds (tile_i8_quads, tile_i4_quads) */
 const int quad_rows = QUAD_ROWS;
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
  * j + 16 in its high one (so a vector of any width up to 16 is one load of consecutive bytes and a mask or a
@@ -1048,6 +1048,41 @@ INLINE void tile_i8_quads(const uint8_t *w, const float *scale, const int8_t *xq
     for (int b = 0; b < batch; b++) _mm512_mask_storeu_ps(y + b * out, valid, _mm512_mul_ps(acc[b], s));
 }
 
+/* int4 weights in quads (I4_QUADS, at every VNNI level): W stored as [ceil(out / QUAD_ROWS), in / ACT_GROUP, 8,
+ * QUAD_ROWS, 4] bytes, byte [blk, g, j, r, m] holding input 64 g + 4 j + m of row 16 blk + r in its low nibble and
+ * input 64 g + 4 (j + 8) + m in its high one, each as w + 8, and the group scales as [ceil(out / QUAD_ROWS),
+ * in / ACT_GROUP, QUAD_ROWS] (rwkv_lm.runtime.cpu's `to_int4_quads`; the last block's missing rows w = 0). A group
+ * is 8 loads of 16 rows, a mask and a shift each, 16 vpdpbusd against x broadcast as tile_i8_quads's, then one
+ * conversion, one product by x's scale and one FMA by the 16 rows' scales; row-major (tile_i4_vnni) a row's two
+ * groups took two vpdpbusd, a conversion, a product and an FMA, and their unpacking and scales were each row's.
+ * A group's sum starts from -8 times its q's sum (|sum| < 2^24, its conversion exact). */
+INLINE void tile_i4_quads(const uint8_t *w, const float *gs, const int8_t *xq, const float *xs, const int32_t *xc,
+                          float *y, int64_t in, int64_t out, int batch, int rows) {
+    const int64_t groups = in / ACT_GROUP;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[QUAD_BATCH];
+    for (int b = 0; b < batch; b++) acc[b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i dot[QUAD_BATCH];
+        for (int b = 0; b < batch; b++) dot[b] = _mm512_set1_epi32(xc[b * groups + g]);
+        const uint8_t *wg = w + g * ACT_GROUP / 2 * QUAD_ROWS;
+        for (int j = 0; j < ACT_GROUP / 8; j++) {
+            const __m512i raw = _mm512_loadu_si512(wg + 64 * j);
+            const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi32(raw, 4), low);
+            for (int b = 0; b < batch; b++) {
+                const int8_t *q = xq + b * in + g * ACT_GROUP + 4 * j;
+                dot[b] = _mm512_dpbusd_epi32(dot[b], lo, _mm512_set1_epi32(*(const x_quad *)q));
+                dot[b] = _mm512_dpbusd_epi32(dot[b], hi, _mm512_set1_epi32(*(const x_quad *)(q + ACT_GROUP / 2)));
+            }
+        }
+        const __m512 ws = _mm512_loadu_ps(gs + g * QUAD_ROWS);
+        for (int b = 0; b < batch; b++)
+            acc[b] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(xs[b * groups + g])), ws, acc[b]);
+    }
+    const __mmask16 valid = rows == QUAD_ROWS ? 0xFFFF : (__mmask16)((1u << rows) - 1);
+    for (int b = 0; b < batch; b++) _mm512_mask_storeu_ps(y + b * out, valid, acc[b]);
+}
+
 INLINE int64_t quad_blocks(int64_t out) { return (out + QUAD_ROWS - 1) / QUAD_ROWS; }
 
 struct vnni_job {
@@ -1055,7 +1090,7 @@ struct vnni_job {
     const float *scale, *x;
     char *xq; /* x quantized (quantize_rows_part), with its scales xs (int8; int4 keeps them in xq) */
     float *xs;
-    int32_t *xc; /* int8 in quads: each group's -128 times its sum of q */
+    int32_t *xc; /* weights in quads: each group's sum of q times minus the weights' offset (int8 128, int4 8) */
     float *y;
     int64_t out, in, batch, stride;
     int type;
@@ -1071,10 +1106,11 @@ static void quantize_rows_part(const void *job, int64_t begin, int64_t end) {
             continue;
         }
         quantize_act(j->x + b * in, (int8_t *)q, j->xs + b * (in / ACT_GROUP), in);
-        if (j->type == I8_QUADS) {
+        if (j->type == I8_QUADS || j->type == I4_QUADS) {
             const __m512i ones = _mm512_set1_epi8(1);
+            const int offset = j->type == I8_QUADS ? 128 : 8;
             for (int64_t i = 0; i < in; i += ACT_GROUP) /* (ACT_GROUP is 64: one load) */
-                j->xc[b * (in / ACT_GROUP) + i / ACT_GROUP] = -128 * _mm512_reduce_add_epi32(
+                j->xc[b * (in / ACT_GROUP) + i / ACT_GROUP] = -offset * _mm512_reduce_add_epi32(
                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q + i)));
             continue;
         }
@@ -1112,8 +1148,8 @@ static void gemv_vnni_part(const void *job, int64_t begin, int64_t end) {
     }
 }
 
-/* blocks begin .. end - 1 of int8 weights in quads against every row of x, in tiles of up to QUAD_BATCH rows of
- * x as even as they can be (33: 7, 7, 7, 6, 6), each block's weights read once from memory, then from cache */
+/* blocks begin .. end - 1 of int8 or int4 weights in quads against every row of x, in tiles of up to QUAD_BATCH
+ * rows of x as even as they can be (33: 7, 7, 7, 6, 6), each block's weights read once from memory, then from cache */
 static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
     const struct vnni_job *j = job;
     const int64_t out = j->out, in = j->in, batch = j->batch, groups = in / ACT_GROUP;
@@ -1121,13 +1157,18 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; blk++) {
         const int64_t o = blk * QUAD_ROWS;
         const int rows = out - o < QUAD_ROWS ? (int)(out - o) : QUAD_ROWS;
-        const uint8_t *w = (const uint8_t *)j->W + o * in;
+        const int i4 = j->type == I4_QUADS;
+        const uint8_t *w = (const uint8_t *)j->W + (i4 ? o * in / 2 : o * in);
+        const float *scale = j->scale + (i4 ? o * groups : o);
         for (int64_t t = 0; t < n_tiles; t++) {
             const int64_t b = t * batch / n_tiles, m = (t + 1) * batch / n_tiles - b;
+            const int8_t *xq = (const int8_t *)j->xq + b * in;
+            const float *xs = j->xs + b * groups;
+            const int32_t *xc = j->xc + b * groups;
 #define QUAD_TILE(m_)                                                                                              \
     case m_:                                                                                                       \
-        tile_i8_quads(w, j->scale + o, (const int8_t *)j->xq + b * in, j->xs + b * groups, j->xc + b * groups,     \
-                      j->y + b * out + o, in, out, m_, rows);                                                      \
+        if (i4) tile_i4_quads(w, scale, xq, xs, xc, j->y + b * out + o, in, out, m_, rows);                        \
+        else tile_i8_quads(w, scale, xq, xs, xc, j->y + b * out + o, in, out, m_, rows);                           \
         break;
             switch (m) { /* constant tile sizes, so the loops unroll into registers */
                 QUAD_TILE(8) QUAD_TILE(7) QUAD_TILE(6) QUAD_TILE(5) QUAD_TILE(4) QUAD_TILE(3) QUAD_TILE(2) QUAD_TILE(1)
@@ -1137,8 +1178,8 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
     }
 }
 
-/* y [batch, out] = x [batch, in] W^T for int4 (type I4), int8 (I8) or int8 in quads (I8_QUADS) weights through
- * VNNI, in a multiple of ACT_GROUP; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could not be allocated. */
+/* y [batch, out] = x [batch, in] W^T for int4 (type I4), int8 (I8) or either in quads (I8_QUADS, I4_QUADS) weights
+ * through VNNI, in a multiple of ACT_GROUP; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could not be allocated. */
 static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                      int64_t batch, int threads) {
     const int64_t chunks = (in + I4_CHUNK - 1) / I4_CHUNK, groups = in / ACT_GROUP;
@@ -1148,7 +1189,7 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
     float *xs = (float *)(xq + batch * stride);
     const struct vnni_job job = {W, scale, x, xq, xs, (int32_t *)(xs + batch * groups), y, out, in, batch, stride, type};
     parallel(batch, threads, batch * in, quantize_rows_part, &job);
-    if (type == I8_QUADS) parallel(quad_blocks(out), threads, out * in, gemv_quads_part, &job);
+    if (type == I8_QUADS || type == I4_QUADS) parallel(quad_blocks(out), threads, out * in, gemv_quads_part, &job);
     else parallel(tiles(out), threads, out * in, gemv_vnni_part, &job);
     free(xq);
     return 0;
@@ -1276,10 +1317,10 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
     if (type == I8 && in % ACT_GROUP == 0 && amx_granted()) return gemv_i8_amx(W, scale, x, y, out, in, batch, threads);
 #endif
 #ifdef __AVX512VNNI__
-    if ((type == I4 || type == I8 || type == I8_QUADS) && in % ACT_GROUP == 0)
+    if ((type == I4 || type == I8 || type == I8_QUADS || type == I4_QUADS) && in % ACT_GROUP == 0)
         return gemv_vnni(W, scale, type, x, y, out, in, batch, threads);
 #endif
-    if (type == I8_QUADS) return 3; /* (only the VNNI levels multiply them) */
+    if (type == I8_QUADS || type == I4_QUADS) return 3; /* (only the VNNI levels multiply them) */
     if (type == F32_PANELS) gemv_f32_panels_pass(W, x, y, out, in, batch, threads);
     else if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
@@ -1289,8 +1330,8 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
 
 /* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
  * int4 weights times scale[o, i / INT4_GROUP]. Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, 2
- * where a buffer could not be allocated, or 3 for int8 in quads where this level has no VNNI (or rows no multiple of
- * ACT_GROUP long). */
+ * where a buffer could not be allocated, or 3 for weights in quads where this level has no VNNI (or rows no multiple
+ * of ACT_GROUP long). */
 static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
     if (type == I4 && in % INT4_GROUP) return 1;
@@ -1325,6 +1366,12 @@ int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64
 int gemv_i8_quads(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
     return linear(W, scale, I8_QUADS, x, y, out, in, batch, threads);
+}
+
+/* W and its group scales in quads (see tile_i4_quads): the VNNI levels only */
+int gemv_i4_quads(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
+                  int64_t batch, int threads) {
+    return linear(W, scale, I4_QUADS, x, y, out, in, batch, threads);
 }
 #endif
 

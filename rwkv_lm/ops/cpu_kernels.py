@@ -47,10 +47,10 @@ F32_PANEL = 64  # outputs a panel of fp32 weights holds: [out, in] stored as [ce
 # with VNNI: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
 ACT_GROUP = INT4_GROUP
 INT4_BLOCK = 32  # inputs packed into 16 bytes: byte j holds input j (low nibble) and input j + 16 (high nibble)
-QUAD_ROWS = 16  # rows of int8 weights a block of quads holds: [out, in] stored as [ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4]
+QUAD_ROWS = 16  # rows of int8 and int4 weights a block of quads holds (runtime.cpu.to_quads, to_int4_quads)
 # the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8; fp32 weights
-# in panels (runtime.cpu.to_panels) are "float32_panels", int8 ones in quads (runtime.cpu.to_quads) "int8_quads"
-WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3, "float32_panels": 4, "int8_quads": 5}
+# in panels (runtime.cpu.to_panels) are "float32_panels", int8 and int4 ones in quads "int8_quads" and "int4_quads"
+WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3, "float32_panels": 4, "int8_quads": 5, "int4_quads": 6}
 # the pointers block_step takes, in this order; a name the block lacks (ln0, v0 ... after the first, the int8
 # scales of other types) is passed as NULL
 BLOCK_STEP_PARAMS = (
@@ -64,7 +64,7 @@ BLOCK_STEP_PARAMS = (
     # the copies are the StepPlan's, not the module's
     *(f"att.{name}_scale" for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")),
 )
-LEVEL_KERNELS = {"gemv_i8_quads"}  # kernels only some levels build (int8 in quads: VNNI)
+LEVEL_KERNELS = {"gemv_i8_quads", "gemv_i4_quads"}  # kernels only some levels build (weights in quads: VNNI)
 _POINTER, _INT64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
@@ -73,6 +73,7 @@ SIGNATURES = {
     "gemv_i8": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "gemv_i4": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "gemv_i8_quads": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
+    "gemv_i4_quads": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "wkv7_f32": [_POINTER] * 9 + [_INT64] * 4 + [_INT],
     "block_step": [_POINTER] * 10 + [_INT64] * 9 + [_FLOAT] * 3 + [_INT] * 2,
     "model_step": ([_INT64] + [_POINTER] * 4 + [_INT64] + [_FLOAT] * 3 + [_POINTER, _INT64, _INT64] + [_POINTER] * 8 + [_FLOAT]
@@ -129,6 +130,11 @@ class Kernels(dict):
     def int8_quads(self) -> bool:
         """Whether int8 weights are stored in quads here (`gemv_i8_quads`): where VNNI multiplies them, not AMX."""
         return self.int8_activations and not self.amx_tiles
+
+    @property
+    def int4_quads(self) -> bool:
+        """Whether int4 weights are stored in quads here (`gemv_i4_quads`): where VNNI multiplies them."""
+        return self.int8_activations
 
 
 def kernels(level: str | None = None) -> dict:
@@ -191,14 +197,14 @@ def _check_interface(library):
     int4_group = ctypes.c_int.in_dll(library, "int4_group").value
     f32_panel = ctypes.c_int.in_dll(library, "f32_panel").value
     quad_rows = ctypes.c_int.in_dll(library, "quad_rows").value
-    types = (ctypes.c_int.in_dll(library, "f32_panels_type").value, ctypes.c_int.in_dll(library, "i8_quads_type").value)
+    types = tuple(ctypes.c_int.in_dll(library, f"{name}_type").value for name in ("f32_panels", "i8_quads", "i4_quads"))
     if (tuple(names.decode().split()) != BLOCK_STEP_PARAMS
-            or types != (WEIGHT_TYPES["float32_panels"], WEIGHT_TYPES["int8_quads"])
+            or types != (WEIGHT_TYPES["float32_panels"], WEIGHT_TYPES["int8_quads"], WEIGHT_TYPES["int4_quads"])
             or (rows_per_pass, int4_group, f32_panel, quad_rows) != (ROWS_PER_PASS, INT4_GROUP, F32_PANEL, QUAD_ROWS)):
         raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
                            f"ROWS_PER_PASS ({rows_per_pass} in C, {ROWS_PER_PASS} here), INT4_GROUP ({int4_group} in C, "
                            f"{INT4_GROUP} here), F32_PANEL ({f32_panel} in C, {F32_PANEL} here), QUAD_ROWS ({quad_rows} "
-                           f"in C, {QUAD_ROWS} here) or the weight types' numbers (F32_PANELS and I8_QUADS {types} in C): "
+                           f"in C, {QUAD_ROWS} here) or the weight types' numbers (F32_PANELS, I8_QUADS and I4_QUADS {types} in C): "
                            "change both together")
 
 

@@ -34,7 +34,7 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   row-major, at one thread and two (bench/RESULTS.md, issue 20's thirteenth pass); checkpoints hold them [out, in].
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
-  a multiple of INT4_GROUP wide.
+  a multiple of INT4_GROUP wide. Where VNNI multiplies them they are stored in quads too (`to_int4_quads`).
 - bf16, int4 and int8 models keep the time mix's LoRAs (the small low-rank matrices x @ w1 ... feeds) in bf16 and
   int8 (one scale per output) too: the Parameters are rounded to those values (model.py multiplies them), the C
   step reads bf16 or int8 copies of them against fp32 inputs, made again after a LoRA changes (int8: a fifth of a
@@ -71,26 +71,27 @@ MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 # the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels: gemv_f32_panels)
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
-SCALED_KERNELS = ("gemv_i8", "gemv_i4", "gemv_i8_quads")  # those whose weights have scales beside them
+SCALED_KERNELS = ("gemv_i8", "gemv_i4", "gemv_i8_quads", "gemv_i4_quads")  # those whose weights have scales beside them
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
 WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
 
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
     """The kernel that multiplies by this weight: an [out, in] one stored row-major (a weight assigned after
-    optimize() may not be), fp32 in panels (`to_panels`) or int8 in quads (`to_quads`); else None."""
+    optimize() may not be), fp32 in panels (`to_panels`), int8 or int4 in quads (`to_quads`, `to_int4_quads`); else
+    None."""
     if weight.dim() == 3:
         panels = weight.dtype == torch.float32 and weight.shape[2] == F32_PANEL and weight.is_contiguous()
         return "gemv_f32_panels" if panels else None
-    if weight.dim() == 4:
-        quads = weight.dtype == torch.uint8 and weight.shape[2:] == (QUAD_ROWS, 4) and weight.is_contiguous()
-        return "gemv_i8_quads" if quads else None
+    if weight.dim() in (4, 5):
+        quads = weight.dtype == torch.uint8 and weight.shape[-2:] == (QUAD_ROWS, 4) and weight.is_contiguous()
+        return ("gemv_i8_quads" if weight.dim() == 4 else "gemv_i4_quads") if quads else None
     return KERNEL_OF.get(weight.dtype) if weight.stride() == (weight.shape[1], 1) else None
 
 
 def _weight_type(weight: torch.Tensor) -> int:
     """The C enum (WEIGHT_TYPES) of a weight `_gemv_kernel` finds a kernel for."""
-    layout = {3: "float32_panels", 4: "int8_quads"}.get(weight.dim())
+    layout = {3: "float32_panels", 4: "int8_quads", 5: "int4_quads"}.get(weight.dim())
     return WEIGHT_TYPES[layout or str(weight.dtype).removeprefix("torch.")]
 
 
@@ -122,6 +123,32 @@ def from_quads(quads: torch.Tensor, out: int) -> torch.Tensor:
     """`to_quads` undone: the int8 weight [out, in]."""
     rows = quads.transpose(1, 2).reshape(-1, quads.shape[1] * 4)[:out]
     return (rows.to(torch.int16) - 128).to(torch.int8)
+
+
+def to_int4_quads(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int4's (packed [out, in / 2], scale [out, in / INT4_GROUP]) -> (uint8 [ceil(out / QUAD_ROWS), in /
+    INT4_GROUP, 8, QUAD_ROWS, 4], fp32 [ceil(out / QUAD_ROWS), in / INT4_GROUP, QUAD_ROWS]), the layout the VNNI kernel
+    streams (cpu_kernels.c's tile_i4_quads): each 64 bytes four consecutive inputs of QUAD_ROWS rows in their low
+    nibbles and the four 32 inputs on in their high ones, each group's scales of QUAD_ROWS rows side by side (the
+    last block's missing rows w = 0)."""
+    out, groups = scale.shape
+    blocks = -(-out // QUAD_ROWS)
+    halves = packed.reshape(out, -1, INT4_BLOCK // 2)
+    nibbles = F.pad(torch.cat([halves & 15, halves >> 4], -1).reshape(out, -1), (0, 0, 0, blocks * QUAD_ROWS - out), value=8)
+    by_group = nibbles.reshape(blocks, QUAD_ROWS, groups, 2, INT4_GROUP // 8, 4)  # [.., g, h, j, m]: 64 g + 32 h + 4 j + m
+    quads = (by_group[:, :, :, 0] | by_group[:, :, :, 1] << 4).permute(0, 2, 3, 1, 4).contiguous()
+    scales = F.pad(scale, (0, 0, 0, blocks * QUAD_ROWS - out), value=1.0).reshape(blocks, QUAD_ROWS, groups)
+    return quads, scales.transpose(1, 2).contiguous()
+
+
+def from_int4_quads(quads: torch.Tensor, scales: torch.Tensor, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_int4_quads` undone: quantize_int4's (packed [out, in / 2], scale [out, in / INT4_GROUP])."""
+    blocks, groups = quads.shape[:2]
+    by_group = quads.permute(0, 3, 1, 2, 4)  # [blocks, rows, g, j, m]
+    nibbles = torch.stack([by_group & 15, by_group >> 4], 3).reshape(blocks * QUAD_ROWS, -1)[:out]
+    halves = nibbles.reshape(out, -1, 2, INT4_BLOCK // 2)
+    packed = (halves[:, :, 0] | halves[:, :, 1] << 4).reshape(out, -1)
+    return packed, scales.transpose(1, 2).reshape(-1, groups)[:out].contiguous()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,11 +208,12 @@ class KernelLinear(nn.Linear):
     whose decode steps run in a C kernel.
 
     The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([ceil(out /
-    F32_PANEL), in, F32_PANEL], `to_panels`), int8 in quads where VNNI multiplies it (`to_quads`; state_dict() gives
-    and takes both as [out, in], fp32 and int8, `dense_weight()` makes them so), the others row-major; int8 weights
-    have one fp32 `scale` per output row beside them (a buffer, saved with the model), int4 weights (packed, [out,
-    in / 2] uint8) one per group of INT4_GROUP inputs ([out, in / INT4_GROUP]). Still an nn.Linear, so what adapts
-    Linear layers (rwkv_lm.lora) adapts it too.
+    F32_PANEL), in, F32_PANEL], `to_panels`), int8 and int4 in quads where VNNI multiplies them (`to_quads`,
+    `to_int4_quads`, their scales with them), the others row-major. int8 weights have one fp32 `scale` per output row
+    beside them (a buffer, saved with the model), int4 weights (packed, [out, in / 2] uint8) one per group of
+    INT4_GROUP inputs ([out, in / INT4_GROUP]): state_dict() gives and takes them so, and fp32 as [out, in], whatever
+    the layout (`dense_weight()` makes any of them a float [out, in]). Still an nn.Linear, so what adapts Linear
+    layers (rwkv_lm.lora) adapts it too.
     """
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None):
@@ -193,64 +221,75 @@ class KernelLinear(nn.Linear):
         self.isa = isa_level(isa)  # the kernels' instruction-set level, chosen once, when the layer is made
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.dense_weight() if isinstance(linear, KernelLinear) else linear.weight.detach()
-        if dtype in (torch.int8, torch.uint8):
+        scale = None
+        if dtype in QUANTIZERS:
             weight, scale = QUANTIZERS[dtype](weight)
-            self.register_buffer("scale", scale)
         if dtype == torch.float32:
             # on huge pages too: 0.1B fp32 decode 1.11x (1 thread) and 1.14x (2); int4 was 0.92-0.96x there and
             # bf16 and int8 level, so only fp32 moves (bench/RESULTS.md, issue 20's ninth pass)
-            self.weight = nn.Parameter(on_huge_pages(to_panels(weight.float())), requires_grad=False)
-        elif dtype == torch.int8 and self._quads_here():
-            self.weight = nn.Parameter(to_quads(weight), requires_grad=False)
+            weight = on_huge_pages(to_panels(weight.float()))
+        elif dtype == torch.int8 and self._quads_here(dtype):
+            weight = to_quads(weight)
+        elif dtype == torch.uint8 and self._quads_here(dtype):
+            weight, scale = to_int4_quads(weight, scale)
         else:
-            self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+            weight = weight.to(dtype).contiguous()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if scale is not None:
+            self.register_buffer("scale", scale)
         self.bias = None
 
-    def _quads_here(self) -> bool:
-        """Whether this layer's int8 weight goes into quads: where its level's VNNI kernel multiplies them."""
-        return self.in_features % ACT_GROUP == 0 and getattr(kernels(self.isa), "int8_quads", False)
+    def _quads_here(self, dtype: torch.dtype) -> bool:
+        """Whether this layer's int8 or int4 weight goes into quads: where its level's VNNI kernel multiplies them."""
+        here = "int8_quads" if dtype == torch.int8 else "int4_quads"
+        return self.in_features % ACT_GROUP == 0 and getattr(kernels(self.isa), here, False)
 
     @property
     def weights(self) -> torch.dtype:
         """What the weight is stored as, whatever the layout (`optimize`'s choice): fp32, bf16, int8 or int4 (uint8)."""
         return torch.int8 if self.weight.dim() == 4 else self.weight.dtype
 
-    def _stored_weight(self) -> torch.Tensor:
-        """The weight as a checkpoint holds it: [out, in] (fp32 out of its panels, int8 out of its quads), else as
-        stored."""
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The weight (and scale) as a checkpoint holds them: fp32 [out, in] out of its panels, int8 [out, in] and
+        int4 [out, in / 2] (with [out, in / INT4_GROUP] scales) out of their quads; else as stored."""
         if self.weight.dim() == 3:
-            return from_panels(self.weight, self.out_features)
+            return {"weight": from_panels(self.weight, self.out_features)}
         if self.weight.dim() == 4:
-            return from_quads(self.weight, self.out_features)
-        return self.weight
+            return {"weight": from_quads(self.weight, self.out_features), "scale": self.scale}
+        if self.weight.dim() == 5:
+            return dict(zip(("weight", "scale"), from_int4_quads(self.weight, self.scale, self.out_features)))
+        return {"weight": self.weight, **({"scale": self.scale} if "scale" in self._buffers else {})}
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 out of its panels)."""
-        if self.weights == torch.uint8:
-            return dequantize_int4(self.weight, self.scale)
-        weight = self._stored_weight()
-        if weight.dtype != torch.int8:
-            return weight
-        return weight.to(self.scale.dtype) * self.scale[:, None]
+        stored = self._checkpoint_tensors()
+        weight = stored["weight"]
+        if weight.dtype == torch.uint8:
+            return dequantize_int4(weight, stored["scale"])
+        if weight.dtype == torch.int8:
+            return weight.to(stored["scale"].dtype) * stored["scale"][:, None]
+        return weight
 
-    # a checkpoint holds fp32 and int8 weights as [out, in], whatever layout the kernels read them in
+    # a checkpoint holds fp32, int8 and int4 weights as [out, in] (int4: [out, in / 2]), whatever layout the
+    # kernels read them in
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.dim() > 2:
-            weight = self._stored_weight()
-            destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+            for name, tensor in self._checkpoint_tensors().items():
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """A float [out, in] weight goes in as this layer stores it: fp32 into panels, int8 and int4 quantized
-        (their scales with them; a merged LoRA, say), int8 into quads where it is stored so. Stored int8 and int4
-        weights go in as they are (int8 into quads too)."""
-        key = prefix + "weight"
+        (their scales with them; a merged LoRA, say), into quads where they are stored so. Stored int8 and int4
+        weights go in as they are (into quads too)."""
+        key, scale_key = prefix + "weight", prefix + "scale"
         given = state_dict.get(key)
         shape = (self.out_features, self.in_features)
-        if self.weight.dim() > 2 and isinstance(given, torch.Tensor) and given.shape not in (shape, self.weight.shape):
+        stored = shape if self.weights != torch.uint8 else (self.out_features, self.in_features // 2)
+        if self.weight.dim() > 2 and isinstance(given, torch.Tensor) and given.shape not in (shape, stored, self.weight.shape):
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(given.shape)} into a weight "
-                              f"of shape {shape}")
+                              f"of shape {stored}")
             return
         if isinstance(given, torch.Tensor) and given.is_floating_point() and given.shape == shape:
             given = given.detach()
@@ -258,10 +297,13 @@ class KernelLinear(nn.Linear):
                 panels = to_panels(given.to(self.weight.dtype))
                 state_dict[key] = on_huge_pages(panels) if local_metadata.get("assign_to_params_buffers") else panels
             elif self.weights in QUANTIZERS:
-                given, state_dict[prefix + "scale"] = QUANTIZERS[self.weights](given)
+                given, state_dict[scale_key] = QUANTIZERS[self.weights](given)
                 state_dict[key] = given
-        if self.weight.dim() == 4 and isinstance(given, torch.Tensor) and given.dtype == torch.int8 and given.shape == shape:
-            state_dict[key] = to_quads(given)
+        if self.weight.dim() > 3 and isinstance(given, torch.Tensor) and given.dtype == self.weights and given.shape == stored:
+            if self.weight.dim() == 4:
+                state_dict[key] = to_quads(given)
+            elif isinstance(state_dict.get(scale_key), torch.Tensor) and state_dict[scale_key].dim() == 2:
+                state_dict[key], state_dict[scale_key] = to_int4_quads(given, state_dict[scale_key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -275,7 +317,7 @@ class KernelLinear(nn.Linear):
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)  # (the kernels have no backward)
         one_token_rows = x.dim() <= 2 or x.shape[-2] == 1  # steps, last_only heads: the kernels at any batch (invariance)
-        # fp32 panels and int8 quads take the kernel at any count: torch would need them unpacked first (a 0.1B
+        # fp32 panels and weights in quads take the kernel at any count: torch would need them unpacked first (a 0.1B
         # head's 65 rows: 99 ms that way against 24 in the kernel; row-major, torch took 29)
         fits = (self.weight.device.type == "cpu" and (rows <= MAX_DECODE_ROWS or one_token_rows or self.weight.dim() > 2)
                 and not wants_grad)
