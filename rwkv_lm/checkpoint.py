@@ -166,10 +166,9 @@ def tokenizer_from(spec: str | os.PathLike):
 
 
 def export_official(model, path, *, dtype=torch.bfloat16) -> Path:
-    """Write an RWKV-7 in the official `.pth` layout (bf16 by default, as BlinkDL's files are)."""
-    if not isinstance(model, RWKV):
-        raise CheckpointError(f"only RWKV-7 models have an official layout, not {type(model).__name__}")
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    """Write an RWKV-7 in the official `.pth` layout (bf16 by default, as BlinkDL's files are; int8 and int4 weights
+    dequantized: the official layout has no scales)."""
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in _float_tensors(model, "the official layout").items()}
     cfg = model.config
     # official files carry layer 0's (unused) value-residual tensors; zeros keep every loader happy
     sd["blocks.0.att.v0"] = torch.zeros(1, 1, cfg.n_embd, dtype=dtype)

@@ -1,4 +1,5 @@
 """Our format and official .pth files: round trips, and a clear error for every kind of bad file."""
+import copy
 import os
 import pickle
 
@@ -8,6 +9,7 @@ import torch
 import rwkv_lm
 from rwkv_lm import CheckpointError, RWKVConfig
 from rwkv_lm.checkpoint import atomic_write
+from rwkv_lm.runtime import prepare
 from rwkv_lm.testing import random_model
 
 from conftest import assert_close
@@ -44,6 +46,20 @@ def test_official_round_trip_fp32_and_bf16(tmp_path, tiny_model, tokens):
     bf16 = rwkv_lm.load(rwkv_lm.export_official(tiny_model, tmp_path / "b.pth"))
     with torch.no_grad():
         assert_close(bf16(tokens)[0], tiny_model(tokens)[0], 5e-2, "bf16 export")
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_official_export_of_a_quantized_model_dequantizes_it(tmp_path, tiny_model, tokens, weights):
+    """The official layout has no scales: an int8 or int4 model goes out as the float weights it computes with
+    (before, its int8 values went out cast as they were, the scales beside them)."""
+    fast = prepare(copy.deepcopy(tiny_model), weights=weights)
+    path = rwkv_lm.export_official(fast, tmp_path / "q.pth", dtype=torch.float32)
+    sd = torch.load(path, weights_only=True)
+    assert not any(k.endswith(".scale") for k in sd) and sd["head.weight"].dtype == torch.float32
+    assert torch.equal(sd["head.weight"], fast.head.dense_weight())
+    plain = rwkv_lm.load(path, fast=False)
+    with torch.no_grad():
+        assert_close(plain(tokens)[0], tiny_model(tokens)[0], 0.3, f"{weights} export against the fp32 model")
 
 
 def test_official_file_without_layer0_value_tensors(tmp_path, tiny_model):

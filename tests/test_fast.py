@@ -565,6 +565,24 @@ def test_quantized_steps(batch, weights):
         assert_quantized_close(fast(long_prompt)[0], ref(long_prompt)[0], "long prompt logits")
 
 
+def test_int8_model_of_a_width_no_multiple_of_the_group_keeps_one_call_steps():
+    """A width no multiple of ACT_GROUP (96) keeps every int8 weight row-major, its channel mix's value (384 wide)
+    too: a block's C step takes one weight type, so quads there would have sent the blocks to model.py. Its steps
+    and prompts still compute the dequantized model's."""
+    cfg = RWKVConfig(vocab_size=300, n_layer=2, n_embd=96, head_size=32, decay_lora=16, iclr_lora=16, value_lora=8,
+                     gate_lora=16)
+    model = random_model(cfg, seed=4)
+    fast = optimize(copy.deepcopy(model), weights="int8")
+    assert type(fast) is StepRWKV and all(type(block) is StepBlock for block in fast.blocks)
+    assert {block.step_plan.weight_type for block in fast.blocks} == {WEIGHT_TYPES["int8"]}
+    assert fast.blocks[0].ffn.value.weight.dim() == 2 and fast.blocks[0].ffn.value.in_features % ACT_GROUP == 0
+    ref = _dequantized(model, fast)
+    tokens = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert_quantized_close(_steps(fast, tokens)[0], _steps(ref, tokens)[0], "step logits vs the dequantized model")
+    with torch.no_grad():
+        assert_quantized_close(fast(tokens)[0], ref(tokens)[0], "prompt logits")
+
+
 def test_int4_packing():
     """quantize_int4's layout, which the C kernels read: each 32 inputs of a row in 16 bytes, byte j holding input j
     in its low nibble and input j + 16 in its high one, a nibble n standing for (n - 8) * its group's scale; a

@@ -2,8 +2,8 @@
  * the WKV-7 recurrence for inference (rwkv_lm/ops/wkv7/cpu.py) and whole decode steps of a block.
  *
  * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
- * weight row-major ([out, in], as nn.Linear stores it) in one sequential pass, split between threads by
- * rows. One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
+ * weight in one sequential pass, split between threads by rows: row-major ([out, in], as nn.Linear stores it),
+ * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the VNNI levels (tile_i8_quads, tile_i4_quads). One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
  * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
  * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product or AMX's tiles where the CPU has them), int8
@@ -884,13 +884,14 @@ static int gemv_bf16_amx(const uint16_t *W, const float *x, float *y, int64_t ou
 #ifdef __AVX512VNNI__
 /* int4 and int8 weights on CPUs with VNNI (vpdpbusd: four u8 x s8 products summed into each int32 lane): the
  * activations are quantized once per product to int8, one fp32 scale per ACT_GROUP inputs of a row (the
- * group's largest magnitude to 127, round to nearest even; `act_quant_ref` in cpu_kernels.py is the same in
- * torch), and a weight vector's products with them are integer, exact, one float FMA per 16 lanes after. int4
+ * group's largest magnitude to 127, round to nearest even; `round_activations` in cpu_kernels.py is the same in
+ * torch), and a weight vector's products with them are integer, exact, one float FMA per group after. int4
  * instructions per 128 weights and row of x: ~5 against ~56 dequantizing to fp32, so a decode step is no longer
  * compute-bound. Not the fp32 product: each x carries its group's rounding, at most half a step of max/127.
- * In tiles, as `tile`: each output by the same operations whatever the batch (a row of x is quantized alone). */
+ * Each output by the same operations whatever the batch (a row of x is quantized alone). The weights are in quads
+ * (tile_i8_quads, tile_i4_quads); int8 ones row-major (a model whose widths are no multiple of ACT_GROUP; AMX's
+ * tiles take them where Linux lends them) in tiles, as `tile`. */
 #define VNNI_BATCH_BLOCK 4
-#define I4_CHUNK 128 /* inputs of a 64-byte load of int4 weights: 4 blocks, 2 groups */
 
 /* one row of x (in a multiple of ACT_GROUP) as int8 q with scales s: x[i] ~= q[i] s[i / ACT_GROUP] */
 INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
@@ -907,69 +908,6 @@ INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
         for (int j = 0; j < ACT_GROUP; j += 16)
             _mm_storeu_si128((__m128i *)(q + g + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + g + j), inv))));
     }
-}
-
-/* int4: a row of x laid out per chunk of I4_CHUNK inputs as the weights' 64-byte load reads them: 64 bytes of
- * the q that meet the low nibbles (byte 16 b + j: input 32 b + j), 64 that meet the high ones (input 32 b + 16 + j),
- * 16 fp32 scales (lanes 0-7 the chunk's first group's, 8-15 its second's: the int32 lanes of those inputs), and
- * 16 int32 of -8 times each lane's sum of q (a nibble n stands for n - 8: the dot product of n, minus that). A last
- * chunk of one group has zeros in the other half. */
-#define I4_ACT_CHUNK_BYTES 256
-static void quantize_act_i4(const float *x, char *out, int64_t in) {
-    int8_t q[I4_CHUNK];
-    float s[I4_CHUNK / ACT_GROUP];
-    for (int64_t c = 0; c < in; c += I4_CHUNK) {
-        const int64_t n = in - c < I4_CHUNK ? in - c : I4_CHUNK;
-        memset(q, 0, sizeof q), memset(s, 0, sizeof s);
-        quantize_act(x + c, q, s, n);
-        char *o = out + c / I4_CHUNK * I4_ACT_CHUNK_BYTES;
-        for (int b = 0; b < 4; b++) {
-            memcpy(o + 16 * b, q + 32 * b, 16);
-            memcpy(o + 64 + 16 * b, q + 32 * b + 16, 16);
-        }
-        const __m512i lo = _mm512_loadu_si512(o), hi = _mm512_loadu_si512(o + 64), eight = _mm512_set1_epi8(8);
-        const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, lo), eight, hi);
-        _mm512_storeu_ps(o + 128, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1])));
-        _mm512_storeu_si512(o + 192, _mm512_sub_epi32(_mm512_setzero_si512(), sums));
-    }
-}
-
-INLINE void tile_i4_vnni(const uint8_t *w, const float *gs, const char *xq, int64_t x_stride, float *y, int64_t in,
-                         int64_t out, int batch, int rows) {
-    const int64_t row_bytes = in / 2, groups = in / ACT_GROUP;
-    const uint8_t *wr[ROWS], *next = w + ROWS * row_bytes, *later = w + L2_AHEAD * ROWS * row_bytes;
-    const float *gr[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-        const int64_t row = r < rows ? r : rows - 1;
-        wr[r] = w + row * row_bytes, gr[r] = gs + row * groups;
-    }
-    const __m512i low = _mm512_set1_epi8(15);
-    __m512 acc[ROWS][VNNI_BATCH_BLOCK];
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < batch; b++) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < in; c += I4_CHUNK) {
-        const int64_t at = c / 2;
-        const int whole = c + I4_CHUNK <= in;
-        for (int r = 0; r < ROWS; r++) {
-            _mm_prefetch((const char *)(next + r * row_bytes + at), _MM_HINT_T0);
-            _mm_prefetch((const char *)(later + r * row_bytes + at), _MM_HINT_T1);
-        }
-        for (int r = 0; r < ROWS; r++) {
-            const __m512i raw = whole ? _mm512_loadu_si512(wr[r] + at)
-                                      : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(wr[r] + at)));
-            const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi32(raw, 4), low);
-            const int64_t g = c / ACT_GROUP;
-            const __m512 ws = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(gr[r][g]), _mm512_set1_ps(whole ? gr[r][g + 1] : 0.0f));
-            for (int b = 0; b < batch; b++) {
-                const char *xc = xq + b * x_stride + c / I4_CHUNK * I4_ACT_CHUNK_BYTES;
-                __m512i dot = _mm512_loadu_si512(xc + 192);
-                dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(xc));
-                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xc + 64));
-                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_loadu_ps(xc + 128)), acc[r][b]);
-            }
-        }
-    }
-    for (int b = 0; b < batch; b++) store_rows((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], y + b * out, rows);
 }
 
 /* rows first .. first + nr - 1 of an int8 tile against `batch` rows of x (q + 128, scales xs) into acc */
@@ -1053,8 +991,9 @@ INLINE void tile_i8_quads(const uint8_t *w, const float *scale, const int8_t *xq
  * input 64 g + 4 (j + 8) + m in its high one, each as w + 8, and the group scales as [ceil(out / QUAD_ROWS),
  * in / ACT_GROUP, QUAD_ROWS] (rwkv_lm.runtime.cpu's `to_int4_quads`; the last block's missing rows w = 0). A group
  * is 8 loads of 16 rows, a mask and a shift each, 16 vpdpbusd against x broadcast as tile_i8_quads's, then one
- * conversion, one product by x's scale and one FMA by the 16 rows' scales; row-major (tile_i4_vnni) a row's two
- * groups took two vpdpbusd, a conversion, a product and an FMA, and their unpacking and scales were each row's.
+ * conversion, one product by x's scale and one FMA by the 16 rows' scales; row-major (the kernel before these, in
+ * git history) a row's two groups took two vpdpbusd, a conversion, a product and an FMA, and their unpacking and
+ * scales were each row's.
  * A group's sum starts from -8 times its q's sum (|sum| < 2^24, its conversion exact). */
 INLINE void tile_i4_quads(const uint8_t *w, const float *gs, const int8_t *xq, const float *xs, const int32_t *xc,
                           float *y, int64_t in, int64_t out, int batch, int rows) {
@@ -1088,7 +1027,7 @@ INLINE int64_t quad_blocks(int64_t out) { return (out + QUAD_ROWS - 1) / QUAD_RO
 struct vnni_job {
     const void *W;
     const float *scale, *x;
-    char *xq; /* x quantized (quantize_rows_part), with its scales xs (int8; int4 keeps them in xq) */
+    char *xq; /* x quantized (quantize_rows_part), with its scales xs */
     float *xs;
     int32_t *xc; /* weights in quads: each group's sum of q times minus the weights' offset (int8 128, int4 8) */
     float *y;
@@ -1101,10 +1040,6 @@ static void quantize_rows_part(const void *job, int64_t begin, int64_t end) {
     const int64_t in = j->in, stride = j->stride;
     for (int64_t b = begin; b < end; b++) {
         char *q = j->xq + b * stride;
-        if (j->type == I4) {
-            quantize_act_i4(j->x + b * in, q, in);
-            continue;
-        }
         quantize_act(j->x + b * in, (int8_t *)q, j->xs + b * (in / ACT_GROUP), in);
         if (j->type == I8_QUADS || j->type == I4_QUADS) {
             const __m512i ones = _mm512_set1_epi8(1);
@@ -1125,18 +1060,13 @@ static void gemv_vnni_part(const void *job, int64_t begin, int64_t end) {
     const char *xq = j->xq;
     float *y = j->y;
     const int64_t out = j->out, in = j->in, batch = j->batch, stride = j->stride;
-    const int type = j->type;
     for (int64_t o = begin * ROWS; o < end * ROWS && o < out; o += ROWS) {
         const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
         for (int64_t b = 0; b < batch; b += VNNI_BATCH_BLOCK) {
             const int m = batch - b < VNNI_BATCH_BLOCK ? (int)(batch - b) : VNNI_BATCH_BLOCK;
 #define VNNI_TILE(m_)                                                                                              \
-    if (type == I4)                                                                                                \
-        tile_i4_vnni((const uint8_t *)W + o * (in / 2), scale + o * (in / ACT_GROUP), xq + b * stride, stride,     \
-                     y + b * out + o, in, out, m_, rows);                                                          \
-    else                                                                                                           \
-        tile_i8_vnni((const int8_t *)W + o * in, scale + o, (const uint8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), \
-                     stride, y + b * out + o, in, out, m_, rows);
+    tile_i8_vnni((const int8_t *)W + o * in, scale + o, (const uint8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), \
+                 stride, y + b * out + o, in, out, m_, rows);
             switch (m) { /* constant tile sizes, so the loops unroll into registers */
                 case 4: VNNI_TILE(4) break;
                 case 3: VNNI_TILE(3) break;
@@ -1178,12 +1108,11 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
     }
 }
 
-/* y [batch, out] = x [batch, in] W^T for int4 (type I4), int8 (I8) or either in quads (I8_QUADS, I4_QUADS) weights
+/* y [batch, out] = x [batch, in] W^T for int8 (type I8) or int8 and int4 in quads (I8_QUADS, I4_QUADS) weights
  * through VNNI, in a multiple of ACT_GROUP; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could not be allocated. */
 static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                      int64_t batch, int threads) {
-    const int64_t chunks = (in + I4_CHUNK - 1) / I4_CHUNK, groups = in / ACT_GROUP;
-    const int64_t stride = type == I4 ? chunks * I4_ACT_CHUNK_BYTES : in; /* bytes of a quantized row of x */
+    const int64_t groups = in / ACT_GROUP, stride = in; /* bytes of a quantized row of x */
     char *xq = malloc(batch * stride + batch * groups * (sizeof(float) + sizeof(int32_t)));
     if (!xq) return 2;
     float *xs = (float *)(xq + batch * stride);
@@ -1317,7 +1246,7 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
     if (type == I8 && in % ACT_GROUP == 0 && amx_granted()) return gemv_i8_amx(W, scale, x, y, out, in, batch, threads);
 #endif
 #ifdef __AVX512VNNI__
-    if ((type == I4 || type == I8 || type == I8_QUADS || type == I4_QUADS) && in % ACT_GROUP == 0)
+    if ((type == I8 || type == I8_QUADS || type == I4_QUADS) && in % ACT_GROUP == 0)
         return gemv_vnni(W, scale, type, x, y, out, in, batch, threads);
 #endif
     if (type == I8_QUADS || type == I4_QUADS) return 3; /* (only the VNNI levels multiply them) */
@@ -1329,7 +1258,7 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
 }
 
 /* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
- * int4 weights times scale[o, i / INT4_GROUP]. Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, 2
+ * int4 weights times scale[o, i / INT4_GROUP] (in quads: scale[o / QUAD_ROWS, i / INT4_GROUP, o % QUAD_ROWS]). Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, 2
  * where a buffer could not be allocated, or 3 for weights in quads where this level has no VNNI (or rows no multiple
  * of ACT_GROUP long). */
 static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,

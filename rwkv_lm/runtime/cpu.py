@@ -6,7 +6,7 @@ weights' width and the way they are read matter more than the model code. `optim
 Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small C kernels
 (`rwkv_lm/ops/cpu_kernels.c`, compiled at first use for the instruction-set level chosen here) that stream each
 weight once per step; inputs of more than one token a row and more than MAX_DECODE_ROWS rows go through torch's
-matmul. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
+matmul, but for weights in panels or quads (below), which the kernels take at any count. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
 batches wider than 16 sequences in slices), and a one-token step of the model, or a prompt that wants only its
 last token's logits (`last_only`), runs in one C call from its embedding to its logits (`StepRWKV`; a longer prompt
 in pieces of MAX_DECODE_ROWS rows, the state carried; ln_out is a `KernelLayerNorm`, so prompts normalize as steps
@@ -28,7 +28,7 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   of an FMA; with AMX: to its tiles, 16 rows of W by up to 16 of x an instruction), and so does a prompt; every
   level rounds alike.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
-  fp32 in registers, prompts too; torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
+  fp32 in registers, prompts too (but at the VNNI levels, below); torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
   Where VNNI multiplies them (below; not on AMX's tiles) they are stored in quads (`to_quads`: four inputs of 16
   rows a 64-byte vector), which one vpdpbusd takes against four inputs of x: 33-token int8 prompts 1.5x as fast as
   row-major, at one thread and two (bench/RESULTS.md, issue 20's thirteenth pass); checkpoints hold them [out, in].
@@ -43,8 +43,8 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
 - int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16, amx): their Linear products round the activations to int8,
   one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd; int8 at the amx level
   on AMX's tiles, each group's exact sum then one fp32 chain per output), several times fewer
-  instructions than widening the weights; torch's matmul for long prompts rounds them alike, so every path gives
-  the same logits. The other levels keep fp32 activations.
+  instructions than widening the weights; torch's matmul rounds them alike where it runs (autograd aside), so every
+  path gives the same logits. The other levels keep fp32 activations.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
 ([in, out] in memory, viewed as the usual [out, in]), which lets BLAS read them in one pass.
 """
@@ -69,7 +69,8 @@ from ..state import LayerState, RWKVState
 # StepBlock or StepRWKV call; beyond, torch's matmul on row-major weights is as fast (measured)
 MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
-# the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels: gemv_f32_panels)
+# the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels, and int8 and
+# int4 ones at the VNNI levels in quads: `_gemv_kernel`)
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
 SCALED_KERNELS = ("gemv_i8", "gemv_i4", "gemv_i8_quads", "gemv_i4_quads")  # those whose weights have scales beside them
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
@@ -213,10 +214,11 @@ class KernelLinear(nn.Linear):
     beside them (a buffer, saved with the model), int4 weights (packed, [out, in / 2] uint8) one per group of
     INT4_GROUP inputs ([out, in / INT4_GROUP]): state_dict() gives and takes them so, and fp32 as [out, in], whatever
     the layout (`dense_weight()` makes any of them a float [out, in]). Still an nn.Linear, so what adapts Linear
-    layers (rwkv_lm.lora) adapts it too.
+    layers (rwkv_lm.lora) adapts it too. quads=False keeps int8 and int4 row-major (`optimize`'s choice for a model
+    with a width no multiple of ACT_GROUP, whose blocks' C steps take one weight type).
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None, quads: bool = True):
         nn.Module.__init__(self)
         self.isa = isa_level(isa)  # the kernels' instruction-set level, chosen once, when the layer is made
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -228,9 +230,9 @@ class KernelLinear(nn.Linear):
             # on huge pages too: 0.1B fp32 decode 1.11x (1 thread) and 1.14x (2); int4 was 0.92-0.96x there and
             # bf16 and int8 level, so only fp32 moves (bench/RESULTS.md, issue 20's ninth pass)
             weight = on_huge_pages(to_panels(weight.float()))
-        elif dtype == torch.int8 and self._quads_here(dtype):
+        elif dtype == torch.int8 and quads and self._quads_here(dtype):
             weight = to_quads(weight)
-        elif dtype == torch.uint8 and self._quads_here(dtype):
+        elif dtype == torch.uint8 and quads and self._quads_here(dtype):
             weight, scale = to_int4_quads(weight, scale)
         else:
             weight = weight.to(dtype).contiguous()
@@ -302,14 +304,16 @@ class KernelLinear(nn.Linear):
         if self.weight.dim() > 3 and isinstance(given, torch.Tensor) and given.dtype == self.weights and given.shape == stored:
             if self.weight.dim() == 4:
                 state_dict[key] = to_quads(given)
-            elif isinstance(state_dict.get(scale_key), torch.Tensor) and state_dict[scale_key].dim() == 2:
+            elif (isinstance(state_dict.get(scale_key), torch.Tensor)
+                  and state_dict[scale_key].shape == (self.out_features, self.in_features // INT4_GROUP)):
                 state_dict[key], state_dict[scale_key] = to_int4_quads(given, state_dict[scale_key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def _rounds_activations(self) -> bool:
-        """Whether this layer's kernel quantizes its inputs to int8 (int4 and int8 weights at a level with VNNI)."""
-        return (self.weight.dtype in (torch.int8, torch.uint8) and self.in_features % ACT_GROUP == 0
+        """Whether this layer's kernel quantizes its inputs to int8: int8 weights and int4 ones in quads, at a level
+        with VNNI (row-major int4, a weight assigned after optimize(), goes to the kernel that widens it)."""
+        return ((self.weights == torch.int8 or self.weight.dim() == 5) and self.in_features % ACT_GROUP == 0
                 and getattr(kernels(self.isa), "int8_activations", False))
 
     def forward(self, x):
@@ -718,13 +722,17 @@ def optimize(model: nn.Module, weights: str | None = None, isa: str | None = Non
     if next(model.parameters()).device.type != "cpu":
         return model
     dtype, isa = WEIGHTS[weights], isa_level(isa)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
+    # quads for all or none: a block's C step takes one weight type for its six products (a width no multiple of
+    # ACT_GROUP keeps them all row-major)
+    quads = all(m.in_features % ACT_GROUP == 0 for m in linears)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None:
                 continue
             if dtype is not None:  # (again where no kernel takes the weight: moved to another dtype, say)
                 if type(child) is not KernelLinear or child.weights != dtype or _gemv_kernel(child.weight) is None:
-                    setattr(parent, name, KernelLinear(child, dtype, isa))
+                    setattr(parent, name, KernelLinear(child, dtype, isa, quads))
             elif type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 if "gemv_f32" in kernels(isa):
                     setattr(parent, name, KernelLinear(child, torch.float32, isa))
