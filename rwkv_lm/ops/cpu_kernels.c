@@ -3,7 +3,8 @@
  *
  * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
  * weight in one sequential pass, split between threads by rows: row-major ([out, in], as nn.Linear stores it),
- * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the VNNI levels (tile_i8_quads, tile_i4_quads). One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
+ * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the VNNI levels (tile_i8_quads, tile_i4_quads).
+ * One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
  * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
  * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product or AMX's tiles where the CPU has them), int8
@@ -59,12 +60,14 @@ enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
 /* weight types: the first seven as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels;
- * I8_QUADS and I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni); I8_FP32_X and BF16_FP32_X, int8 and bf16 weights against fp32 activations at every level, are the LoRAs of a
+ * I8_QUADS and I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni); I8_FP32_X and BF16_FP32_X, int8 and bf16
+ * weights against fp32 activations at every level, are the LoRAs of a
  * quantized and of a bf16 model (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as model.py's `x @ w1`
  * multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in int8 5 of 82; in
  * a bf16 step 21 of 292 MB, in bf16 11 of 282. */
 enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I4_QUADS, I8_FP32_X, BF16_FP32_X };
-const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS, i4_quads_type = I4_QUADS; /* (checked against the Python side's WEIGHT_TYPES) */
+/* (checked against the Python side's WEIGHT_TYPES) */
+const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS, i4_quads_type = I4_QUADS;
 #define QUAD_ROWS 16 /* rows of an int8 or int4 weight a block of quads holds (tile_i8_quads, tile_i4_quads) */
 const int quad_rows = QUAD_ROWS;
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
@@ -976,7 +979,8 @@ INLINE void tile_i8_quads(const uint8_t *w, const float *scale, const int8_t *xq
         for (int j = 0; j < ACT_GROUP / 4; j++) {
             const __m512i wv = _mm512_loadu_si512(wg + 64 * j);
             for (int b = 0; b < batch; b++)
-                dot[b] = _mm512_dpbusd_epi32(dot[b], wv, _mm512_set1_epi32(*(const x_quad *)(xq + b * in + g * ACT_GROUP + 4 * j)));
+                dot[b] = _mm512_dpbusd_epi32(dot[b], wv,
+                                             _mm512_set1_epi32(*(const x_quad *)(xq + b * in + g * ACT_GROUP + 4 * j)));
         }
         for (int b = 0; b < batch; b++)
             acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(xs[b * groups + g]), acc[b]);
@@ -1016,7 +1020,8 @@ INLINE void tile_i4_quads(const uint8_t *w, const float *gs, const int8_t *xq, c
         }
         const __m512 ws = _mm512_loadu_ps(gs + g * QUAD_ROWS);
         for (int b = 0; b < batch; b++)
-            acc[b] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(xs[b * groups + g])), ws, acc[b]);
+            acc[b] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(xs[b * groups + g])), ws,
+                                     acc[b]);
     }
     const __mmask16 valid = rows == QUAD_ROWS ? 0xFFFF : (__mmask16)((1u << rows) - 1);
     for (int b = 0; b < batch; b++) _mm512_mask_storeu_ps(y + b * out, valid, acc[b]);
@@ -1109,7 +1114,8 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
 }
 
 /* y [batch, out] = x [batch, in] W^T for int8 (type I8) or int8 and int4 in quads (I8_QUADS, I4_QUADS) weights
- * through VNNI, in a multiple of ACT_GROUP; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could not be allocated. */
+ * through VNNI, in a multiple of ACT_GROUP; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could not be
+ * allocated. */
 static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                      int64_t batch, int threads) {
     const int64_t groups = in / ACT_GROUP, stride = in; /* bytes of a quantized row of x */
@@ -1258,7 +1264,8 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
 }
 
 /* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
- * int4 weights times scale[o, i / INT4_GROUP] (in quads: scale[o / QUAD_ROWS, i / INT4_GROUP, o % QUAD_ROWS]). Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, 2
+ * int4 weights times scale[o, i / INT4_GROUP] (in quads: scale[o / QUAD_ROWS, i / INT4_GROUP, o % QUAD_ROWS]).
+ * Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, 2
  * where a buffer could not be allocated, or 3 for weights in quads where this level has no VNNI (or rows no multiple
  * of ACT_GROUP long). */
 static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,

@@ -6,8 +6,9 @@ weights' width and the way they are read matter more than the model code. `optim
 Linear for a `KernelLinear` (same `weight` name) whose decode steps run in small C kernels
 (`rwkv_lm/ops/cpu_kernels.c`, compiled at first use for the instruction-set level chosen here) that stream each
 weight once per step; inputs of more than one token a row and more than MAX_DECODE_ROWS rows go through torch's
-matmul, but for weights in panels or quads (below), which the kernels take at any count. A one-token step of a block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products;
-batches wider than 16 sequences in slices), and a one-token step of the model, or a prompt that wants only its
+matmul, but for weights in panels or quads (below), which the kernels take at any count. A one-token step of a
+block runs in one C call (`StepBlock`: norms, mixes, LoRAs, recurrence, products; batches wider than 16 sequences
+in slices), and a one-token step of the model, or a prompt that wants only its
 last token's logits (`last_only`), runs in one C call from its embedding to its logits (`StepRWKV`; a longer prompt
 in pieces of MAX_DECODE_ROWS rows, the state carried; ln_out is a `KernelLayerNorm`, so prompts normalize as steps
 do); a prompt with every position's logits runs each block in one C call (each token a row; in pieces as above);
@@ -28,10 +29,11 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   of an FMA; with AMX: to its tiles, 16 rows of W by up to 16 of x an instruction), and so does a prompt; every
   level rounds alike.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
-  fp32 in registers, prompts too (but at the VNNI levels, below); torch ops multiply the dequantized weights. `rwkv_lm.save` keeps them as they are.
-  Where VNNI multiplies them (below; not on AMX's tiles) they are stored in quads (`to_quads`: four inputs of 16
-  rows a 64-byte vector), which one vpdpbusd takes against four inputs of x: 33-token int8 prompts 1.5x as fast as
-  row-major, at one thread and two (bench/RESULTS.md, issue 20's thirteenth pass); checkpoints hold them [out, in].
+  fp32 in registers, prompts too (but at the VNNI levels, below); torch ops multiply the dequantized weights.
+  `rwkv_lm.save` keeps them as they are. Where VNNI multiplies them (below; not on AMX's tiles) they are stored
+  in quads (`to_quads`: four inputs of 16 rows a 64-byte vector), which one vpdpbusd takes against four inputs of
+  x: 33-token int8 prompts 1.5x as fast as row-major, at one thread and two (bench/RESULTS.md, issue 20's
+  thirteenth pass); checkpoints hold them [out, in].
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
   a multiple of INT4_GROUP wide. Where VNNI multiplies them they are stored in quads too (`to_int4_quads`).
