@@ -3,7 +3,7 @@
  *
  * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
  * weight in one sequential pass, split between threads by rows: row-major ([out, in], as nn.Linear stores it),
- * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the VNNI levels (tile_i8_quads, tile_i4_quads).
+ * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the VNNI levels (tile_quads).
  * One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
  * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
@@ -68,7 +68,7 @@ const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I4_QUADS, I8_FP32_X, BF16_FP32_X };
 /* (checked against the Python side's WEIGHT_TYPES) */
 const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS, i4_quads_type = I4_QUADS;
-#define QUAD_ROWS 16 /* rows of an int8 or int4 weight a block of quads holds (tile_i8_quads, tile_i4_quads) */
+#define QUAD_ROWS 16 /* rows of an int8 or int4 weight a block of quads holds (tile_quads) */
 const int quad_rows = QUAD_ROWS;
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
  * j + 16 in its high one (so a vector of any width up to 16 is one load of consecutive bytes and a mask or a
@@ -892,7 +892,7 @@ static int gemv_bf16_amx(const uint16_t *W, const float *x, float *y, int64_t ou
  * instructions per 128 weights and row of x: ~5 against ~56 dequantizing to fp32, so a decode step is no longer
  * compute-bound. Not the fp32 product: each x carries its group's rounding, at most half a step of max/127.
  * Each output by the same operations whatever the batch (a row of x is quantized alone). The weights are in quads
- * (tile_i8_quads, tile_i4_quads); int8 ones row-major (a model whose widths are no multiple of ACT_GROUP; AMX's
+ * (tile_quads); int8 ones row-major (a model whose widths are no multiple of ACT_GROUP; AMX's
  * tiles take them where Linux lends them) in tiles, as `tile`. */
 #define VNNI_BATCH_BLOCK 4
 
@@ -914,8 +914,8 @@ INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
 }
 
 /* rows first .. first + nr - 1 of an int8 tile against `batch` rows of x (q + 128, scales xs) into acc */
-INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8_t *xq, const float *xs, int64_t x_stride,
-                         int64_t in, int batch, const int8_t *later, __m512 acc[ROWS][VNNI_BATCH_BLOCK]) {
+INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8_t *xq, const float *xs, int64_t in,
+                         int batch, const int8_t *later, __m512 acc[ROWS][VNNI_BATCH_BLOCK]) {
     const __m512i offset = _mm512_set1_epi8((char)128);
     __m512 a[ROWS][VNNI_BATCH_BLOCK];
     for (int r = 0; r < nr; r++)
@@ -927,9 +927,8 @@ INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8
             /* the dot of (q + 128) and w, less 128 times w's sum: the dot of q and w, each sum started from that */
             const __m512i minus_bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, wv));
             for (int b = 0; b < batch; b++) {
-                const __m512i dot = _mm512_dpbusd_epi32(minus_bias, _mm512_loadu_si512(xq + b * x_stride + i), wv);
-                a[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                          _mm512_set1_ps(xs[b * (x_stride / ACT_GROUP) + i / ACT_GROUP]), a[r][b]);
+                const __m512i dot = _mm512_dpbusd_epi32(minus_bias, _mm512_loadu_si512(xq + b * in + i), wv);
+                a[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[(b * in + i) / ACT_GROUP]), a[r][b]);
             }
         }
     }
@@ -937,16 +936,16 @@ INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8
         for (int b = 0; b < batch; b++) acc[first + r][b] = a[r][b];
 }
 
-INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq, const float *xs, int64_t x_stride,
-                         float *y, int64_t in, int64_t out, int batch, int rows) {
+INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq, const float *xs, float *y, int64_t in,
+                         int64_t out, int batch, int rows) {
     const int8_t *wr[ROWS];
     for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
     __m512 acc[ROWS][VNNI_BATCH_BLOCK];
     if (batch == 1) { /* the rows in turn: one stream to the hardware prefetcher */
-        for (int r = 0; r < rows; r++) tile_i8_pass(wr, r, 1, xq, xs, x_stride, in, 1, NULL, acc);
+        for (int r = 0; r < rows; r++) tile_i8_pass(wr, r, 1, xq, xs, in, 1, NULL, acc);
         for (int r = rows; r < ROWS; r++) acc[r][0] = _mm512_setzero_ps();
     } else
-        tile_i8_pass(wr, 0, ROWS, xq, xs, x_stride, in, batch, w + L2_AHEAD * ROWS * in, acc);
+        tile_i8_pass(wr, 0, ROWS, xq, xs, in, batch, w + L2_AHEAD * ROWS * in, acc);
     for (int b = 0; b < batch; b++) {
         float sums[ROWS];
         store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
@@ -967,40 +966,19 @@ INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq,
 #define QUAD_BATCH 8 /* rows of x a tile takes: their 8 int32 and 8 fp32 sums are 16 of the 32 registers */
 typedef int32_t x_quad __attribute__((may_alias, aligned(1))); /* four int8 of x, read as one int32 */
 
-INLINE void tile_i8_quads(const uint8_t *w, const float *scale, const int8_t *xq, const float *xs, const int32_t *xc,
-                          float *y, int64_t in, int64_t out, int batch, int rows) {
-    const int64_t groups = in / ACT_GROUP;
-    __m512 acc[QUAD_BATCH];
-    for (int b = 0; b < batch; b++) acc[b] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m512i dot[QUAD_BATCH];
-        for (int b = 0; b < batch; b++) dot[b] = _mm512_set1_epi32(xc[b * groups + g]);
-        const uint8_t *wg = w + g * ACT_GROUP * QUAD_ROWS;
-        for (int j = 0; j < ACT_GROUP / 4; j++) {
-            const __m512i wv = _mm512_loadu_si512(wg + 64 * j);
-            for (int b = 0; b < batch; b++)
-                dot[b] = _mm512_dpbusd_epi32(dot[b], wv,
-                                             _mm512_set1_epi32(*(const x_quad *)(xq + b * in + g * ACT_GROUP + 4 * j)));
-        }
-        for (int b = 0; b < batch; b++)
-            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(xs[b * groups + g]), acc[b]);
-    }
-    const __mmask16 valid = rows == QUAD_ROWS ? 0xFFFF : (__mmask16)((1u << rows) - 1);
-    const __m512 s = _mm512_maskz_loadu_ps(valid, scale);
-    for (int b = 0; b < batch; b++) _mm512_mask_storeu_ps(y + b * out, valid, _mm512_mul_ps(acc[b], s));
-}
-
 /* int4 weights in quads (I4_QUADS, at every VNNI level): W stored as [ceil(out / QUAD_ROWS), in / ACT_GROUP, 8,
  * QUAD_ROWS, 4] bytes, byte [blk, g, j, r, m] holding input 64 g + 4 j + m of row 16 blk + r in its low nibble and
  * input 64 g + 4 (j + 8) + m in its high one, each as w + 8, and the group scales as [ceil(out / QUAD_ROWS),
  * in / ACT_GROUP, QUAD_ROWS] (rwkv_lm.runtime.cpu's `to_int4_quads`; the last block's missing rows w = 0). A group
- * is 8 loads of 16 rows, a mask and a shift each, 16 vpdpbusd against x broadcast as tile_i8_quads's, then one
+ * is 8 loads of 16 rows, a mask and a shift each, 16 vpdpbusd against x broadcast as int8's, then one
  * conversion, one product by x's scale and one FMA by the 16 rows' scales; row-major (the kernel before these, in
  * git history) a row's two groups took two vpdpbusd, a conversion, a product and an FMA, and their unpacking and
  * scales were each row's.
  * A group's sum starts from -8 times its q's sum (|sum| < 2^24, its conversion exact). */
-INLINE void tile_i4_quads(const uint8_t *w, const float *gs, const int8_t *xq, const float *xs, const int32_t *xc,
-                          float *y, int64_t in, int64_t out, int batch, int rows) {
+/* rows of W (I8_QUADS, or I4_QUADS where `i4`, a constant where it is inlined) 16 at a time against `batch` rows of
+ * x (q, scales xs, sums' starts xc) into y; `scale`: int8's per row, int4's [in / ACT_GROUP, QUAD_ROWS] of this block */
+INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, const float *xs, const int32_t *xc,
+                       float *y, int64_t in, int64_t out, int batch, int rows, int i4) {
     const int64_t groups = in / ACT_GROUP;
     const __m512i low = _mm512_set1_epi8(15);
     __m512 acc[QUAD_BATCH];
@@ -1008,23 +986,25 @@ INLINE void tile_i4_quads(const uint8_t *w, const float *gs, const int8_t *xq, c
     for (int64_t g = 0; g < groups; g++) {
         __m512i dot[QUAD_BATCH];
         for (int b = 0; b < batch; b++) dot[b] = _mm512_set1_epi32(xc[b * groups + g]);
-        const uint8_t *wg = w + g * ACT_GROUP / 2 * QUAD_ROWS;
-        for (int j = 0; j < ACT_GROUP / 8; j++) {
-            const __m512i raw = _mm512_loadu_si512(wg + 64 * j);
-            const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi32(raw, 4), low);
+        const uint8_t *wg = w + g * (i4 ? ACT_GROUP / 2 : ACT_GROUP) * QUAD_ROWS;
+        for (int j = 0; j < (i4 ? ACT_GROUP / 8 : ACT_GROUP / 4); j++) {
+            const __m512i wv = _mm512_loadu_si512(wg + 64 * j);
+            const __m512i lo = i4 ? _mm512_and_si512(wv, low) : wv, hi = _mm512_and_si512(_mm512_srli_epi32(wv, 4), low);
             for (int b = 0; b < batch; b++) {
                 const int8_t *q = xq + b * in + g * ACT_GROUP + 4 * j;
                 dot[b] = _mm512_dpbusd_epi32(dot[b], lo, _mm512_set1_epi32(*(const x_quad *)q));
-                dot[b] = _mm512_dpbusd_epi32(dot[b], hi, _mm512_set1_epi32(*(const x_quad *)(q + ACT_GROUP / 2)));
+                if (i4) dot[b] = _mm512_dpbusd_epi32(dot[b], hi, _mm512_set1_epi32(*(const x_quad *)(q + ACT_GROUP / 2)));
             }
         }
-        const __m512 ws = _mm512_loadu_ps(gs + g * QUAD_ROWS);
-        for (int b = 0; b < batch; b++)
-            acc[b] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(xs[b * groups + g])), ws,
-                                     acc[b]);
+        for (int b = 0; b < batch; b++) {
+            const __m512 sum = _mm512_cvtepi32_ps(dot[b]), x_scale = _mm512_set1_ps(xs[b * groups + g]);
+            acc[b] = i4 ? _mm512_fmadd_ps(_mm512_mul_ps(sum, x_scale), _mm512_loadu_ps(scale + g * QUAD_ROWS), acc[b])
+                        : _mm512_fmadd_ps(sum, x_scale, acc[b]);
+        }
     }
     const __mmask16 valid = rows == QUAD_ROWS ? 0xFFFF : (__mmask16)((1u << rows) - 1);
-    for (int b = 0; b < batch; b++) _mm512_mask_storeu_ps(y + b * out, valid, acc[b]);
+    const __m512 row_scale = i4 ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(valid, scale);
+    for (int b = 0; b < batch; b++) _mm512_mask_storeu_ps(y + b * out, valid, i4 ? acc[b] : _mm512_mul_ps(acc[b], row_scale));
 }
 
 INLINE int64_t quad_blocks(int64_t out) { return (out + QUAD_ROWS - 1) / QUAD_ROWS; }
@@ -1036,15 +1016,15 @@ struct vnni_job {
     float *xs;
     int32_t *xc; /* weights in quads: each group's sum of q times minus the weights' offset (int8 128, int4 8) */
     float *y;
-    int64_t out, in, batch, stride;
+    int64_t out, in, batch; /* (a quantized row of x is `in` bytes) */
     int type;
 };
 /* rows begin .. end - 1 of x quantized for the product */
 static void quantize_rows_part(const void *job, int64_t begin, int64_t end) {
     const struct vnni_job *j = job;
-    const int64_t in = j->in, stride = j->stride;
+    const int64_t in = j->in;
     for (int64_t b = begin; b < end; b++) {
-        char *q = j->xq + b * stride;
+        char *q = j->xq + b * in;
         quantize_act(j->x + b * in, (int8_t *)q, j->xs + b * (in / ACT_GROUP), in);
         if (j->type == I8_QUADS || j->type == I4_QUADS) {
             const __m512i ones = _mm512_set1_epi8(1);
@@ -1064,14 +1044,14 @@ static void gemv_vnni_part(const void *job, int64_t begin, int64_t end) {
     const float *scale = j->scale, *xs = j->xs;
     const char *xq = j->xq;
     float *y = j->y;
-    const int64_t out = j->out, in = j->in, batch = j->batch, stride = j->stride;
+    const int64_t out = j->out, in = j->in, batch = j->batch;
     for (int64_t o = begin * ROWS; o < end * ROWS && o < out; o += ROWS) {
         const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
         for (int64_t b = 0; b < batch; b += VNNI_BATCH_BLOCK) {
             const int m = batch - b < VNNI_BATCH_BLOCK ? (int)(batch - b) : VNNI_BATCH_BLOCK;
 #define VNNI_TILE(m_)                                                                                              \
-    tile_i8_vnni((const int8_t *)W + o * in, scale + o, (const uint8_t *)xq + b * stride, xs + b * (in / ACT_GROUP), \
-                 stride, y + b * out + o, in, out, m_, rows);
+    tile_i8_vnni((const int8_t *)W + o * in, scale + o, (const uint8_t *)xq + b * in, xs + b * (in / ACT_GROUP),     \
+                 y + b * out + o, in, out, m_, rows);
             switch (m) { /* constant tile sizes, so the loops unroll into registers */
                 case 4: VNNI_TILE(4) break;
                 case 3: VNNI_TILE(3) break;
@@ -1089,10 +1069,10 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
     const struct vnni_job *j = job;
     const int64_t out = j->out, in = j->in, batch = j->batch, groups = in / ACT_GROUP;
     const int64_t n_tiles = (batch + QUAD_BATCH - 1) / QUAD_BATCH;
+    const int i4 = j->type == I4_QUADS;
     for (int64_t blk = begin; blk < end; blk++) {
         const int64_t o = blk * QUAD_ROWS;
         const int rows = out - o < QUAD_ROWS ? (int)(out - o) : QUAD_ROWS;
-        const int i4 = j->type == I4_QUADS;
         const uint8_t *w = (const uint8_t *)j->W + (i4 ? o * in / 2 : o * in);
         const float *scale = j->scale + (i4 ? o * groups : o);
         for (int64_t t = 0; t < n_tiles; t++) {
@@ -1102,8 +1082,8 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
             const int32_t *xc = j->xc + b * groups;
 #define QUAD_TILE(m_)                                                                                              \
     case m_:                                                                                                       \
-        if (i4) tile_i4_quads(w, scale, xq, xs, xc, j->y + b * out + o, in, out, m_, rows);                        \
-        else tile_i8_quads(w, scale, xq, xs, xc, j->y + b * out + o, in, out, m_, rows);                           \
+        if (i4) tile_quads(w, scale, xq, xs, xc, j->y + b * out + o, in, out, m_, rows, 1);                        \
+        else tile_quads(w, scale, xq, xs, xc, j->y + b * out + o, in, out, m_, rows, 0);                           \
         break;
             switch (m) { /* constant tile sizes, so the loops unroll into registers */
                 QUAD_TILE(8) QUAD_TILE(7) QUAD_TILE(6) QUAD_TILE(5) QUAD_TILE(4) QUAD_TILE(3) QUAD_TILE(2) QUAD_TILE(1)
@@ -1118,11 +1098,11 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
  * allocated. */
 static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                      int64_t batch, int threads) {
-    const int64_t groups = in / ACT_GROUP, stride = in; /* bytes of a quantized row of x */
-    char *xq = malloc(batch * stride + batch * groups * (sizeof(float) + sizeof(int32_t)));
+    const int64_t groups = in / ACT_GROUP;
+    char *xq = malloc(batch * in + batch * groups * (sizeof(float) + sizeof(int32_t)));
     if (!xq) return 2;
-    float *xs = (float *)(xq + batch * stride);
-    const struct vnni_job job = {W, scale, x, xq, xs, (int32_t *)(xs + batch * groups), y, out, in, batch, stride, type};
+    float *xs = (float *)(xq + batch * in);
+    const struct vnni_job job = {W, scale, x, xq, xs, (int32_t *)(xs + batch * groups), y, out, in, batch, type};
     parallel(batch, threads, batch * in, quantize_rows_part, &job);
     if (type == I8_QUADS || type == I4_QUADS) parallel(quad_blocks(out), threads, out * in, gemv_quads_part, &job);
     else parallel(tiles(out), threads, out * in, gemv_vnni_part, &job);
@@ -1255,7 +1235,7 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
     if ((type == I8 || type == I8_QUADS || type == I4_QUADS) && in % ACT_GROUP == 0)
         return gemv_vnni(W, scale, type, x, y, out, in, batch, threads);
 #endif
-    if (type == I8_QUADS || type == I4_QUADS) return 3; /* (only the VNNI levels multiply them) */
+    if (type == I8_QUADS || type == I4_QUADS) return 4; /* (only the VNNI levels multiply them) */
     if (type == F32_PANELS) gemv_f32_panels_pass(W, x, y, out, in, batch, threads);
     else if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
@@ -1266,7 +1246,7 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
 /* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
  * int4 weights times scale[o, i / INT4_GROUP] (in quads: scale[o / QUAD_ROWS, i / INT4_GROUP, o % QUAD_ROWS]).
  * Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, 2
- * where a buffer could not be allocated, or 3 for weights in quads where this level has no VNNI (or rows no multiple
+ * where a buffer could not be allocated, or 4 for weights in quads where this level has no VNNI (or rows no multiple
  * of ACT_GROUP long). */
 static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
@@ -1298,13 +1278,13 @@ int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64
 }
 
 #ifdef __AVX512VNNI__
-/* W in quads ([ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4], w + 128; see tile_i8_quads): the VNNI levels only */
+/* W in quads ([ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4], w + 128; see tile_quads): the VNNI levels only */
 int gemv_i8_quads(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
     return linear(W, scale, I8_QUADS, x, y, out, in, batch, threads);
 }
 
-/* W and its group scales in quads (see tile_i4_quads): the VNNI levels only */
+/* W and its group scales in quads (see tile_quads): the VNNI levels only */
 int gemv_i4_quads(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
     return linear(W, scale, I4_QUADS, x, y, out, in, batch, threads);

@@ -626,7 +626,8 @@ class StepRWKV(RWKV):
             self.check_tokens(ids, 2)
         if failed:
             raise RuntimeError(f"model_step failed for {B} x {T} tokens (code {failed}: 2, its buffers could not be "
-                               "allocated; 3, a token id outside the embedding)")
+                               "allocated; 3, a token id outside the embedding; 4, weights in quads at a level "
+                               "without VNNI)")
         return RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
 
     def _step_args(self):
