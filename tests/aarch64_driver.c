@@ -8,6 +8,8 @@
  *   gemv_bf16 PREFIX out in batch threads    W x -> y
  *   gemv_i8 PREFIX out in batch threads      W scale x -> y
  *   gemv_i4 PREFIX out in batch threads      W scale x -> y   (W packed two to a byte, scale [out, in / 64])
+ *   gemv_cols_f32, gemv_cols_bf16 PREFIX out in batch threads   W x -> y   (W [in, out])
+ *   gemv_cols_i8 PREFIX out in batch threads      W scale x -> y   (W [in, out], scale [out])
  *   wkv7_f32 PREFIX batch len heads n threads    S r w k v a b -> y S_new
  * Outputs start as NaN (an element a kernel leaves unwritten fails the comparison) and are followed by guard
  * values that must come back untouched (a write past the end). Exits nonzero, saying why, at the first failure. */
@@ -25,6 +27,8 @@ int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64
             int threads);
 int gemv_i4(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
             int threads);
+int gemv_cols(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+              int64_t batch, int threads);
 extern const int int4_group, f32_panel;
 int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
              const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
@@ -90,6 +94,20 @@ int main(void) {
             write_output(prefix, "S_new", S_new, states);
             free(S);
             for (int i = 0; i < 6; i++) free(in[i]);
+        } else if (strncmp(kernel, "gemv_cols_", 10) == 0) {
+            if (scanf("%" SCNd64 " %" SCNd64 " %" SCNd64 " %d", &d[0], &d[1], &d[2], &threads) != 4)
+                fail(prefix, "expected out in batch threads");
+            const int64_t out = d[0], in = d[1], batch = d[2];
+            const char *type_name = kernel + 10;
+            const int type = strcmp(type_name, "f32") == 0 ? 0 : strcmp(type_name, "bf16") == 0 ? 1 : strcmp(type_name, "i8") == 0 ? 2 : -1;
+            if (type < 0) fail(kernel, "no such kernel");
+            const size_t weight_size = type == 0 ? 4 : type == 1 ? 2 : 1; /* (the kernels' F32, BF16, I8) */
+            void *W = read_input(prefix, "W", in * out * weight_size);
+            float *x = read_input(prefix, "x", batch * in * 4), *y = new_output(batch * out);
+            float *scale = type == 2 ? read_input(prefix, "scale", out * 4) : NULL;
+            if (gemv_cols(W, scale, type, x, y, out, in, batch, threads)) fail(prefix, "the kernel returned an error");
+            write_output(prefix, "y", y, batch * out);
+            free(W), free(x), free(scale);
         } else {
             if (scanf("%" SCNd64 " %" SCNd64 " %" SCNd64 " %d", &d[0], &d[1], &d[2], &threads) != 4)
                 fail(prefix, "expected out in batch threads");

@@ -26,7 +26,7 @@ from rwkv_lm.testing import random_model, rel_err
 from conftest import assert_close
 
 # every level builds every kernel but those of weights in quads (VNNI's); the levels differ in vector width and in the bf16 product
-ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_i8", "gemv_i4", "wkv7_f32", "block_step", "model_step", "layer_norm",
+ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_i8", "gemv_i4", "gemv_cols", "wkv7_f32", "block_step", "model_step", "layer_norm",
                "mask_logits"}
 VNNI_LEVELS = ("avx512_vnni", "avx512_bf16", "amx")
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "amx": 16, "neon": 4}
@@ -432,6 +432,43 @@ def test_fp32_linear_kernel(in_features, out_features):
     for rows in (*range(1, 18), 35, MAX_DECODE_ROWS + 1):
         x = torch.randn(rows, in_features)
         assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("in_features, out_features", [(64, 768), (768, 64), (20, 128), (7, 48), (768, 20), (96, 8)])
+def test_lora_kernel(weights, in_features, out_features):
+    """The LoRAs' products (W [in, out] as the model holds w1, w2 ..., int8 with a scale per output) against fp64
+    at every row count up to 17, 35 and 65: outputs in whole blocks of vectors, in blocks and single vectors (48 = 3
+    AVX-512 vectors), vectors and scalar outputs (20), scalar outputs alone (8); each row of a batch the bits it gets
+    alone (a chain per output)."""
+    torch.manual_seed(in_features + out_features)
+    weight = torch.randn(in_features, out_features)
+    scale = None
+    if weights == "int8":
+        q, scale = fast_module.quantize_int8(weight.t())
+        stored, dense = q.t().contiguous(), (q.double() * scale.double()[:, None]).t()
+    else:
+        stored = weight.to(getattr(torch, weights)).contiguous()
+        dense = stored.double()
+    cols = kernels()["gemv_cols"]
+
+    def product(x):
+        y = torch.empty(x.shape[0], out_features)
+        assert cols(stored.data_ptr(), None if scale is None else scale.data_ptr(), WEIGHT_TYPES[weights], x.data_ptr(),
+                    y.data_ptr(), out_features, in_features, x.shape[0], 2) == 0
+        return y
+
+    x_all = torch.randn(MAX_DECODE_ROWS + 1, in_features)
+    alone = [product(x_all[i:i + 1].contiguous()) for i in range(x_all.shape[0])]
+    for rows in (*range(1, 18), 35, MAX_DECODE_ROWS + 1):
+        x = x_all[:rows].contiguous()
+        y = product(x)
+        # (one fp32 chain of in_features products per output: 768 of them sum to within ~2e-6)
+        assert_close(y, x.double() @ dense, 1e-6 if in_features < 256 else 4e-6, f"{rows} rows")
+        for i in range(rows):
+            assert torch.equal(y[i], alone[i][0]), f"row {i} of {rows}: not the bits it gets alone"
+    assert cols(stored.data_ptr(), None, WEIGHT_TYPES["uint8"], x_all.data_ptr(), x_all.data_ptr(), out_features,
+                in_features, 1, 1) == 1, "int4 is refused"
 
 
 def test_fp32_panels_take_the_kernel_at_any_row_count(monkeypatch):

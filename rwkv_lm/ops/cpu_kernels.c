@@ -59,13 +59,12 @@ const int rows_per_pass = ROWS_PER_PASS;
 enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
-/* weight types: the first seven as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels;
- * I8_QUADS and I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni); I8_FP32_X and BF16_FP32_X, int8 and bf16
- * weights against fp32 activations at every level, are the LoRAs of a
- * quantized and of a bf16 model (rwkv_lm.runtime.cpu's StepPlan copies), whose inputs stay as model.py's `x @ w1`
- * multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads (21 of 97 MB), in int8 5 of 82; in
- * a bf16 step 21 of 292 MB, in bf16 11 of 282. */
-enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I4_QUADS, I8_FP32_X, BF16_FP32_X };
+/* weight types, as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels; I8_QUADS and
+ * I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni). The LoRAs ([in, out]: linear_cols) are F32, or for a
+ * bf16 and a quantized model BF16 and I8 copies (rwkv_lm.runtime.cpu's StepPlan), against fp32 activations at
+ * every level, as model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads
+ * (21 of 97 MB), in int8 5 of 82; in a bf16 step 21 of 292 MB, in bf16 11 of 282. */
+enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I4_QUADS };
 /* (checked against the Python side's WEIGHT_TYPES) */
 const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS, i4_quads_type = I4_QUADS;
 #define QUAD_ROWS 16 /* rows of an int8 or int4 weight a block of quads holds (tile_quads) */
@@ -1210,10 +1209,6 @@ static int gemv_i8_amx(const int8_t *W, const float *scale, const float *x, floa
 /* one pass over W: up to ROWS_PER_PASS rows of x (see linear) */
 static int linear_pass(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                        int64_t batch, int threads) {
-    if (type == I8_FP32_X || type == BF16_FP32_X) {
-        (type == I8_FP32_X ? gemv_i8_rows : gemv_bf16_rows)(W, scale, x, y, out, in, batch, threads);
-        return 0;
-    }
     if (type == BF16) {
 #ifdef __AMX_BF16__
         if (in % 32 == 0 && amx_granted()) return gemv_bf16_amx(W, x, y, out, in, batch, threads);
@@ -1256,6 +1251,94 @@ static int linear(const void *W, const float *scale, int type, const float *x, f
         const int err = linear_pass(W, scale, type, x + b * in, y + b * out, out, in, rows, threads);
         if (err) return err;
     }
+    return 0;
+}
+
+/* The LoRAs' products, y[b, o] = sum_i x[b, i] W[i, o] (int8: times scale[o]), with W [in, out] row-major as the
+ * model holds its LoRA matrices (w1 [C, rank], w2 [rank, C]): COL_VECTORS vectors of outputs against up to
+ * BATCH_BLOCK rows of x at a time, every x[b, i] broadcast against a row of W, each output lane one chain over the
+ * inputs in order, so any batch gets the same bits; the outputs past the last whole vector one scalar chain each.
+ * [out, in] tiles gave each output of a second matrix (in = rank, 32-128) a chain of in / VW vectors, then a
+ * reduction across its lanes and a scalar tail, which took as long as the products. W is F32, BF16 or I8. */
+#define COL_VECTORS 4
+INLINE void cols_tile(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int batch,
+                      int64_t o, int vectors, int type) {
+    vf acc[BATCH_BLOCK][COL_VECTORS];
+    for (int b = 0; b < batch; b++)
+        for (int u = 0; u < vectors; u++) acc[b][u] = splat(0);
+    for (int64_t i = 0; i < in; i++) {
+        const char *row = (const char *)W + weight_bytes(i * out, type);
+        vf wv[COL_VECTORS];
+        for (int u = 0; u < vectors; u++) wv[u] = load_w(row, o, u, type, NULL);
+        for (int b = 0; b < batch; b++) {
+            const vf xv = splat(x[b * in + i]);
+            for (int u = 0; u < vectors; u++) acc[b][u] += xv * wv[u];
+        }
+    }
+    for (int b = 0; b < batch; b++)
+        for (int u = 0; u < vectors; u++)
+            store(y + b * out + o + u * VW, scale ? acc[b][u] * load(scale + o + u * VW) : acc[b][u]);
+}
+/* outputs o .. o + vectors VW - 1 of `batch` (at most BATCH_BLOCK) rows (constant sizes: registers) */
+INLINE void cols_rows(const void *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int batch,
+                      int64_t o, int vectors, int type) {
+    switch (batch) {
+#if BATCH_BLOCK == 6
+        case 6: cols_tile(W, scale, x, y, out, in, 6, o, vectors, type); break;
+        case 5: cols_tile(W, scale, x, y, out, in, 5, o, vectors, type); break;
+        case 4: cols_tile(W, scale, x, y, out, in, 4, o, vectors, type); break;
+        case 3: cols_tile(W, scale, x, y, out, in, 3, o, vectors, type); break;
+#endif
+        case 2: cols_tile(W, scale, x, y, out, in, 2, o, vectors, type); break;
+        case 1: cols_tile(W, scale, x, y, out, in, 1, o, vectors, type); break;
+    }
+}
+struct cols_job {
+    const void *W;
+    const float *scale, *x;
+    float *y;
+    int64_t out, in, batch, blocks; /* blocks: of COL_VECTORS vectors of outputs (the last one also the scalar ones) */
+};
+/* one block of outputs against one BATCH_BLOCK of rows of x, for a W of this type */
+INLINE void cols_job_run(const struct cols_job *j, int64_t n, int type) {
+    const int64_t c = n % j->blocks, b = n / j->blocks * BATCH_BLOCK, vectors = j->out / VW;
+    const int rows = j->batch - b < BATCH_BLOCK ? (int)(j->batch - b) : BATCH_BLOCK;
+    const float *x = j->x + b * j->in;
+    float *y = j->y + b * j->out;
+    int64_t v = c * COL_VECTORS;
+    if (v + COL_VECTORS <= vectors) cols_rows(j->W, j->scale, x, y, j->out, j->in, rows, v * VW, COL_VECTORS, type);
+    else
+        for (; v < vectors; v++) cols_rows(j->W, j->scale, x, y, j->out, j->in, rows, v * VW, 1, type);
+    if (c < j->blocks - 1) return;
+    for (int64_t o = vectors * VW; o < j->out; o++) /* the outputs past the last whole vector */
+        for (int r = 0; r < rows; r++) {
+            float acc = 0;
+            for (int64_t i = 0; i < j->in; i++) acc += x[r * j->in + i] * scalar_w((const char *)j->W + weight_bytes(i * j->out, type), o, type);
+            y[r * j->out + o] = j->scale ? acc * j->scale[o] : acc;
+        }
+}
+#define GEMV_COLS(name, type)                                                                                   \
+    static void name(const void *job, int64_t begin, int64_t end) {                                            \
+        for (int64_t n = begin; n < end; n++) cols_job_run(job, n, type);                                       \
+    }
+GEMV_COLS(gemv_cols_f32_part, F32)
+GEMV_COLS(gemv_cols_bf16_part, BF16)
+GEMV_COLS(gemv_cols_i8_part, I8)
+/* an [in, out] W of type F32, BF16 or I8 against `batch` rows of x, split between threads by blocks of outputs and
+ * rows of x (a first matrix has one or two blocks of outputs) */
+static void linear_cols(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+                        int64_t batch, int threads) {
+    const int64_t blocks = (out / VW + COL_VECTORS - 1) / COL_VECTORS + (out / VW == 0);
+    const struct cols_job job = {W, scale, x, y, out, in, batch, blocks};
+    const int64_t jobs = blocks * ((batch + BATCH_BLOCK - 1) / BATCH_BLOCK);
+    parallel(jobs, threads, out * in, type == I8 ? gemv_cols_i8_part : type == BF16 ? gemv_cols_bf16_part : gemv_cols_f32_part, &job);
+}
+
+/* the same, for the tests: W [in, out] of type F32, BF16 or I8 (with scale[out]); 1 for another type */
+int gemv_cols(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+              int64_t batch, int threads) {
+    if (type != F32 && type != BF16 && type != I8) return 1;
+    linear_cols(W, scale, type, x, y, out, in, batch, threads);
     return 0;
 }
 
@@ -1471,13 +1554,18 @@ struct slice_phase {
     int phase;
 };
 
-/* row i's token-shift mixes: `count` of them, with the mix vectors params[first ..], into mix, BC apart */
+/* row i's token-shift mixes: `count` of them, with the mix vectors params[first ..], into mix, BC apart; one mix
+ * at a time, one stream of stores (six streams at once stalled on their stores: perf put half of slice_part there) */
 INLINE void shift_mixes(const struct slice *j, int64_t i, const float *shift, int first, int count) {
     const int64_t C = j->C, row = i * C;
     const float *prev = previous(j->xn, shift, i, j->len, C);
-    for (int64_t c = 0; c < C; c += VW) {
-        vf xi = load(j->xn + row + c), d = load(prev + c) - xi;
-        for (int m = 0; m < count; m++) store(j->mix + m * j->BC + row + c, d * load((const float *)j->params[first + m] + c) + xi);
+    for (int m = 0; m < count; m++) {
+        const float *mv = (const float *)j->params[first + m];
+        float *out = j->mix + m * j->BC + row;
+        for (int64_t c = 0; c < C; c += VW) {
+            vf xi = load(j->xn + row + c);
+            store(out + c, (load(prev + c) - xi) * load(mv + c) + xi);
+        }
     }
 }
 
@@ -1560,10 +1648,10 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
                             int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
                             float decay_scale, int type, int threads, float *mix) {
 #define LINEAR(name, x, y, out, in) linear(params[name], (const float *)params[name##_S], type, x, y, out, in, rows, threads)
-#define LORA(name, x, y, out, in) linear(params[name], params[name##_S], lora_type, x, y, out, in, rows, threads)
+#define LORA(name, x, y, out, in) linear_cols(params[name], params[name##_S], lora_type, x, y, out, in, rows, threads)
 #define PHASE(p) parallel(rows, threads, rows * C, slice_part, &(struct slice_phase){&s, p})
     const int64_t rows = batch * len, BC = rows * C;
-    const int lora_type = params[W1_S] ? I8_FP32_X : type == BF16 ? BF16_FP32_X : F32;
+    const int lora_type = params[W1_S] ? I8 : type == BF16 ? BF16 : F32;
     /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step, the normalized
      * inputs of the shifts, and the LoRAs' and the channel mix's hidden vectors */
     float *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *w = v + BC, *a = w + BC, *g = a + BC, *minus_kk = g + BC,

@@ -74,6 +74,7 @@ SIGNATURES = {
     "gemv_i4": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "gemv_i8_quads": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "gemv_i4_quads": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
+    "gemv_cols": [_POINTER] * 2 + [_INT] + [_POINTER] * 2 + [_INT64] * 3 + [_INT],
     "wkv7_f32": [_POINTER] * 9 + [_INT64] * 4 + [_INT],
     "block_step": [_POINTER] * 10 + [_INT64] * 9 + [_FLOAT] * 3 + [_INT] * 2,
     "model_step": ([_INT64] + [_POINTER] * 4 + [_INT64] + [_FLOAT] * 3 + [_POINTER, _INT64, _INT64] + [_POINTER] * 8 + [_FLOAT]

@@ -70,7 +70,7 @@ from ..state import LayerState, RWKVState
 # a step's or a last_only head's, and fp32 panels it takes at any count), and the rows of a prompt's piece in a
 # StepBlock or StepRWKV call; beyond, torch's matmul on row-major weights is as fast (measured)
 MAX_DECODE_ROWS = ROWS_PER_PASS
-LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # [in, out], as the C step reads them (`gemv_cols`)
 # the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels, and int8 and
 # int4 ones at the VNNI levels in quads: `_gemv_kernel`)
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
@@ -381,7 +381,7 @@ class StepPlan:
     tree: list[tuple]  # (parent, name, child) of every submodule: a replaced one sends the block to model.py
     modules: tuple  # the block's modules, whose hooks the C would skip
     sources: list[tuple]  # (the dict that holds it, its name) for each tensor the C step takes
-    dtypes: list[torch.dtype]  # the tensors' dtypes and strides then (LoRAs transposed, everything else contiguous)
+    dtypes: list[torch.dtype]  # the tensors' dtypes and strides then (all contiguous)
     strides: list[tuple]
     sizes: tuple  # C, head size, ffn width and the four LoRA ranks
     weight_type: int  # WEIGHT_TYPES of the Linear weights
@@ -495,23 +495,23 @@ def _tensors_key(tensors: list) -> list:
 
 @torch.no_grad()
 def _lora_copy(lora: torch.Tensor, weight_type: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A LoRA matrix (stored transposed, as the kernels read it) of a model whose Linear weights are of `weight_type`
-    rounded in place to the width the kernels read it in, so model.py multiplies what they do, and the kernels' copy
-    [out, in]: bf16 for bf16 weights (half a bf16 step's LoRA bytes, as the official bf16 checkpoints hold them),
-    (None for the scale); else int8 with one scale per output (`quantize_int8`). A rounded matrix rounds to the
-    same bits, so one saved from such a model loads back as it was."""
+    """A LoRA matrix [in, out] of a model whose Linear weights are of `weight_type` rounded in place to the width
+    the kernels read it in, so model.py multiplies what they do, and the kernels' copy [in, out]: bf16 for bf16
+    weights (half a bf16 step's LoRA bytes, as the official bf16 checkpoints hold them), (None for the scale); else
+    int8 with one scale per output (`quantize_int8`). A rounded matrix rounds to the same bits, so one saved from
+    such a model loads back as it was."""
     if weight_type == WEIGHT_TYPES["bfloat16"]:
-        weight = lora.t().to(torch.bfloat16).contiguous()
-        lora.t().copy_(weight.float())
+        weight = lora.to(torch.bfloat16).contiguous()
+        lora.copy_(weight.float())
         return weight, None
     weight, scale = quantize_int8(lora.t())
     lora.t().copy_(weight.float() * scale[:, None])
-    return weight, scale
+    return weight.t().contiguous(), scale
 
 
 def _fused_steps(block: Block, isa: str):
     """Turn a Block into a StepBlock in place (or prepare a StepBlock again) where the C step fits its shapes;
-    its LoRA matrices are stored transposed (the kernel's [out, in] row-major), the values and names untouched."""
+    its LoRA matrices are made contiguous (the kernel's [in, out] row-major), the values and names untouched."""
     att, ffn = block.att, block.ffn
     linears = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
     if (type(block) not in (Block, StepBlock) or "block_step" not in kernels(isa) or att.head_size % 16 or att.x_r.dtype != torch.float32
@@ -522,7 +522,7 @@ def _fused_steps(block: Block, isa: str):
     for name in LORA_PARAMS:
         if hasattr(att, name):  # layer 0 has no v1, v2
             p = getattr(att, name)
-            p.data = p.data.t().contiguous().t()
+            p.data = p.data.contiguous()
     names = dict(block.named_parameters()) | dict(block.named_buffers())
     slots = [i for i, name in enumerate(BLOCK_STEP_PARAMS) if name in names]
     present = [BLOCK_STEP_PARAMS[i] for i in slots]
