@@ -398,7 +398,9 @@ class Engine:
         if not ready:
             masks.result()
             return
-        raw = torch.cat(logits)
+        # (one tensor as it is: in the engine's thread a copy is a parallel op that first wakes OpenMP's workers,
+        # ~50 us against ~5 in the main thread)
+        raw = logits[0] if len(logits) == 1 else torch.cat(logits)
         allowed = self._masks.finish(masks.result(), [row.matcher for row in ready])
         tokens = sample(raw, [row.sampler for row in ready], allowed).tolist()
         chances = token_logprobs(raw, tokens, [row.request.logprobs for row in ready], self.tokenizer.vocab_size)
