@@ -25,7 +25,7 @@ from pathlib import Path
 
 # run inside each checkout: load the model (the fast path both versions give by default) and time it
 TIMING = r"""
-import json, sys, time, torch, rwkv_lm
+import json, sys, threading, time, torch, rwkv_lm
 torch.set_num_threads(int(sys.argv[2]))
 m = rwkv_lm.load(sys.argv[1])
 if sys.argv[3] != "fp32":
@@ -47,7 +47,6 @@ with torch.no_grad():
                     m(toks, state, last_only=True)
                     n += 1
                 out[f"prefill {prompt} tokens, {seconds:g} s in a thread, tok/s"] = n * prompt / (time.perf_counter() - start)
-        import threading
         reader = threading.Thread(target=reads)
         reader.start()
         reader.join()

@@ -60,7 +60,7 @@ enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
 /* weight types, as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels; I8_QUADS and
- * I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni). The LoRAs ([in, out]: linear_cols) are F32, or for a
+ * I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni). The LoRAs ([in, out]: gemv_cols) are F32, or for a
  * bf16 and a quantized model BF16 and I8 copies (rwkv_lm.runtime.cpu's StepPlan), against fp32 activations at
  * every level, as model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads
  * (21 of 97 MB), in int8 5 of 82; in a bf16 step 21 of 292 MB, in bf16 11 of 282. */
@@ -1324,21 +1324,15 @@ INLINE void cols_job_run(const struct cols_job *j, int64_t n, int type) {
 GEMV_COLS(gemv_cols_f32_part, F32)
 GEMV_COLS(gemv_cols_bf16_part, BF16)
 GEMV_COLS(gemv_cols_i8_part, I8)
-/* an [in, out] W of type F32, BF16 or I8 against `batch` rows of x, split between threads by blocks of outputs and
- * rows of x (a first matrix has one or two blocks of outputs) */
-static void linear_cols(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
-                        int64_t batch, int threads) {
+/* an [in, out] W of type F32, BF16 or I8 (with scale[out]) against `batch` rows of x, split between threads by
+ * blocks of outputs and rows of x (a first matrix has one or two blocks of outputs); 1 for another type */
+int gemv_cols(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+              int64_t batch, int threads) {
+    if (type != F32 && type != BF16 && type != I8) return 1;
     const int64_t blocks = (out / VW + COL_VECTORS - 1) / COL_VECTORS + (out / VW == 0);
     const struct cols_job job = {W, scale, x, y, out, in, batch, blocks};
     const int64_t jobs = blocks * ((batch + BATCH_BLOCK - 1) / BATCH_BLOCK);
     parallel(jobs, threads, out * in, type == I8 ? gemv_cols_i8_part : type == BF16 ? gemv_cols_bf16_part : gemv_cols_f32_part, &job);
-}
-
-/* the same, for the tests: W [in, out] of type F32, BF16 or I8 (with scale[out]); 1 for another type */
-int gemv_cols(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
-              int64_t batch, int threads) {
-    if (type != F32 && type != BF16 && type != I8) return 1;
-    linear_cols(W, scale, type, x, y, out, in, batch, threads);
     return 0;
 }
 
@@ -1648,7 +1642,7 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
                             int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
                             float decay_scale, int type, int threads, float *mix) {
 #define LINEAR(name, x, y, out, in) linear(params[name], (const float *)params[name##_S], type, x, y, out, in, rows, threads)
-#define LORA(name, x, y, out, in) linear_cols(params[name], params[name##_S], lora_type, x, y, out, in, rows, threads)
+#define LORA(name, x, y, out, in) gemv_cols(params[name], params[name##_S], lora_type, x, y, out, in, rows, threads)
 #define PHASE(p) parallel(rows, threads, rows * C, slice_part, &(struct slice_phase){&s, p})
     const int64_t rows = batch * len, BC = rows * C;
     const int lora_type = params[W1_S] ? I8 : type == BF16 ? BF16 : F32;
