@@ -269,7 +269,7 @@ def quality(windows_for_steps: int) -> list[str]:
               "the prompt path runs the blocks in the C kernels in pieces of 64 rows; the head's "
               "rows of every position in torch's matmul on the dequantized weights (bf16: oneDNN); bf16 products take "
               "their inputs rounded to bf16 everywhere; other activations stay fp32, but for int8 and int4 weights at a level "
-              "with VNNI (" + cpu_level() + f" here: {'yes' if kernels().int8_activations else 'no'}), where every product "
+              "with integer products (x86 from avx2; " + cpu_level() + f" here: {'yes' if kernels().int8_activations else 'no'}), where every product "
               "with them, the head's matmul included, takes its input rounded to int8 per 64 values.)"]
     return lines
 

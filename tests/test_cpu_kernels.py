@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from rwkv_lm.ops.cpu_kernels import COMPILE_FLAGS, ISA_ENV, LEVELS, SOURCE, cpu_level, isa_level, kernels
 
@@ -71,3 +72,27 @@ def test_a_compiler_without_a_levels_flags_builds_the_level_below(refusing_compi
         assert built.level == below and set(built) == set(cpu_kernels.SIGNATURES)
     finally:
         cpu_kernels._build.cache_clear()
+
+
+@X86_ONLY
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_weights_in_quads_give_the_same_bits_at_every_level(weights):
+    """int8 and int4 weights in quads take the same integer sums and float operations at every level that stores them
+    so (AVX2's vpmaddubsw and vpmaddwd, VNNI's vpdpbusd): a model's logits do not depend on which of them the CPU
+    has. Needs two such levels (a CPU with AVX-512)."""
+    from rwkv_lm.runtime.cpu import KernelLinear
+
+    quads = "int8_quads" if weights == "int8" else "int4_quads"
+    levels = [level for level in LEVELS[:LEVELS.index(cpu_level()) + 1] if getattr(kernels(level), quads, False)]
+    if len(levels) < 2:
+        pytest.skip(f"{weights} weights in quads at {levels or 'no level'} here: nothing to compare")
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(768, 100, bias=False)
+    x = torch.randn(35, 768)
+    outputs = {}
+    for level in levels:
+        fast = KernelLinear(linear, torch.int8 if weights == "int8" else torch.uint8, isa=level)
+        outputs[level] = [fast(x[:n]) for n in (1, 3, 35)]
+    for level in levels[1:]:
+        for got, expected in zip(outputs[level], outputs[levels[0]]):
+            assert torch.equal(got, expected), f"{level} and {levels[0]} differ"

@@ -25,10 +25,11 @@ from rwkv_lm.testing import random_model, rel_err
 
 from conftest import assert_close
 
-# every level builds every kernel but those of weights in quads (VNNI's); the levels differ in vector width and in the bf16 product
+# every level builds every kernel but those of weights in quads (the integer products'); the levels differ in vector width
+# and in the bf16 and integer products
 ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_i8", "gemv_i4", "gemv_cols", "wkv7_f32", "block_step", "model_step", "layer_norm",
                "mask_logits"}
-VNNI_LEVELS = ("avx512_vnni", "avx512_bf16", "amx")
+INTEGER_LEVELS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")  # int8 activations, quads
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "amx": 16, "neon": 4}
 BF16_MODEL_RTOL = 5e-3  # (see assert_bf16_close)
 BF16_RTOL = 1e-5  # one bf16 product against torch's on the same rounded inputs: exact products, sums in another order
@@ -45,11 +46,12 @@ def isa(request, monkeypatch):
     monkeypatch.setenv(ISA_ENV, level)
     if not kernels():
         pytest.skip(f"the {level} kernels could not be built here (see the warning: is a C compiler installed?)")
-    assert set(kernels()) == (ALL_KERNELS | {"gemv_i8_quads", "gemv_i4_quads"} if level in VNNI_LEVELS else ALL_KERNELS)
+    assert set(kernels()) == (ALL_KERNELS | {"gemv_i8_quads", "gemv_i4_quads"} if level in INTEGER_LEVELS else ALL_KERNELS)
     assert kernels().level == level
-    # int8 and int4 weights in quads where VNNI multiplies them (int8: where AMX's tiles do not)
-    assert kernels().int8_quads == (level in VNNI_LEVELS and level != "amx")
-    assert kernels().int4_quads == (level in VNNI_LEVELS)
+    # int8 and int4 weights in quads where integer products take them (int8: where AMX's tiles do not)
+    assert kernels().int8_quads == (level in INTEGER_LEVELS and level != "amx")
+    assert kernels().int4_quads == (level in INTEGER_LEVELS)
+    assert kernels().int8_activations == (level in INTEGER_LEVELS)
     assert kernels().vector_width == VECTOR_WIDTH[level], "built for another instruction set than the level's"
     # the amx level's products really run on the tiles (not quietly on the AVX-512 kernels), and no other's do
     assert kernels().amx_tiles == (level == "amx"), f"AMX tiles in use at {level}: {kernels().amx_tiles}"
@@ -571,7 +573,7 @@ QUANTIZED = {"int8": (torch.int8, 2, (300,), 3e-2), "int4": (torch.uint8, 3, (30
 
 
 def quantized_type(weights: str) -> int:
-    """The C weight type of a model quantized to `weights` at this level: in quads where VNNI multiplies them."""
+    """The C weight type of a model quantized to `weights` at this level: in quads where integer products take them."""
     if getattr(kernels(), f"{weights}_quads"):
         return WEIGHT_TYPES[f"{weights}_quads"]
     return QUANTIZED[weights][1]
@@ -640,7 +642,7 @@ def test_int4_packing():
 
 
 def test_int8_quads_layout():
-    """to_quads's layout, which the VNNI kernel reads (tile_i8_quads): byte [block, k, r, m] holds input 4 k + m of
+    """to_quads's layout, which the integer products read (tile_quads): byte [block, k, r, m] holds input 4 k + m of
     row 16 block + r as w + 128, the last block's missing rows w = 0; from_quads gives the int8 weight back."""
     weight = torch.randint(-127, 128, (37, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
     quads = fast_module.to_quads(weight)
@@ -652,7 +654,7 @@ def test_int8_quads_layout():
 
 
 def test_int4_quads_layout():
-    """to_int4_quads's layout, which the VNNI kernel reads (tile_i4_quads): byte [block, g, j, r, m] holds input
+    """to_int4_quads's layout, which the integer products read (tile_quads): byte [block, g, j, r, m] holds input
     64 g + 4 j + m of row 16 block + r in its low nibble and input 64 g + 4 (j + 8) + m in its high one (as quantize_int4's
     nibbles), the scales [block, g, r]; the last block's missing rows w = 0; from_int4_quads gives both back."""
     weight = torch.randn(37, 2 * INT4_GROUP, generator=torch.Generator().manual_seed(0))
@@ -675,7 +677,7 @@ def test_int4_quads_layout():
     ("int8", 100, 7)])  # (int4: one weight group per activation group, two per 64-byte load: 192 ends in half a load)
 def test_quantized_linear_kernel(weights, in_features, out_features):
     """The int4 and int8 products against the dequantized weight in fp64, with the inputs as this level's kernels
-    see them (at levels with VNNI: rounded to int8 steps per ACT_GROUP inputs, `round_activations`; int8 inputs no
+    see them (at the x86 levels from avx2: rounded to int8 steps per ACT_GROUP inputs, `round_activations`; int8 inputs no
     multiple of ACT_GROUP stay fp32): every batch size up to 17, 35 rows, and 65 (two passes over the weights: 33 + 32); outputs that fill no
     tile."""
     torch.manual_seed(in_features)
@@ -689,6 +691,28 @@ def test_quantized_linear_kernel(weights, in_features, out_features):
         rounds = kernels().int8_activations and in_features % ACT_GROUP == 0
         seen = round_activations(x, torch.float64) if rounds else x.double()  # (exactly what the kernels multiply)
         assert_close(fast(x), seen @ dense.double().T, 1e-6, f"{rows} rows")
+
+
+@pytest.mark.parametrize("in_features, out_features", [(64, 12), (768, 100)])
+def test_row_major_int8_products(in_features, out_features):
+    """Row-major int8 weights (KernelLinear's quads=False: optimize's choice for a block with a width no multiple of
+    ACT_GROUP) round their inputs where this level's quads do, at every tile size; at the levels with integer
+    products but no VNNI (avx2, avx512) every output has the bits of the same weights in quads (each group's exact
+    sum, then the same chain of FMAs)."""
+    torch.manual_seed(in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    rows = KernelLinear(linear, torch.int8, quads=False)
+    assert _gemv_kernel(rows.weight) == "gemv_i8"
+    dense = rows.dense_weight().double()
+    x = torch.randn(35, in_features)
+    seen = round_activations(x, torch.float64) if kernels().int8_activations else x.double()
+    same_as_quads = kernels().level in ("avx2", "avx512")
+    quads = KernelLinear(linear, torch.int8) if same_as_quads else None
+    for n in (1, 2, 3, 4, 5, 35):
+        y = rows(x[:n])
+        assert_close(y, seen[:n] @ dense.T, 1e-6, f"{n} rows")
+        if same_as_quads:
+            assert torch.equal(y, quads(x[:n])), f"{n} rows: not the bits of the weights in quads"
 
 
 @pytest.mark.parametrize("weights", QUANTIZED)

@@ -164,7 +164,7 @@ def test_int8_model_exports_its_dequantized_weights(tmp_path):
     from rwkv_lm.runtime.cpu import optimize
 
     int8 = optimize(random_model(ODD["tiny"], seed=9), weights="int8")  # int8 weights with per-row scales
-    # model.py with the dequantized weights (the int8 model itself may round its activations: VNNI levels)
+    # model.py with the dequantized weights (the int8 model itself may round its activations: x86 from avx2)
     plain = random_model(ODD["tiny"], seed=0)
     plain.load_state_dict(dequantize(int8.state_dict(), "the int8 model"))
     expected = logits(plain, 101)

@@ -3,14 +3,14 @@
  *
  * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
  * weight in one sequential pass, split between threads by rows: row-major ([out, in], as nn.Linear stores it),
- * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the VNNI levels (tile_quads).
+ * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the x86 levels from avx2 (tile_quads).
  * One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
  * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
  * bf16 (widened to fp32 in registers, or fed to the avx512_bf16 dot product or AMX's tiles where the CPU has them), int8
  * with one fp32 scale per output row, or int4 with one fp32 scale per INT4_GROUP inputs of a row (dequantized
  * in registers); activations are fp32, but bf16 products round them to bf16 (round_to_bf16), and the int4 and
- * int8 products on CPUs with VNNI (gemv_vnni) to int8 per ACT_GROUP inputs. */
+ * int8 products at the x86 levels from avx2 (gemv_qx) to int8 per ACT_GROUP inputs. */
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -60,7 +60,7 @@ enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
 /* weight types, as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels; I8_QUADS and
- * I4_QUADS: int8 and int4 in blocks of quads, gemv_vnni). The LoRAs ([in, out]: gemv_cols) are F32, or for a
+ * I4_QUADS: int8 and int4 in blocks of quads, gemv_qx). The LoRAs ([in, out]: gemv_cols) are F32, or for a
  * bf16 and a quantized model BF16 and I8 copies (rwkv_lm.runtime.cpu's StepPlan), against fp32 activations at
  * every level, as model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads
  * (21 of 97 MB), in int8 5 of 82; in a bf16 step 21 of 292 MB, in bf16 11 of 282. */
@@ -75,11 +75,11 @@ const int quad_rows = QUAD_ROWS;
 #define INT4_BLOCK 32
 #define INT4_GROUP 64
 const int int4_group = INT4_GROUP;
-/* inputs that share one scale where activations are quantized to int8 (the VNNI products); the int4 kernel
+/* inputs that share one scale where activations are quantized to int8 (gemv_qx's products); the int4 kernel
  * reads one weight group per activation group */
 #define ACT_GROUP INT4_GROUP
-#ifdef __AVX512VNNI__
-const int int8_activations = 1; /* int4 and int8 products quantize their activations (see gemv_vnni) */
+#ifdef __AVX2__
+const int int8_activations = 1; /* int4 and int8 products quantize their activations (see gemv_qx) */
 #else
 const int int8_activations = 0;
 #endif
@@ -883,17 +883,42 @@ static int gemv_bf16_amx(const uint16_t *W, const float *x, float *y, int64_t ou
 }
 #endif
 
-#ifdef __AVX512VNNI__
-/* int4 and int8 weights on CPUs with VNNI (vpdpbusd: four u8 x s8 products summed into each int32 lane): the
- * activations are quantized once per product to int8, one fp32 scale per ACT_GROUP inputs of a row (the
+#ifdef __AVX2__
+/* int4 and int8 weights at every x86 level from avx2 (gemv_qx; at the amx level int8 goes to AMX's tiles instead):
+ * the activations are quantized once per product to int8, one fp32 scale per ACT_GROUP inputs of a row (the
  * group's largest magnitude to 127, round to nearest even; `round_activations` in cpu_kernels.py is the same in
- * torch), and a weight vector's products with them are integer, exact, one float FMA per group after. int4
- * instructions per 128 weights and row of x: ~5 against ~56 dequantizing to fp32, so a decode step is no longer
- * compute-bound. Not the fp32 product: each x carries its group's rounding, at most half a step of max/127.
- * Each output by the same operations whatever the batch (a row of x is quantized alone). The weights are in quads
- * (tile_quads); int8 ones row-major (a model whose widths are no multiple of ACT_GROUP; AMX's
- * tiles take them where Linux lends them) in tiles, as `tile`. */
-#define VNNI_BATCH_BLOCK 4
+ * torch), and a weight vector's products with them are integer, exact, one float FMA per group after. With VNNI
+ * one vpdpbusd sums four u8 x s8 products into each int32 lane; with AVX2 alone vpmaddubsw and vpmaddwd do it
+ * in two (below). int4 instructions per 128 weights and row of x: ~5 with VNNI against ~56 dequantizing to fp32,
+ * so a decode step is no longer compute-bound. Not the fp32 product: each x carries its group's rounding, at
+ * most half a step of max/127. Each output by the same operations whatever the batch (a row of x is quantized
+ * alone). The weights are in quads (tile_quads); int8 ones row-major (a model whose widths are no multiple of
+ * ACT_GROUP) in tiles (tile_i8_rows). */
+#define QX_BATCH_BLOCK 4 /* rows of x a row-major int8 tile takes */
+
+/* int8 weights in quads (I8_QUADS): W [out, in] stored as [ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4] bytes of
+ * w + 128 (rwkv_lm.runtime.cpu's `to_quads`; the last block's missing rows hold w = 0), so one 64-byte line is four
+ * consecutive inputs of 16 rows, multiplied by four inputs of x broadcast. An activation group is then 16 of them
+ * for 16 rows and a row of x, then one conversion and one FMA by the group's scale for the 16 rows together;
+ * row-major (the VNNI levels' tile_i8_rows), each row's group took a vpdpbusd, a conversion and an FMA of its own,
+ * and a vpdpbusd and a subtraction for w's sum: 33 rows of x by a 3072 x 768 weight 2.3x as fast on one Zen 4 core,
+ * one row 2.2x from cache.
+ * int4 weights in quads (I4_QUADS): W stored as [ceil(out / QUAD_ROWS), in / ACT_GROUP, 8, QUAD_ROWS, 4] bytes,
+ * byte [blk, g, j, r, m] holding input 64 g + 4 j + m of row 16 blk + r in its low nibble and input
+ * 64 g + 4 (j + 8) + m in its high one, each as w + 8, and the group scales as [ceil(out / QUAD_ROWS),
+ * in / ACT_GROUP, QUAD_ROWS] (rwkv_lm.runtime.cpu's `to_int4_quads`; the last block's missing rows w = 0).
+ * A group's integer sum starts from minus the weights' offset times its q's sum (xc, one int32 a row of x and
+ * group; int8 on AVX2 alone takes w itself: no offset) and is exact (|sum| < 2^24, its conversion exact too); each
+ * output is then the chain over its groups of FMAs of it, acc = fma(sum, x's scale, acc) (int4: fma(sum * x's
+ * scale, the group's weight scale, acc)), times the row's scale last (int8): the same integers and float
+ * operations at every level that multiplies in quads, so each output's bits are the same at all of them and
+ * whatever the batch. */
+typedef int32_t x_quad __attribute__((may_alias, aligned(1))); /* four int8 of x, read as one int32 */
+#endif
+
+#ifdef __AVX512VNNI__
+#define QUAD_BATCH 8 /* rows of x a tile of quads takes: their 8 int32 and 8 fp32 sums are 16 of the 32 registers */
+#define I8_QUADS_OFFSET 128 /* int8 quads are multiplied as stored, w + 128 */
 
 /* one row of x (in a multiple of ACT_GROUP) as int8 q with scales s: x[i] ~= q[i] s[i / ACT_GROUP] */
 INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
@@ -911,12 +936,17 @@ INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
             _mm_storeu_si128((__m128i *)(q + g + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + g + j), inv))));
     }
 }
+/* a quantized row of x as the row-major int8 tiles read it: q + 128, unsigned (vpdpbusd's u8 operand) */
+INLINE void rows_operand(int8_t *q, int64_t in) {
+    for (int64_t i = 0; i < in; i += 64)
+        _mm512_storeu_si512(q + i, _mm512_xor_si512(_mm512_loadu_si512(q + i), _mm512_set1_epi8((char)128)));
+}
 
 /* rows first .. first + nr - 1 of an int8 tile against `batch` rows of x (q + 128, scales xs) into acc */
 INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8_t *xq, const float *xs, int64_t in,
-                         int batch, const int8_t *later, __m512 acc[ROWS][VNNI_BATCH_BLOCK]) {
+                         int batch, const int8_t *later, __m512 acc[ROWS][QX_BATCH_BLOCK]) {
     const __m512i offset = _mm512_set1_epi8((char)128);
-    __m512 a[ROWS][VNNI_BATCH_BLOCK];
+    __m512 a[ROWS][QX_BATCH_BLOCK];
     for (int r = 0; r < nr; r++)
         for (int b = 0; b < batch; b++) a[r][b] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in; i += ACT_GROUP) {
@@ -935,16 +965,19 @@ INLINE void tile_i8_pass(const int8_t *const *wr, int first, int nr, const uint8
         for (int b = 0; b < batch; b++) acc[first + r][b] = a[r][b];
 }
 
-INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq, const float *xs, float *y, int64_t in,
+/* `rows` (up to ROWS) row-major int8 rows against `batch` rows of x, each output's lanes summed by store_sum4: the
+ * bits differ from those of the same weights in quads */
+INLINE void tile_i8_rows(const int8_t *w, const float *scale, const int8_t *xq, const float *xs, float *y, int64_t in,
                          int64_t out, int batch, int rows) {
     const int8_t *wr[ROWS];
     for (int r = 0; r < ROWS; r++) wr[r] = w + (r < rows ? r : rows - 1) * in;
-    __m512 acc[ROWS][VNNI_BATCH_BLOCK];
+    __m512 acc[ROWS][QX_BATCH_BLOCK];
+    const uint8_t *xu = (const uint8_t *)xq;
     if (batch == 1) { /* the rows in turn: one stream to the hardware prefetcher */
-        for (int r = 0; r < rows; r++) tile_i8_pass(wr, r, 1, xq, xs, in, 1, NULL, acc);
+        for (int r = 0; r < rows; r++) tile_i8_pass(wr, r, 1, xu, xs, in, 1, NULL, acc);
         for (int r = rows; r < ROWS; r++) acc[r][0] = _mm512_setzero_ps();
     } else
-        tile_i8_pass(wr, 0, ROWS, xq, xs, in, batch, w + L2_AHEAD * ROWS * in, acc);
+        tile_i8_pass(wr, 0, ROWS, xu, xs, in, batch, w + L2_AHEAD * ROWS * in, acc);
     for (int b = 0; b < batch; b++) {
         float sums[ROWS];
         store_sum4((vf)acc[0][b], (vf)acc[1][b], (vf)acc[2][b], (vf)acc[3][b], sums);
@@ -952,30 +985,12 @@ INLINE void tile_i8_vnni(const int8_t *w, const float *scale, const uint8_t *xq,
     }
 }
 
-/* int8 weights in quads (I8_QUADS, at the VNNI levels where the products do not run on AMX's tiles): W [out, in]
- * stored as [ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4] bytes of w + 128 (rwkv_lm.runtime.cpu's `to_quads`; the
- * last block's missing rows hold w = 0), so one 64-byte load is four consecutive inputs of 16 rows and one vpdpbusd
- * multiplies them by four inputs of x broadcast. An activation group is then 16 of them for 16 rows and a row of x,
- * then one conversion and one FMA by the group's scale for the 16 rows together; row-major (tile_i8_pass), each
- * row's group took a vpdpbusd, a conversion and an FMA of its own, and a vpdpbusd and a subtraction for w's sum:
- * 33 rows of x by a 3072 x 768 weight 2.3x as fast on one Zen 4 core, one row 2.2x from cache. x stays signed here
- * (w carries the + 128), so a group's sum starts from -128 times its q's sum (xc, one int32 a row of x and group).
- * Each output is the chain over its groups of FMAs of an exact integer sum (|sum| < 2^24, so its conversion is
- * exact too), whatever the batch. */
-#define QUAD_BATCH 8 /* rows of x a tile takes: their 8 int32 and 8 fp32 sums are 16 of the 32 registers */
-typedef int32_t x_quad __attribute__((may_alias, aligned(1))); /* four int8 of x, read as one int32 */
-
-/* int4 weights in quads (I4_QUADS, at every VNNI level): W stored as [ceil(out / QUAD_ROWS), in / ACT_GROUP, 8,
- * QUAD_ROWS, 4] bytes, byte [blk, g, j, r, m] holding input 64 g + 4 j + m of row 16 blk + r in its low nibble and
- * input 64 g + 4 (j + 8) + m in its high one, each as w + 8, and the group scales as [ceil(out / QUAD_ROWS),
- * in / ACT_GROUP, QUAD_ROWS] (rwkv_lm.runtime.cpu's `to_int4_quads`; the last block's missing rows w = 0). A group
- * is 8 loads of 16 rows, a mask and a shift each, 16 vpdpbusd against x broadcast as int8's, then one
- * conversion, one product by x's scale and one FMA by the 16 rows' scales; row-major (the kernel before these, in
- * git history) a row's two groups took two vpdpbusd, a conversion, a product and an FMA, and their unpacking and
- * scales were each row's.
- * A group's sum starts from -8 times its q's sum (|sum| < 2^24, its conversion exact). */
-/* rows of W (I8_QUADS, or I4_QUADS where `i4`, a constant where it is inlined) 16 at a time against `batch` rows of
- * x (q, scales xs, sums' starts xc) into y; `scale`: int8's per row, int4's [in / ACT_GROUP, QUAD_ROWS] of this block */
+/* rows of W in quads (I8_QUADS, or I4_QUADS where `i4`, a constant where it is inlined), 16 at a time against `batch`
+ * rows of x (q, scales xs, sums' starts xc) into y; `scale`: int8's per row, int4's [in / ACT_GROUP, QUAD_ROWS] of
+ * this block. A group is, per row of x, 16 vpdpbusd (int4: 8 loads of 16 rows, a mask and a shift each, 16
+ * vpdpbusd against x broadcast as int8's), then one conversion and one FMA by the 16 rows' scales (int4: a product
+ * by x's scale, then the FMA); row-major (the kernel before these, in git history) a row's two int4 groups took two
+ * vpdpbusd, a conversion, a product and an FMA, and their unpacking and scales were each row's. */
 INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, const float *xs, const int32_t *xc,
                        float *y, int64_t in, int64_t out, int batch, int rows, int i4) {
     const int64_t groups = in / ACT_GROUP;
@@ -1006,66 +1021,198 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
     for (int b = 0; b < batch; b++) _mm512_mask_storeu_ps(y + b * out, valid, i4 ? acc[b] : _mm512_mul_ps(acc[b], row_scale));
 }
 
+#elif defined(__AVX2__)
+/* AVX2 without VNNI (the avx2 level, and avx512 without avx512_vnni, as 256-bit code): vpmaddubsw multiplies 32 u8 by
+ * 32 s8 and adds neighbouring pairs into int16 (saturating past 32767), vpmaddwd adds neighbouring int16 pairs into
+ * int32: together one vpdpbusd, a quad's four products into each int32 lane. int4's nibbles (0 .. 15) take x's
+ * signed quads as they are (a pair's sum within 2 * 15 * 128), so four loads' pair sums add up in int16 before one
+ * vpmaddwd. int8's w + 128 against a signed x could saturate a pair (2 * 255 * 127), so the kernel takes w back
+ * (the top bit flipped) and multiplies |w| by x with w's sign (vpsignb; pairs within 2 * 128 * 127). A 32-byte
+ * vector is four inputs of 8 rows: a line of quads is two of them, the block's top and bottom halves. */
+#define QUAD_BATCH 4 /* rows of x a tile of quads takes: 2 fp32 sums each (one a half), and their int32 sums, in 16 registers */
+#define I8_QUADS_OFFSET 0 /* (the kernel multiplies w itself) */
+
+INLINE float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+INLINE int32_t hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+/* the sum of four u8 x s8 products in each int32 lane, added to acc (vpdpbusd's result, no pair above 32767) */
+INLINE __m256i dot_quads(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+INLINE __m256i broadcast_quad(const int8_t *q) { return _mm256_set1_epi32(*(const x_quad *)q); }
+
+/* one row of x (in a multiple of ACT_GROUP) as int8 q with scales s: x[i] ~= q[i] s[i / ACT_GROUP] (the VNNI
+ * levels' values: the same scale, product and rounding) */
+INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* the packs' lanes back in input order */
+    for (int64_t g = 0; g < in; g += ACT_GROUP) {
+        __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps(); /* (max drops NaN: as the VNNI levels' nan) */
+        for (int j = 0; j < ACT_GROUP; j += 8) {
+            const __m256 v = _mm256_loadu_ps(x + g + j);
+            m = _mm256_max_ps(m, _mm256_and_ps(v, magnitude)), nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        const float amax = _mm256_movemask_ps(nan) ? NAN : hmax8(m);
+        const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        s[g / ACT_GROUP] = amax / 127.0f;
+        for (int j = 0; j < ACT_GROUP; j += 32) {
+            __m256i v[4];
+            for (int k = 0; k < 4; k++) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + g + j + 8 * k), inv));
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            _mm256_storeu_si256((__m256i *)(q + g + j), _mm256_permutevar8x32_epi32(bytes, order));
+        }
+    }
+}
+INLINE void rows_operand(int8_t *q, int64_t in) { (void)q, (void)in; } /* (tile_i8_rows reads q as it is) */
+
+/* `rows` (up to ROWS) row-major int8 rows against `batch` rows of x: each row's group sums exact, as in quads, then
+ * the same chain of FMAs and the row's scale, so the bits are those of the same weights in quads */
+INLINE void tile_i8_rows(const int8_t *w, const float *scale, const int8_t *xq, const float *xs, float *y, int64_t in,
+                         int64_t out, int batch, int rows) {
+    const int64_t groups = in / ACT_GROUP;
+    for (int r = 0; r < rows; r++) {
+        float acc[QX_BATCH_BLOCK] = {0};
+        for (int64_t g = 0; g < groups; g++) {
+            __m256i dot[QX_BATCH_BLOCK];
+            for (int b = 0; b < batch; b++) dot[b] = _mm256_setzero_si256();
+            for (int j = 0; j < ACT_GROUP; j += 32) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * in + g * ACT_GROUP + j));
+                const __m256i magnitude = _mm256_abs_epi8(wv);
+                for (int b = 0; b < batch; b++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * in + g * ACT_GROUP + j));
+                    dot[b] = dot_quads(dot[b], magnitude, _mm256_sign_epi8(xv, wv));
+                }
+            }
+            for (int b = 0; b < batch; b++) acc[b] = fmaf((float)hsum8_epi32(dot[b]), xs[b * groups + g], acc[b]);
+        }
+        for (int b = 0; b < batch; b++) y[b * out + r] = acc[b] * scale[r];
+    }
+}
+
+/* rows of W in quads (I8_QUADS, or I4_QUADS where `i4`, a constant where it is inlined), 16 at a time against `batch`
+ * rows of x (q, scales xs, sums' starts xc) into y; `scale`: int8's per row, int4's [in / ACT_GROUP, QUAD_ROWS] of
+ * this block. Each half of the block's rows takes the group in turn, its int32 sums then free for the other's. */
+INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, const float *xs, const int32_t *xc,
+                       float *y, int64_t in, int64_t out, int batch, int rows, int i4) {
+    const int64_t groups = in / ACT_GROUP;
+    const __m256i low = _mm256_set1_epi8(15), flip = _mm256_set1_epi8((char)128), ones = _mm256_set1_epi16(1);
+    __m256 acc[QUAD_BATCH][2];
+    for (int b = 0; b < batch; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *wg = w + g * (i4 ? ACT_GROUP / 2 : ACT_GROUP) * QUAD_ROWS;
+        const int8_t *xg = xq + g * ACT_GROUP;
+        for (int h = 0; h < 2; h++) {
+            __m256i dot[QUAD_BATCH];
+            for (int b = 0; b < batch; b++) dot[b] = _mm256_set1_epi32(xc[b * groups + g]);
+            if (i4)
+                for (int c = 0; c < ACT_GROUP / 8; c += 4) { /* four loads' pair sums in int16: within 8 * 15 * 128 */
+                    __m256i pairs[QUAD_BATCH];
+                    for (int b = 0; b < batch; b++) pairs[b] = _mm256_setzero_si256();
+                    for (int j = c; j < c + 4; j++) {
+                        const __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + 64 * j + 32 * h));
+                        const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                        for (int b = 0; b < batch; b++) {
+                            const int8_t *q = xg + b * in + 4 * j;
+                            pairs[b] = _mm256_add_epi16(pairs[b], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast_quad(q)),
+                                                                                   _mm256_maddubs_epi16(hi, broadcast_quad(q + ACT_GROUP / 2))));
+                        }
+                    }
+                    for (int b = 0; b < batch; b++) dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(pairs[b], ones));
+                }
+            else
+                for (int j = 0; j < ACT_GROUP / 4; j++) {
+                    const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wg + 64 * j + 32 * h)), flip);
+                    const __m256i magnitude = _mm256_abs_epi8(wv);
+                    for (int b = 0; b < batch; b++)
+                        dot[b] = dot_quads(dot[b], magnitude, _mm256_sign_epi8(broadcast_quad(xg + b * in + 4 * j), wv));
+                }
+            for (int b = 0; b < batch; b++) {
+                const __m256 sum = _mm256_cvtepi32_ps(dot[b]), x_scale = _mm256_set1_ps(xs[b * groups + g]);
+                acc[b][h] = i4 ? _mm256_fmadd_ps(_mm256_mul_ps(sum, x_scale), _mm256_loadu_ps(scale + g * QUAD_ROWS + 8 * h), acc[b][h])
+                               : _mm256_fmadd_ps(sum, x_scale, acc[b][h]);
+            }
+        }
+    }
+    for (int b = 0; b < batch; b++) {
+        float sums[QUAD_ROWS];
+        _mm256_storeu_ps(sums, acc[b][0]), _mm256_storeu_ps(sums + 8, acc[b][1]);
+        if (rows == QUAD_ROWS && !i4) {
+            _mm256_storeu_ps(y + b * out, _mm256_mul_ps(acc[b][0], _mm256_loadu_ps(scale)));
+            _mm256_storeu_ps(y + b * out + 8, _mm256_mul_ps(acc[b][1], _mm256_loadu_ps(scale + 8)));
+        } else if (rows == QUAD_ROWS)
+            _mm256_storeu_ps(y + b * out, acc[b][0]), _mm256_storeu_ps(y + b * out + 8, acc[b][1]);
+        else
+            for (int r = 0; r < rows; r++) y[b * out + r] = i4 ? sums[r] : sums[r] * scale[r];
+    }
+}
+#endif
+
+#ifdef __AVX2__
 INLINE int64_t quad_blocks(int64_t out) { return (out + QUAD_ROWS - 1) / QUAD_ROWS; }
 
-struct vnni_job {
+struct qx_job {
     const void *W;
     const float *scale, *x;
-    char *xq; /* x quantized (quantize_rows_part), with its scales xs */
+    int8_t *xq; /* x quantized (quantize_rows_part), with its scales xs */
     float *xs;
-    int32_t *xc; /* weights in quads: each group's sum of q times minus the weights' offset (int8 128, int4 8) */
+    int32_t *xc; /* weights in quads: each group's sum of q times minus the weights' offset (int8 I8_QUADS_OFFSET, int4 8) */
     float *y;
     int64_t out, in, batch; /* (a quantized row of x is `in` bytes) */
     int type;
 };
 /* rows begin .. end - 1 of x quantized for the product */
 static void quantize_rows_part(const void *job, int64_t begin, int64_t end) {
-    const struct vnni_job *j = job;
-    const int64_t in = j->in;
+    const struct qx_job *j = job;
+    const int64_t in = j->in, groups = in / ACT_GROUP;
     for (int64_t b = begin; b < end; b++) {
-        char *q = j->xq + b * in;
-        quantize_act(j->x + b * in, (int8_t *)q, j->xs + b * (in / ACT_GROUP), in);
-        if (j->type == I8_QUADS || j->type == I4_QUADS) {
-            const __m512i ones = _mm512_set1_epi8(1);
-            const int offset = j->type == I8_QUADS ? 128 : 8;
-            for (int64_t i = 0; i < in; i += ACT_GROUP) /* (ACT_GROUP is 64: one load) */
-                j->xc[b * (in / ACT_GROUP) + i / ACT_GROUP] = -offset * _mm512_reduce_add_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q + i)));
+        int8_t *q = j->xq + b * in;
+        quantize_act(j->x + b * in, q, j->xs + b * groups, in);
+        if (j->type == I8) {
+            rows_operand(q, in);
             continue;
         }
-        for (int64_t i = 0; i < in; i += 64) /* q + 128 as u8 */
-            _mm512_storeu_si512(q + i, _mm512_xor_si512(_mm512_loadu_si512(q + i), _mm512_set1_epi8((char)128)));
+        const int offset = j->type == I8_QUADS ? I8_QUADS_OFFSET : 8;
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t sum = 0;
+            for (int i = 0; i < ACT_GROUP; i++) sum += q[g * ACT_GROUP + i];
+            j->xc[b * groups + g] = -offset * sum;
+        }
     }
 }
-static void gemv_vnni_part(const void *job, int64_t begin, int64_t end) {
-    const struct vnni_job *j = job;
-    const void *W = j->W;
-    const float *scale = j->scale, *xs = j->xs;
-    const char *xq = j->xq;
-    float *y = j->y;
+/* tiles begin .. end - 1 of row-major int8 weights against every row of x */
+static void qx_rows_part(const void *job, int64_t begin, int64_t end) {
+    const struct qx_job *j = job;
     const int64_t out = j->out, in = j->in, batch = j->batch;
     for (int64_t o = begin * ROWS; o < end * ROWS && o < out; o += ROWS) {
         const int rows = out - o < ROWS ? (int)(out - o) : ROWS;
-        for (int64_t b = 0; b < batch; b += VNNI_BATCH_BLOCK) {
-            const int m = batch - b < VNNI_BATCH_BLOCK ? (int)(batch - b) : VNNI_BATCH_BLOCK;
-#define VNNI_TILE(m_)                                                                                              \
-    tile_i8_vnni((const int8_t *)W + o * in, scale + o, (const uint8_t *)xq + b * in, xs + b * (in / ACT_GROUP),     \
-                 y + b * out + o, in, out, m_, rows);
+        for (int64_t b = 0; b < batch; b += QX_BATCH_BLOCK) {
+            const int m = batch - b < QX_BATCH_BLOCK ? (int)(batch - b) : QX_BATCH_BLOCK;
+#define ROWS_TILE(m_)                                                                                              \
+    tile_i8_rows((const int8_t *)j->W + o * in, j->scale + o, j->xq + b * in, j->xs + b * (in / ACT_GROUP),         \
+                 j->y + b * out + o, in, out, m_, rows);
             switch (m) { /* constant tile sizes, so the loops unroll into registers */
-                case 4: VNNI_TILE(4) break;
-                case 3: VNNI_TILE(3) break;
-                case 2: VNNI_TILE(2) break;
-                default: VNNI_TILE(1) break;
+                case 4: ROWS_TILE(4) break;
+                case 3: ROWS_TILE(3) break;
+                case 2: ROWS_TILE(2) break;
+                default: ROWS_TILE(1) break;
             }
-#undef VNNI_TILE
+#undef ROWS_TILE
         }
     }
 }
 
 /* blocks begin .. end - 1 of int8 or int4 weights in quads against every row of x, in tiles of up to QUAD_BATCH
- * rows of x as even as they can be (33: 7, 7, 7, 6, 6), each block's weights read once from memory, then from cache */
-static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
-    const struct vnni_job *j = job;
+ * rows of x as even as they can be (33 by 8: 7, 7, 7, 6, 6), each block's weights read once from memory, then from
+ * cache */
+static void qx_quads_part(const void *job, int64_t begin, int64_t end) {
+    const struct qx_job *j = job;
     const int64_t out = j->out, in = j->in, batch = j->batch, groups = in / ACT_GROUP;
     const int64_t n_tiles = (batch + QUAD_BATCH - 1) / QUAD_BATCH;
     const int i4 = j->type == I4_QUADS;
@@ -1076,7 +1223,7 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
         const float *scale = j->scale + (i4 ? o * groups : o);
         for (int64_t t = 0; t < n_tiles; t++) {
             const int64_t b = t * batch / n_tiles, m = (t + 1) * batch / n_tiles - b;
-            const int8_t *xq = (const int8_t *)j->xq + b * in;
+            const int8_t *xq = j->xq + b * in;
             const float *xs = j->xs + b * groups;
             const int32_t *xc = j->xc + b * groups;
 #define QUAD_TILE(m_)                                                                                              \
@@ -1085,7 +1232,10 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
         else tile_quads(w, scale, xq, xs, xc, j->y + b * out + o, in, out, m_, rows, 0);                           \
         break;
             switch (m) { /* constant tile sizes, so the loops unroll into registers */
-                QUAD_TILE(8) QUAD_TILE(7) QUAD_TILE(6) QUAD_TILE(5) QUAD_TILE(4) QUAD_TILE(3) QUAD_TILE(2) QUAD_TILE(1)
+#if QUAD_BATCH == 8
+                QUAD_TILE(8) QUAD_TILE(7) QUAD_TILE(6) QUAD_TILE(5)
+#endif
+                QUAD_TILE(4) QUAD_TILE(3) QUAD_TILE(2) QUAD_TILE(1)
             }
 #undef QUAD_TILE
         }
@@ -1093,18 +1243,18 @@ static void gemv_quads_part(const void *job, int64_t begin, int64_t end) {
 }
 
 /* y [batch, out] = x [batch, in] W^T for int8 (type I8) or int8 and int4 in quads (I8_QUADS, I4_QUADS) weights
- * through VNNI, in a multiple of ACT_GROUP; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could not be
- * allocated. */
-static int gemv_vnni(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
-                     int64_t batch, int threads) {
+ * on int8 activations, in a multiple of ACT_GROUP; up to ROWS_PER_PASS rows of x. Returns 2 where the buffer could
+ * not be allocated. */
+static int gemv_qx(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
+                   int64_t batch, int threads) {
     const int64_t groups = in / ACT_GROUP;
-    char *xq = malloc(batch * in + batch * groups * (sizeof(float) + sizeof(int32_t)));
+    int8_t *xq = malloc(batch * in + batch * groups * (sizeof(float) + sizeof(int32_t)));
     if (!xq) return 2;
     float *xs = (float *)(xq + batch * in);
-    const struct vnni_job job = {W, scale, x, xq, xs, (int32_t *)(xs + batch * groups), y, out, in, batch, type};
+    const struct qx_job job = {W, scale, x, xq, xs, (int32_t *)(xs + batch * groups), y, out, in, batch, type};
     parallel(batch, threads, batch * in, quantize_rows_part, &job);
-    if (type == I8_QUADS || type == I4_QUADS) parallel(quad_blocks(out), threads, out * in, gemv_quads_part, &job);
-    else parallel(tiles(out), threads, out * in, gemv_vnni_part, &job);
+    if (type == I8_QUADS || type == I4_QUADS) parallel(quad_blocks(out), threads, out * in, qx_quads_part, &job);
+    else parallel(tiles(out), threads, out * in, qx_rows_part, &job);
     free(xq);
     return 0;
 }
@@ -1115,7 +1265,7 @@ static int gemv_vnni(const void *W, const float *scale, int type, const float *x
  * quantized x of up to 16 rows into the group's exact int32 sums, 16,384 products an instruction. Each output then
  * takes its groups in order, acc = fma(sum, the row of x's group scale, acc), and its weight row's scale last. Every
  * batch takes this path at the amx level (decode too), so each output is the same operations whatever the batch;
- * the VNNI levels' float sums run per lane of 4 products instead, so the bits differ between them. */
+ * the VNNI levels' row-major float sums run per lane of 4 products instead, so the bits differ between them. */
 struct amx_i8_job {
     const int8_t *W, *last; /* last: the final 16 rows, zero past W's end (as struct amx_job) */
     const float *scale;
@@ -1226,11 +1376,11 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
 #ifdef __AMX_INT8__
     if (type == I8 && in % ACT_GROUP == 0 && amx_granted()) return gemv_i8_amx(W, scale, x, y, out, in, batch, threads);
 #endif
-#ifdef __AVX512VNNI__
+#ifdef __AVX2__
     if ((type == I8 || type == I8_QUADS || type == I4_QUADS) && in % ACT_GROUP == 0)
-        return gemv_vnni(W, scale, type, x, y, out, in, batch, threads);
+        return gemv_qx(W, scale, type, x, y, out, in, batch, threads);
 #endif
-    if (type == I8_QUADS || type == I4_QUADS) return 4; /* (only the VNNI levels multiply them) */
+    if (type == I8_QUADS || type == I4_QUADS) return 4; /* (only the levels from avx2 multiply them) */
     if (type == F32_PANELS) gemv_f32_panels_pass(W, x, y, out, in, batch, threads);
     else if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
@@ -1241,7 +1391,7 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
 /* x [batch, in] fp32 times W [out, in] of the given type, transposed: y [batch, out]; int8 rows times scale[o],
  * int4 weights times scale[o, i / INT4_GROUP] (in quads: scale[o / QUAD_ROWS, i / INT4_GROUP, o % QUAD_ROWS]).
  * Returns 0, 1 for int4 rows no multiple of INT4_GROUP long, 2
- * where a buffer could not be allocated, or 4 for weights in quads where this level has no VNNI (or rows no multiple
+ * where a buffer could not be allocated, or 4 for weights in quads where this level has no integer products (below avx2; or rows no multiple
  * of ACT_GROUP long). */
 static int linear(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
@@ -1354,14 +1504,14 @@ int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64
     return linear(W, scale, I8, x, y, out, in, batch, threads);
 }
 
-#ifdef __AVX512VNNI__
-/* W in quads ([ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4], w + 128; see tile_quads): the VNNI levels only */
+#ifdef __AVX2__
+/* W in quads ([ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4], w + 128; see tile_quads): the levels from avx2 only */
 int gemv_i8_quads(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
     return linear(W, scale, I8_QUADS, x, y, out, in, batch, threads);
 }
 
-/* W and its group scales in quads (see tile_quads): the VNNI levels only */
+/* W and its group scales in quads (see tile_quads): the levels from avx2 only */
 int gemv_i4_quads(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in,
                   int64_t batch, int threads) {
     return linear(W, scale, I4_QUADS, x, y, out, in, batch, threads);

@@ -44,7 +44,7 @@ ROWS_PER_PASS = 64  # rows of x per pass over the weights; more run in several p
 INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
 F32_PANEL = 64  # outputs a panel of fp32 weights holds: [out, in] stored as [ceil(out / F32_PANEL), in, F32_PANEL]
 # inputs of a row of activations that share one int8 scale where the int4 and int8 products quantize them (levels
-# with VNNI: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
+# from avx2: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
 ACT_GROUP = INT4_GROUP
 INT4_BLOCK = 32  # inputs packed into 16 bytes: byte j holds input j (low nibble) and input j + 16 (high nibble)
 QUAD_ROWS = 16  # rows of int8 and int4 weights a block of quads holds (runtime.cpu.to_quads, to_int4_quads)
@@ -64,7 +64,7 @@ BLOCK_STEP_PARAMS = (
     # the copies are the StepPlan's, not the module's
     *(f"att.{name}_scale" for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")),
 )
-LEVEL_KERNELS = {"gemv_i8_quads", "gemv_i4_quads"}  # kernels only some levels build (weights in quads: VNNI)
+LEVEL_KERNELS = {"gemv_i8_quads", "gemv_i4_quads"}  # kernels only some levels build (weights in quads: x86 from avx2)
 _POINTER, _INT64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
@@ -119,8 +119,8 @@ def isa_level(cap: str | None = None) -> str:
 
 class Kernels(dict):
     """The C functions by name, and the build they come from: its level, vector width (floats per register),
-    whether its int4 and int8 products quantize the activations to int8 (`round_activations`) for VNNI, and
-    whether its bf16 and int8 products run on AMX's tiles (the amx level, where Linux lends them)."""
+    whether its int4 and int8 products quantize the activations to int8 (`round_activations`) to multiply in
+    integers (the x86 levels from avx2), and whether its bf16 and int8 products run on AMX's tiles (the amx level, where Linux lends them)."""
 
     def __init__(self, functions: dict, level: str, vector_width: int, int8_activations: bool, amx_tiles: bool):
         super().__init__(functions)
@@ -129,12 +129,12 @@ class Kernels(dict):
 
     @property
     def int8_quads(self) -> bool:
-        """Whether int8 weights are stored in quads here (`gemv_i8_quads`): where VNNI multiplies them, not AMX."""
+        """Whether int8 weights are stored in quads here (`gemv_i8_quads`): where integer products take them, not AMX."""
         return self.int8_activations and not self.amx_tiles
 
     @property
     def int4_quads(self) -> bool:
-        """Whether int4 weights are stored in quads here (`gemv_i4_quads`): where VNNI multiplies them."""
+        """Whether int4 weights are stored in quads here (`gemv_i4_quads`): where integer products take them."""
         return self.int8_activations
 
 

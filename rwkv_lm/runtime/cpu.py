@@ -29,22 +29,24 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   of an FMA; with AMX: to its tiles, 16 rows of W by up to 16 of x an instruction), and so does a prompt; every
   level rounds alike.
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
-  fp32 in registers, prompts too (but at the VNNI levels, below); torch ops multiply the dequantized weights.
-  `rwkv_lm.save` keeps them as they are. Where VNNI multiplies them (below; not on AMX's tiles) they are stored
-  in quads (`to_quads`: four inputs of 16 rows a 64-byte vector), which one vpdpbusd takes against four inputs of
-  x: 33-token int8 prompts 1.5x as fast as row-major, at one thread and two (bench/RESULTS.md, issue 20's
-  thirteenth pass); checkpoints hold them [out, in].
+  fp32 in registers, prompts too (but at the x86 levels from avx2, below); torch ops multiply the dequantized
+  weights. `rwkv_lm.save` keeps them as they are. Where integer products take them (below; not on AMX's tiles)
+  they are stored in quads (`to_quads`: four inputs of 16 rows a 64-byte vector), which one vpdpbusd (AVX2:
+  vpmaddubsw and vpmaddwd on each half) takes against four inputs of x: with VNNI 33-token int8 prompts 1.5x as
+  fast as row-major, at one thread and two (bench/RESULTS.md, issue 20's thirteenth pass); checkpoints hold them
+  [out, in].
 - int4 weights (`weights="int4"`): two to a byte (stored as uint8), one fp32 scale per INT4_GROUP inputs of a
   row (0.5625 bytes a weight); the kernels dequantize them in registers, as int8. Inputs of every Linear must be
-  a multiple of INT4_GROUP wide. Where VNNI multiplies them they are stored in quads too (`to_int4_quads`).
+  a multiple of INT4_GROUP wide. Where integer products take them they are stored in quads too (`to_int4_quads`).
 - bf16, int4 and int8 models keep the time mix's LoRAs (the small low-rank matrices x @ w1 ... feeds) in bf16 and
   int8 (one scale per output) too: the Parameters are rounded to those values (model.py multiplies them), the C
   step reads bf16 or int8 copies of them against fp32 inputs, made again after a LoRA changes (int8: a fifth of a
   0.1B int4 step's bytes before, 97 -> 82 MB a token; bf16: 292 -> 282 MB; the default model's bits per byte
   unchanged, bench/RESULTS.md).
-- int4 and int8 at a level with VNNI (avx512_vnni, avx512_bf16, amx): their Linear products round the activations to int8,
-  one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers (vpdpbusd; int8 at the amx level
-  on AMX's tiles, each group's exact sum then one fp32 chain per output), several times fewer
+- int4 and int8 at the x86 levels from avx2 (avx2, avx512, avx512_vnni, avx512_bf16, amx): their Linear products
+  round the activations to int8, one scale per ACT_GROUP inputs (`round_activations`), and multiply in integers
+  (vpdpbusd with VNNI, vpmaddubsw and vpmaddwd without; int8 at the amx level on AMX's tiles; each group's exact sum
+  then one fp32 chain per output, so the levels that take quads give the same bits), several times fewer
   instructions than widening the weights; torch's matmul rounds them alike where it runs (autograd aside), so every
   path gives the same logits. The other levels keep fp32 activations.
 Without a C compiler the kernels are missing (one warning): fp32 weights are then only stored column-major
@@ -72,7 +74,7 @@ from ..state import LayerState, RWKVState
 MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # [in, out], as the C step reads them (`gemv_cols`)
 # the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels, and int8 and
-# int4 ones at the VNNI levels in quads: `_gemv_kernel`)
+# int4 ones at the x86 levels from avx2 in quads: `_gemv_kernel`)
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
 SCALED_KERNELS = ("gemv_i8", "gemv_i4", "gemv_i8_quads", "gemv_i4_quads")  # those whose weights have scales beside them
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
@@ -114,7 +116,7 @@ def from_panels(panels: torch.Tensor, out: int) -> torch.Tensor:
 
 def to_quads(weight: torch.Tensor) -> torch.Tensor:
     """int8 weight [out, in] (in a multiple of 4) -> uint8 [ceil(out / QUAD_ROWS), in / 4, QUAD_ROWS, 4] of w + 128,
-    the layout the VNNI kernel streams (cpu_kernels.c's tile_i8_quads): each 64 bytes four consecutive inputs of
+    the layout the integer products stream (cpu_kernels.c's tile_quads): each 64 bytes four consecutive inputs of
     QUAD_ROWS rows (the last block's missing rows w = 0)."""
     out, in_features = weight.shape
     blocks = -(-out // QUAD_ROWS)
@@ -130,8 +132,8 @@ def from_quads(quads: torch.Tensor, out: int) -> torch.Tensor:
 
 def to_int4_quads(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_int4's (packed [out, in / 2], scale [out, in / INT4_GROUP]) -> (uint8 [ceil(out / QUAD_ROWS), in /
-    INT4_GROUP, 8, QUAD_ROWS, 4], fp32 [ceil(out / QUAD_ROWS), in / INT4_GROUP, QUAD_ROWS]), the layout the VNNI kernel
-    streams (cpu_kernels.c's tile_i4_quads): each 64 bytes four consecutive inputs of QUAD_ROWS rows in their low
+    INT4_GROUP, 8, QUAD_ROWS, 4], fp32 [ceil(out / QUAD_ROWS), in / INT4_GROUP, QUAD_ROWS]), the layout the integer
+    products stream (cpu_kernels.c's tile_quads): each 64 bytes four consecutive inputs of QUAD_ROWS rows in their low
     nibbles and the four 32 inputs on in their high ones, each group's scales of QUAD_ROWS rows side by side (the
     last block's missing rows w = 0)."""
     out, groups = scale.shape
@@ -211,7 +213,7 @@ class KernelLinear(nn.Linear):
     whose decode steps run in a C kernel.
 
     The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([ceil(out /
-    F32_PANEL), in, F32_PANEL], `to_panels`), int8 and int4 in quads where VNNI multiplies them (`to_quads`,
+    F32_PANEL), in, F32_PANEL], `to_panels`), int8 and int4 in quads where integer products take them (`to_quads`,
     `to_int4_quads`, their scales with them), the others row-major. int8 weights have one fp32 `scale` per output row
     beside them (a buffer, saved with the model), int4 weights (packed, [out, in / 2] uint8) one per group of
     INT4_GROUP inputs ([out, in / INT4_GROUP]): state_dict() gives and takes them so, and fp32 as [out, in], whatever
@@ -244,7 +246,7 @@ class KernelLinear(nn.Linear):
         self.bias = None
 
     def _quads_here(self, dtype: torch.dtype) -> bool:
-        """Whether this layer's int8 or int4 weight goes into quads: where its level's VNNI kernel multiplies them."""
+        """Whether this layer's int8 or int4 weight goes into quads: where its level's integer products take them."""
         here = "int8_quads" if dtype == torch.int8 else "int4_quads"
         return self.in_features % ACT_GROUP == 0 and getattr(kernels(self.isa), here, False)
 
@@ -314,7 +316,8 @@ class KernelLinear(nn.Linear):
 
     def _rounds_activations(self) -> bool:
         """Whether this layer's kernel quantizes its inputs to int8: int8 weights and int4 ones in quads, at a level
-        with VNNI (row-major int4, a weight assigned after optimize(), goes to the kernel that widens it)."""
+        with integer products (x86 from avx2; row-major int4, a weight assigned after optimize(), goes to the kernel
+        that widens it)."""
         return ((self.weights == torch.int8 or self.weight.dim() == 5) and self.in_features % ACT_GROUP == 0
                 and getattr(kernels(self.isa), "int8_activations", False))
 
@@ -627,7 +630,7 @@ class StepRWKV(RWKV):
         if failed:
             raise RuntimeError(f"model_step failed for {B} x {T} tokens (code {failed}: 2, its buffers could not be "
                                "allocated; 3, a token id outside the embedding; 4, weights in quads at a level "
-                               "without VNNI)")
+                               "without integer products: below avx2)")
         return RWKVState(list(map(LayerState, att.unbind(), wkv, ffn.unbind())))
 
     def _step_args(self):
