@@ -405,9 +405,11 @@ static void parallel(int64_t count, int threads, int64_t work, part_fn fn, const
  * one read (the serving engine splits prompts where its budget and cache say).
  *
  * Since only that order counts, the order of the rows is free. Against one row of x (a decode step), fp32, bf16
- * and int8 tiles read their rows in turn: one sequential stream, which the hardware prefetcher follows with no
- * help (0.1B decode B=1, one thread, bench/compare_kernels.py against four interleaved rows: fp32 1.24x, bf16
- * 1.09x, int8 1.18x faster; int4, compute-bound, was 0.80x as fast in turn and keeps its four rows). Four rows at a time (several rows of x, and
+ * and int8 tiles read their rows in turn with AVX-512 (ROWS_IN_TURN): one sequential stream, which the hardware
+ * prefetcher follows with no help (0.1B decode B=1, one thread, bench/compare_kernels.py against four interleaved
+ * rows: fp32 1.24x, bf16 1.09x, int8 1.18x faster; int4, compute-bound, was 0.80x as fast in turn and keeps its four
+ * rows); with narrower vectors a row's one chain is slower than memory, so they keep four rows too (AVX2 on Zen 2,
+ * bf16 B=1 from cache 2.4-2.9x as fast, from memory 1.03-1.06x). Four rows at a time (several rows of x, and
  * int4) outrun the hardware prefetcher, so such a tile prefetches the rows L2_AHEAD tiles on into L2 itself.
  * Into L1 it prefetches the next tile's rows only where it is compute-bound (int4: 3-6% faster with it); for
  * the others that extra traffic costs more than it hides (one core, from memory: fp32 17-43% slower with it at
@@ -415,6 +417,14 @@ static void parallel(int64_t count, int threads, int64_t work, part_fn fn, const
  * last row in the others (rows in turn: skips them) and stores only its own. */
 #define L2_AHEAD 8
 #define LINE 64 /* bytes: one prefetch per row and cache line */
+/* a row in turn is one chain of FMAs, a multiply-add per vector, each waiting on the last: with AVX-512's 64-byte
+ * vectors the memory is slower than the chain; with AVX2's (and NEON's) 32 and 16 bytes the chain is the slower
+ * (5 cycles a vector on Zen 2: 3.2 bytes of bf16 a cycle), so four rows' chains interleave there */
+#if defined(__AVX512F__)
+#define ROWS_IN_TURN 1
+#else
+#define ROWS_IN_TURN 0
+#endif
 /* rows first .. first + nr - 1 of a tile (wr, gr: their weights and int4 scales) against `batch` rows of x into
  * acc, in the order every output keeps: one chain per (row of W, row of x) over the vectors of the input */
 INLINE void tile_pass(const char *const *wr, const float *const *gr, int first, int nr, const float *x, int64_t in,
@@ -465,7 +475,7 @@ INLINE void tile(const void *w, const float *x, float *y, const float *scale, co
     }
     const char *next = (const char *)w + ROWS * row_bytes, *later = (const char *)w + L2_AHEAD * ROWS * row_bytes;
     vf acc[ROWS][BATCH_BLOCK];
-    if (batch == 1) { /* the rows in turn: one stream to the hardware prefetcher */
+    if (batch == 1 && ROWS_IN_TURN && type != I4) { /* the rows in turn: one stream to the hardware prefetcher */
         for (int r = 0; r < rows; r++) tile_pass(wr, gr, r, 1, x, in, 1, type, row_bytes, next, later, 0, acc);
         for (int r = rows; r < ROWS; r++) acc[r][0] = splat(0);
     } else
@@ -566,28 +576,34 @@ const int f32_panel = PANEL;
 #define PANEL_AHEAD 16384
 #define PANEL_PREFETCH_BATCH 10
 _Static_assert(PANEL % (PANEL_VECS * VW) == 0, "a panel is whole register blocks");
+/* vectors of a register block against one row of x alone (a decode step): the panel's whole width where the
+ * registers hold it (AVX-512: 4, AVX2: 8), so the weights are read in memory order, one line after the next. With
+ * AVX2's 2-vector blocks a row of x read each 256-byte row of a panel in four visits a quarter apart, a stride that
+ * Zen 2's prefetchers follow poorly (0.1B fp32 decode at 16 GB/s where llama.cpp streams 26: bench/RESULTS.md,
+ * issue 20's fifteenth pass). Each output's chain is the same either way. */
+#define PANEL_WIDE_VECS (PANEL / VW < 8 ? PANEL / VW : 8)
 
-/* acc [m][PANEL] (a row block's sums; set where first) += the chain over inputs k0 .. k1 - 1 of a panel's vectors
- * from `w` (its input 0) against m rows of x; `ahead`: the panel's input 0, whose stream this block prefetches for
- * inputs ahead_from .. ahead_to - 1 */
+/* acc [m][PANEL] (a row block's sums; set where first) += the chain over inputs k0 .. k1 - 1 of `vecs` vectors of
+ * a panel from `w` (its input 0 at the block's first output) against m rows of x; `ahead`: the panel's input 0,
+ * whose stream this block prefetches for inputs ahead_from .. ahead_to - 1 */
 INLINE void panel_block(const float *w, const char *ahead, int64_t ahead_from, int64_t ahead_to, const float *x,
-                        int64_t in, int64_t k0, int64_t k1, int m, float *acc, int first) {
-    vf a[PANEL_ROWS][PANEL_VECS];
+                        int64_t in, int64_t k0, int64_t k1, int m, int vecs, float *acc, int first) {
+    vf a[PANEL_ROWS][PANEL_WIDE_VECS > PANEL_VECS ? PANEL_WIDE_VECS : PANEL_VECS];
     for (int r = 0; r < m; r++)
-        for (int v = 0; v < PANEL_VECS; v++) a[r][v] = splat(0);
+        for (int v = 0; v < vecs; v++) a[r][v] = splat(0);
     for (int64_t i = k0; i < k1; i++) {
         if (i >= ahead_from && i < ahead_to)
             for (int l = 0; l < PANEL * 4 / LINE; l++)
                 __builtin_prefetch(ahead + i * PANEL * 4 + PANEL_AHEAD + l * LINE, 0, 2);
-        vf wv[PANEL_VECS];
-        for (int v = 0; v < PANEL_VECS; v++) wv[v] = load(w + i * PANEL + v * VW);
+        vf wv[PANEL_WIDE_VECS > PANEL_VECS ? PANEL_WIDE_VECS : PANEL_VECS];
+        for (int v = 0; v < vecs; v++) wv[v] = load(w + i * PANEL + v * VW);
         for (int r = 0; r < m; r++) {
             const vf xb = splat(x[r * in + i]);
-            for (int v = 0; v < PANEL_VECS; v++) a[r][v] += wv[v] * xb;
+            for (int v = 0; v < vecs; v++) a[r][v] += wv[v] * xb;
         }
     }
     for (int r = 0; r < m; r++)
-        for (int v = 0; v < PANEL_VECS; v++) {
+        for (int v = 0; v < vecs; v++) {
             float *sum = acc + r * PANEL + v * VW;
             store(sum, first ? a[r][v] : load(sum) + a[r][v]);
         }
@@ -597,7 +613,8 @@ INLINE void panel_block(const float *w, const char *ahead, int64_t ahead_from, i
 static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
     const struct gemv_job *j = job;
     const int64_t in = j->in, batch = j->batch, row_blocks = (batch + PANEL_ROWS - 1) / PANEL_ROWS;
-    const int64_t blocks = row_blocks * (PANEL / (PANEL_VECS * VW)); /* register blocks per input block */
+    const int wide = batch == 1, width = (wide ? PANEL_WIDE_VECS : PANEL_VECS) * VW; /* a register block's outputs */
+    const int64_t blocks = row_blocks * (PANEL / width); /* register blocks per input block */
     const int prefetch = batch >= PANEL_PREFETCH_BATCH;
     float acc[ROWS_PER_PASS * PANEL] __attribute__((aligned(64)));
     for (int64_t p = begin; p < end; p++) {
@@ -605,24 +622,30 @@ static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
         const char *ahead = (const char *)panel;
         for (int64_t k0 = 0; k0 < in; k0 += PANEL_K) {
             const int64_t k1 = k0 + PANEL_K < in ? k0 + PANEL_K : in;
-            for (int s = 0; s < PANEL; s += PANEL_VECS * VW)
+            for (int s = 0; s < PANEL; s += width)
                 for (int64_t b = 0; b < batch; b += PANEL_ROWS) {
                     /* the block's share of the prefetches: spread over all of them, not in a burst in the first */
-                    const int64_t nth = s / (PANEL_VECS * VW) * row_blocks + b / PANEL_ROWS;
+                    const int64_t nth = s / width * row_blocks + b / PANEL_ROWS;
                     const int64_t from = k0 + (k1 - k0) * nth / blocks;
                     const int64_t to = prefetch ? k0 + (k1 - k0) * (nth + 1) / blocks : from; /* (none: empty) */
                     const float *xb = j->x + b * in;
                     float *ab = acc + b * PANEL + s;
+                    if (wide) {
+                        panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 1, PANEL_WIDE_VECS, ab, k0 == 0);
+                        continue;
+                    }
+#define BLOCK(m) panel_block(panel + s, ahead, from, to, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0)
                     switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
 #if PANEL_ROWS == 6
-                        case 6: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 6, ab, k0 == 0); break;
-                        case 5: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 5, ab, k0 == 0); break;
+                        case 6: BLOCK(6); break;
+                        case 5: BLOCK(5); break;
 #endif
-                        case 4: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 4, ab, k0 == 0); break;
-                        case 3: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 3, ab, k0 == 0); break;
-                        case 2: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 2, ab, k0 == 0); break;
-                        default: panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 1, ab, k0 == 0); break;
+                        case 4: BLOCK(4); break;
+                        case 3: BLOCK(3); break;
+                        case 2: BLOCK(2); break;
+                        default: BLOCK(1); break;
                     }
+#undef BLOCK
                 }
         }
         const int64_t n = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
@@ -1031,6 +1054,10 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
  * vector is four inputs of 8 rows: a line of quads is two of them, the block's top and bottom halves. */
 #define QUAD_BATCH 4 /* rows of x a tile of quads takes: 2 fp32 sums each (one a half), and their int32 sums, in 16 registers */
 #define I8_QUADS_OFFSET 0 /* (the kernel multiplies w itself) */
+/* bytes ahead of a group that its tile prefetches into L2, a line at a time: Zen 2's prefetchers alone kept one
+ * core's int8 stream at ~10 GB/s (0.1B decode B=1 with it, bench/compare_kernels.py: int8 1.12-1.15x, int4
+ * 1.27-1.37x; B=16 level; 1-8 KB alike within the noise) */
+#define QUADS_AHEAD 4096
 
 INLINE float hmax8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1108,6 +1135,8 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *wg = w + g * (i4 ? ACT_GROUP / 2 : ACT_GROUP) * QUAD_ROWS;
         const int8_t *xg = xq + g * ACT_GROUP;
+        for (int l = 0; l < (i4 ? ACT_GROUP / 2 : ACT_GROUP) * QUAD_ROWS; l += LINE)
+            __builtin_prefetch(wg + QUADS_AHEAD + l, 0, 2);
         for (int h = 0; h < 2; h++) {
             __m256i dot[QUAD_BATCH];
             for (int b = 0; b < batch; b++) dot[b] = _mm256_set1_epi32(xc[b * groups + g]);
