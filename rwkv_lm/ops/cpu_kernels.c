@@ -1052,11 +1052,13 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
  * vpmaddwd. int8's w + 128 against a signed x could saturate a pair (2 * 255 * 127), so the kernel takes w back
  * (the top bit flipped) and multiplies |w| by x with w's sign (vpsignb; pairs within 2 * 128 * 127). A 32-byte
  * vector is four inputs of 8 rows: a line of quads is two of them, the block's top and bottom halves. */
-#define QUAD_BATCH 4 /* rows of x a tile of quads takes: 2 fp32 sums each (one a half), and their int32 sums, in 16 registers */
+/* rows of x a tile of quads takes: 2 fp32 sums each (one a half) and an int32 sum, in 16 registers (at 33 rows
+ * from cache 4 is as fast as 3 or faster, 2 slower, int8 and int4) */
+#define QUAD_BATCH 4
 #define I8_QUADS_OFFSET 0 /* (the kernel multiplies w itself) */
 /* bytes ahead of a group that its tile prefetches into L2, a line at a time: Zen 2's prefetchers alone kept one
  * core's int8 stream at ~10 GB/s (0.1B decode B=1 with it, bench/compare_kernels.py: int8 1.12-1.15x, int4
- * 1.27-1.37x; B=16 level; 1-8 KB alike within the noise) */
+ * 1.27-1.37x; B=16 level; on the kernel alone 1, 2, 4 and 8 KB ahead swung as much between runs as between them) */
 #define QUADS_AHEAD 4096
 
 INLINE float hmax8(__m256 v) {
@@ -1097,7 +1099,6 @@ INLINE void quantize_act(const float *x, int8_t *q, float *s, int64_t in) {
         }
     }
 }
-INLINE void rows_operand(int8_t *q, int64_t in) { (void)q, (void)in; } /* (tile_i8_rows reads q as it is) */
 
 /* `rows` (up to ROWS) row-major int8 rows against `batch` rows of x: each row's group sums exact, as in quads, then
  * the same chain of FMAs and the row's scale, so the bits are those of the same weights in quads */
@@ -1170,15 +1171,14 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
         }
     }
     for (int b = 0; b < batch; b++) {
-        float sums[QUAD_ROWS];
+        if (rows == QUAD_ROWS) {
+            for (int h = 0; h < 2; h++)
+                _mm256_storeu_ps(y + b * out + 8 * h, i4 ? acc[b][h] : _mm256_mul_ps(acc[b][h], _mm256_loadu_ps(scale + 8 * h)));
+            continue;
+        }
+        float sums[QUAD_ROWS]; /* (a partial block: int8's scale holds only its rows) */
         _mm256_storeu_ps(sums, acc[b][0]), _mm256_storeu_ps(sums + 8, acc[b][1]);
-        if (rows == QUAD_ROWS && !i4) {
-            _mm256_storeu_ps(y + b * out, _mm256_mul_ps(acc[b][0], _mm256_loadu_ps(scale)));
-            _mm256_storeu_ps(y + b * out + 8, _mm256_mul_ps(acc[b][1], _mm256_loadu_ps(scale + 8)));
-        } else if (rows == QUAD_ROWS)
-            _mm256_storeu_ps(y + b * out, acc[b][0]), _mm256_storeu_ps(y + b * out + 8, acc[b][1]);
-        else
-            for (int r = 0; r < rows; r++) y[b * out + r] = i4 ? sums[r] : sums[r] * scale[r];
+        for (int r = 0; r < rows; r++) y[b * out + r] = i4 ? sums[r] : sums[r] * scale[r];
     }
 }
 #endif
@@ -1204,13 +1204,16 @@ static void quantize_rows_part(const void *job, int64_t begin, int64_t end) {
         int8_t *q = j->xq + b * in;
         quantize_act(j->x + b * in, q, j->xs + b * groups, in);
         if (j->type == I8) {
-            rows_operand(q, in);
+#ifdef __AVX512VNNI__
+            rows_operand(q, in); /* (AVX2's tile_i8_rows reads q as it is) */
+#endif
             continue;
         }
         const int offset = j->type == I8_QUADS ? I8_QUADS_OFFSET : 8;
         for (int64_t g = 0; g < groups; g++) {
             int32_t sum = 0;
-            for (int i = 0; i < ACT_GROUP; i++) sum += q[g * ACT_GROUP + i];
+            if (offset) /* (AVX2's int8 has none) */
+                for (int i = 0; i < ACT_GROUP; i++) sum += q[g * ACT_GROUP + i];
             j->xc[b * groups + g] = -offset * sum;
         }
     }
