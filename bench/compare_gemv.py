@@ -2,8 +2,9 @@
 with the avx512_bf16 level's flags (or --level), B=1 and one thread (or --batch, --threads), the decode step's shapes; the weights rotate
 through --memory MB (more than the L3 holds, so each call reads from memory as in a step); 40 interleaved rounds,
 medians and the median of the per-round ratios (old / new time). Each weight goes to each side's own kernel for it:
-fp32 to gemv_f32_panels on weights in panels where the source has it (else gemv_f32, row-major), int8 and int4 to
-gemv_i8_quads and gemv_i4_quads on weights in quads where the source has them at the level (else row-major).
+fp32 to gemv_f32_panels on weights in panels where the source has it (else gemv_f32, row-major), bf16 to
+gemv_bf16_panels where the source stores bf16 in panels at the level (`bf16_panels`), int8 and int4 to gemv_i8_quads and
+gemv_i4_quads on weights in quads where the source has them at the level (else row-major).
 
     git worktree add --detach /tmp/old main
     python bench/compare_gemv.py /tmp/old . --memory 600   # (an L3 of 480 MB: the Xeon of bench/RESULTS.md)
@@ -28,9 +29,16 @@ from rwkv_lm.runtime.cpu import quantize_int4, quantize_int8, to_int4_quads, to_
 KINDS = {"fp32": lambda w: (w, None), "bf16": lambda w: (w.bfloat16(), None), "int8": quantize_int8, "int4": quantize_int4}
 FUNCTIONS = {"fp32": "gemv_f32", "bf16": "gemv_bf16", "int8": "gemv_i8", "int4": "gemv_i4"}
 # each kind's other layout, where a source's kernels have it: (its kernel, the (weight, scale) in that layout)
-LAID = {"fp32": ("gemv_f32_panels", lambda w, s: (to_panels(w), s)), "int8": ("gemv_i8_quads", lambda w, s: (to_quads(w), s)),
-        "int4": ("gemv_i4_quads", to_int4_quads)}
+LAID = {"fp32": ("gemv_f32_panels", lambda w, s: (to_panels(w), s)), "bf16": ("gemv_bf16_panels", lambda w, s: (to_panels(w), s)),
+        "int8": ("gemv_i8_quads", lambda w, s: (to_quads(w), s)), "int4": ("gemv_i4_quads", to_int4_quads)}
 SHAPES = [(65536, 768), (3072, 768), (768, 3072), (768, 768)]  # the head, the channel mix's two, the time mix's
+
+
+def _lays_out(lib: ctypes.CDLL, kind: str) -> bool:
+    """Whether this build stores `kind` in LAID's layout: its kernel is there (bf16: and the level chooses panels)."""
+    if not hasattr(lib, LAID[kind][0]):
+        return False
+    return kind != "bf16" or bool(ctypes.c_int.in_dll(lib, "bf16_panels").value)
 
 
 def main():
@@ -64,8 +72,7 @@ def main():
                 weights.append(quantize(torch.randn(out, inp)))
             x, y = torch.randn(args.batch, inp), torch.empty(args.batch, out)
             times = {side: [] for side in libs}
-            name = {side: LAID[kind][0] if kind in LAID and hasattr(lib, LAID[kind][0]) else FUNCTIONS[kind]
-                    for side, lib in libs.items()}
+            name = {side: LAID[kind][0] if kind in LAID and _lays_out(lib, kind) else FUNCTIONS[kind] for side, lib in libs.items()}
             laid = {side: [LAID[kind][1](w, s) for w, s in weights] if name[side] != FUNCTIONS[kind] else weights
                     for side in libs}
             for r in range(args.rounds):

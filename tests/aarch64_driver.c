@@ -6,6 +6,7 @@
  *   gemv_f32 PREFIX out in batch threads     W x -> y
  *   gemv_f32_panels PREFIX out in batch threads   W x -> y   (W in panels: [ceil(out / 64), in, 64])
  *   gemv_bf16 PREFIX out in batch threads    W x -> y
+ *   gemv_bf16_panels PREFIX out in batch threads  W x -> y   (W in panels, as gemv_f32_panels)
  *   gemv_i8 PREFIX out in batch threads      W scale x -> y
  *   gemv_i4 PREFIX out in batch threads      W scale x -> y   (W packed two to a byte, scale [out, in / 64])
  *   gemv_cols_f32, gemv_cols_bf16 PREFIX out in batch threads   W x -> y   (W [in, out])
@@ -23,13 +24,14 @@
 int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads);
 int gemv_f32_panels(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads);
 int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads);
+int gemv_bf16_panels(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads);
 int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
             int threads);
 int gemv_i4(const uint8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
             int threads);
 int gemv_cols(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
               int64_t batch, int threads);
-extern const int int4_group, f32_panel;
+extern const int int4_group, panel_width;
 int wkv7_f32(const float *S, float *S_new, const float *r, const float *w, const float *k, const float *v,
              const float *a, const float *b, float *y, int64_t batch, int64_t len, int64_t heads, int64_t n,
              int threads);
@@ -112,14 +114,17 @@ int main(void) {
             if (scanf("%" SCNd64 " %" SCNd64 " %" SCNd64 " %d", &d[0], &d[1], &d[2], &threads) != 4)
                 fail(prefix, "expected out in batch threads");
             const int64_t out = d[0], in = d[1], batch = d[2];
-            const int i4 = strcmp(kernel, "gemv_i4") == 0, panels = strcmp(kernel, "gemv_f32_panels") == 0;
-            const size_t weight_size = strcmp(kernel, "gemv_f32") == 0 || panels ? 4 : strcmp(kernel, "gemv_bf16") == 0 ? 2 : 1;
+            const int i4 = strcmp(kernel, "gemv_i4") == 0, bf16_panels = strcmp(kernel, "gemv_bf16_panels") == 0;
+            const int panels = strcmp(kernel, "gemv_f32_panels") == 0 || bf16_panels;
+            const size_t weight_size = strcmp(kernel, "gemv_f32") == 0 || (panels && !bf16_panels) ? 4
+                                       : strcmp(kernel, "gemv_bf16") == 0 || bf16_panels ? 2 : 1;
             if (weight_size == 1 && strcmp(kernel, "gemv_i8") && !i4) fail(kernel, "no such kernel");
-            const int64_t rows = panels ? (out + f32_panel - 1) / f32_panel * f32_panel : out; /* (zero rows padded) */
+            const int64_t rows = panels ? (out + panel_width - 1) / panel_width * panel_width : out; /* (zero rows padded) */
             void *W = read_input(prefix, "W", i4 ? (size_t)(out * in / 2) : rows * in * weight_size);
             float *x = read_input(prefix, "x", batch * in * 4), *y = new_output(batch * out);
             float *scale = weight_size == 1 ? read_input(prefix, "scale", (i4 ? out * (in / int4_group) : out) * 4) : NULL;
-            if (panels ? gemv_f32_panels(W, x, y, out, in, batch, threads)
+            if (bf16_panels ? gemv_bf16_panels(W, x, y, out, in, batch, threads)
+                : panels ? gemv_f32_panels(W, x, y, out, in, batch, threads)
                 : weight_size == 4 ? gemv_f32(W, x, y, out, in, batch, threads)
                 : weight_size == 2 ? gemv_bf16(W, x, y, out, in, batch, threads)
                 : i4 ? gemv_i4(W, scale, x, y, out, in, batch, threads)

@@ -43,6 +43,8 @@ def gemv_cases(gen):
             yield "gemv_f32", dims, dict(W=w, x=x), dict(y=x.double() @ w.double().T)
             yield "gemv_f32_panels", dims, dict(W=to_panels(w), x=x), dict(y=x.double() @ w.double().T)
             yield "gemv_bf16", dims, dict(W=w_bf16.view(torch.int16), x=x), dict(y=x.bfloat16().double() @ w_bf16.double().T)
+            yield ("gemv_bf16_panels", dims, dict(W=to_panels(w_bf16).view(torch.int16), x=x),
+                   dict(y=x.bfloat16().double() @ w_bf16.double().T))
             yield ("gemv_i8", dims, dict(W=w_i8, scale=scale, x=x),
                    dict(y=x.double() @ (w_i8.double() * scale.double()[:, None]).T))
             # the LoRAs' kernel, W [in, out]
@@ -78,7 +80,7 @@ def wkv_cases(gen):
 
 @pytest.mark.parametrize("march", ["armv8-a", "armv8-a+nosimd"], ids=["neon", "generic"])
 def test_kernels_run_on_aarch64(tmp_path, march):
-    """gemv_f32, gemv_f32_panels, gemv_bf16, gemv_i8, gemv_i4, gemv_cols and wkv7_f32 built for aarch64 match torch in fp64 (bf16, int8 and
+    """gemv_f32, gemv_f32_panels, gemv_bf16, gemv_bf16_panels, gemv_i8, gemv_i4, gemv_cols and wkv7_f32 built for aarch64 match torch in fp64 (bf16, int8 and
     int4 weights widened and scaled exactly; bf16 products take x rounded to bf16) to fp32 accuracy, at 1 and 2
     threads."""
     compiler, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")

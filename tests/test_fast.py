@@ -27,9 +27,10 @@ from conftest import assert_close
 
 # every level builds every kernel but those of weights in quads (the integer products'); the levels differ in vector width
 # and in the bf16 and integer products
-ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_i8", "gemv_i4", "gemv_cols", "wkv7_f32", "block_step", "model_step", "layer_norm",
+ALL_KERNELS = {"gemv_f32", "gemv_f32_panels", "gemv_bf16", "gemv_bf16_panels", "gemv_i8", "gemv_i4", "gemv_cols", "wkv7_f32", "block_step", "model_step", "layer_norm",
                "mask_logits"}
 INTEGER_LEVELS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")  # int8 activations, quads
+BF16_DOT_LEVELS = ("avx512_bf16", "amx")  # bf16 products on a bf16 dot product or tiles, weights row-major (else in panels)
 VECTOR_WIDTH = {"generic": 4, "avx2": 8, "avx512": 16, "avx512_vnni": 16, "avx512_bf16": 16, "amx": 16, "neon": 4}
 BF16_MODEL_RTOL = 5e-3  # (see assert_bf16_close)
 BF16_RTOL = 1e-5  # one bf16 product against torch's on the same rounded inputs: exact products, sums in another order
@@ -52,6 +53,7 @@ def isa(request, monkeypatch):
     assert kernels().int8_quads == (level in INTEGER_LEVELS and level != "amx")
     assert kernels().int4_quads == (level in INTEGER_LEVELS)
     assert kernels().int8_activations == (level in INTEGER_LEVELS)
+    assert kernels().bf16_panels == (level not in BF16_DOT_LEVELS)
     assert kernels().vector_width == VECTOR_WIDTH[level], "built for another instruction set than the level's"
     # the amx level's products really run on the tiles (not quietly on the AVX-512 kernels), and no other's do
     assert kernels().amx_tiles == (level == "amx"), f"AMX tiles in use at {level}: {kernels().amx_tiles}"
@@ -100,11 +102,13 @@ def test_fp32_panels_load_and_save_as_dense_weights(model, assign):
 
 
 def test_panels_moved_to_bf16_are_prepared_again(model):
-    """An fp32-prepared model moved to bf16 and prepared for bf16 gets row-major bf16 weights its kernel takes,
-    not bf16 panels that none does."""
+    """An fp32-prepared model moved to bf16 keeps its panels (a kernel takes bf16 ones at every level), and prepared
+    for bf16 it gets the layout its level's bf16 products stream: panels, or rows where a bf16 dot product takes them."""
     fast = optimize(copy.deepcopy(model)).to(torch.bfloat16)
+    assert all(_gemv_kernel(m.weight) == "gemv_bf16_panels" for m in fast.modules() if isinstance(m, KernelLinear))
     optimize(fast, weights="bf16")
-    assert all(_gemv_kernel(m.weight) == "gemv_bf16" for m in fast.modules() if isinstance(m, KernelLinear))
+    layout = "gemv_bf16_panels" if kernels().bf16_panels else "gemv_bf16"
+    assert all(_gemv_kernel(m.weight) == layout for m in fast.modules() if isinstance(m, KernelLinear))
 
 
 def _rounded(model):
@@ -436,6 +440,28 @@ def test_fp32_linear_kernel(in_features, out_features):
         assert_close(fast(x), linear(x).detach(), 1e-6, f"{rows} rows")
 
 
+@pytest.mark.parametrize("in_features, out_features", [(48, 12), (768, 100), (64, 6), (37, 5), (96, 130)])
+def test_bf16_linear_kernel(in_features, out_features):
+    """bf16 weights in the layout their level streams (panels, or rows where a bf16 dot product takes them) against
+    fp64 on the same bf16 values, at every batch size up to 17, 35 rows and 65 (two passes); each row of a batch the
+    bits it gets alone."""
+    torch.manual_seed(in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    fast = KernelLinear(linear, torch.bfloat16)
+    assert _gemv_kernel(fast.weight) == ("gemv_bf16_panels" if kernels().bf16_panels else "gemv_bf16")
+    assert torch.equal(fast.dense_weight(), linear.weight.detach().bfloat16())
+    x_all = torch.randn(MAX_DECODE_ROWS + 1, in_features)
+    with torch.no_grad():
+        alone = [fast(x_all[i:i + 1]) for i in range(x_all.shape[0])]
+        for rows in (*range(1, 18), 35, MAX_DECODE_ROWS + 1):
+            x = x_all[:rows]
+            y = fast(x)
+            expected = x.bfloat16().double() @ linear.weight.bfloat16().double().T
+            assert_close(y, expected, BF16_RTOL, f"{rows} rows")
+            for i in range(rows):
+                assert torch.equal(y[i], alone[i][0]), f"row {i} of {rows}: not the bits it gets alone"
+
+
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("in_features, out_features", [(64, 768), (768, 64), (20, 128), (7, 48), (768, 20), (96, 8)])
 def test_lora_kernel(weights, in_features, out_features):
@@ -473,16 +499,20 @@ def test_lora_kernel(weights, in_features, out_features):
                 in_features, 1, 1) == 1, "int4 is refused"
 
 
-def test_fp32_panels_take_the_kernel_at_any_row_count(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panels_take_the_kernel_at_any_row_count(monkeypatch, dtype):
     """Rows of several tokens past MAX_DECODE_ROWS (a prompt's logits at every position) go to the kernel too, in
     passes: torch's matmul would first need the panels unpacked, a copy of the weight a call."""
+    if dtype == torch.bfloat16 and not kernels().bf16_panels:
+        pytest.skip("bf16 weights are row-major at this level (its bf16 dot product takes them so)")
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 130, bias=False)
-    fast = KernelLinear(linear, torch.float32)
+    fast = KernelLinear(linear, dtype)
     x = torch.randn(2, MAX_DECODE_ROWS + 7, 96)
-    expected = linear(x).detach()
+    with torch.no_grad():
+        expected = (x.to(dtype).double() @ linear.weight.to(dtype).double().T).float()
     monkeypatch.setattr(fast_module.F, "linear", lambda *a: pytest.fail("torch's matmul on unpacked panels"))
-    assert_close(fast(x), expected, 1e-6, "rows of several tokens")
+    assert_close(fast(x), expected, 1e-6 if dtype == torch.float32 else BF16_RTOL, "rows of several tokens")
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])
@@ -1105,7 +1135,7 @@ def _vm_flags(address: int) -> list[str]:
 
 
 def test_big_weights_lie_on_huge_pages(isa):
-    """An fp32 weight of 2 MiB or more is copied to memory advised for huge pages (one TLB entry per 2 MiB as a step
+    """An fp32 weight (or bf16 one in panels) of 2 MiB or more is copied to memory advised for huge pages (one TLB entry per 2 MiB as a step
     streams it), from a 2 MiB boundary; its values, its layer's output, copies and pickles are what they were, and a
     small weight is not advised onto them."""
     import mmap
@@ -1126,8 +1156,10 @@ def test_big_weights_lie_on_huge_pages(isa):
     for copied in (copy.deepcopy(layer.weight), pickle.loads(pickle.dumps(layer.weight))):
         assert torch.equal(copied, layer.weight) and copied.untyped_storage().nbytes() == copied.nbytes
     assert "hg" not in _vm_flags(small_layer.weight.data_ptr()), "a weight under one huge page advised onto them"
-    int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them: only fp32 moves)
+    int4 = KernelLinear(big, torch.uint8).weight  # (int4 decoded slower on them: only panels move)
     assert "hg" not in _vm_flags(int4.data_ptr())
+    bf16 = KernelLinear(big, torch.bfloat16).weight  # (the generic level keeps bf16 in panels)
+    assert bf16.dim() == 3 and "hg" in _vm_flags(bf16.data_ptr()), "bf16 panels not on huge pages, as fp32 ones are"
 
 
 @pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])

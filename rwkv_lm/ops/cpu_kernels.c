@@ -3,7 +3,8 @@
  *
  * Decoding one token is bound by streaming the weights from memory, once per token: each kernel reads a
  * weight in one sequential pass, split between threads by rows: row-major ([out, in], as nn.Linear stores it),
- * fp32 in panels (gemv_f32_panels) and int8 and int4 in quads at the x86 levels from avx2 (tile_quads).
+ * fp32 and bf16 in panels (gemv_f32_panels, gemv_bf16_panels) and int8 and int4 in quads at the x86 levels from avx2
+ * (tile_quads).
  * One source for every CPU: the arithmetic is written on GCC's vector types, which the compiler maps
  * to the registers of the instruction set it is built for (AVX-512: 16 floats, AVX2: 8, SSE2 and NEON: 4);
  * a few helpers use an instruction set's own intrinsics where the portable form is slower. Weights are fp32,
@@ -59,14 +60,14 @@ const int rows_per_pass = ROWS_PER_PASS;
 enum { BLOCK_STEP_PARAMS(AS_ENUM) N_BLOCK_STEP_PARAMS };
 const char block_step_params[] = BLOCK_STEP_PARAMS(AS_NAME);
 
-/* weight types, as the Python side numbers them (F32_PANELS: fp32 in panels, gemv_f32_panels; I8_QUADS and
- * I4_QUADS: int8 and int4 in blocks of quads, gemv_qx). The LoRAs ([in, out]: gemv_cols) are F32, or for a
+/* weight types, as the Python side numbers them (F32_PANELS and BF16_PANELS: fp32 and bf16 in panels,
+ * gemv_panels_part; I8_QUADS and I4_QUADS: int8 and int4 in blocks of quads, gemv_qx). The LoRAs ([in, out]: gemv_cols) are F32, or for a
  * bf16 and a quantized model BF16 and I8 copies (rwkv_lm.runtime.cpu's StepPlan), against fp32 activations at
  * every level, as model.py's `x @ w1` multiplies them. In fp32 they were a fifth of what a 0.1B int4 step reads
  * (21 of 97 MB), in int8 5 of 82; in a bf16 step 21 of 292 MB, in bf16 11 of 282. */
-enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I4_QUADS };
+enum { F32, BF16, I8, I4, F32_PANELS, I8_QUADS, I4_QUADS, BF16_PANELS };
 /* (checked against the Python side's WEIGHT_TYPES) */
-const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS, i4_quads_type = I4_QUADS;
+const int f32_panels_type = F32_PANELS, i8_quads_type = I8_QUADS, i4_quads_type = I4_QUADS, bf16_panels_type = BF16_PANELS;
 #define QUAD_ROWS 16 /* rows of an int8 or int4 weight a block of quads holds (tile_quads) */
 const int quad_rows = QUAD_ROWS;
 /* int4 weights: each run of 32 inputs of a row is 16 bytes, byte j holding input j in its low nibble and input
@@ -543,12 +544,13 @@ GEMV(gemv_bf16_rows, BF16)
 GEMV(gemv_i8_rows, I8)
 GEMV(gemv_i4_rows, I4)
 
-/* fp32 weights in panels (F32_PANELS): W [out, in] stored as [ceil(out / PANEL), in, PANEL] (rwkv_lm.runtime.cpu's
- * `to_panels`; the last panel's missing rows zero), so a panel's PANEL outputs at input i are one run of memory and
- * the whole weight one sequential stream. A register block takes PANEL_VECS vectors of a panel's outputs against
- * PANEL_ROWS rows of x, each x[b, i] broadcast: with AVX-512 24 FMAs per 4 loads and 6 broadcasts, and no sums
- * across lanes, where the row tiles above (a dot product per row: a chain per lane, the lanes summed at the end)
- * spend 10 loads and their lane sums. Each output is the sum, in order, of its PANEL_K-input blocks, each block one
+/* fp32 and bf16 weights in panels (F32_PANELS, BF16_PANELS): W [out, in] stored as [ceil(out / PANEL), in, PANEL]
+ * (rwkv_lm.runtime.cpu's `to_panels`; the last panel's missing rows zero), so a panel's PANEL outputs at input i are
+ * one run of memory and the whole weight one sequential stream. bf16 panels widen each vector of W in registers and
+ * multiply x rounded to bf16 (see bf16_rounded): the same blocks and chains as fp32. A register block takes
+ * PANEL_VECS vectors of a panel's outputs against PANEL_ROWS rows of x, each x[b, i] broadcast: with AVX-512 24
+ * FMAs per 4 loads and 6 broadcasts, and no sums across lanes, where the row tiles above (a dot product per row: a
+ * chain per lane, the lanes summed at the end) spend 10 loads and their lane sums. Each output is the sum, in order, of its PANEL_K-input blocks, each block one
  * multiply-add chain over its inputs in order (fused where the level has FMA),
  *   y[b, o] = c_0 + c_1 + ...,   c_k = (((0 + W[o, 16k] x[b, 16k]) + W[o, 16k + 1] x[b, 16k + 1]) + ...),
  * whatever the batch or the register block it falls in: batch-invariant by construction, and rounding like the
@@ -564,7 +566,15 @@ GEMV(gemv_i4_rows, I4)
  * fast; the 0.1B model's 16-sequence steps 1.35-1.37x, its 33-token prompts 1.44-1.56x, one sequence level
  * (bench/RESULTS.md, issue 20's tenth pass). */
 #define PANEL 64
-const int f32_panel = PANEL;
+const int panel_width = PANEL;
+/* whether bf16 weights are stored in panels at this level: where no bf16 dot product takes them row-major
+ * (avx512_bf16 and AMX: gemv_bf16_dp, gemv_bf16_amx) */
+#ifdef __AVX512BF16__
+const int bf16_panels = 0;
+#else
+const int bf16_panels = 1;
+#endif
+INLINE int panel_element_bytes(int type) { return type == BF16_PANELS ? 2 : 4; }
 #if defined(__AVX512F__) || defined(__aarch64__)
 #define PANEL_VECS 4 /* 6 x 4 accumulators, 4 vectors of W and a broadcast: 29 of 32 registers */
 #define PANEL_ROWS 6
@@ -575,6 +585,11 @@ const int f32_panel = PANEL;
 #define PANEL_K 16
 #define PANEL_AHEAD 16384
 #define PANEL_PREFETCH_BATCH 10
+/* bf16 panels against one row of x prefetch each input's lines BF16_PANEL_NEAR bytes (eight inputs) on: the
+ * hardware prefetcher alone left Zen 2 well short of fp32 panels' speed in bytes (0.1B bf16 decode 1.13-1.20x as
+ * fast with them; 512 and 1536 bytes on were 4-9% and 6-8% slower than 1024, 2048 and 4096 12-18%), where fp32
+ * panels are 12-15% slower with them (1024 or 2048 bytes on; bench/RESULTS.md, issue 20's sixteenth pass) */
+#define BF16_PANEL_NEAR 1024
 _Static_assert(PANEL % (PANEL_VECS * VW) == 0, "a panel is whole register blocks");
 /* vectors of a register block against one row of x alone (a decode step): the panel's whole width where the
  * registers hold it (AVX-512: 4, AVX2: 8), so the weights are read in memory order, one line after the next. With
@@ -583,20 +598,26 @@ _Static_assert(PANEL % (PANEL_VECS * VW) == 0, "a panel is whole register blocks
  * issue 20's fifteenth pass). Each output's chain is the same either way. */
 #define PANEL_WIDE_VECS (PANEL / VW < 8 ? PANEL / VW : 8)
 
+/* VW outputs of a panel of `type` at element `at`, in fp32 */
+INLINE vf panel_load(const void *w, int type, int64_t at) {
+    return type == BF16_PANELS ? widen_bf16((const uint16_t *)w + at) : load((const float *)w + at);
+}
+
 /* acc [m][PANEL] (a row block's sums; set where first) += the chain over inputs k0 .. k1 - 1 of `vecs` vectors of
- * a panel from `w` (its input 0 at the block's first output) against m rows of x; `ahead`: the panel's input 0,
- * whose stream this block prefetches for inputs ahead_from .. ahead_to - 1 */
-INLINE void panel_block(const float *w, const char *ahead, int64_t ahead_from, int64_t ahead_to, const float *x,
-                        int64_t in, int64_t k0, int64_t k1, int m, int vecs, float *acc, int first) {
+ * a panel of `type` from `w` (its input 0 at the block's first output) against m rows of x; `ahead`: the panel's
+ * input 0, whose stream this block prefetches `distance` bytes on for inputs ahead_from .. ahead_to - 1 */
+INLINE void panel_block(const void *w, int type, const char *ahead, int64_t ahead_from, int64_t ahead_to,
+                        int64_t distance, const float *x, int64_t in, int64_t k0, int64_t k1, int m, int vecs,
+                        float *acc, int first) {
+    const int row_bytes = PANEL * panel_element_bytes(type); /* a panel's bytes at one input */
     vf a[PANEL_ROWS][PANEL_WIDE_VECS > PANEL_VECS ? PANEL_WIDE_VECS : PANEL_VECS];
     for (int r = 0; r < m; r++)
         for (int v = 0; v < vecs; v++) a[r][v] = splat(0);
     for (int64_t i = k0; i < k1; i++) {
         if (i >= ahead_from && i < ahead_to)
-            for (int l = 0; l < PANEL * 4 / LINE; l++)
-                __builtin_prefetch(ahead + i * PANEL * 4 + PANEL_AHEAD + l * LINE, 0, 2);
+            for (int l = 0; l < row_bytes / LINE; l++) __builtin_prefetch(ahead + i * row_bytes + distance + l * LINE, 0, 2);
         vf wv[PANEL_WIDE_VECS > PANEL_VECS ? PANEL_WIDE_VECS : PANEL_VECS];
-        for (int v = 0; v < vecs; v++) wv[v] = load(w + i * PANEL + v * VW);
+        for (int v = 0; v < vecs; v++) wv[v] = panel_load(w, type, i * PANEL + v * VW);
         for (int r = 0; r < m; r++) {
             const vf xb = splat(x[r * in + i]);
             for (int v = 0; v < vecs; v++) a[r][v] += wv[v] * xb;
@@ -609,17 +630,17 @@ INLINE void panel_block(const float *w, const char *ahead, int64_t ahead_from, i
         }
 }
 
-/* panels begin .. end - 1 for up to ROWS_PER_PASS rows of x (a gemv_job without scales) */
-static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
+/* panels of `type` begin .. end - 1 for up to ROWS_PER_PASS rows of x (a gemv_job without scales; bf16: x rounded) */
+INLINE void gemv_panels_part(const void *job, int64_t begin, int64_t end, int type) {
     const struct gemv_job *j = job;
     const int64_t in = j->in, batch = j->batch, row_blocks = (batch + PANEL_ROWS - 1) / PANEL_ROWS;
     const int wide = batch == 1, width = (wide ? PANEL_WIDE_VECS : PANEL_VECS) * VW; /* a register block's outputs */
     const int64_t blocks = row_blocks * (PANEL / width); /* register blocks per input block */
-    const int prefetch = batch >= PANEL_PREFETCH_BATCH;
+    const int prefetch = batch >= PANEL_PREFETCH_BATCH || (wide && type == BF16_PANELS);
+    const int64_t distance = batch >= PANEL_PREFETCH_BATCH ? PANEL_AHEAD : BF16_PANEL_NEAR;
     float acc[ROWS_PER_PASS * PANEL] __attribute__((aligned(64)));
     for (int64_t p = begin; p < end; p++) {
-        const float *panel = (const float *)j->W + p * in * PANEL;
-        const char *ahead = (const char *)panel;
+        const char *panel = (const char *)j->W + p * in * PANEL * panel_element_bytes(type), *ahead = panel;
         for (int64_t k0 = 0; k0 < in; k0 += PANEL_K) {
             const int64_t k1 = k0 + PANEL_K < in ? k0 + PANEL_K : in;
             for (int s = 0; s < PANEL; s += width)
@@ -630,11 +651,12 @@ static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
                     const int64_t to = prefetch ? k0 + (k1 - k0) * (nth + 1) / blocks : from; /* (none: empty) */
                     const float *xb = j->x + b * in;
                     float *ab = acc + b * PANEL + s;
+                    const void *w = panel + s * panel_element_bytes(type);
                     if (wide) {
-                        panel_block(panel + s, ahead, from, to, xb, in, k0, k1, 1, PANEL_WIDE_VECS, ab, k0 == 0);
+                        panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, 1, PANEL_WIDE_VECS, ab, k0 == 0);
                         continue;
                     }
-#define BLOCK(m) panel_block(panel + s, ahead, from, to, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0)
+#define BLOCK(m) panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0)
                     switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
 #if PANEL_ROWS == 6
                         case 6: BLOCK(6); break;
@@ -652,10 +674,13 @@ static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) {
         for (int64_t b = 0; b < batch; b++) memcpy(j->y + b * j->out + p * PANEL, acc + b * PANEL, n * sizeof(float));
     }
 }
-static void gemv_f32_panels_pass(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
-                                 int threads) {
+static void gemv_f32_panels_part(const void *job, int64_t begin, int64_t end) { gemv_panels_part(job, begin, end, F32_PANELS); }
+static void gemv_bf16_panels_part(const void *job, int64_t begin, int64_t end) { gemv_panels_part(job, begin, end, BF16_PANELS); }
+static void gemv_panels_pass(const void *W, int type, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
+                             int threads) {
     const struct gemv_job job = {W, NULL, x, y, out, in, batch};
-    parallel((out + PANEL - 1) / PANEL, threads, out * in, gemv_f32_panels_part, &job);
+    parallel((out + PANEL - 1) / PANEL, threads, out * in, type == BF16_PANELS ? gemv_bf16_panels_part : gemv_f32_panels_part,
+             &job);
 }
 
 /* bf16 weights multiply x rounded to bf16 (to nearest even), as llama.cpp's BF16 and bf16 matmuls do: the
@@ -1391,17 +1416,18 @@ static int gemv_i8_amx(const int8_t *W, const float *scale, const float *x, floa
 /* one pass over W: up to ROWS_PER_PASS rows of x (see linear) */
 static int linear_pass(const void *W, const float *scale, int type, const float *x, float *y, int64_t out, int64_t in,
                        int64_t batch, int threads) {
-    if (type == BF16) {
+    if (type == BF16 || type == BF16_PANELS) {
 #ifdef __AMX_BF16__
-        if (in % 32 == 0 && amx_granted()) return gemv_bf16_amx(W, x, y, out, in, batch, threads);
+        if (type == BF16 && in % 32 == 0 && amx_granted()) return gemv_bf16_amx(W, x, y, out, in, batch, threads);
 #endif
 #ifdef __AVX512BF16__
-        if (in % 32 == 0) return gemv_bf16_dp(W, x, y, out, in, batch, threads);
+        if (type == BF16 && in % 32 == 0) return gemv_bf16_dp(W, x, y, out, in, batch, threads);
 #endif
         float *rounded = malloc(batch * in * sizeof(float));
         if (!rounded) return 2;
         round_to_bf16(x, rounded, batch * in);
-        gemv_bf16_rows(W, NULL, rounded, y, out, in, batch, threads);
+        if (type == BF16) gemv_bf16_rows(W, NULL, rounded, y, out, in, batch, threads);
+        else gemv_panels_pass(W, type, rounded, y, out, in, batch, threads);
         free(rounded);
         return 0;
     }
@@ -1413,7 +1439,7 @@ static int linear_pass(const void *W, const float *scale, int type, const float 
         return gemv_qx(W, scale, type, x, y, out, in, batch, threads);
 #endif
     if (type == I8_QUADS || type == I4_QUADS) return 4; /* (only the levels from avx2 multiply them) */
-    if (type == F32_PANELS) gemv_f32_panels_pass(W, x, y, out, in, batch, threads);
+    if (type == F32_PANELS) gemv_panels_pass(W, type, x, y, out, in, batch, threads);
     else if (type == F32) gemv_f32_rows(W, NULL, x, y, out, in, batch, threads);
     else if (type == I8) gemv_i8_rows(W, scale, x, y, out, in, batch, threads);
     else gemv_i4_rows(W, scale, x, y, out, in, batch, threads);
@@ -1522,13 +1548,19 @@ int gemv_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, 
     return linear(W, NULL, F32, x, y, out, in, batch, threads);
 }
 
-/* W in whole panels ([ceil(out / PANEL), in, PANEL], the last one's missing rows zero; see gemv_f32_panels_part) */
+/* W in whole panels ([ceil(out / PANEL), in, PANEL], the last one's missing rows zero; see gemv_panels_part) */
 int gemv_f32_panels(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     return linear(W, NULL, F32_PANELS, x, y, out, in, batch, threads);
 }
 
 int gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
     return linear(W, NULL, BF16, x, y, out, in, batch, threads);
+}
+
+/* bf16 W in whole panels, as gemv_f32_panels; at every level, but only those without a bf16 dot product store bf16
+ * weights so (`bf16_panels`): avx512_bf16 and AMX take row-major rows */
+int gemv_bf16_panels(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t batch, int threads) {
+    return linear(W, NULL, BF16_PANELS, x, y, out, in, batch, threads);
 }
 
 int gemv_i8(const int8_t *W, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t batch,
@@ -1827,7 +1859,7 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
 #define LORA(name, x, y, out, in) gemv_cols(params[name], params[name##_S], lora_type, x, y, out, in, rows, threads)
 #define PHASE(p) parallel(rows, threads, rows * C, slice_part, &(struct slice_phase){&s, p})
     const int64_t rows = batch * len, BC = rows * C;
-    const int lora_type = params[W1_S] ? I8 : type == BF16 ? BF16 : F32;
+    const int lora_type = params[W1_S] ? I8 : type == BF16 || type == BF16_PANELS ? BF16 : F32;
     /* the six token-shift mixes xr, xw, xk, xv, xa, xg, then one buffer per vector of the step, the normalized
      * inputs of the shifts, and the LoRAs' and the channel mix's hidden vectors */
     float *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *w = v + BC, *a = w + BC, *g = a + BC, *minus_kk = g + BC,

@@ -39,18 +39,20 @@ else:
                              "-mamx-int8"]}
 
 # the C side's interface: what it exports, its argument types, and the limits and parameter order it is
-# checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group, f32_panel and block_step_params)
+# checked against when it loads (cpu_kernels.c's rows_per_pass, int4_group, panel_width and block_step_params)
 ROWS_PER_PASS = 64  # rows of x per pass over the weights; more run in several passes
 INT4_GROUP = 64  # inputs of a row that share one scale in int4 weights
-F32_PANEL = 64  # outputs a panel of fp32 weights holds: [out, in] stored as [ceil(out / F32_PANEL), in, F32_PANEL]
+PANEL = 64  # outputs a panel of fp32 or bf16 weights holds: [out, in] stored as [ceil(out / PANEL), in, PANEL]
 # inputs of a row of activations that share one int8 scale where the int4 and int8 products quantize them (levels
 # from avx2: `Kernels.int8_activations`); the int4 kernel reads one weight group per activation group
 ACT_GROUP = INT4_GROUP
 INT4_BLOCK = 32  # inputs packed into 16 bytes: byte j holds input j (low nibble) and input j + 16 (high nibble)
 QUAD_ROWS = 16  # rows of int8 and int4 weights a block of quads holds (runtime.cpu.to_quads, to_int4_quads)
-# the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8; fp32 weights
-# in panels (runtime.cpu.to_panels) are "float32_panels", int8 and int4 ones in quads "int8_quads" and "int4_quads"
-WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3, "float32_panels": 4, "int8_quads": 5, "int4_quads": 6}
+# the C enum of weight types, by torch dtype name: int4 weights are stored packed, two to a uint8; fp32 and bf16
+# weights in panels (runtime.cpu.to_panels) are "float32_panels" and "bfloat16_panels", int8 and int4 ones in quads
+# "int8_quads" and "int4_quads"
+WEIGHT_TYPES = {"float32": 0, "bfloat16": 1, "int8": 2, "uint8": 3, "float32_panels": 4, "int8_quads": 5, "int4_quads": 6,
+                "bfloat16_panels": 7}
 # the pointers block_step takes, in this order; a name the block lacks (ln0, v0 ... after the first, the int8
 # scales of other types) is passed as NULL
 BLOCK_STEP_PARAMS = (
@@ -70,6 +72,7 @@ SIGNATURES = {
     "gemv_f32": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_f32_panels": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_bf16": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
+    "gemv_bf16_panels": [_POINTER] * 3 + [_INT64] * 3 + [_INT],
     "gemv_i8": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "gemv_i4": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
     "gemv_i8_quads": [_POINTER] * 4 + [_INT64] * 3 + [_INT],
@@ -120,12 +123,14 @@ def isa_level(cap: str | None = None) -> str:
 class Kernels(dict):
     """The C functions by name, and the build they come from: its level, vector width (floats per register),
     whether its int4 and int8 products quantize the activations to int8 (`round_activations`) to multiply in
-    integers (the x86 levels from avx2), and whether its bf16 and int8 products run on AMX's tiles (the amx level, where Linux lends them)."""
+    integers (the x86 levels from avx2), whether its bf16 and int8 products run on AMX's tiles (the amx level, where
+    Linux lends them), and whether bf16 weights are stored in panels (the levels without a bf16 dot product)."""
 
-    def __init__(self, functions: dict, level: str, vector_width: int, int8_activations: bool, amx_tiles: bool):
+    def __init__(self, functions: dict, level: str, vector_width: int, int8_activations: bool, amx_tiles: bool,
+                 bf16_panels: bool):
         super().__init__(functions)
         self.level, self.vector_width, self.int8_activations = level, vector_width, int8_activations
-        self.amx_tiles = amx_tiles
+        self.amx_tiles, self.bf16_panels = amx_tiles, bf16_panels
 
     @property
     def int8_quads(self) -> bool:
@@ -166,8 +171,9 @@ def _build(level: str) -> dict:
             continue
         kernel = found[name] = getattr(library, name)
         kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
-    return Kernels(found, built, ctypes.c_int.in_dll(library, "vector_width").value,
-                   bool(ctypes.c_int.in_dll(library, "int8_activations").value), bool(library.amx_tiles()))
+    int8_activations, bf16_panels = (bool(ctypes.c_int.in_dll(library, name).value) for name in ("int8_activations", "bf16_panels"))
+    return Kernels(found, built, ctypes.c_int.in_dll(library, "vector_width").value, int8_activations,
+                   bool(library.amx_tiles()), bf16_panels)
 
 
 def _compile(level: str) -> tuple[ctypes.CDLL | None, str]:
@@ -196,16 +202,17 @@ def _check_interface(library):
     names = ctypes.cast(ctypes.addressof(ctypes.c_char.in_dll(library, "block_step_params")), ctypes.c_char_p).value
     rows_per_pass = ctypes.c_int.in_dll(library, "rows_per_pass").value
     int4_group = ctypes.c_int.in_dll(library, "int4_group").value
-    f32_panel = ctypes.c_int.in_dll(library, "f32_panel").value
+    panel_width = ctypes.c_int.in_dll(library, "panel_width").value
     quad_rows = ctypes.c_int.in_dll(library, "quad_rows").value
-    types = tuple(ctypes.c_int.in_dll(library, f"{name}_type").value for name in ("f32_panels", "i8_quads", "i4_quads"))
+    layouts = ("f32_panels", "i8_quads", "i4_quads", "bf16_panels")
+    types = tuple(ctypes.c_int.in_dll(library, f"{name}_type").value for name in layouts)
     if (tuple(names.decode().split()) != BLOCK_STEP_PARAMS
-            or types != (WEIGHT_TYPES["float32_panels"], WEIGHT_TYPES["int8_quads"], WEIGHT_TYPES["int4_quads"])
-            or (rows_per_pass, int4_group, f32_panel, quad_rows) != (ROWS_PER_PASS, INT4_GROUP, F32_PANEL, QUAD_ROWS)):
+            or types != tuple(WEIGHT_TYPES[name] for name in ("float32_panels", "int8_quads", "int4_quads", "bfloat16_panels"))
+            or (rows_per_pass, int4_group, panel_width, quad_rows) != (ROWS_PER_PASS, INT4_GROUP, PANEL, QUAD_ROWS)):
         raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
                            f"ROWS_PER_PASS ({rows_per_pass} in C, {ROWS_PER_PASS} here), INT4_GROUP ({int4_group} in C, "
-                           f"{INT4_GROUP} here), F32_PANEL ({f32_panel} in C, {F32_PANEL} here), QUAD_ROWS ({quad_rows} "
-                           f"in C, {QUAD_ROWS} here) or the weight types' numbers (F32_PANELS, I8_QUADS and I4_QUADS {types} in C): "
+                           f"{INT4_GROUP} here), PANEL ({panel_width} in C, {PANEL} here), QUAD_ROWS ({quad_rows} "
+                           f"in C, {QUAD_ROWS} here) or the weight types' numbers (F32_PANELS, I8_QUADS, I4_QUADS and BF16_PANELS {types} in C): "
                            "change both together")
 
 

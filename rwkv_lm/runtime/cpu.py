@@ -27,7 +27,9 @@ cache). The head's rows of one token each (steps, `last_only`) therefore take th
   everything else stays fp32.
   A step widens both to fp32 in registers (with avx512_bf16: feeds them to its dot product, twice the products
   of an FMA; with AMX: to its tiles, 16 rows of W by up to 16 of x an instruction), and so does a prompt; every
-  level rounds alike.
+  level rounds alike. Where neither takes them the weights are stored in panels as fp32 ones are (`to_panels`; the
+  same blocks and chains, each vector of W widened in registers): one sequential stream where rows are four (0.1B
+  bf16 decode 1.23-1.26x as fast on an AVX2 Zen 2, bench/RESULTS.md, issue 20's sixteenth pass).
 - int8 weights (`weights="int8"`): a quarter of the bytes, one fp32 scale per output row; steps widen them to
   fp32 in registers, prompts too (but at the x86 levels from avx2, below); torch ops multiply the dequantized
   weights. `rwkv_lm.save` keeps them as they are. Where integer products take them (below; not on AMX's tiles)
@@ -64,18 +66,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import DECAY_SCALE, RWKV, Block
-from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, F32_PANEL, INT4_BLOCK, INT4_GROUP, QUAD_ROWS, ROWS_PER_PASS,
+from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GROUP, PANEL, QUAD_ROWS, ROWS_PER_PASS,
                                WEIGHT_TYPES, dequantize_int4, isa_level, kernels, round_activations)
 from ..state import LayerState, RWKVState
 
 # rows of several tokens a KernelLinear takes in the C kernels (one pass over the weights; rows of one token each,
-# a step's or a last_only head's, and fp32 panels it takes at any count), and the rows of a prompt's piece in a
+# a step's or a last_only head's, and weights in panels or quads it takes at any count), and the rows of a prompt's piece in a
 # StepBlock or StepRWKV call; beyond, torch's matmul on row-major weights is as fast (measured)
 MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # [in, out], as the C step reads them (`gemv_cols`)
-# the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels, and int8 and
-# int4 ones at the x86 levels from avx2 in quads: `_gemv_kernel`)
+# the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels, bf16 ones
+# where no bf16 dot product takes them row-major, and int8 and int4 ones at the x86 levels from avx2 in quads:
+# `_gemv_kernel`)
 KERNEL_OF = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_i8", torch.uint8: "gemv_i4"}
+PANEL_KERNEL_OF = {torch.float32: "gemv_f32_panels", torch.bfloat16: "gemv_bf16_panels"}
 SCALED_KERNELS = ("gemv_i8", "gemv_i4", "gemv_i8_quads", "gemv_i4_quads")  # those whose weights have scales beside them
 # optimize()'s choices: the Linear weights' dtype (int4: packed two to a uint8)
 WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
@@ -83,11 +87,10 @@ WEIGHTS = {None: None, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch
 
 def _gemv_kernel(weight: torch.Tensor) -> str | None:
     """The kernel that multiplies by this weight: an [out, in] one stored row-major (a weight assigned after
-    optimize() may not be), fp32 in panels (`to_panels`), int8 or int4 in quads (`to_quads`, `to_int4_quads`); else
-    None."""
+    optimize() may not be), fp32 or bf16 in panels (`to_panels`), int8 or int4 in quads (`to_quads`, `to_int4_quads`);
+    else None."""
     if weight.dim() == 3:
-        panels = weight.dtype == torch.float32 and weight.shape[2] == F32_PANEL and weight.is_contiguous()
-        return "gemv_f32_panels" if panels else None
+        return PANEL_KERNEL_OF.get(weight.dtype) if weight.shape[2] == PANEL and weight.is_contiguous() else None
     if weight.dim() in (4, 5):
         quads = weight.dtype == torch.uint8 and weight.shape[-2:] == (QUAD_ROWS, 4) and weight.is_contiguous()
         return ("gemv_i8_quads" if weight.dim() == 4 else "gemv_i4_quads") if quads else None
@@ -96,17 +99,17 @@ def _gemv_kernel(weight: torch.Tensor) -> str | None:
 
 def _weight_type(weight: torch.Tensor) -> int:
     """The C enum (WEIGHT_TYPES) of a weight `_gemv_kernel` finds a kernel for."""
-    layout = {3: "float32_panels", 4: "int8_quads", 5: "int4_quads"}.get(weight.dim())
-    return WEIGHT_TYPES[layout or str(weight.dtype).removeprefix("torch.")]
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return WEIGHT_TYPES[{3: f"{dtype}_panels", 4: "int8_quads", 5: "int4_quads"}.get(weight.dim(), dtype)]
 
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
-    """fp32 weight [out, in] -> [ceil(out / F32_PANEL), in, F32_PANEL], the layout gemv_f32_panels streams: each
-    panel's F32_PANEL outputs at an input side by side (the last panel's missing rows zero)."""
+    """fp32 or bf16 weight [out, in] -> [ceil(out / PANEL), in, PANEL] of its dtype, the layout gemv_f32_panels and
+    gemv_bf16_panels stream: each panel's PANEL outputs at an input side by side (the last panel's missing rows zero)."""
     out, in_features = weight.shape
-    panels = -(-out // F32_PANEL)
-    padded = F.pad(weight, (0, 0, 0, panels * F32_PANEL - out))
-    return padded.reshape(panels, F32_PANEL, in_features).transpose(1, 2).contiguous()
+    panels = -(-out // PANEL)
+    padded = F.pad(weight, (0, 0, 0, panels * PANEL - out))
+    return padded.reshape(panels, PANEL, in_features).transpose(1, 2).contiguous()
 
 
 def from_panels(panels: torch.Tensor, out: int) -> torch.Tensor:
@@ -212,12 +215,12 @@ class KernelLinear(nn.Linear):
     """A bias-free Linear (fp32, bf16, int8 or int4 weight; fp32 activations, rounded as the module docstring says)
     whose decode steps run in a C kernel.
 
-    The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([ceil(out /
-    F32_PANEL), in, F32_PANEL], `to_panels`), int8 and int4 in quads where integer products take them (`to_quads`,
-    `to_int4_quads`, their scales with them), the others row-major. int8 weights have one fp32 `scale` per output row
-    beside them (a buffer, saved with the model), int4 weights (packed, [out, in / 2] uint8) one per group of
-    INT4_GROUP inputs ([out, in / INT4_GROUP]): state_dict() gives and takes them so, and fp32 as [out, in], whatever
-    the layout (`dense_weight()` makes any of them a float [out, in]). Still an nn.Linear, so what adapts Linear
+    The weight keeps its name and is stored in the order the kernels stream it: fp32 in panels ([ceil(out / PANEL),
+    in, PANEL], `to_panels`), bf16 too where no bf16 dot product takes it row-major, int8 and int4 in quads where
+    integer products take them (`to_quads`, `to_int4_quads`, their scales with them), the others row-major. int8
+    weights have one fp32 `scale` per output row beside them (a buffer, saved with the model), int4 weights (packed,
+    [out, in / 2] uint8) one per group of INT4_GROUP inputs ([out, in / INT4_GROUP]): state_dict() gives and takes
+    them so, and fp32 and bf16 as [out, in], whatever the layout (`dense_weight()` makes any of them a float [out, in]). Still an nn.Linear, so what adapts Linear
     layers (rwkv_lm.lora) adapts it too. quads=False keeps int8 and int4 row-major (`optimize`'s choice for a model
     with a width no multiple of ACT_GROUP, whose blocks' C steps take one weight type).
     """
@@ -230,10 +233,13 @@ class KernelLinear(nn.Linear):
         scale = None
         if dtype in QUANTIZERS:
             weight, scale = QUANTIZERS[dtype](weight)
+        # panels on huge pages too: 0.1B fp32 decode 1.11x (1 thread) and 1.14x (2), bf16 in panels 1.07-1.09x
+        # (AVX2); int4 was 0.92-0.96x there and row-major bf16 and int8 level, so only panels move (bench/RESULTS.md,
+        # issue 20's ninth and sixteenth passes)
         if dtype == torch.float32:
-            # on huge pages too: 0.1B fp32 decode 1.11x (1 thread) and 1.14x (2); int4 was 0.92-0.96x there and
-            # bf16 and int8 level, so only fp32 moves (bench/RESULTS.md, issue 20's ninth pass)
             weight = on_huge_pages(to_panels(weight.float()))
+        elif dtype == torch.bfloat16 and getattr(kernels(self.isa), "bf16_panels", False):
+            weight = on_huge_pages(to_panels(weight.to(dtype)))
         elif dtype == torch.int8 and quads and self._quads_here(dtype):
             weight = to_quads(weight)
         elif dtype == torch.uint8 and quads and self._quads_here(dtype):
@@ -256,7 +262,7 @@ class KernelLinear(nn.Linear):
         return torch.int8 if self.weight.dim() == 4 else self.weight.dtype
 
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The weight (and scale) as a checkpoint holds them: fp32 [out, in] out of its panels, int8 [out, in] and
+        """The weight (and scale) as a checkpoint holds them: fp32 and bf16 [out, in] out of their panels, int8 [out, in] and
         int4 [out, in / 2] (with [out, in / INT4_GROUP] scales) out of their quads; else as stored."""
         if self.weight.dim() == 3:
             return {"weight": from_panels(self.weight, self.out_features)}
@@ -267,7 +273,7 @@ class KernelLinear(nn.Linear):
         return {"weight": self.weight, **({"scale": self.scale} if "scale" in self._buffers else {})}
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 out of its panels)."""
+        """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 and bf16 out of their panels)."""
         stored = self._checkpoint_tensors()
         weight = stored["weight"]
         if weight.dtype == torch.uint8:
@@ -276,7 +282,7 @@ class KernelLinear(nn.Linear):
             return weight.to(stored["scale"].dtype) * stored["scale"][:, None]
         return weight
 
-    # a checkpoint holds fp32, int8 and int4 weights as [out, in] (int4: [out, in / 2]), whatever layout the
+    # a checkpoint holds fp32, bf16, int8 and int4 weights as [out, in] (int4: [out, in / 2]), whatever layout the
     # kernels read them in
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -286,7 +292,7 @@ class KernelLinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """A float [out, in] weight goes in as this layer stores it: fp32 into panels, int8 and int4 quantized
+        """A float [out, in] weight goes in as this layer stores it: fp32 and bf16 into panels, int8 and int4 quantized
         (their scales with them; a merged LoRA, say), into quads where they are stored so. Stored int8 and int4
         weights go in as they are (into quads too)."""
         key, scale_key = prefix + "weight", prefix + "scale"
@@ -326,7 +332,7 @@ class KernelLinear(nn.Linear):
         # chosen at each call: .to() may have changed the weight's dtype or device since optimize()
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)  # (the kernels have no backward)
         one_token_rows = x.dim() <= 2 or x.shape[-2] == 1  # steps, last_only heads: the kernels at any batch (invariance)
-        # fp32 panels and weights in quads take the kernel at any count: torch would need them unpacked first (a 0.1B
+        # weights in panels or quads take the kernel at any count: torch would need them unpacked first (a 0.1B
         # head's 65 rows: 99 ms that way against 24 in the kernel; row-major, torch took 29)
         fits = (self.weight.device.type == "cpu" and (rows <= MAX_DECODE_ROWS or one_token_rows or self.weight.dim() > 2)
                 and not wants_grad)
@@ -503,7 +509,7 @@ def _lora_copy(lora: torch.Tensor, weight_type: int) -> tuple[torch.Tensor, torc
     weights (half a bf16 step's LoRA bytes, as the official bf16 checkpoints hold them), (None for the scale); else
     int8 with one scale per output (`quantize_int8`). A rounded matrix rounds to the same bits, so one saved from
     such a model loads back as it was."""
-    if weight_type == WEIGHT_TYPES["bfloat16"]:
+    if weight_type in (WEIGHT_TYPES["bfloat16"], WEIGHT_TYPES["bfloat16_panels"]):
         weight = lora.to(torch.bfloat16).contiguous()
         lora.copy_(weight.float())
         return weight, None
