@@ -1081,10 +1081,12 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
  * from cache 4 is as fast as 3 or faster, 2 slower, int8 and int4) */
 #define QUAD_BATCH 4
 #define I8_QUADS_OFFSET 0 /* (the kernel multiplies w itself) */
-/* bytes ahead of a group that its tile prefetches into L2, a line at a time: Zen 2's prefetchers alone kept one
- * core's int8 stream at ~10 GB/s (0.1B decode B=1 with it, bench/compare_kernels.py: int8 1.12-1.15x, int4
- * 1.27-1.37x; B=16 level; on the kernel alone 1, 2, 4 and 8 KB ahead swung as much between runs as between them) */
-#define QUADS_AHEAD 4096
+/* bytes ahead of each line that a tile prefetches into L2 as its first half reads that line: Zen 2's prefetchers
+ * alone kept one core's int8 stream at ~10 GB/s (0.1B decode, bench/compare_kernels.py: a group's 16 lines 4 KB
+ * ahead in a burst at its start, B=1 int8 1.12-1.15x, int4 1.27-1.37x, B=16 level; then each line 1 KB ahead as it
+ * is read, B=1 int8 1.13-1.18x and int4 1.05-1.08x more, B=16 1.05-1.10x, where 512 bytes were 1-5% slower and 2 KB
+ * 4-10%; bench/RESULTS.md, issue 20's fifteenth and sixteenth passes) */
+#define QUADS_AHEAD 1024
 
 INLINE float hmax8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1161,8 +1163,6 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *wg = w + g * (i4 ? ACT_GROUP / 2 : ACT_GROUP) * QUAD_ROWS;
         const int8_t *xg = xq + g * ACT_GROUP;
-        for (int l = 0; l < (i4 ? ACT_GROUP / 2 : ACT_GROUP) * QUAD_ROWS; l += LINE)
-            __builtin_prefetch(wg + QUADS_AHEAD + l, 0, 2);
         for (int h = 0; h < 2; h++) {
             __m256i dot[QUAD_BATCH];
             for (int b = 0; b < batch; b++) dot[b] = _mm256_set1_epi32(xc[b * groups + g]);
@@ -1171,6 +1171,7 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
                     __m256i pairs[QUAD_BATCH];
                     for (int b = 0; b < batch; b++) pairs[b] = _mm256_setzero_si256();
                     for (int j = c; j < c + 4; j++) {
+                        if (h == 0) __builtin_prefetch(wg + QUADS_AHEAD + 64 * j, 0, 2);
                         const __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + 64 * j + 32 * h));
                         const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
                         for (int b = 0; b < batch; b++) {
@@ -1183,6 +1184,7 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
                 }
             else
                 for (int j = 0; j < ACT_GROUP / 4; j++) {
+                    if (h == 0) __builtin_prefetch(wg + QUADS_AHEAD + 64 * j, 0, 2);
                     const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wg + 64 * j + 32 * h)), flip);
                     const __m256i magnitude = _mm256_abs_epi8(wv);
                     for (int b = 0; b < batch; b++)
