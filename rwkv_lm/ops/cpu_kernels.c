@@ -575,12 +575,14 @@ const int bf16_panels = 0;
 const int bf16_panels = 1;
 #endif
 INLINE int panel_element_bytes(int type) { return type == BF16_PANELS ? 2 : 4; }
+#define PANEL_ROWS 6
 #if defined(__AVX512F__) || defined(__aarch64__)
 #define PANEL_VECS 4 /* 6 x 4 accumulators, 4 vectors of W and a broadcast: 29 of 32 registers */
-#define PANEL_ROWS 6
 #else
-#define PANEL_VECS 2 /* 4 x 2, 2 and 1: 11 of 16 */
-#define PANEL_ROWS 4
+/* 6 x 2 accumulators, 2 vectors of W and a broadcast: 15 of 16 registers, 8 loads per 12 FMAs (4 x 2's 6 per 8: on
+ * Zen 2 512-token prompts 1.13-1.15x as fast, fp32 and bf16, 16-sequence steps 1.03-1.07x; bench/RESULTS.md, issue
+ * 20's sixteenth pass) */
+#define PANEL_VECS 2
 #endif
 #define PANEL_K 16
 #define PANEL_AHEAD 16384
@@ -658,10 +660,8 @@ INLINE void gemv_panels_part(const void *job, int64_t begin, int64_t end, int ty
                     }
 #define BLOCK(m) panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0)
                     switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
-#if PANEL_ROWS == 6
                         case 6: BLOCK(6); break;
                         case 5: BLOCK(5); break;
-#endif
                         case 4: BLOCK(4); break;
                         case 3: BLOCK(3); break;
                         case 2: BLOCK(2); break;
