@@ -80,9 +80,9 @@ def wkv_cases(gen):
 
 @pytest.mark.parametrize("march", ["armv8-a", "armv8-a+nosimd"], ids=["neon", "generic"])
 def test_kernels_run_on_aarch64(tmp_path, march):
-    """gemv_f32, gemv_f32_panels, gemv_bf16, gemv_bf16_panels, gemv_i8, gemv_i4, gemv_cols and wkv7_f32 built for aarch64 match torch in fp64 (bf16, int8 and
-    int4 weights widened and scaled exactly; bf16 products take x rounded to bf16) to fp32 accuracy, at 1 and 2
-    threads."""
+    """gemv_f32, gemv_f32_panels, gemv_bf16, gemv_bf16_panels, gemv_i8, gemv_i4, gemv_cols and wkv7_f32 built for
+    aarch64 match torch in fp64 (bf16, int8 and int4 weights widened and scaled exactly; bf16 products take x rounded
+    to bf16) to fp32 accuracy, at 1 and 2 threads."""
     compiler, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if compiler is None:
         pytest.skip("no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu, as make setup-test does)")

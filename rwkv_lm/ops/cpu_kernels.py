@@ -171,7 +171,8 @@ def _build(level: str) -> dict:
             continue
         kernel = found[name] = getattr(library, name)
         kernel.restype, kernel.argtypes = ctypes.c_int, argtypes
-    int8_activations, bf16_panels = (bool(ctypes.c_int.in_dll(library, name).value) for name in ("int8_activations", "bf16_panels"))
+    int8_activations, bf16_panels = (bool(ctypes.c_int.in_dll(library, flag).value)
+                                     for flag in ("int8_activations", "bf16_panels"))
     return Kernels(found, built, ctypes.c_int.in_dll(library, "vector_width").value, int8_activations,
                    bool(library.amx_tiles()), bf16_panels)
 
@@ -207,7 +208,8 @@ def _check_interface(library):
     layouts = ("f32_panels", "i8_quads", "i4_quads", "bf16_panels")
     types = tuple(ctypes.c_int.in_dll(library, f"{name}_type").value for name in layouts)
     if (tuple(names.decode().split()) != BLOCK_STEP_PARAMS
-            or types != tuple(WEIGHT_TYPES[name] for name in ("float32_panels", "int8_quads", "int4_quads", "bfloat16_panels"))
+            or types != tuple(WEIGHT_TYPES[name] for name in ("float32_panels", "int8_quads", "int4_quads",
+                                                                "bfloat16_panels"))
             or (rows_per_pass, int4_group, panel_width, quad_rows) != (ROWS_PER_PASS, INT4_GROUP, PANEL, QUAD_ROWS)):
         raise RuntimeError(f"{SOURCE.name} and {Path(__file__).name} disagree on the block step's parameters, "
                            f"ROWS_PER_PASS ({rows_per_pass} in C, {ROWS_PER_PASS} here), INT4_GROUP ({int4_group} in C, "

@@ -71,8 +71,8 @@ from ..ops.cpu_kernels import (ACT_GROUP, BLOCK_STEP_PARAMS, INT4_BLOCK, INT4_GR
 from ..state import LayerState, RWKVState
 
 # rows of several tokens a KernelLinear takes in the C kernels (one pass over the weights; rows of one token each,
-# a step's or a last_only head's, and weights in panels or quads it takes at any count), and the rows of a prompt's piece in a
-# StepBlock or StepRWKV call; beyond, torch's matmul on row-major weights is as fast (measured)
+# a step's or a last_only head's, and weights in panels or quads it takes at any count), and the rows of a prompt's
+# piece in a StepBlock or StepRWKV call; beyond, torch's matmul on row-major weights is as fast (measured)
 MAX_DECODE_ROWS = ROWS_PER_PASS
 LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # [in, out], as the C step reads them (`gemv_cols`)
 # the kernel of an [out, in] weight stored row-major, by dtype (fp32 KernelLinear weights are in panels, bf16 ones
@@ -220,9 +220,10 @@ class KernelLinear(nn.Linear):
     integer products take them (`to_quads`, `to_int4_quads`, their scales with them), the others row-major. int8
     weights have one fp32 `scale` per output row beside them (a buffer, saved with the model), int4 weights (packed,
     [out, in / 2] uint8) one per group of INT4_GROUP inputs ([out, in / INT4_GROUP]): state_dict() gives and takes
-    them so, and fp32 and bf16 as [out, in], whatever the layout (`dense_weight()` makes any of them a float [out, in]). Still an nn.Linear, so what adapts Linear
-    layers (rwkv_lm.lora) adapts it too. quads=False keeps int8 and int4 row-major (`optimize`'s choice for a model
-    with a width no multiple of ACT_GROUP, whose blocks' C steps take one weight type).
+    them so, and fp32 and bf16 as [out, in], whatever the layout (`dense_weight()` makes any of them a float
+    [out, in]). Still an nn.Linear, so what adapts Linear layers (rwkv_lm.lora) adapts it too. quads=False keeps int8 and
+    int4 row-major (`optimize`'s choice for a model with a width no multiple of ACT_GROUP, whose blocks' C steps
+    take one weight type).
     """
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, isa: str | None = None, quads: bool = True):
@@ -262,8 +263,8 @@ class KernelLinear(nn.Linear):
         return torch.int8 if self.weight.dim() == 4 else self.weight.dtype
 
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The weight (and scale) as a checkpoint holds them: fp32 and bf16 [out, in] out of their panels, int8 [out, in] and
-        int4 [out, in / 2] (with [out, in / INT4_GROUP] scales) out of their quads; else as stored."""
+        """The weight (and scale) as a checkpoint holds them: fp32 and bf16 [out, in] out of their panels, int8 [out, in]
+        and int4 [out, in / 2] (with [out, in / INT4_GROUP] scales) out of their quads; else as stored."""
         if self.weight.dim() == 3:
             return {"weight": from_panels(self.weight, self.out_features)}
         if self.weight.dim() == 4:
@@ -273,7 +274,8 @@ class KernelLinear(nn.Linear):
         return {"weight": self.weight, **({"scale": self.scale} if "scale" in self._buffers else {})}
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 and bf16 out of their panels)."""
+        """The weight as a float tensor [out, in] (int8 and int4 times their scales, fp32 and bf16 out of their
+        panels)."""
         stored = self._checkpoint_tensors()
         weight = stored["weight"]
         if weight.dtype == torch.uint8:
