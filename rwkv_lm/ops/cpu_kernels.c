@@ -1160,10 +1160,13 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
     const __m256i low = _mm256_set1_epi8(15), flip = _mm256_set1_epi8((char)128), ones = _mm256_set1_epi16(1);
     __m256 acc[QUAD_BATCH][2];
     for (int b = 0; b < batch; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    /* int8 against one row of x takes both halves of each line at once, on one broadcast of x (0.1B decode B=1 on
+     * Zen 2 1.16-1.22x; int4 so was level; the same sums and chains) */
+    const int both_halves = !i4 && batch == 1;
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *wg = w + g * (i4 ? ACT_GROUP / 2 : ACT_GROUP) * QUAD_ROWS;
         const int8_t *xg = xq + g * ACT_GROUP;
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < (both_halves ? 1 : 2); h++) {
             __m256i dot[QUAD_BATCH];
             for (int b = 0; b < batch; b++) dot[b] = _mm256_set1_epi32(xc[b * groups + g]);
             if (i4)
@@ -1182,9 +1185,7 @@ INLINE void tile_quads(const uint8_t *w, const float *scale, const int8_t *xq, c
                     }
                     for (int b = 0; b < batch; b++) dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(pairs[b], ones));
                 }
-            else if (batch == 1) { /* int8 against one row of x: both halves of each line at once, on one broadcast of x
-                                    * (0.1B decode B=1 on Zen 2 1.16-1.22x; the same sums and chains) */
-                if (h == 1) continue; /* (done with the first) */
+            else if (both_halves) { /* (the second half's sums and chain here, the first's below) */
                 __m256i dot1 = _mm256_set1_epi32(xc[g]);
                 for (int j = 0; j < ACT_GROUP / 4; j++) {
                     __builtin_prefetch(wg + QUADS_AHEAD + 64 * j, 0, 2);
