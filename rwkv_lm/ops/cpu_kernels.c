@@ -557,8 +557,8 @@ GEMV(gemv_i4_rows, I4)
  * AVX-512 row tiles' 16 lanes (chains of 16 and in / 16 sums; one chain over all 768 inputs was 4-6x further from
  * fp64).
  * A block of a panel (4 KB) serves every row block of x from L1, and from PANEL_PREFETCH_BATCH rows of x the row
- * blocks share the prefetches of the stream PANEL_AHEAD bytes on into L2 (all of them in the first block's pass:
- * 1.03-1.15x as long at B=16-64). Fewer rows leave the stream to the hardware prefetcher, which follows one
+ * blocks share the prefetches of the stream PANEL_AHEAD bytes on into L2 (AVX-512 and NEON; AVX2's below; all of
+ * them in the first block's pass: 1.03-1.15x as long at B=16-64). Fewer rows leave the stream to the hardware prefetcher, which follows one
  * sequential read unaided and which a prefetch of every line only slows where there is little compute per line
  * (AMD EPYC, 600 MB of weights: without them 1.04-1.5x as fast at B=1-8 on one thread, level at B=6, 0.98-1.13x
  * on two; level at B=10-12; with them 1.1-1.3x as fast from B=16; bench/RESULTS.md, issue 20's eleventh pass).
@@ -585,8 +585,22 @@ INLINE int panel_element_bytes(int type) { return type == BF16_PANELS ? 2 : 4; }
 #define PANEL_VECS 2
 #endif
 #define PANEL_K 16
+#if defined(__AVX512F__) || defined(__aarch64__)
 #define PANEL_AHEAD 16384
 #define PANEL_PREFETCH_BATCH 10
+#define PANEL_BURST_BATCH INT64_MAX
+#else
+/* AVX2's blocks read a quarter of each 256-byte row of a panel (PANEL_VECS 2), a stride Zen 2's prefetchers follow
+ * poorly, so from two rows of x (one row reads whole rows: PANEL_WIDE_VECS) the stream is prefetched, 4 KB on. From
+ * PANEL_BURST_BATCH rows, where the FMAs bound a block, its share goes out at its start: the test in the loop cost
+ * 5-10% there. On Zen 2, the 0.1B model: bf16 4-sequence steps 1.30x as fast, 16-sequence 1.04x; fp32 16-sequence
+ * steps 1.10x, 4-sequence and 33-token prompts level (its panels on huge pages; on 4 KB pages the products alone at
+ * B=2-8 1.2-1.6x; 16 KB on level with 4 KB in the model, 1-2 KB 0.8-0.9x at B=16; bench/RESULTS.md, issue 20's
+ * seventeenth pass) */
+#define PANEL_AHEAD 4096
+#define PANEL_PREFETCH_BATCH 2
+#define PANEL_BURST_BATCH 10
+#endif
 /* bf16 panels against one row of x prefetch each input's lines BF16_PANEL_NEAR bytes (eight inputs) on: the
  * hardware prefetcher alone left Zen 2 well short of fp32 panels' speed in bytes (0.1B bf16 decode 1.13-1.20x as
  * fast with them; 512 and 1536 bytes on were 4-9% and 6-8% slower than 1024, 2048 and 4096 12-18%), where fp32
@@ -607,16 +621,20 @@ INLINE vf panel_load(const void *w, int type, int64_t at) {
 
 /* acc [m][PANEL] (a row block's sums; set where first) += the chain over inputs k0 .. k1 - 1 of `vecs` vectors of
  * a panel of `type` from `w` (its input 0 at the block's first output) against m rows of x; `ahead`: the panel's
- * input 0, whose stream this block prefetches `distance` bytes on for inputs ahead_from .. ahead_to - 1 */
+ * input 0, whose stream this block prefetches `distance` bytes on for inputs ahead_from .. ahead_to - 1, all at its
+ * start where `burst`, else each as the loop reaches it */
 INLINE void panel_block(const void *w, int type, const char *ahead, int64_t ahead_from, int64_t ahead_to,
                         int64_t distance, const float *x, int64_t in, int64_t k0, int64_t k1, int m, int vecs,
-                        float *acc, int first) {
+                        float *acc, int first, int burst) {
     const int row_bytes = PANEL * panel_element_bytes(type); /* a panel's bytes at one input */
     vf a[PANEL_ROWS][PANEL_WIDE_VECS > PANEL_VECS ? PANEL_WIDE_VECS : PANEL_VECS];
     for (int r = 0; r < m; r++)
         for (int v = 0; v < vecs; v++) a[r][v] = splat(0);
+    if (burst)
+        for (int64_t i = ahead_from; i < ahead_to; i++)
+            for (int l = 0; l < row_bytes / LINE; l++) __builtin_prefetch(ahead + i * row_bytes + distance + l * LINE, 0, 2);
     for (int64_t i = k0; i < k1; i++) {
-        if (i >= ahead_from && i < ahead_to)
+        if (!burst && (uint64_t)(i - ahead_from) < (uint64_t)(ahead_to - ahead_from)) /* (one test, not two) */
             for (int l = 0; l < row_bytes / LINE; l++) __builtin_prefetch(ahead + i * row_bytes + distance + l * LINE, 0, 2);
         vf wv[PANEL_WIDE_VECS > PANEL_VECS ? PANEL_WIDE_VECS : PANEL_VECS];
         for (int v = 0; v < vecs; v++) wv[v] = panel_load(w, type, i * PANEL + v * VW);
@@ -640,6 +658,7 @@ INLINE void gemv_panels_part(const void *job, int64_t begin, int64_t end, int ty
     const int64_t blocks = row_blocks * (PANEL / width); /* register blocks per input block */
     const int prefetch = batch >= PANEL_PREFETCH_BATCH || (wide && type == BF16_PANELS);
     const int64_t distance = batch >= PANEL_PREFETCH_BATCH ? PANEL_AHEAD : BF16_PANEL_NEAR;
+    const int burst = batch >= PANEL_BURST_BATCH;
     float acc[ROWS_PER_PASS * PANEL] __attribute__((aligned(64)));
     for (int64_t p = begin; p < end; p++) {
         const char *panel = (const char *)j->W + p * in * PANEL * panel_element_bytes(type), *ahead = panel;
@@ -655,10 +674,11 @@ INLINE void gemv_panels_part(const void *job, int64_t begin, int64_t end, int ty
                     float *ab = acc + b * PANEL + s;
                     const void *w = panel + s * panel_element_bytes(type);
                     if (wide) {
-                        panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, 1, PANEL_WIDE_VECS, ab, k0 == 0);
+                        panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, 1, PANEL_WIDE_VECS, ab, k0 == 0, 0);
                         continue;
                     }
-#define BLOCK(m) panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0)
+#define BLOCK(m) (burst ? panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0, 1) \
+                       : panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0, 0))
                     switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
                         case 6: BLOCK(6); break;
                         case 5: BLOCK(5); break;
