@@ -1785,9 +1785,11 @@ static void last_tokens(float *shift_out, const float *xn, int64_t batch, int64_
  * int4 with their scales); the LoRA matrices stored as their kernel reads them ([out, in] row-major): int8 with
  * their scales where those are given (int8 and int4 blocks), bf16 in a bf16 block, else fp32.
  * The elementwise work between the products runs in phases over rows (`slice_part`), split between threads as
- * the products are: a prompt's rows of it in the caller alone left the other threads idle. `last_only` (the last
- * block of a prompt whose logits alone are wanted) runs the channel mix for each sequence's last token alone: no
- * other row of x_out is read on, and the state's shift comes from before it. */
+ * the products are: a prompt's rows of it in the caller alone left the other threads idle. `channel_rows` says
+ * which rows the channel mix runs for: all (CHANNEL_ALL), each sequence's last token (CHANNEL_LAST: the last block
+ * of a prompt whose logits alone are wanted) or none (CHANNEL_NONE: the last block of a prompt's piece before its
+ * last). Its state, the shift, comes from before it; the rows left out of x_out are then not read on. */
+enum { CHANNEL_ALL, CHANNEL_LAST, CHANNEL_NONE };
 struct slice {
     const void *const *params;
     const float *x, *att_shift, *ffn_shift;
@@ -1893,7 +1895,7 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
                             const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out,
                             float *ffn_shift_out, int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, int64_t rank_w,
                             int64_t rank_a, int64_t rank_v, int64_t rank_g, float ln_eps, float ln_x_eps,
-                            float decay_scale, int type, int threads, int last_only, float *mix) {
+                            float decay_scale, int type, int threads, int channel_rows, float *mix) {
 #define LINEAR(name, x, y, out, in) LINEAR_ROWS(name, x, y, out, in, rows)
 #define LINEAR_ROWS(name, x, y, out, in, n) linear(params[name], (const float *)params[name##_S], type, x, y, out, in, n, threads)
 #define LORA(name, x, y, out, in) gemv_cols(params[name], params[name##_S], lora_type, x, y, out, in, rows, threads)
@@ -1936,7 +1938,8 @@ static int block_step_slice(const void *const *params, const float *x, float *x_
     /* channel mix: relu(key(mix))^2 through value */
     PHASE(NORM_FFN);
     last_tokens(ffn_shift_out, xn, batch, len, C);
-    if (last_only && len > 1) { /* each sequence's last token alone: the only rows the caller reads on */
+    if (channel_rows == CHANNEL_NONE) return err;
+    if (channel_rows == CHANNEL_LAST && len > 1) {
         for (int64_t b = 0; b < batch; b++) {
             const int64_t i = (b + 1) * len - 1; /* (its mix in row i, then moved to row b: the key's input rows) */
             shift_mixes(&s, i, ffn_shift, FFN_X_K, 1);
@@ -1978,14 +1981,14 @@ static int64_t workspace_floats(int64_t rows, int64_t C, int64_t ffn, const int6
 static int block_step_in(const void *const *params, const float *x, float *x_out, float *v_first, const float *att_shift,
                          const float *wkv, const float *ffn_shift, float *att_shift_out, float *wkv_out, float *ffn_shift_out,
                          int64_t batch, int64_t len, int64_t C, int64_t n, int64_t ffn, const int64_t *ranks, float ln_eps,
-                         float ln_x_eps, float decay_scale, int type, int threads, int last_only, float *work) {
+                         float ln_x_eps, float decay_scale, int type, int threads, int channel_rows, float *work) {
     const int64_t per_slice = len == 1 ? MAX_BATCH : batch; /* sequences per call of block_step_slice */
     int err = 0;
     for (int64_t b = 0; b < batch && !err; b += per_slice) {
         const int64_t m = batch - b < per_slice ? batch - b : per_slice, o = b * C, t = b * len * C, s = b * C * n;
         err = block_step_slice(params, x + t, x_out + t, v_first + t, att_shift + o, wkv + s, ffn_shift + o,
                                att_shift_out + o, wkv_out + s, ffn_shift_out + o, m, len, C, n, ffn, ranks[0], ranks[1],
-                               ranks[2], ranks[3], ln_eps, ln_x_eps, decay_scale, type, threads, last_only, work);
+                               ranks[2], ranks[3], ln_eps, ln_x_eps, decay_scale, type, threads, channel_rows, work);
     }
     return err;
 }
@@ -2005,7 +2008,7 @@ int block_step(const void *const *params, const float *x, float *x_out, float *v
     if (!work) return 2;
     const int err = block_step_in(params, x, x_out, v_first, att_shift, wkv, ffn_shift, att_shift_out, wkv_out,
                                   ffn_shift_out, batch, len, C, n, ffn, ranks, ln_eps, ln_x_eps, decay_scale, type,
-                                  threads, 0, work);
+                                  threads, CHANNEL_ALL, work);
     free(work);
     return err;
 }
@@ -2036,9 +2039,9 @@ int layer_norm(const float *x, float *out, const float *weight, const float *bia
  * embeddings of tokens [batch, len] go through every block in order (as block_step runs them), then each
  * sequence's last token through the last norm (layer_norm's operations) and the head (of type head_type, scales
  * head_scale, as the gemv_* functions multiply) into logits [batch, vocab]; logits NULL stops after the blocks
- * (a prompt's pieces before its last). With logits, the last block's channel mix runs for the last tokens alone
- * (block_step_slice's last_only: 0.1B 33-token prompts on Zen 2 1.05x as fast in fp32, 1.06x in int8; the same
- * bits). So a step or a short prompt pays for one call instead of a Python round
+ * (a prompt's pieces before its last). The last block's channel mix runs for the last tokens alone, or for none
+ * without logits (block_step_slice's channel_rows: 0.1B 33-token prompts on Zen 2 1.05x as fast in fp32, 1.06x in
+ * int8; the same bits). So a step or a short prompt pays for one call instead of a Python round
  * trip per block and module (StepRWKV's docstring has the measured gain). Block l's parameters are
  * block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its
  * Linear weights' type types[l]; its state is read from att_shift[l], wkv[l], ffn_shift[l] and written to the
@@ -2073,7 +2076,8 @@ int model_step(int64_t n_layer, const void *const *const *block_params, const in
         const int64_t *z = sizes + 7 * l;
         err = block_step_in(block_params[l], x, x_next, v_first, att_shift[l], wkv[l], ffn_shift[l], att_shift_out[l],
                             wkv_out[l], ffn_shift_out[l], batch, len, C, z[1], z[2], z + 3, ln_eps, ln_x_eps,
-                            decay_scale, types[l], threads, logits && l == n_layer - 1, work);
+                            decay_scale, types[l], threads,
+                            l < n_layer - 1 ? CHANNEL_ALL : logits ? CHANNEL_LAST : CHANNEL_NONE, work);
         float *done = x_next;
         x_next = x, x = done;
     }
