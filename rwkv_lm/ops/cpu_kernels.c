@@ -557,12 +557,12 @@ GEMV(gemv_i4_rows, I4)
  * AVX-512 row tiles' 16 lanes (chains of 16 and in / 16 sums; one chain over all 768 inputs was 4-6x further from
  * fp64).
  * A block of a panel (4 KB) serves every row block of x from L1, and from PANEL_PREFETCH_BATCH rows of x the row
- * blocks share the prefetches of the stream PANEL_AHEAD bytes on into L2 (AVX-512 and NEON; AVX2's below; all of
- * them in the first block's pass: 1.03-1.15x as long at B=16-64). Fewer rows leave the stream to the hardware prefetcher, which follows one
- * sequential read unaided and which a prefetch of every line only slows where there is little compute per line
- * (AMD EPYC, 600 MB of weights: without them 1.04-1.5x as fast at B=1-8 on one thread, level at B=6, 0.98-1.13x
- * on two; level at B=10-12; with them 1.1-1.3x as fast from B=16; bench/RESULTS.md, issue 20's eleventh pass).
- * Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.03x, B=16 1.28x, B=33 1.40x, B=64 1.51x as
+ * blocks share the prefetches of the stream PANEL_AHEAD bytes on into L2 (AVX-512 and NEON; AVX2's below; all of them
+ * in the first block's pass: 1.03-1.15x as long at B=16-64). Fewer rows leave the stream to the hardware prefetcher,
+ * which follows one sequential read unaided and which a prefetch of every line only slows where there is little
+ * compute per line (AMD EPYC, 600 MB of weights: without them 1.04-1.5x as fast at B=1-8 on one thread, level at B=6,
+ * 0.98-1.13x on two; level at B=10-12; with them 1.1-1.3x as fast from B=16; bench/RESULTS.md, issue 20's eleventh
+ * pass). Against the row tiles, 3072 x 768 from memory, 2 threads: B=1 1.03x, B=16 1.28x, B=33 1.40x, B=64 1.51x as
  * fast; the 0.1B model's 16-sequence steps 1.35-1.37x, its 33-token prompts 1.44-1.56x, one sequence level
  * (bench/RESULTS.md, issue 20's tenth pass). */
 #define PANEL 64
@@ -2041,8 +2041,8 @@ int layer_norm(const float *x, float *out, const float *weight, const float *bia
  * head_scale, as the gemv_* functions multiply) into logits [batch, vocab]; logits NULL stops after the blocks
  * (a prompt's pieces before its last). The last block's channel mix runs for the last tokens alone, or for none
  * without logits (block_step_slice's channel_rows: 0.1B 33-token prompts on Zen 2 1.05x as fast in fp32, 1.06x in
- * int8; the same bits). So a step or a short prompt pays for one call instead of a Python round
- * trip per block and module (StepRWKV's docstring has the measured gain). Block l's parameters are
+ * int8, 1,024-token ones 1.03x and 1.06x; the same bits). So a step or a short prompt pays for one call instead of a Python round trip per block and
+ * module (StepRWKV's docstring has the measured gain). Block l's parameters are
  * block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its
  * Linear weights' type types[l]; its state is read from att_shift[l], wkv[l], ffn_shift[l] and written to the
  * *_out arrays' tensors. Returns block_step's codes (linear's for the head), or 3 for a token id outside the
