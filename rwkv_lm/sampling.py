@@ -114,14 +114,13 @@ class RowSampler:
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dimension (the first of equal maxima; a NaN wins, as in argmax). fp32 on the CPU through
-    numpy's, on the caller's thread alone: in a serving engine's thread torch's parallel ops first wake their
-    workers, which then contend with the kernels' spinning ones (16 rows of 65,536: 0.60 ms against torch's max()
-    1.19 and argmax() 0.89 in such a thread; py-spy put 5% of a 16-stream fp32 engine there); else torch's max(),
-    2.5x as fast as its argmax in the main thread."""
+    """argmax over the last dimension (the first of equal maxima; a NaN wins). fp32 on the CPU through numpy's, on
+    the caller's thread alone: in a serving engine's thread torch's parallel ops first wake their workers, which
+    then contend with the kernels' spinning ones (16 rows of 65,536: 0.60 ms against torch's max() 1.19 and argmax()
+    0.89 in such a thread; py-spy put 5% of a 16-stream fp32 engine there); other devices and dtypes through torch's."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
         return torch.from_numpy(np.argmax(logits.numpy(), -1))
-    return logits.max(-1).indices
+    return logits.argmax(-1)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[RowSampler], allowed: torch.Tensor | None = None) -> torch.Tensor:

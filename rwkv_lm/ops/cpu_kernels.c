@@ -593,7 +593,7 @@ INLINE int panel_element_bytes(int type) { return type == BF16_PANELS ? 2 : 4; }
 /* AVX2's blocks read a quarter of each 256-byte row of a panel (PANEL_VECS 2), a stride Zen 2's prefetchers follow
  * poorly, so from two rows of x (one row reads whole rows: PANEL_WIDE_VECS) the stream is prefetched, 4 KB on. From
  * PANEL_BURST_BATCH rows, where the FMAs bound a block, its share goes out at its start: the test in the loop cost
- * 5-10% there. On Zen 2, the 0.1B model: bf16 4-sequence steps 1.30x as fast, 16-sequence 1.04x; fp32 16-sequence
+ * 7-15% from cache, 4-7% from memory at B=16. On Zen 2, the 0.1B model: bf16 4-sequence steps 1.30x as fast, 16-sequence 1.04x; fp32 16-sequence
  * steps 1.10x, 4-sequence and 33-token prompts level (its panels on huge pages; on 4 KB pages the products alone at
  * B=2-8 1.2-1.6x; 16 KB on level with 4 KB in the model, 1-2 KB 0.8-0.9x at B=16; bench/RESULTS.md, issue 20's
  * seventeenth pass) */
@@ -677,6 +677,7 @@ INLINE void gemv_panels_part(const void *job, int64_t begin, int64_t end, int ty
                         panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, 1, PANEL_WIDE_VECS, ab, k0 == 0, 0);
                         continue;
                     }
+/* (two calls, so that `burst` is a constant in each and the loop keeps no test of it) */
 #define BLOCK(m) (burst ? panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0, 1) \
                        : panel_block(w, type, ahead, from, to, distance, xb, in, k0, k1, m, PANEL_VECS, ab, k0 == 0, 0))
                     switch (batch - b < PANEL_ROWS ? batch - b : PANEL_ROWS) { /* constant m: the block in registers */
