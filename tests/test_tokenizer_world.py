@@ -57,6 +57,10 @@ def test_token_bytes_hold_partial_characters(world, trie):
     assert world.decode(ids[:2]) == "\ufffd", "an incomplete character decodes to one replacement mark"
 
 
+def test_every_token_holds_the_official_bytes(world, trie):
+    assert [world.token_bytes(i) for i in range(1, world.vocab_size)] == [trie.idx2token[i] for i in range(1, world.vocab_size)]
+
+
 def _invalid_utf8(b: bytes) -> bool:
     try:
         b.decode("utf-8")
