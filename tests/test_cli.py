@@ -130,6 +130,14 @@ def test_entry_point_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such file" in proc.stderr
 
 
+def test_the_cli_and_server_start_without_torch_compile():
+    """torch._dynamo (torch.compile's machinery) takes ~2.4 s to import, and nothing the CLI, the server or the
+    engine runs uses it: a dependency's module that pulls it in (llguidance.torch did) makes every start slower."""
+    code = "import sys, rwkv_lm.cli, rwkv_lm.serve.server; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_chat_in_the_terminal(official_pth, tmp_path, monkeypatch, capsys):
     lines = iter(["Hello there", "/save " + str(tmp_path / "c.safetensors"), "/reset", "/load " + str(tmp_path / "c.safetensors"), "/quit"])
     monkeypatch.setattr("rich.console.Console.input", lambda self, *a, **k: next(lines))

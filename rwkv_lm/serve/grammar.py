@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.torch as llt
+import llguidance.numpy as llnp  # (not llguidance.torch: its import pulls in torch._dynamo, 2.4 s of every start)
 import torch
 
 from ..tokenizer import END_OF_TEXT_ID
@@ -126,13 +126,13 @@ _executor = llguidance.LLExecutor()
 
 def new_masks(rows: int, n_vocab: int) -> torch.Tensor:
     """An all-allowed bitmask [rows, ceil(n_vocab / 32)] int32."""
-    return torch.full(llt.get_bitmask_shape(rows, n_vocab), -1, dtype=torch.int32)
+    return torch.full(llnp.get_bitmask_shape(rows, n_vocab), -1, dtype=torch.int32)
 
 
 def fill_masks(matchers: list[tuple[Matcher, int]], masks: torch.Tensor) -> None:
     """Write each matcher's allowed tokens into its row of `masks` (rows not named are left as they are)."""
     if matchers:
-        llt.fill_next_token_bitmask_par(_executor, [(m.ll, row) for m, row in matchers], masks)
+        llnp.fill_next_token_bitmask_par(_executor, [(m.ll, row) for m, row in matchers], masks.numpy())
 
 
 _helper = ThreadPoolExecutor(1, thread_name_prefix="rwkv_lm-grammar")  # one for every engine: its work is short
