@@ -71,6 +71,7 @@ def load(path, *, device="cpu", weights: str | None = None, dtype: torch.dtype =
     else:
         sd = dequantize(sd, path)
     copy_tensors(model, sd, path)
+    del sd  # (the file's tensors, before prepare makes the weights' new copies)
     if device.type == "cpu" and dtype != torch.float32:  # a plain model in another dtype: nothing to prepare
         return model.to(dtype=dtype).requires_grad_(False).eval()
     return prepare(model, device=device, weights=weights, isa=isa)
