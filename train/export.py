@@ -33,7 +33,7 @@ def read_trainer_checkpoint(path) -> tuple[torch.nn.Module, str | None, Tuning, 
     if not isinstance(ckpt, dict) or "rwkv_lm" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of `python -m train` (no model config in it)")
     info, sd = ckpt["rwkv_lm"], ckpt["state_dict"]
-    model = build(info["config"])
+    model = build(info["config"], initialize=False)
     copy_tensors(model, {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}, path)
     tuning = from_checkpoint(info, model, sd, path)
     return model.eval(), info["tokenizer"], tuning, ckpt.get("global_step", 0)
