@@ -702,6 +702,15 @@ def test_int4_quads_layout():
     assert torch.equal(back[0], packed) and torch.equal(back[1], scale)
 
 
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4])
+def test_quantizers_give_the_same_values_a_chunk_of_rows_at_a_time(quantize):
+    """A weight of more rows than QUANTIZE_ROWS is quantized a chunk of rows at a time (to bound the temporaries):
+    each row's values and scales are those of the whole weight at once."""
+    weight = torch.randn(2 * fast_module.QUANTIZE_ROWS + 37, 128, generator=torch.Generator().manual_seed(5))
+    chunked, whole = quantize(weight), quantize.__wrapped__(weight)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(chunked, whole))
+
+
 @pytest.mark.parametrize("weights, in_features, out_features", [
     ("int4", 64, 12), ("int4", 768, 100), ("int4", 192, 5), ("int8", 64, 12), ("int8", 768, 100), ("int8", 192, 5),
     ("int8", 100, 7)])  # (int4: one weight group per activation group, two per 64-byte load: 192 ends in half a load)

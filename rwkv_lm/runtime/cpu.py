@@ -57,6 +57,7 @@ Without a C compiler the kernels are missing (one warning): fp32 weights are the
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import operator
 from dataclasses import dataclass
@@ -159,6 +160,22 @@ def from_int4_quads(quads: torch.Tensor, scales: torch.Tensor, out: int) -> tupl
     return packed, scales.transpose(1, 2).reshape(-1, groups)[:out].contiguous()
 
 
+QUANTIZE_ROWS = 4096  # rows a quantizer takes at a time
+
+
+def _by_rows(quantize):
+    """`quantize` (whose rows are independent) applied QUANTIZE_ROWS rows at a time, the same values: its fp32
+    temporaries are then a few MB, not a few times the weight (a 0.1B head's ~600 MB at once had set the peak of
+    loading the model in int8 or int4)."""
+    @functools.wraps(quantize)
+    def by_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if weight.shape[0] <= QUANTIZE_ROWS:
+            return quantize(weight)
+        return tuple(map(torch.cat, zip(*map(quantize, weight.split(QUANTIZE_ROWS)))))
+    return by_rows
+
+
+@_by_rows
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (int8 [out, in], fp32 scale [out]) with weight ~= int8 * scale per row: each row's
     largest magnitude maps to 127, so the rounding error is at most half a step of that row's own scale."""
@@ -167,6 +184,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
+@_by_rows
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] (in a multiple of INT4_GROUP) -> (packed uint8 [out, in / 2], fp32 scale [out, in / INT4_GROUP])
     with weight ~= (nibble - 8) * scale per group. A group's value of largest magnitude maps to -8 exactly, so all 16
