@@ -90,6 +90,13 @@ class _NoInit(TorchFunctionMode):
 
 def copy_tensors(model, sd: dict[str, torch.Tensor], source) -> None:
     """Copy tensors into `model` by name, after checking that every name and shape fits."""
+    check_tensors(model, sd, source)
+    model.load_state_dict(sd)
+
+
+def check_tensors(model, sd: dict[str, torch.Tensor], source) -> None:
+    """A CheckpointError naming the first tensor of `sd` that `model` has not, or that it lacks, or whose shape
+    differs from the model's."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -105,7 +112,6 @@ def copy_tensors(model, sd: dict[str, torch.Tensor], source) -> None:
             raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         if not v.is_floating_point() and v.dtype != expected[k].dtype:  # (int8 and int4 weights into their own)
             raise CheckpointError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected floating point")
-    model.load_state_dict(sd)
 
 
 def open_model(path):

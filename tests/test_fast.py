@@ -905,6 +905,38 @@ def test_load_gives_the_fast_path(model, tmp_path, monkeypatch):
     assert_close(logits, expected.detach(), 1e-5, "step logits")
 
 
+@pytest.mark.parametrize("weights", [None, "fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("file", ["ours fp32", "official bf16"])
+def test_load_puts_the_files_weights_straight_into_the_prepared_layers(model, tmp_path, weights, file):
+    """rwkv_lm.load takes each Linear weight of a float file straight into its kernel's layout (never the whole model
+    in fp32 first): the tensors, and so the logits, are the bits of reading the plain model and preparing it."""
+    path = (rwkv_lm.save(model, tmp_path / "m.safetensors") if file == "ours fp32"
+            else rwkv_lm.export_official(model, tmp_path / "m.pth", dtype=torch.bfloat16))
+    loaded = rwkv_lm.load(path, weights=weights)
+    expected = optimize(rwkv_lm.load(path, fast=False), weights=None if weights == "fp32" else weights)
+    assert type(loaded) is StepRWKV and all(type(b) is StepBlock for b in loaded.blocks)
+    assert loaded.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(loaded.state_dict().values(), expected.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), expected.parameters())), "the layouts too"
+    tokens = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(_steps(loaded, tokens)[0], _steps(expected, tokens)[0])
+
+
+@pytest.mark.parametrize("weights", [None, "bf16", "int8", "int4"])
+def test_a_loaded_model_keeps_nothing_of_its_file(model, tmp_path, weights):
+    """The file's tensors are read through a memory map: a model loaded from it holds its own copies, so the file
+    can be rewritten in place afterwards (an export over it, a copy onto it) and the model computes what it did."""
+    path = rwkv_lm.export_official(model, tmp_path / "m.pth", dtype=torch.bfloat16)
+    loaded = rwkv_lm.load(path, weights=weights)
+    tokens = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(9))
+    before = _steps(loaded, tokens)[0]
+    with open(path, "r+b") as f:  # the same length, other bytes (a shorter file would fault the mapped pages)
+        size = f.seek(0, 2)
+        f.seek(0)
+        f.write(bytes(size))
+    assert torch.equal(_steps(loaded, tokens)[0], before)
+
+
 def test_loaded_model_copies_and_pickles(tmp_path):
     """A model loaded from an official .pth (World tokenizer attached) deep-copies and pickles, and the copies step
     as the original does."""

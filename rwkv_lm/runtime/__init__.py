@@ -15,8 +15,9 @@ every backend is tested against) and the fast paths.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
-from ..checkpoint import copy_tensors, dequantize, open_model, read_model
+from ..checkpoint import check_tensors, copy_tensors, dequantize, open_model, read_model
 from ..files import CheckpointError
 from ..model import RWKV
 from .cpu import optimize
@@ -51,6 +52,24 @@ def prepare(model, *, device="cpu", weights: str | None = None, isa: str | None 
     return optimize(model.to("cpu"), weights=None if weights == "fp32" else weights, isa=isa)
 
 
+def _prepared_from(model: RWKV, sd: dict[str, torch.Tensor], weights: str | None, isa: str | None, path) -> None:
+    """The file's float tensors into an empty RWKV-7 on the CPU: each Linear weight straight into the layout its
+    kernel streams (panels, or quantized in quads), so the model is never whole in fp32 beside its prepared form; the
+    other tensors copied. (0.1B from an fp32 file: bench/RESULTS.md, "Loading a model".)"""
+    check_tensors(model, sd, path)
+    into = {}
+    for prefix, module in model.named_modules():
+        if type(module) is nn.Linear and module.bias is None:
+            given = sd[prefix + ".weight"]
+            # (kept in the file's dtype where it is quantized or rounded anyway; fp32 panels take fp32)
+            module.weight = nn.Parameter(given.float() if weights in (None, "fp32") else given, requires_grad=False)
+            into[prefix + ".weight"] = module
+    optimize(model, weights=None if weights == "fp32" else weights, isa=isa)
+    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in into}, strict=False)
+    if unexpected or not set(missing) <= {k.removesuffix("weight") + n for k in into for n in ("weight", "scale")}:
+        raise RuntimeError(f"{path}: the prepared model's tensors differ from the file's: {missing[:3]} {unexpected[:3]}")
+
+
 def load(path, *, device="cpu", weights: str | None = None, dtype: torch.dtype = torch.float32, fast: bool = True,
          isa: str | None = None):
     """A model from a file (ours, an official RWKV-7 `.pth`), in eval mode, with `model.tokenizer` (the one the
@@ -66,11 +85,14 @@ def load(path, *, device="cpu", weights: str | None = None, dtype: torch.dtype =
     stored = {QUANTIZED[v.dtype] for v in sd.values() if v.dtype in QUANTIZED}
     if len(stored) > 1:
         raise CheckpointError(f"{path}: holds both int8 and int4 (uint8) weights; a model has one kind")
-    if stored and device.type == "cpu" and isinstance(model, RWKV) and weights in (None, *stored):
+    on_cpu = device.type == "cpu" and isinstance(model, RWKV) and dtype == torch.float32
+    if stored and on_cpu and weights in (None, *stored):
         optimize(model, weights=stored.pop(), isa=isa)  # the quantized layers the file's tensors go into
+        copy_tensors(model, sd, path)
+    elif on_cpu:
+        _prepared_from(model, dequantize(sd, path), weights, isa, path)
     else:
-        sd = dequantize(sd, path)
-    copy_tensors(model, sd, path)
+        copy_tensors(model, dequantize(sd, path), path)
     del sd  # (the file's tensors, before prepare makes the weights' new copies)
     if device.type == "cpu" and dtype != torch.float32:  # a plain model in another dtype: nothing to prepare
         return model.to(dtype=dtype).requires_grad_(False).eval()

@@ -263,8 +263,9 @@ class KernelLinear(nn.Linear):
             weight = to_quads(weight)
         elif dtype == torch.uint8 and quads and self._quads_here(dtype):
             weight, scale = to_int4_quads(weight, scale)
-        else:
-            weight = weight.to(dtype).contiguous()
+        else:  # (a copy even where the dtype is the same: never the given Linear's memory, which may be a file's
+            # mapped tensor, rwkv_lm.load's)
+            weight = weight.to(dtype, copy=True).contiguous()
         self.weight = nn.Parameter(weight, requires_grad=False)
         if scale is not None:
             self.register_buffer("scale", scale)
