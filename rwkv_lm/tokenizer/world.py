@@ -41,8 +41,13 @@ class WorldTokenizer:
     spec = "world"
 
     def __init__(self):
-        self._rust = pyrwkv_tokenizer.WorldTokenizer(str(VOCAB_FILE))
-        self.vocab_size = self._rust.vocab_size()
+        # the encoder is made on the first encode: its trie takes 230 MB and 0.2 s, which a model run on token ids
+        # (every load of a World model attaches this tokenizer) and a decoder never need
+        self._rust = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(_vocab_bytes())
 
     def __reduce__(self):  # copied and pickled as what it is, the fixed World vocabulary (the Rust object cannot be)
         return type(self), ()
@@ -50,6 +55,8 @@ class WorldTokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
+        if self._rust is None:
+            self._rust = pyrwkv_tokenizer.WorldTokenizer(str(VOCAB_FILE))
         try:
             return self._rust.encode(text)
         except UnicodeEncodeError as e:
