@@ -101,6 +101,7 @@ def create_app(engine: Engine, *, model_name: str = "rwkv", api_key: str | None 
     app = FastAPI(title="rwkv_lm", lifespan=lifespan)
     tokenizer = engine.tokenizer
     token_bytes = max_token_bytes(tokenizer)
+    tokenizer.encode("")  # (the World encoder is made on its first use: 0.2 s that would fall on the first request)
     registry = CollectorRegistry()
     registry.register(EngineCollector(engine))
     http_requests = Counter("rwkv_lm_http_requests", "HTTP requests answered", ["path", "status"], registry=registry)
