@@ -54,8 +54,9 @@ def prepare(model, *, device="cpu", weights: str | None = None, isa: str | None 
 
 def _prepared_from(model: RWKV, sd: dict[str, torch.Tensor], weights: str | None, isa: str | None, path) -> None:
     """The file's float tensors into an empty RWKV-7 on the CPU: each Linear weight straight into the layout its
-    kernel streams (panels, or quantized in quads), so the model is never whole in fp32 beside its prepared form; the
-    other tensors copied. (0.1B from an fp32 file: bench/RESULTS.md, "Loading a model".)"""
+    kernel streams (panels, or quantized in quads), so a quantized model is never whole in fp32; the other tensors
+    copied. (fp32 panels from a bf16 file: each weight widened to fp32 first, all of them before the panels are
+    made; bench/RESULTS.md, "Loading a model".)"""
     check_tensors(model, sd, path)
     into = {}
     for prefix, module in model.named_modules():
@@ -76,7 +77,7 @@ def load(path, *, device="cpu", weights: str | None = None, dtype: torch.dtype =
     file names; World for official 65,536-token files; else None).
 
     fast (the default): prepared for inference by `prepare(device, weights, isa)`; int8 and int4 weights in the
-    file stay as they are (unless `weights` says otherwise). fast=False: model.py's modules as they are, in `dtype`
+    file stay as they are (unless `weights` says otherwise; a `dtype` other than fp32 gives the plain model in it). fast=False: model.py's modules as they are, in `dtype`
     (int8 and int4 weights dequantized), for training and bit-exact comparisons."""
     if not fast:
         return read_model(path, device=device, dtype=dtype)
