@@ -75,12 +75,17 @@ def test_loader_spec_and_size():
     assert tok.token_bytes(0) == b"", "token 0 ends a document and decodes to nothing"
 
 
-def test_the_encoder_is_made_on_the_first_encode():
-    """Its trie takes 230 MB: a tokenizer that only decodes (a model run on token ids) never makes it."""
-    tok = load_tokenizer("world")
+def test_the_encoder_is_made_on_the_first_encode_and_shared():
+    """Its trie takes 230 MB: a tokenizer that only decodes (a model run on token ids) never makes it, and every
+    WorldTokenizer (one a loaded model) shares the one made."""
+    from rwkv_lm.tokenizer.world import WorldTokenizer, _encoder
+
+    _encoder.cache_clear()
+    tok = WorldTokenizer()
     assert tok.decode([1, 2, 3]) == "\x00\x01\x02" and tok.vocab_size == 65530
-    assert tok._rust is None
-    assert tok.encode("Hello") == tok.encode("Hello") and tok._rust is not None
+    assert _encoder.cache_info().currsize == 0
+    assert tok.encode("Hello") == WorldTokenizer().encode("Hello")
+    assert _encoder.cache_info().currsize == 1 and _encoder.cache_info().misses == 1
 
 
 def test_bad_input_is_a_value_error(world):

@@ -35,30 +35,27 @@ def _vocab_bytes() -> tuple[bytes, ...]:
     return tuple(table)
 
 
+@cache
+def _encoder() -> pyrwkv_tokenizer.WorldTokenizer:
+    """The encoder, made on the first encode and shared by every WorldTokenizer: its trie takes 230 MB and 0.2 s,
+    which a model run on token ids (every load of a World model attaches a WorldTokenizer) and a decoder never need."""
+    return pyrwkv_tokenizer.WorldTokenizer(str(VOCAB_FILE))
+
+
 class WorldTokenizer:
     """The 65530-token multilingual vocabulary of the RWKV World / G1 models."""
 
     spec = "world"
 
-    def __init__(self):
-        # the encoder is made on the first encode: its trie takes 230 MB and 0.2 s, which a model run on token ids
-        # (every load of a World model attaches this tokenizer) and a decoder never need
-        self._rust = None
-
     @property
     def vocab_size(self) -> int:
         return len(_vocab_bytes())
 
-    def __reduce__(self):  # copied and pickled as what it is, the fixed World vocabulary (the Rust object cannot be)
-        return type(self), ()
-
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
-        if self._rust is None:
-            self._rust = pyrwkv_tokenizer.WorldTokenizer(str(VOCAB_FILE))
         try:
-            return self._rust.encode(text)
+            return _encoder().encode(text)
         except UnicodeEncodeError as e:
             raise ValueError(f"text holds a character that has no UTF-8 form ({e.reason} at index {e.start}); "
                              "remove lone surrogates before encoding") from None
