@@ -54,18 +54,20 @@ def prepare(model, *, device="cpu", weights: str | None = None, isa: str | None 
 
 def _prepared_from(model: RWKV, sd: dict[str, torch.Tensor], weights: str | None, isa: str | None, path) -> None:
     """The file's float tensors into an empty RWKV-7 on the CPU: each Linear weight straight into the layout its
-    kernel streams (panels, or quantized in quads), so a quantized model is never whole in fp32; the other tensors
-    copied. (fp32 panels from a bf16 file: each weight widened to fp32 first, all of them before the panels are
-    made; bench/RESULTS.md, "Loading a model".)"""
+    kernel streams (panels, or quantized in quads), so the model is never whole in fp32 beside its prepared form; the
+    other tensors copied. (bench/RESULTS.md, "Loading a model".)"""
     check_tensors(model, sd, path)
-    into = {}
-    for prefix, module in model.named_modules():
-        if type(module) is nn.Linear and module.bias is None:
-            given = sd[prefix + ".weight"]
-            # (kept in the file's dtype where it is quantized or rounded anyway; fp32 panels take fp32)
-            module.weight = nn.Parameter(given.float() if weights in (None, "fp32") else given, requires_grad=False)
-            into[prefix + ".weight"] = module
-    optimize(model, weights=None if weights == "fp32" else weights, isa=isa)
+    names, into, widen = {module: prefix for prefix, module in model.named_modules()}, set(), weights in (None, "fp32")
+    # fp32 panels take fp32: a narrower file's weights are widened a block at a time, just before that block is
+    # prepared (all at once, their copies and the panels had been whole side by side); the others keep the file's
+    # dtype, as they are quantized or rounded anyway
+    for part in [*model.blocks, model] if widen else [model]:
+        for module in part.modules():
+            if type(module) is nn.Linear and module.bias is None:
+                given = sd[names[module] + ".weight"]
+                module.weight = nn.Parameter(given.float() if widen else given, requires_grad=False)
+                into.add(names[module] + ".weight")
+        optimize(part, weights=None if weights == "fp32" else weights, isa=isa)
     missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in into}, strict=False)
     if unexpected or not set(missing) <= {k.removesuffix("weight") + n for k in into for n in ("weight", "scale")}:
         raise RuntimeError(f"{path}: the prepared model's tensors differ from the file's: {missing[:3]} {unexpected[:3]}")
