@@ -5,7 +5,8 @@ Given two checkouts, both run in turn (rounds alternate which goes first) and th
     python bench/bench_load.py MODEL --weights fp32 int8 --old /tmp/old --rounds 3
 
 MODEL: any file `rwkv_lm.load` takes (bench/bench_cpu.py's --save writes a 0.1B-shaped random one). Memory is
-/proc's (Linux): VmRSS after the load (RssAnon: the process's own; RssFile: mapped files) and VmHWM, the peak.
+/proc's (Linux): VmRSS after the load, of it the RssAnon the load added (the process's own, not mapped files), and
+VmHWM, the peak.
 """
 from __future__ import annotations
 
@@ -22,14 +23,14 @@ import json, sys, time
 import rwkv_lm
 def status():
     s = open("/proc/self/status").read()
-    return {k: int(s.split(k + ":")[1].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+    return {k: int(s.split(k + ":")[1].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "VmHWM")}
 before = status()
 start = time.perf_counter()
 model = rwkv_lm.load(sys.argv[1], weights=None if sys.argv[2] == "fp32" else sys.argv[2])
 seconds = time.perf_counter() - start
 after = status()
 print(json.dumps({"s": seconds, "rss": after["VmRSS"], "anon": after["RssAnon"] - before["RssAnon"],
-                  "peak": after["VmHWM"], "start": before["VmRSS"]}))
+                  "peak": after["VmHWM"]}))
 """
 
 

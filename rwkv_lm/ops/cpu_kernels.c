@@ -593,10 +593,10 @@ INLINE int panel_element_bytes(int type) { return type == BF16_PANELS ? 2 : 4; }
 /* AVX2's blocks read a quarter of each 256-byte row of a panel (PANEL_VECS 2), a stride Zen 2's prefetchers follow
  * poorly, so from two rows of x (one row reads whole rows: PANEL_WIDE_VECS) the stream is prefetched, 4 KB on. From
  * PANEL_BURST_BATCH rows, where the FMAs bound a block, its share goes out at its start: the test in the loop cost
- * 7-15% from cache, 4-7% from memory at B=16. On Zen 2, the 0.1B model: bf16 4-sequence steps 1.30x as fast, 16-sequence 1.04x; fp32 16-sequence
- * steps 1.10x, 4-sequence and 33-token prompts level (its panels on huge pages; on 4 KB pages the products alone at
- * B=2-8 1.2-1.6x; 16 KB on level with 4 KB in the model, 1-2 KB 0.8-0.9x at B=16; bench/RESULTS.md, issue 20's
- * seventeenth pass) */
+ * 7-15% from cache, 4-7% from memory at B=16. On Zen 2, the 0.1B model: bf16 4-sequence steps 1.30x as fast,
+ * 16-sequence 1.04x; fp32 16-sequence steps 1.10x, 4-sequence and 33-token prompts level (its panels on huge pages;
+ * on 4 KB pages the products alone at B=2-8 1.2-1.6x; 16 KB on level with 4 KB in the model, 1-2 KB 0.8-0.9x at
+ * B=16; bench/RESULTS.md, issue 20's seventeenth pass) */
 #define PANEL_AHEAD 4096
 #define PANEL_PREFETCH_BATCH 2
 #define PANEL_BURST_BATCH 10
@@ -2042,8 +2042,8 @@ int layer_norm(const float *x, float *out, const float *weight, const float *bia
  * head_scale, as the gemv_* functions multiply) into logits [batch, vocab]; logits NULL stops after the blocks
  * (a prompt's pieces before its last). The last block's channel mix runs for the last tokens alone, or for none
  * without logits (block_step_slice's channel_rows: 0.1B 33-token prompts on Zen 2 1.05x as fast in fp32, 1.06x in
- * int8, 1,024-token ones 1.03x and 1.06x; the same bits). So a step or a short prompt pays for one call instead of a Python round trip per block and
- * module (StepRWKV's docstring has the measured gain). Block l's parameters are
+ * int8, 1,024-token ones 1.03x and 1.06x; the same bits). So a step or a short prompt pays for one call instead of a
+ * Python round trip per block and module (StepRWKV's docstring has the measured gain). Block l's parameters are
  * block_params[l] (block_step's order), its sizes sizes[7 l ..] (C, head size, ffn, the ranks of w, a, v, g), its
  * Linear weights' type types[l]; its state is read from att_shift[l], wkv[l], ffn_shift[l] and written to the
  * *_out arrays' tensors. Returns block_step's codes (linear's for the head), or 3 for a token id outside the

@@ -67,10 +67,12 @@ def _prepared_from(model: RWKV, sd: dict[str, torch.Tensor], weights: str | None
                 given = sd[names[module] + ".weight"]
                 module.weight = nn.Parameter(given.float() if widen else given, requires_grad=False)
                 into.add(names[module] + ".weight")
+        # (before the other tensors are copied, though `prepare` runs optimize again after: leaving the conversion
+        # to it alone raised the peak of a 0.1B official .pth loaded in int8 from 953 to 1,099 MB, a 454M one's
+        # from 1,932 to 2,228)
         optimize(part, weights=None if weights == "fp32" else weights, isa=isa)
-    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in into}, strict=False)
-    if unexpected or not set(missing) <= {k.removesuffix("weight") + n for k in into for n in ("weight", "scale")}:
-        raise RuntimeError(f"{path}: the prepared model's tensors differ from the file's: {missing[:3]} {unexpected[:3]}")
+    # (not strict: the Linears' weights, and the scales made with them, are in; check_tensors checked the names)
+    model.load_state_dict({k: v for k, v in sd.items() if k not in into}, strict=False)
 
 
 def load(path, *, device="cpu", weights: str | None = None, dtype: torch.dtype = torch.float32, fast: bool = True,
@@ -79,8 +81,9 @@ def load(path, *, device="cpu", weights: str | None = None, dtype: torch.dtype =
     file names; World for official 65,536-token files; else None).
 
     fast (the default): prepared for inference by `prepare(device, weights, isa)`; int8 and int4 weights in the
-    file stay as they are (unless `weights` says otherwise; a `dtype` other than fp32 gives the plain model in it). fast=False: model.py's modules as they are, in `dtype`
-    (int8 and int4 weights dequantized), for training and bit-exact comparisons."""
+    file stay as they are (unless `weights` says otherwise; a `dtype` other than fp32 gives the plain model in it).
+    fast=False: model.py's modules as they are, in `dtype` (int8 and int4 weights dequantized), for training and
+    bit-exact comparisons."""
     if not fast:
         return read_model(path, device=device, dtype=dtype)
     device = _check(device, weights)
